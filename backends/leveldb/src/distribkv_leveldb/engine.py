@@ -1,0 +1,150 @@
+"""LevelDB engine: namespaces are one-byte key prefixes in one database."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import plyvel
+
+from distribkv.storage.api import (
+    Namespace,
+    Op,
+    Put,
+    Scan,
+    StorageEngine,
+    StorageStats,
+    disk_usage,
+)
+from distribkv.storage.errors import BackendClosedError, StorageError, from_status
+from distribkv_leveldb import CAPABILITIES
+
+PREFIX = {Namespace.DATA: b"d", Namespace.LOG: b"l", Namespace.META: b"m"}
+# The first key past each namespace: the exclusive upper bound of an unbounded scan.
+PREFIX_END = {ns: bytes([p[0] + 1]) for ns, p in PREFIX.items()}
+
+
+class LevelDBEngine(StorageEngine):
+    name = "leveldb"
+    capabilities = CAPABILITIES
+
+    def __init__(self, path: Path, settings: dict[str, Any]):
+        self._path = path
+        self._settings = settings
+        bloom = settings["bloom_filter_bits"]
+        try:
+            self._db = plyvel.DB(
+                str(path),
+                create_if_missing=True,
+                paranoid_checks=True,
+                bloom_filter_bits=bloom if bloom > 0 else None,
+                lru_cache_size=settings["lru_cache_size"],
+                write_buffer_size=settings["write_buffer_size"],
+                block_size=settings["block_size"],
+                max_open_files=settings["max_open_files"],
+                compression=None if settings["compression"] == "none" else "snappy",
+            )
+        except (plyvel.Error, OSError) as exc:
+            raise from_status(_text(exc), f"opening LevelDB at {path}") from exc
+        self._closed = False
+
+    def _check(self) -> plyvel.DB:
+        if self._closed:
+            raise BackendClosedError(f"the leveldb backend at {self._path} is closed")
+        return self._db
+
+    def _error(self, exc: Exception, doing: str) -> StorageError:
+        if isinstance(exc, RuntimeError) or self._closed:
+            return BackendClosedError(f"the leveldb backend at {self._path} is closed")
+        return from_status(_text(exc), f"LevelDB {doing} at {self._path}")
+
+    def get(self, ns: Namespace, key: bytes) -> bytes | None:
+        db = self._check()
+        try:
+            return db.get(PREFIX[ns] + key, verify_checksums=True)
+        except (plyvel.Error, RuntimeError) as exc:
+            raise self._error(exc, "get") from exc
+
+    def get_many(self, ns: Namespace, keys: Sequence[bytes]) -> list[bytes | None]:
+        db = self._check()
+        prefix = PREFIX[ns]
+        try:
+            snapshot = db.snapshot()
+            try:
+                return [snapshot.get(prefix + key, verify_checksums=True) for key in keys]
+            finally:
+                snapshot.close()
+        except (plyvel.Error, RuntimeError) as exc:
+            raise self._error(exc, "get_many") from exc
+
+    def apply(self, ops: Iterable[Op], *, sync: bool) -> None:
+        db = self._check()
+        try:
+            # transaction=True: nothing is written if building the batch fails half way.
+            with db.write_batch(transaction=True, sync=sync) as batch:
+                for op in ops:
+                    if type(op) is Put:
+                        batch.put(PREFIX[op.ns] + op.key, op.value)
+                    else:
+                        batch.delete(PREFIX[op.ns] + op.key)
+        except (plyvel.Error, RuntimeError) as exc:
+            raise self._error(exc, "write") from exc
+
+    def scan(self, ns, start=None, stop=None, *, limit=None) -> Scan:
+        db = self._check()
+        prefix = PREFIX[ns]
+        lower = prefix + (start or b"")
+        upper = prefix + stop if stop is not None else PREFIX_END[ns]
+        try:
+            # A LevelDB iterator reads the implicit snapshot taken when it is created.
+            iterator = db.iterator(start=lower, stop=upper, verify_checksums=True)
+        except (plyvel.Error, RuntimeError) as exc:
+            raise self._error(exc, "scan") from exc
+        return Scan(self._pairs(iterator, limit), iterator.close)
+
+    def _pairs(self, iterator, limit) -> Iterator[tuple[bytes, bytes]]:
+        try:
+            for key, value in itertools.islice(iterator, limit):
+                yield key[1:], value
+        except (plyvel.Error, RuntimeError) as exc:
+            raise self._error(exc, "scan") from exc
+
+    def stats(self) -> StorageStats:
+        db = self._check()
+        try:
+            sizes = {
+                ns.value: db.approximate_size(PREFIX[ns], PREFIX_END[ns]) for ns in Namespace
+            }
+            files = (db.get_property(b"leveldb.num-files-at-level0") or b"").decode()
+        except (plyvel.Error, RuntimeError) as exc:
+            raise self._error(exc, "stats") from exc
+        return StorageStats(
+            backend=self.name,
+            path=str(self._path),
+            disk_bytes=disk_usage(self._path),
+            keys={ns.value: None for ns in Namespace},
+            details={"approximate_bytes": sizes, "files_at_level0": files, **self._settings},
+        )
+
+    def compact(self, ns: Namespace | None = None) -> None:
+        db = self._check()
+        try:
+            if ns is None:
+                db.compact_range()
+            else:
+                db.compact_range(start=PREFIX[ns], stop=PREFIX_END[ns])
+        except (plyvel.Error, RuntimeError) as exc:
+            raise self._error(exc, "compaction") from exc
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._db.close()
+
+
+def _text(exc: BaseException) -> str:
+    arg = exc.args[0] if exc.args else str(exc)
+    return arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)

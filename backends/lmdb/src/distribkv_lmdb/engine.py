@@ -1,0 +1,166 @@
+"""LMDB engine: namespaces are named databases; one apply is one write transaction."""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from distribkv.storage.api import (
+    Namespace,
+    Op,
+    Put,
+    Scan,
+    StorageEngine,
+    StorageStats,
+    disk_usage,
+)
+from distribkv.storage.errors import (
+    BackendClosedError,
+    BackendLockedError,
+    CorruptionError,
+    InvalidKeyError,
+    StorageError,
+    StorageFullError,
+)
+from distribkv_lmdb import CAPABILITIES
+
+LOCK_FILE = "distribkv-lmdb.lock"
+_CORRUPT = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError)
+
+
+class LmdbEngine(StorageEngine):
+    name = "lmdb"
+    capabilities = CAPABILITIES
+
+    def __init__(self, path: Path, sync: bool, settings: dict[str, Any]):
+        self._path = path
+        self._sync = sync
+        self._settings = settings
+        self._closed = True
+        # LMDB lets two processes (and two handles in one process) open the same map, which
+        # breaks its locking assumptions: hold an exclusive lock for the engine's whole life.
+        self._lock_fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise BackendLockedError(
+                f"LMDB data directory {path} is already open (lock file {LOCK_FILE} is held)"
+            ) from None
+        try:
+            self._env = lmdb.open(
+                str(path),
+                map_size=settings["map_size"],
+                max_dbs=len(Namespace),
+                max_readers=settings["max_readers"],
+                sync=sync,
+                metasync=True,
+                readahead=False,
+                subdir=True,
+            )
+            self._dbs = {ns: self._env.open_db(ns.value.encode()) for ns in Namespace}
+        except lmdb.Error as exc:
+            os.close(self._lock_fd)
+            raise self._error(exc, "opening") from exc
+        self._closed = False
+
+    def _check(self) -> lmdb.Environment:
+        if self._closed:
+            raise BackendClosedError(f"the lmdb backend at {self._path} is closed")
+        return self._env
+
+    def _error(self, exc: Exception, doing: str) -> StorageError:
+        text = f"LMDB {doing} at {self._path}: {exc}"
+        if self._closed:
+            return BackendClosedError(f"the lmdb backend at {self._path} is closed")
+        if isinstance(exc, lmdb.MapFullError):
+            return StorageFullError(f"{text} (raise map_size in [storage.lmdb])")
+        if isinstance(exc, lmdb.BadValsizeError):
+            return InvalidKeyError(text)
+        if isinstance(exc, _CORRUPT):
+            return CorruptionError(text)
+        if "no space left" in str(exc).lower():
+            return StorageFullError(text)
+        return StorageError(text)
+
+    def get(self, ns: Namespace, key: bytes) -> bytes | None:
+        env = self._check()
+        try:
+            with env.begin(db=self._dbs[ns], buffers=False) as txn:
+                return txn.get(key)
+        except lmdb.Error as exc:
+            raise self._error(exc, "get") from exc
+
+    def get_many(self, ns: Namespace, keys: Sequence[bytes]) -> list[bytes | None]:
+        env = self._check()
+        try:
+            with env.begin(db=self._dbs[ns], buffers=False) as txn:
+                return [txn.get(key) for key in keys]
+        except lmdb.Error as exc:
+            raise self._error(exc, "get_many") from exc
+
+    def apply(self, ops: Iterable[Op], *, sync: bool) -> None:
+        env = self._check()
+        dbs = self._dbs
+        try:
+            with env.begin(write=True) as txn:
+                for op in ops:
+                    if type(op) is Put:
+                        txn.put(op.key, op.value, db=dbs[op.ns])
+                    else:
+                        txn.delete(op.key, db=dbs[op.ns])
+            if sync and not self._sync:
+                env.sync(True)
+        except lmdb.Error as exc:
+            raise self._error(exc, "write") from exc
+
+    def scan(self, ns, start=None, stop=None, *, limit=None) -> Scan:
+        env = self._check()
+        try:
+            # One read transaction: the scan sees the snapshot of its start, whatever commits.
+            txn = env.begin(db=self._dbs[ns], buffers=False)
+            cursor = txn.cursor()
+            positioned = cursor.set_range(start) if start is not None else cursor.first()
+        except lmdb.Error as exc:
+            raise self._error(exc, "scan") from exc
+        pairs = self._pairs(cursor, stop) if positioned else iter(())
+        return Scan(itertools.islice(pairs, limit), txn.abort)
+
+    def _pairs(self, cursor, stop) -> Iterator[tuple[bytes, bytes]]:
+        try:
+            for key, value in cursor.iternext():
+                if stop is not None and key >= stop:
+                    return
+                yield key, value
+        except lmdb.Error as exc:
+            raise self._error(exc, "scan") from exc
+
+    def stats(self) -> StorageStats:
+        env = self._check()
+        try:
+            with env.begin() as txn:
+                keys = {ns.value: txn.stat(self._dbs[ns])["entries"] for ns in Namespace}
+            info = env.info()
+        except lmdb.Error as exc:
+            raise self._error(exc, "stats") from exc
+        return StorageStats(
+            backend=self.name,
+            path=str(self._path),
+            disk_bytes=disk_usage(self._path),
+            keys=keys,
+            details={"map_size": info["map_size"], "last_pgno": info["last_pgno"],
+                     "sync": self._sync, **self._settings},
+        )
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._env.close()
+        os.close(self._lock_fd)

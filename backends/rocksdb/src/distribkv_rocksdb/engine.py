@@ -1,0 +1,171 @@
+"""RocksDB engine: namespaces are column families; one apply is one write batch."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import rocksdict
+
+from distribkv.storage.api import (
+    Namespace,
+    Op,
+    Put,
+    Scan,
+    StorageEngine,
+    StorageStats,
+    disk_usage,
+)
+from distribkv.storage.errors import BackendClosedError, StorageError, from_status
+from distribkv_rocksdb import CAPABILITIES
+
+FAMILY = {ns: ns.value for ns in Namespace}
+
+
+def _options(settings: dict[str, Any], cache: rocksdict.Cache) -> rocksdict.Options:
+    # raw_mode: keys and values are stored as given; without it rocksdict type-tags them.
+    options = rocksdict.Options(raw_mode=True)
+    options.create_if_missing(True)
+    options.create_missing_column_families(True)
+    options.set_paranoid_checks(True)
+    options.set_write_buffer_size(settings["write_buffer_size"])
+    options.set_max_background_jobs(settings["max_background_jobs"])
+    options.set_keep_log_file_num(3)
+    table = rocksdict.BlockBasedOptions()
+    table.set_block_cache(cache)
+    if settings["bloom_filter_bits"] > 0:
+        table.set_bloom_filter(settings["bloom_filter_bits"], False)
+    options.set_block_based_table_factory(table)
+    return options
+
+
+class RocksDBEngine(StorageEngine):
+    name = "rocksdb"
+    capabilities = CAPABILITIES
+
+    def __init__(self, path: Path, settings: dict[str, Any]):
+        self._path = path
+        self._settings = settings
+        self._closed = True
+        cache = rocksdict.Cache(settings["block_cache_size"])
+        families = {name: _options(settings, cache) for name in FAMILY.values()}
+        try:
+            self._db = rocksdict.Rdict(
+                str(path), _options(settings, cache), column_families=families
+            )
+            self._cf = {ns: self._db.get_column_family(FAMILY[ns]) for ns in Namespace}
+            self._handles = {ns: self._db.get_column_family_handle(FAMILY[ns]) for ns in Namespace}
+        except Exception as exc:  # rocksdict raises bare Exception with RocksDB's status text
+            raise from_status(str(exc), f"opening RocksDB at {path}") from exc
+        self._read = rocksdict.ReadOptions()
+        self._read.set_verify_checksums(True)
+        self._write = {}
+        for sync in (False, True):
+            options = rocksdict.WriteOptions()
+            options.sync = sync
+            self._write[sync] = options
+        self._closed = False
+
+    def _check(self) -> None:
+        if self._closed:
+            raise BackendClosedError(f"the rocksdb backend at {self._path} is closed")
+
+    def _error(self, exc: Exception, doing: str) -> StorageError:
+        if self._closed or isinstance(exc, rocksdict.DbClosedError):
+            return BackendClosedError(f"the rocksdb backend at {self._path} is closed")
+        return from_status(str(exc), f"RocksDB {doing} at {self._path}")
+
+    def get(self, ns: Namespace, key: bytes) -> bytes | None:
+        self._check()
+        try:
+            return self._cf[ns].get(key, None, self._read)
+        except Exception as exc:
+            raise self._error(exc, "get") from exc
+
+    def get_many(self, ns: Namespace, keys: Sequence[bytes]) -> list[bytes | None]:
+        self._check()
+        if not keys:
+            return []
+        try:
+            # A multi-get reads all keys at one sequence number.
+            return self._cf[ns].get(list(keys), None, self._read)
+        except Exception as exc:
+            raise self._error(exc, "get_many") from exc
+
+    def apply(self, ops: Iterable[Op], *, sync: bool) -> None:
+        self._check()
+        handles = self._handles
+        batch = rocksdict.WriteBatch(raw_mode=True)
+        for op in ops:
+            if type(op) is Put:
+                batch.put(op.key, op.value, handles[op.ns])
+            else:
+                batch.delete(op.key, handles[op.ns])
+        try:
+            self._db.write(batch, self._write[sync])
+        except Exception as exc:
+            raise self._error(exc, "write") from exc
+
+    def scan(self, ns, start=None, stop=None, *, limit=None) -> Scan:
+        self._check()
+        try:
+            # A RocksDB iterator pins the version current at its creation: a consistent view.
+            iterator = self._cf[ns].iter(self._read)
+            if start is None:
+                iterator.seek_to_first()
+            else:
+                iterator.seek(start)
+        except Exception as exc:
+            raise self._error(exc, "scan") from exc
+        return Scan(itertools.islice(self._pairs(iterator, stop), limit), None)
+
+    def _pairs(self, iterator, stop) -> Iterator[tuple[bytes, bytes]]:
+        try:
+            while iterator.valid():
+                key = iterator.key()
+                if stop is not None and key >= stop:
+                    return
+                yield key, iterator.value()
+                iterator.next()
+            iterator.status()
+        except Exception as exc:
+            raise self._error(exc, "scan") from exc
+
+    def stats(self) -> StorageStats:
+        self._check()
+        try:
+            keys = {
+                ns.value: self._cf[ns].property_int_value("rocksdb.estimate-num-keys")
+                for ns in Namespace
+            }
+            sst = self._db.property_int_value("rocksdb.total-sst-files-size")
+        except Exception as exc:
+            raise self._error(exc, "stats") from exc
+        return StorageStats(
+            backend=self.name,
+            path=str(self._path),
+            disk_bytes=disk_usage(self._path),
+            keys=keys,
+            details={"estimated": True, "sst_bytes": sst, **self._settings},
+        )
+
+    def compact(self, ns: Namespace | None = None) -> None:
+        self._check()
+        try:
+            for one in Namespace if ns is None else (ns,):
+                self._cf[one].compact_range(None, None)
+        except Exception as exc:
+            raise self._error(exc, "compaction") from exc
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._cf = {}
+        self._handles = {}
+        try:
+            self._db.close()
+        except rocksdict.DbClosedError:
+            pass

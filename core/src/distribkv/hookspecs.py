@@ -1,0 +1,77 @@
+"""Every hook the distribkv core calls: the plugin reference.
+
+Plugins are modules (or objects) registered under the entry-point group ``distribkv``; they mark
+implementations with :data:`distribkv.hookimpl`. Selection works by registration, not by
+``firstresult``: each ``distribkv_*_*s`` hook returns a list of specs, the core merges them,
+rejects duplicate names and picks the one ``sharding.toml`` names.
+
+Hooks are called at start-up only, never per request or per key: resolve factories once, then
+call plain objects. The core always calls hooks with keyword arguments, so a spec may gain
+arguments later without breaking existing plugins.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from distribkv import PROJECT
+
+if TYPE_CHECKING:
+    from distribkv.hashing.api import HashingSpec
+    from distribkv.http.api import ServerSpec
+    from distribkv.replication.api import TransportSpec
+    from distribkv.storage.api import BackendSpec
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+
+
+@hookspec
+def distribkv_storage_backends() -> list[BackendSpec]:
+    """Return the storage backends this plugin provides (a list of ``BackendSpec``).
+
+    Each spec's ``open`` must import the native library lazily, so that listing plugins, reading
+    ``--help`` or validating a config never loads it. Return an empty list (or nothing) to
+    provide none.
+    """
+
+
+@hookspec
+def distribkv_hashing_schemes() -> list[HashingSpec]:
+    """Return the hashing schemes this plugin provides (a list of ``HashingSpec``).
+
+    A scheme must place a key identically in every process and on every machine.
+    """
+
+
+@hookspec
+def distribkv_replication_transports() -> list[TransportSpec]:
+    """Return the replication transports this plugin provides (a list of ``TransportSpec``)."""
+
+
+@hookspec
+def distribkv_http_servers() -> list[ServerSpec]:
+    """Return the HTTP servers this plugin provides (a list of ``ServerSpec``)."""
+
+
+@hookspec
+def distribkv_routes(node: Any) -> list[tuple[str, Any]]:
+    """Return extra ``(path, resource)`` pairs to mount on ``node``'s Falcon application.
+
+    Called once while the application is built. A replication transport mounts its endpoints
+    here; a path that is already taken is an error at start-up.
+    """
+
+
+@hookspec(historic=True)
+def distribkv_node_started(node: Any) -> None:
+    """Called once when ``node`` has opened its storage and is about to serve.
+
+    Historic: a plugin registered later still receives the call.
+    """
+
+
+@hookspec
+def distribkv_node_stopping(node: Any) -> None:
+    """Called once when ``node`` stops serving, before its storage is closed."""

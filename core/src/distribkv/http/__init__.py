@@ -1,0 +1,1 @@
+"""The HTTP layer: the server contract and, later, the Falcon application."""

@@ -1,0 +1,1 @@
+"""Replication: the transport contract, the leader log and the follower loop."""

@@ -1,0 +1,45 @@
+"""The replication-transport contract: how a shard's replicas follow its leader.
+
+A transport is a plugin that returns :class:`TransportSpec` objects from the
+``distribkv_replication_transports`` hook, chosen by ``[cluster] replication`` in
+``sharding.toml``. At start-up the core calls ``spec.leader(node)`` on a shard leader and
+``spec.follower(node)`` on a replica; the returned objects are started with the node and stopped
+before its storage closes. A transport that needs HTTP endpoints mounts them with the
+``distribkv_routes`` hook.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+__all__ = ["ReplicationRole", "TransportSpec"]
+
+
+class ReplicationRole(abc.ABC):
+    """The running half of a transport on one node (leader side or follower side)."""
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Begin serving or following; must return promptly (run loops in threads)."""
+
+    @abc.abstractmethod
+    def stop(self, timeout: float) -> None:
+        """Stop within ``timeout`` seconds; after it returns, storage is not touched again."""
+
+    def status(self) -> Mapping[str, Any]:
+        """Progress for ``/status`` (applied seq, lag, per-replica state)."""
+        return {}
+
+
+@attrs.frozen
+class TransportSpec:
+    """A replication transport offered by a plugin."""
+
+    name: str
+    leader: Callable[[Any], ReplicationRole]
+    follower: Callable[[Any], ReplicationRole]
+    description: str

@@ -1,0 +1,1 @@
+"""Storage: the contract, the record envelope and the in-memory backend."""
