@@ -45,6 +45,10 @@ class InvalidSettingError(StorageError, ValueError):
     """A backend setting is unknown or has a bad value."""
 
 
+# How LevelDB and RocksDB word "another handle holds this directory's LOCK file".
+_LOCK_SIGNS = ("already held", "lock hold", "no locks available", "temporarily unavailable")
+
+
 def from_status(message: str, context: str) -> StorageError:
     """Translate a LevelDB/RocksDB status string ("IO error: ...", "Corruption: ...").
 
@@ -57,6 +61,6 @@ def from_status(message: str, context: str) -> StorageError:
         return StorageFullError(text)
     if "corruption" in lowered or "checksum" in lowered:
         return CorruptionError(text)
-    if "lock" in lowered and ("held" in lowered or "no locks available" in lowered):
+    if "lock" in lowered and any(sign in lowered for sign in _LOCK_SIGNS):
         return BackendLockedError(f"{context}: the data directory is already open ({message})")
     return StorageError(text)
