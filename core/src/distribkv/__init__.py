@@ -11,7 +11,7 @@ Plugins import :data:`hookimpl` from here to mark their hook implementations::
 
 import pluggy
 
-__all__ = ["PROJECT", "hookimpl", "__version__"]
+__all__ = ["PROJECT", "__version__", "hookimpl"]
 
 PROJECT = "distribkv"
 __version__ = "0.1.0"

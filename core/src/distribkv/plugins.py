@@ -130,7 +130,7 @@ class PluginRegistry:
         for info in self.failed:
             if info.name == name:
                 raise PluginNotFoundError(
-                    f"{label} \"{name}\" is installed but could not be loaded: {info.error}"
+                    f"{label} \"{name}\" is installed but unavailable: {info.error}"
                 )
         installed = ", ".join(self.names(kind)) or "none"
         raise PluginNotFoundError(

@@ -50,7 +50,7 @@ class Placement(abc.ABC):
 class HashingSpec:
     """A hashing scheme offered by a plugin.
 
-    ``create(shards, settings)`` gets the shards ordered by index and the ``[cluster.hashing]``
+    ``create(shards, settings)`` gets the shards ordered by index and the ``[cluster.<name>]``
     settings; it raises :class:`InvalidLayoutError` for settings or layouts it cannot place.
     """
 

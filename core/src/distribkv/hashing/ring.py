@@ -1,6 +1,6 @@
 """``ring``: consistent hashing with virtual nodes and optional per-shard weights.
 
-Each shard owns ``vnodes × weight`` points on a 64-bit ring, placed by xxh3-64 of
+Each shard owns ``vnodes * weight`` points on a 64-bit ring, placed by xxh3-64 of
 ``"<shard name>#<i>"``; a key belongs to the first point at or after xxh3-64(key), wrapping
 around. Points depend on shard *names*, so adding a shard takes about 1/(N+1) of the keys from
 the others and moves nothing else.

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -242,7 +242,7 @@ def resolve_settings(
     resolved = dict(defaults)
     for name, value in settings.items():
         expected = type(defaults[name])
-        if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+        if (expected is int and isinstance(value, bool)) or not isinstance(value, expected):
             raise InvalidSettingError(
                 f"setting {name!r} of backend {backend!r} must be {expected.__name__},"
                 f" got {value!r}"

@@ -37,7 +37,6 @@ from distribkv.storage.errors import (
     CorruptionError,
     InvalidKeyError,
     InvalidValueError,
-    StorageError,
     UnsupportedOperationError,
 )
 from distribkv.testing import worker

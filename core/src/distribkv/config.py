@@ -1,0 +1,371 @@
+"""``sharding.toml`` -> frozen attrs classes, with messages that name the file, table and key.
+
+The format is the Go original's (``[[shards]]`` with ``name``, ``idx``, ``address`` and
+``replicas = [...]`` or the single ``replica = "..."``) plus these tables::
+
+    [cluster]
+    hashing = "modulo"        # or "ring"; settings in [cluster.ring] (vnodes = ...)
+    replication = "log"       # or "queue"
+    routing = "redirect"      # or "proxy"
+    min_replicas = 0
+    server = "waitress"
+
+    [storage]
+    backend = "lmdb"          # any installed storage backend; settings in [storage.lmdb]
+    data_dir = "data"         # relative to this file; each node uses data_dir/<shard>/<node>
+    durability = "sync"       # or "async"
+    max_value_size = 16777216
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from distribkv.storage.api import DURABILITIES
+
+if TYPE_CHECKING:
+    from distribkv.plugins import PluginRegistry
+
+__all__ = [
+    "Address",
+    "ClusterConfig",
+    "Config",
+    "ConfigError",
+    "NodeConfig",
+    "ShardConfig",
+    "StorageConfig",
+    "load_config",
+    "parse_config",
+]
+
+ROUTINGS = ("redirect", "proxy")
+DEFAULT_MAX_VALUE_SIZE = 16 * 1024 * 1024
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the file, the table and the key."""
+
+
+@attrs.frozen(order=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+@attrs.frozen
+class ClusterConfig:
+    hashing: str = "modulo"
+    hashing_settings: Mapping[str, Any] = attrs.field(factory=dict)
+    replication: str = "log"
+    routing: str = "redirect"
+    min_replicas: int = 0
+    server: str = "waitress"
+
+
+@attrs.frozen
+class StorageConfig:
+    backend: str = "lmdb"
+    data_dir: Path = Path("data")
+    durability: str = "sync"
+    max_value_size: int = DEFAULT_MAX_VALUE_SIZE
+    settings: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class ShardConfig:
+    name: str
+    idx: int
+    address: Address
+    replicas: tuple[Address, ...] = ()
+    weight: float = 1.0
+    #: The key the replicas were given with ("replicas" or the seeds' "replica"), for messages.
+    replica_key: str = attrs.field(default="replicas", eq=False, repr=False)
+
+
+@attrs.frozen
+class NodeConfig:
+    """One process of the cluster: a shard's leader or one of its replicas."""
+
+    shard: ShardConfig
+    #: None for the leader, else the replica's position in ``replicas`` (0-based).
+    replica: int | None
+    address: Address
+    data_dir: Path
+
+    @property
+    def role(self) -> str:
+        return "leader" if self.replica is None else "replica"
+
+    @property
+    def node_name(self) -> str:
+        return "leader" if self.replica is None else f"replica-{self.replica}"
+
+
+@attrs.frozen
+class Config:
+    path: Path
+    cluster: ClusterConfig
+    storage: StorageConfig
+    shards: tuple[ShardConfig, ...]
+
+    def shard(self, name: str) -> ShardConfig:
+        for shard in self.shards:
+            if shard.name == name:
+                return shard
+        names = ", ".join(s.name for s in self.shards)
+        raise ConfigError(f"{self.path}: there is no shard {name!r} (shards: {names})")
+
+    def node(self, shard_name: str, replica: int | None = None) -> NodeConfig:
+        shard = self.shard(shard_name)
+        if replica is None:
+            address = shard.address
+        elif 0 <= replica < len(shard.replicas):
+            address = shard.replicas[replica]
+        else:
+            raise ConfigError(
+                f"{self.path}: shard {shard_name!r} has {len(shard.replicas)} replica(s);"
+                f" there is no replica {replica}"
+            )
+        node = "leader" if replica is None else f"replica-{replica}"
+        return NodeConfig(shard, replica, address, self.storage.data_dir / shard.name / node)
+
+    def nodes(self) -> list[NodeConfig]:
+        """Every node: each shard's leader, then its replicas."""
+        out = []
+        for shard in self.shards:
+            out.append(self.node(shard.name))
+            out.extend(self.node(shard.name, i) for i in range(len(shard.replicas)))
+        return out
+
+
+class _Table:
+    """Reads one TOML table, tracking which keys were used so the rest can be rejected."""
+
+    def __init__(self, file: Path, where: str, data: Any):
+        self.file, self.where = file, where
+        if not isinstance(data, dict):
+            raise self.error(None, f"must be a table, got {type(data).__name__}")
+        self.data = data
+        self.used: set[str] = set()
+
+    def error(self, key: str | None, message: str) -> ConfigError:
+        at = f"{self.where}" if key is None else f"{self.where} key {key!r}"
+        return ConfigError(f"{self.file}: {at}: {message}")
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        self.used.add(key)
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            raise self.error(key, f"must be {names}, got {value!r}")
+        return value
+
+    def choice(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = self.get(key, str, default)
+        if value not in allowed:
+            raise self.error(key, f"must be one of {', '.join(allowed)}, got {value!r}")
+        return value
+
+    def finish(self, *, subtables: tuple[str, ...] = ()) -> None:
+        unknown = sorted(set(self.data) - self.used - set(subtables))
+        if unknown:
+            known = ", ".join(sorted(self.used))
+            raise self.error(unknown[0], f"unknown key (known keys: {known})")
+
+
+def parse_address(table: _Table, key: str, text: Any) -> Address:
+    if not isinstance(text, str):
+        raise table.error(key, f"must be a string host:port, got {text!r}")
+    host, sep, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise table.error(key, f"malformed address {text!r} (expected host:port, port 1-65535)")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOSTNAME.match(host):
+            raise table.error(key, f"malformed host in address {text!r}") from None
+    return Address(host, int(port_text))
+
+
+def parse_config(text: str, path: Path) -> Config:
+    """Parse and validate configuration ``text`` read from ``path``."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    top = _Table(path, "top level", raw)
+
+    cluster_table = _Table(path, "[cluster]", top.get("cluster", dict, {}))
+    hashing = cluster_table.get("hashing", str, "modulo")
+    cluster = ClusterConfig(
+        hashing=hashing,
+        hashing_settings=dict(cluster_table.get(hashing, dict, {})),
+        replication=cluster_table.get("replication", str, "log"),
+        routing=cluster_table.choice("routing", "redirect", ROUTINGS),
+        min_replicas=cluster_table.get("min_replicas", int, 0),
+        server=cluster_table.get("server", str, "waitress"),
+    )
+    if cluster.min_replicas < 0:
+        raise cluster_table.error("min_replicas", "must be >= 0")
+    cluster_table.finish()
+
+    storage_table = _Table(path, "[storage]", top.get("storage", dict, {}))
+    backend = storage_table.get("backend", str, "lmdb")
+    data_dir = Path(storage_table.get("data_dir", str, "data"))
+    storage = StorageConfig(
+        backend=backend,
+        data_dir=data_dir if data_dir.is_absolute() else path.parent / data_dir,
+        durability=storage_table.choice("durability", "sync", DURABILITIES),
+        max_value_size=storage_table.get("max_value_size", int, DEFAULT_MAX_VALUE_SIZE),
+        settings=dict(storage_table.get(backend, dict, {})),
+    )
+    if storage.max_value_size < 1:
+        raise storage_table.error("max_value_size", "must be >= 1")
+    storage_table.finish()
+
+    shard_list = top.get("shards", list, None)
+    top.finish()
+    if not shard_list:
+        raise ConfigError(f"{path}: no [[shards]] defined (at least one is needed)")
+    shards = [_parse_shard(path, n, entry) for n, entry in enumerate(shard_list, start=1)]
+    _check_layout(path, shards)
+    if cluster.min_replicas > min(len(s.replicas) for s in shards):
+        raise ConfigError(
+            f"{path}: [cluster] key 'min_replicas': {cluster.min_replicas} is more than the"
+            f" replicas of the smallest shard ({min(len(s.replicas) for s in shards)})"
+        )
+    return Config(path, cluster, storage, tuple(sorted(shards, key=lambda s: s.idx)))
+
+
+def _parse_shard(path: Path, position: int, entry: Any) -> ShardConfig:
+    label = f"[[shards]] #{position}"
+    if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+        label += f" ({entry['name']!r})"
+    table = _Table(path, label, entry)
+    name = table.get("name", str, None)
+    if not name or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", name):
+        raise table.error("name", f"needs a name of letters, digits, '_', '.', '-'; got {name!r}")
+    idx = table.get("idx", int, None)
+    if idx is None:
+        raise table.error("idx", "is required")
+    address = parse_address(table, "address", table.get("address", str, None))
+    replicas = table.get("replicas", list, None)
+    replica = table.get("replica", str, None)
+    if replicas is not None and replica is not None:
+        raise table.error("replica", "give either 'replica' or 'replicas', not both")
+    texts = replicas if replicas is not None else ([replica] if replica is not None else [])
+    key = "replicas" if replicas is not None else "replica"
+    weight = table.get("weight", (int, float), 1.0)
+    if not weight > 0:
+        raise table.error("weight", f"must be > 0, got {weight!r}")
+    table.finish()
+    return ShardConfig(
+        name=name,
+        idx=idx,
+        address=address,
+        replicas=tuple(parse_address(table, key, text) for text in texts),
+        weight=float(weight),
+        replica_key=key,
+    )
+
+
+def _check_layout(path: Path, shards: list[ShardConfig]) -> None:
+    seen_idx: dict[int, str] = {}
+    seen_names: set[str] = set()
+    seen_addresses: dict[Address, str] = {}
+    for shard in shards:
+        if shard.idx in seen_idx:
+            raise ConfigError(
+                f"{path}: [[shards]] ({shard.name!r}) key 'idx': duplicate idx {shard.idx}"
+                f" (also used by {seen_idx[shard.idx]!r})"
+            )
+        seen_idx[shard.idx] = shard.name
+        if shard.name in seen_names:
+            raise ConfigError(f"{path}: [[shards]] key 'name': duplicate name {shard.name!r}")
+        seen_names.add(shard.name)
+        addresses = [("address", shard.address)]
+        addresses += [(shard.replica_key, a) for a in shard.replicas]
+        for key, address in addresses:
+            if address in seen_addresses:
+                raise ConfigError(
+                    f"{path}: [[shards]] ({shard.name!r}) key {key!r}: duplicate address"
+                    f" {address} (also used by {seen_addresses[address]})"
+                )
+            seen_addresses[address] = f"shard {shard.name!r}"
+    expected = set(range(len(shards)))
+    if set(seen_idx) != expected:
+        missing = sorted(expected - set(seen_idx))
+        extra = sorted(set(seen_idx) - expected)
+        detail = f"missing idx {missing}" if missing else f"idx {extra} out of range"
+        raise ConfigError(
+            f"{path}: [[shards]] key 'idx': indexes must be 0..{len(shards) - 1} with no gap"
+            f" ({detail})"
+        )
+
+
+def check_plugins(config: Config, registry: PluginRegistry) -> None:
+    """Every plugin the config names is installed and accepts its settings."""
+    from distribkv.hashing.api import InvalidLayoutError, ShardSlot
+    from distribkv.plugins import PluginNotFoundError
+
+    try:
+        backend = registry.storage_backend(config.storage.backend)
+    except PluginNotFoundError as exc:
+        raise ConfigError(f"{config.path}: [storage] key 'backend': {exc}") from None
+    unknown = sorted(set(config.storage.settings) - set(backend.settings_help))
+    if unknown:
+        known = ", ".join(sorted(backend.settings_help)) or "none"
+        raise ConfigError(
+            f"{config.path}: [storage.{backend.name}] key {unknown[0]!r}: unknown setting of"
+            f" backend {backend.name!r} (known: {known})"
+        )
+    try:
+        scheme = registry.hashing_scheme(config.cluster.hashing)
+    except PluginNotFoundError as exc:
+        raise ConfigError(f"{config.path}: [cluster] key 'hashing': {exc}") from None
+    slots = [ShardSlot(s.idx, s.name, s.weight) for s in config.shards]
+    try:
+        scheme.create(slots, config.cluster.hashing_settings)
+    except InvalidLayoutError as exc:
+        raise ConfigError(f"{config.path}: [cluster.{scheme.name}]: {exc}") from None
+
+
+def load_config(path: str | Path, registry: PluginRegistry | None = None) -> Config:
+    """Read and validate ``path``; with a registry, also check that named plugins exist."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the configuration is not UTF-8") from None
+    config = parse_config(text, path)
+    if registry is not None:
+        check_plugins(config, registry)
+    return config
