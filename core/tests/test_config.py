@@ -66,8 +66,11 @@ def test_a_full_config_parses_into_frozen_objects(tmp_path):
     assert config.shards[1].weight == 2.0
     nodes = config.nodes()
     assert [(n.shard.name, n.node_name) for n in nodes] == [
-        ("shard-0", "leader"), ("shard-0", "replica-0"), ("shard-0", "replica-1"),
-        ("shard-1", "leader"), ("shard-1", "replica-0"),
+        ("shard-0", "leader"),
+        ("shard-0", "replica-0"),
+        ("shard-0", "replica-1"),
+        ("shard-1", "leader"),
+        ("shard-1", "replica-0"),
     ]
     assert nodes[2].data_dir == tmp_path / "nodes" / "shard-0" / "replica-1"
     with pytest.raises(AttributeError):
@@ -89,14 +92,22 @@ def shard(name: str, idx: int, address: str, extra: str = "") -> str:
 TWO = shard("a", 0, "127.0.0.2:1") + shard("b", 1, "127.0.0.3:1")
 
 BAD = {
-    "duplicate idx": (shard("a", 0, "127.0.0.2:1") + shard("b", 0, "127.0.0.3:1"),
-                      "[[shards]] ('b') key 'idx': duplicate idx 0"),
-    "gap in idx": (shard("a", 0, "127.0.0.2:1") + shard("b", 2, "127.0.0.3:1"),
-                   "key 'idx': indexes must be 0..1 with no gap (missing idx [1])"),
-    "duplicate name": (shard("a", 0, "127.0.0.2:1") + shard("a", 1, "127.0.0.3:1"),
-                       "key 'name': duplicate name 'a'"),
-    "duplicate address": (shard("a", 0, "127.0.0.2:1") + shard("b", 1, "127.0.0.2:1"),
-                          "key 'address': duplicate address 127.0.0.2:1"),
+    "duplicate idx": (
+        shard("a", 0, "127.0.0.2:1") + shard("b", 0, "127.0.0.3:1"),
+        "[[shards]] ('b') key 'idx': duplicate idx 0",
+    ),
+    "gap in idx": (
+        shard("a", 0, "127.0.0.2:1") + shard("b", 2, "127.0.0.3:1"),
+        "key 'idx': indexes must be 0..1 with no gap (missing idx [1])",
+    ),
+    "duplicate name": (
+        shard("a", 0, "127.0.0.2:1") + shard("a", 1, "127.0.0.3:1"),
+        "key 'name': duplicate name 'a'",
+    ),
+    "duplicate address": (
+        shard("a", 0, "127.0.0.2:1") + shard("b", 1, "127.0.0.2:1"),
+        "key 'address': duplicate address 127.0.0.2:1",
+    ),
     "replica reuses an address": (
         shard("a", 0, "127.0.0.2:1", 'replica = "127.0.0.2:1"'),
         "key 'replica': duplicate address 127.0.0.2:1",
@@ -104,33 +115,50 @@ BAD = {
     "malformed address": (shard("a", 0, "127.0.0.2"), "key 'address': malformed address"),
     "port out of range": (shard("a", 0, "127.0.0.2:70000"), "malformed address"),
     "bad host": (shard("a", 0, "bad host!:80"), "malformed host"),
-    "unknown shard key": (shard("a", 0, "127.0.0.2:1", "colour = 1"),
-                          "[[shards]] #1 ('a') key 'colour': unknown key"),
-    "unknown cluster key": ("[cluster]\nhashin = 'ring'\n" + TWO,
-                            "[cluster] key 'hashin': unknown key"),
+    "unknown shard key": (
+        shard("a", 0, "127.0.0.2:1", "colour = 1"),
+        "[[shards]] #1 ('a') key 'colour': unknown key",
+    ),
+    "unknown cluster key": (
+        "[cluster]\nhashin = 'ring'\n" + TWO,
+        "[cluster] key 'hashin': unknown key",
+    ),
     "unknown top-level table": ("[clustr]\n" + TWO, "top level key 'clustr': unknown key"),
-    "wrong type": ('[storage]\ndurability = 1\n' + TWO,
-                   "[storage] key 'durability': must be str, got 1"),
-    "bad durability": ('[storage]\ndurability = "maybe"\n' + TWO,
-                       "[storage] key 'durability': must be one of sync, async"),
-    "bad routing": ('[cluster]\nrouting = "gossip"\n' + TWO,
-                    "[cluster] key 'routing': must be one of redirect, proxy"),
-    "both replica forms": (shard("a", 0, "127.0.0.2:1", 'replica = "127.0.0.9:1"\n'
-                                 'replicas = ["127.0.0.8:1"]'),
-                           "give either 'replica' or 'replicas'"),
+    "wrong type": (
+        "[storage]\ndurability = 1\n" + TWO,
+        "[storage] key 'durability': must be str, got 1",
+    ),
+    "bad durability": (
+        '[storage]\ndurability = "maybe"\n' + TWO,
+        "[storage] key 'durability': must be one of sync, async",
+    ),
+    "bad routing": (
+        '[cluster]\nrouting = "gossip"\n' + TWO,
+        "[cluster] key 'routing': must be one of redirect, proxy",
+    ),
+    "both replica forms": (
+        shard("a", 0, "127.0.0.2:1", 'replica = "127.0.0.9:1"\nreplicas = ["127.0.0.8:1"]'),
+        "give either 'replica' or 'replicas'",
+    ),
     "no shards": ('[cluster]\nhashing = "modulo"\n', "no [[shards]] defined"),
     "not toml": ("[[shards]\n", "not valid TOML"),
-    "min_replicas above replicas": ('[cluster]\nmin_replicas = 1\n' + TWO,
-                                    "key 'min_replicas': 1 is more than the replicas"),
-    "backend not installed": ('[storage]\nbackend = "nosuchdb"\n' + TWO,
-                              '[storage] key \'backend\': backend "nosuchdb" is not installed'
-                              " (installed: "),
-    "hashing not installed": ('[cluster]\nhashing = "jump"\n' + TWO,
-                              "pip install distribkv-jump"),
-    "bad ring setting": ('[cluster]\nhashing = "ring"\n[cluster.ring]\nvnodes = -3\n' + TWO,
-                         "[cluster.ring]: ring setting 'vnodes' must be an integer >= 1"),
-    "unknown backend setting": ('[storage]\nbackend = "memory"\n[storage.memory]\nsize = 1\n'
-                                + TWO, "[storage.memory] key 'size': unknown setting"),
+    "min_replicas above replicas": (
+        "[cluster]\nmin_replicas = 1\n" + TWO,
+        "key 'min_replicas': 1 is more than the replicas",
+    ),
+    "backend not installed": (
+        '[storage]\nbackend = "nosuchdb"\n' + TWO,
+        "[storage] key 'backend': backend \"nosuchdb\" is not installed (installed: ",
+    ),
+    "hashing not installed": ('[cluster]\nhashing = "jump"\n' + TWO, "pip install distribkv-jump"),
+    "bad ring setting": (
+        '[cluster]\nhashing = "ring"\n[cluster.ring]\nvnodes = -3\n' + TWO,
+        "[cluster.ring]: ring setting 'vnodes' must be an integer >= 1",
+    ),
+    "unknown backend setting": (
+        '[storage]\nbackend = "memory"\n[storage.memory]\nsize = 1\n' + TWO,
+        "[storage.memory] key 'size': unknown setting",
+    ),
 }
 
 

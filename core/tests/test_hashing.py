@@ -77,7 +77,10 @@ def test_placement_is_the_same_in_a_fresh_process():
     outputs = {
         subprocess.run(
             [sys.executable, "-c", PLACEMENT_SCRIPT],
-            capture_output=True, text=True, check=True, timeout=60,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
             env={"PYTHONHASHSEED": seed, "PATH": ""},
         ).stdout
         for seed in ("1", "2")
@@ -111,9 +114,9 @@ def test_adding_a_shard_to_the_ring_moves_about_one_share(shard_count, record_pr
     after = create_ring(slots(shard_count + 1), {})
     moved = sum(before.shard_for(k) != after.shard_for(k) for k in KEYS) / len(KEYS)
     modulo_before, modulo_after = ModuloPlacement(shard_count), ModuloPlacement(shard_count + 1)
-    modulo_moved = sum(
-        modulo_before.shard_for(k) != modulo_after.shard_for(k) for k in KEYS[:20_000]
-    ) / 20_000
+    modulo_moved = (
+        sum(modulo_before.shard_for(k) != modulo_after.shard_for(k) for k in KEYS[:20_000]) / 20_000
+    )
     bound = 1.3 / (shard_count + 1)
     with capsys.disabled():
         print(

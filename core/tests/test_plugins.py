@@ -79,7 +79,8 @@ def test_two_plugins_offering_one_name_are_rejected():
 
 def test_every_hook_is_documented_and_prefixed():
     hooks = [
-        (name, fn) for name, fn in vars(hookspecs).items()
+        (name, fn)
+        for name, fn in vars(hookspecs).items()
         if callable(fn) and hasattr(fn, "distribkv_spec")
     ]
     assert len(hooks) == 7

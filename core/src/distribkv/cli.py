@@ -25,8 +25,8 @@ KIND_TITLES = {
 def _table(rows: list[list[str]], indent: str = "  ") -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
-        indent + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-        .rstrip()
+        indent
+        + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in rows
     )
 
@@ -55,8 +55,12 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             for kind in KINDS
         }
         out["unavailable"] = [
-            {"name": i.name, "distribution": i.distribution, "version": i.version,
-             "reason": i.error}
+            {
+                "name": i.name,
+                "distribution": i.distribution,
+                "version": i.version,
+                "reason": i.error,
+            }
             for i in registry.failed
         ]
         print(json.dumps(out, indent=2))
@@ -70,13 +74,15 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         rows = [["NAME", "DISTRIBUTION", "VERSION", "CAPABILITIES", "DESCRIPTION"]]
         for p in provided:
             caps = getattr(p.spec, "capabilities", None)
-            rows.append([
-                p.name,
-                p.plugin.distribution,
-                p.plugin.version,
-                ", ".join(caps.names()) if caps is not None else "-",
-                p.spec.description,
-            ])
+            rows.append(
+                [
+                    p.name,
+                    p.plugin.distribution,
+                    p.plugin.version,
+                    ", ".join(caps.names()) if caps is not None else "-",
+                    p.spec.description,
+                ]
+            )
         print(_table(rows))
     if registry.failed:
         print("unavailable plugins:")
@@ -106,13 +112,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     )
     rows = [["SHARD", "IDX", "ROLE", "ADDRESS", "DATA DIRECTORY"]]
     for node in config.nodes():
-        rows.append([
-            node.shard.name,
-            str(node.shard.idx),
-            node.node_name,
-            str(node.address),
-            str(node.data_dir),
-        ])
+        rows.append(
+            [
+                node.shard.name,
+                str(node.shard.idx),
+                node.node_name,
+                str(node.address),
+                str(node.data_dir),
+            ]
+        )
     print(_table(rows))
     return 0
 

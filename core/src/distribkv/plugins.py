@@ -130,11 +130,11 @@ class PluginRegistry:
         for info in self.failed:
             if info.name == name:
                 raise PluginNotFoundError(
-                    f"{label} \"{name}\" is installed but unavailable: {info.error}"
+                    f'{label} "{name}" is installed but unavailable: {info.error}'
                 )
         installed = ", ".join(self.names(kind)) or "none"
         raise PluginNotFoundError(
-            f"{label} \"{name}\" is not installed (installed: {installed});"
+            f'{label} "{name}" is not installed (installed: {installed});'
             f" install it with: pip install {pip_name(name)}"
         )
 

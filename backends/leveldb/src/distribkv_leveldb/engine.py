@@ -114,9 +114,7 @@ class LevelDBEngine(StorageEngine):
     def stats(self) -> StorageStats:
         db = self._check()
         try:
-            sizes = {
-                ns.value: db.approximate_size(PREFIX[ns], PREFIX_END[ns]) for ns in Namespace
-            }
+            sizes = {ns.value: db.approximate_size(PREFIX[ns], PREFIX_END[ns]) for ns in Namespace}
             files = (db.get_property(b"leveldb.num-files-at-level0") or b"").decode()
         except (plyvel.Error, RuntimeError) as exc:
             raise self._error(exc, "stats") from exc

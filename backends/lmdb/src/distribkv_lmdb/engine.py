@@ -154,8 +154,12 @@ class LmdbEngine(StorageEngine):
             path=str(self._path),
             disk_bytes=disk_usage(self._path),
             keys=keys,
-            details={"map_size": info["map_size"], "last_pgno": info["last_pgno"],
-                     "sync": self._sync, **self._settings},
+            details={
+                "map_size": info["map_size"],
+                "last_pgno": info["last_pgno"],
+                "sync": self._sync,
+                **self._settings,
+            },
         )
 
     def close(self) -> None:

@@ -178,8 +178,19 @@ class TestLimits:
 
 
 class TestScan:
-    KEYS = [b"\x00", b"\x00\x00", b"a", b"a\x00", b"ab", b"b", b"\x7f", b"\x80", b"\xfe", b"\xff",
-            b"\xff\xff"]
+    KEYS = [
+        b"\x00",
+        b"\x00\x00",
+        b"a",
+        b"a\x00",
+        b"ab",
+        b"b",
+        b"\x7f",
+        b"\x80",
+        b"\xfe",
+        b"\xff",
+        b"\xff\xff",
+    ]
 
     @pytest.fixture
     def filled(self, store):
@@ -194,8 +205,16 @@ class TestScan:
 
     @pytest.mark.parametrize(
         ("start", "stop", "limit"),
-        [(b"a", b"b", None), (b"a\x00", None, None), (None, b"a", None), (b"\x80", b"\xff", 1),
-         (None, None, 0), (None, None, 3), (b"b", b"a", None), (b"zz", None, None)],
+        [
+            (b"a", b"b", None),
+            (b"a\x00", None, None),
+            (None, b"a", None),
+            (b"\x80", b"\xff", 1),
+            (None, None, 0),
+            (None, None, 3),
+            (b"b", b"a", None),
+            (b"zz", None, None),
+        ],
     )
     def test_scan_bounds_and_limit(self, filled, start, stop, limit):
         expected = [
@@ -215,8 +234,9 @@ class TestScan:
     def test_scan_sees_the_snapshot_of_its_start(self, filled):
         with filled.scan() as pairs:
             first = next(pairs)
-            filled.apply([Put(DATA, b"ac", b"new"), Delete(DATA, b"b"), Put(DATA, b"a", b"x")],
-                         sync=False)
+            filled.apply(
+                [Put(DATA, b"ac", b"new"), Delete(DATA, b"b"), Put(DATA, b"a", b"x")], sync=False
+            )
             rest = list(pairs)
         assert [first, *rest] == [(k, b"v" + k) for k in sorted(self.KEYS)]
         assert filled.get(b"ac") == b"new"
@@ -338,8 +358,10 @@ class TestAtomicity:
         def write(worker_id: int) -> None:
             for i in range(100):
                 store.apply(
-                    [Put(DATA, b"w%d-%03d" % (worker_id, i), b"%d" % i),
-                     Put(LOG, b"w%d" % worker_id, b"%d" % i)],
+                    [
+                        Put(DATA, b"w%d-%03d" % (worker_id, i), b"%d" % i),
+                        Put(LOG, b"w%d" % worker_id, b"%d" % i),
+                    ],
                     sync=False,
                 )
 
@@ -373,9 +395,18 @@ class TestDurability:
         rng = random.Random(f"{backend_name}-{durability}")
         for round_ in range(4):
             child = subprocess.Popen(
-                [sys.executable, "-m", "distribkv.testing.worker", "crash", backend_name,
-                 str(path), durability, str(keys)],
-                stdout=subprocess.PIPE, env=_child_env(backend_settings),
+                [
+                    sys.executable,
+                    "-m",
+                    "distribkv.testing.worker",
+                    "crash",
+                    backend_name,
+                    str(path),
+                    durability,
+                    str(keys),
+                ],
+                stdout=subprocess.PIPE,
+                env=_child_env(backend_settings),
             )
             try:
                 ready = child.stdout.readline().split()
@@ -419,11 +450,27 @@ class TestDurability:
         count = 40
         trace = tmp_path / "trace"
         result = subprocess.run(
-            ["strace", "-f", "-qq", "-o", str(trace),
-             "-e", "trace=fsync,fdatasync,msync,sync_file_range,syncfs,chdir",
-             sys.executable, "-m", "distribkv.testing.worker", "sync-audit", backend_name,
-             str(tmp_path / "db"), durability, "1" if sync else "0", str(count)],
-            capture_output=True, timeout=120, env=_child_env(backend_settings),
+            [
+                "strace",
+                "-f",
+                "-qq",
+                "-o",
+                str(trace),
+                "-e",
+                "trace=fsync,fdatasync,msync,sync_file_range,syncfs,chdir",
+                sys.executable,
+                "-m",
+                "distribkv.testing.worker",
+                "sync-audit",
+                backend_name,
+                str(tmp_path / "db"),
+                durability,
+                "1" if sync else "0",
+                str(count),
+            ],
+            capture_output=True,
+            timeout=120,
+            env=_child_env(backend_settings),
         )
         assert result.returncode == 0, result.stderr.decode()[-2000:]
         lines = trace.read_text().splitlines()
@@ -543,11 +590,11 @@ class StorageModel(RuleBasedStateMachine):
     def get_many(self, ns, keys):
         assert self.store.get_many(keys, ns) == [self.model[ns].get(k) for k in keys]
 
-    @rule(ns=NS, start=st.none() | KEY, stop=st.none() | KEY,
-          limit=st.none() | st.integers(0, 5))
+    @rule(ns=NS, start=st.none() | KEY, stop=st.none() | KEY, limit=st.none() | st.integers(0, 5))
     def scan(self, ns, start, stop, limit):
         expected = sorted(
-            (k, v) for k, v in self.model[ns].items()
+            (k, v)
+            for k, v in self.model[ns].items()
             if (start is None or k >= start) and (stop is None or k < stop)
         )[:limit]
         with self.store.scan(ns, start, stop, limit=limit) as pairs:
@@ -573,9 +620,14 @@ class StorageModel(RuleBasedStateMachine):
 
 class TestModel:
     def test_backend_behaves_like_a_dict(self, open_backend, tmp_path):
-        machine = type("BackendModel", (StorageModel,), {
-            "opener": staticmethod(open_backend), "path": tmp_path / "model",
-        })
+        machine = type(
+            "BackendModel",
+            (StorageModel,),
+            {
+                "opener": staticmethod(open_backend),
+                "path": tmp_path / "model",
+            },
+        )
         run_state_machine_as_test(
             machine,
             settings=settings(
