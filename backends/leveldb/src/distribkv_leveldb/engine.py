@@ -33,13 +33,16 @@ class LevelDBEngine(StorageEngine):
     def __init__(self, path: Path, settings: dict[str, Any]):
         self._path = path
         self._settings = settings
-        bloom = settings["bloom_filter_bits"]
+        # plyvel takes no bloom_filter_bits at all to mean "no filter".
+        bloom = {"bloom_filter_bits": settings["bloom_filter_bits"]}
+        if settings["bloom_filter_bits"] <= 0:
+            bloom = {}
         try:
             self._db = plyvel.DB(
                 str(path),
                 create_if_missing=True,
                 paranoid_checks=True,
-                bloom_filter_bits=bloom if bloom > 0 else None,
+                **bloom,
                 lru_cache_size=settings["lru_cache_size"],
                 write_buffer_size=settings["write_buffer_size"],
                 block_size=settings["block_size"],
