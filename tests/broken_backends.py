@@ -148,10 +148,10 @@ class IgnoresSync(Wrapper):
 def _memory_spec(name: str, wrap) -> BackendSpec:
     from distribkv.storage import memory
 
-    def open_(path: Path, *, durability="sync", settings={}):
-        engine = wrap(Path(path)) if isinstance(wrap, type) and issubclass(wrap, MemoryEngine) \
-            else wrap(MemoryEngine(Path(path)))
-        return engine
+    def open_(path: Path, *, durability="sync", settings=None):
+        if isinstance(wrap, type) and issubclass(wrap, MemoryEngine):
+            return wrap(Path(path))
+        return wrap(MemoryEngine(Path(path)))
 
     return BackendSpec(name, open_, f"broken: {name}", memory.CAPABILITIES)
 
@@ -162,8 +162,8 @@ def _real_spec(name: str, wrap) -> BackendSpec:
     base_name = os.environ.get("DISTRIBKV_TEST_BACKEND", "memory")
     base = load_plugins().storage_backend(base_name)
 
-    def open_(path: Path, *, durability="sync", settings={}):
-        return wrap(base.open(path, durability=durability, settings=settings))
+    def open_(path: Path, *, durability="sync", settings=None):
+        return wrap(base.open(path, durability=durability, settings=settings or {}))
 
     return BackendSpec(name, open_, f"broken: {name} over {base_name}", base.capabilities)
 

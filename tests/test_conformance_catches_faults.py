@@ -43,8 +43,14 @@ def run_suite(pytester, backend_name):
         os.environ["DISTRIBKV_TEST_BACKEND"] = backend_name
         try:
             return pytester.runpytest_subprocess(
-                "-p", "distribkv.testing", f"--distribkv-backend={backend}",
-                "-k", selection, "-p", "no:cacheprovider", "-q",
+                "-p",
+                "distribkv.testing",
+                f"--distribkv-backend={backend}",
+                "-k",
+                selection,
+                "-p",
+                "no:cacheprovider",
+                "-q",
                 timeout=300,
             )
         finally:

@@ -51,3 +51,15 @@ def test_a_config_naming_a_missing_backend_says_what_is_installed(tmp_path, caps
     err = capsys.readouterr().err
     assert f'backend "{missing}" is not installed (installed: {", ".join(installed)});' in err
     assert f"install it with: pip install distribkv-{missing}" in err
+
+
+def test_bloom_benchmark_runs_on_backends_with_filters(backend_name, capsys):
+    from distribkv.storage.bloombench import main as bloombench
+
+    spec = load_plugins().storage_backend(backend_name)
+    if not spec.capabilities.bloom_filter:
+        pytest.skip(f"backend {backend_name!r} has no bloom filters")
+    assert bloombench(["--backend", backend_name, "--keys", "3000", "--lookups", "300"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines if line.startswith(backend_name)]
+    assert [row[1] for row in rows] == ["missing", "present"]

@@ -162,10 +162,15 @@ BAD = {
 }
 
 
+def with_memory_backend(text: str) -> str:
+    """Cases that are not about the backend use one that every environment has."""
+    return text if "[storage]" in text else '[storage]\nbackend = "memory"\n' + text
+
+
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_invalid_configs_are_refused_naming_file_table_and_key(tmp_path, case):
     text, message = BAD[case]
-    path = write(tmp_path, text)
+    path = write(tmp_path, with_memory_backend(text))
     with pytest.raises(ConfigError) as info:
         load_config(path, load_plugins(disabled=()))
     assert str(info.value).startswith(f"{path}: ")
@@ -175,7 +180,7 @@ def test_invalid_configs_are_refused_naming_file_table_and_key(tmp_path, case):
 @pytest.mark.parametrize("case", ["duplicate idx", "backend not installed", "not toml"])
 def test_check_command_exits_non_zero_with_the_message(tmp_path, capsys, case):
     text, message = BAD[case]
-    path = write(tmp_path, text)
+    path = write(tmp_path, with_memory_backend(text))
     assert main(["check", "--config", str(path)]) == 2
     assert message in capsys.readouterr().err
 

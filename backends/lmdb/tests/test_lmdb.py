@@ -48,4 +48,3 @@ def test_settings_are_validated(tmp_path):
         open_store(SPEC, tmp_path, settings={"mapsize": 1})
     with pytest.raises(InvalidSettingError, match="must be int"):
         open_store(SPEC, tmp_path, settings={"map_size": "1G"})
-

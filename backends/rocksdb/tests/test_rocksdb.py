@@ -22,7 +22,7 @@ def test_reads_are_right_with_and_without_bloom_filters(tmp_path, bits):
 
 
 def test_unknown_and_mistyped_settings_are_refused(tmp_path):
-    with pytest.raises(InvalidSettingError, match="unknown setting.*bloom_bits"):
+    with pytest.raises(InvalidSettingError, match=r"unknown setting.*bloom_bits"):
         open_store(SPEC, tmp_path, settings={"bloom_bits": 10})
     with pytest.raises(InvalidSettingError, match="must be int"):
         open_store(SPEC, tmp_path, settings={"bloom_filter_bits": "10"})
