@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from distribkv import __version__
 
@@ -125,6 +126,74 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run one node in the foreground."""
+    from distribkv.config import load_config
+    from distribkv.node import Node
+    from distribkv.plugins import load_plugins
+    from distribkv.serving import serve
+
+    registry = load_plugins()
+    config = load_config(args.config, registry)
+    node = Node(
+        config,
+        args.shard,
+        args.replica,
+        registry=registry,
+        backend=args.backend,
+        data_dir=args.data_dir,
+    )
+    return serve(node, registry, announce=lambda text: print(text, flush=True))
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    """Run every node of the cluster file as a child process."""
+    from distribkv.config import load_config
+    from distribkv.plugins import load_plugins
+    from distribkv.serving import Launcher, run_launcher
+
+    registry = load_plugins()
+    config = load_config(args.config, registry)
+    log_dir = Path(args.log_dir) if args.log_dir else None
+    return run_launcher(
+        Launcher(config, log_dir=log_dir), lambda rows: print(_table(rows, indent=""))
+    )
+
+
+def _node_address(args: argparse.Namespace) -> str:
+    if args.node:
+        return args.node
+    from distribkv.config import load_config
+
+    return str(load_config(args.config).shards[0].address)
+
+
+def cmd_kv(args: argparse.Namespace) -> int:
+    """get / set / delete one key through any node, following redirects."""
+    from distribkv.http.simple import request_key
+
+    key = args.key.encode() if not args.hex else bytes.fromhex(args.key)
+    value = None
+    if args.command == "set":
+        if args.value == "-":
+            value = sys.stdin.buffer.read()
+        else:
+            value = args.value.encode() if not args.hex else bytes.fromhex(args.value)
+    status, body = request_key(_node_address(args), args.command, key, value, timeout=args.timeout)
+    if args.command == "get" and status == 200:
+        sys.stdout.buffer.write(body)
+        if sys.stdout.isatty():
+            sys.stdout.write("\n")
+        return 0
+    if status in (200, 204):
+        return 0
+    print(
+        f"distribkv: {args.command} failed: HTTP {status}: {body.decode(errors='replace')}",
+        file=sys.stderr,
+    )
+    return 1 if status == 404 else 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distribkv",
@@ -165,6 +234,71 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", default=DEFAULT_CONFIG, help="cluster file (default: %(default)s)"
     )
     check.set_defaults(func=cmd_check)
+
+    serve = sub.add_parser(
+        "serve",
+        help="run one node (a shard's leader, or a replica with --replica)",
+        description=(
+            "Run one node of the cluster in the foreground: open its storage under "
+            "data_dir/<shard>/<node>, listen on the address the cluster file gives it (never "
+            "a wildcard; a non-loopback address needs DISTRIBKV_CLUSTER_TOKEN or "
+            "DISTRIBKV_CLUSTER_TOKEN_FILE), and serve until SIGTERM or Ctrl-C, which stops "
+            "accepting, finishes in-flight requests and closes the storage. One access-log line "
+            "per request goes to standard error."
+        ),
+    )
+    serve.add_argument(
+        "--config", default=DEFAULT_CONFIG, help="cluster file (default: %(default)s)"
+    )
+    serve.add_argument("--shard", required=True, help="name of the shard this node serves")
+    serve.add_argument(
+        "--replica",
+        type=int,
+        default=None,
+        metavar="N",
+        help="serve the shard's replica N (0-based, in the order of 'replicas'); read-only",
+    )
+    serve.add_argument("--backend", help="storage backend, overriding [storage] backend")
+    serve.add_argument("--data-dir", help="data directory root, overriding [storage] data_dir")
+    serve.set_defaults(func=cmd_serve)
+
+    launch = sub.add_parser(
+        "launch",
+        help="run every node of the cluster file",
+        description=(
+            "Start every node of the cluster file (leaders and replicas) as child processes, "
+            "wait until each answers /healthz, and print where each listens with its PID and "
+            "log file. Ctrl-C or SIGTERM stops them all (each drains its in-flight requests) "
+            "and exits 0; if a node dies, the others are stopped and the exit status is 1."
+        ),
+    )
+    launch.add_argument(
+        "--config", default=DEFAULT_CONFIG, help="cluster file (default: %(default)s)"
+    )
+    launch.add_argument("--log-dir", help="where node logs go (default: <data_dir>/logs)")
+    launch.set_defaults(func=cmd_launch)
+
+    for name, summary in (
+        ("get", "print the value of KEY (exit status 1 if absent)"),
+        ("set", "store VALUE under KEY ('-' reads the value from standard input)"),
+        ("delete", "delete KEY"),
+    ):
+        kv = sub.add_parser(
+            name,
+            help=summary,
+            description=(
+                f"{summary[0].upper()}{summary[1:]}. Any node answers for any key: a wrong-shard "
+                "node redirects (followed here) or forwards the request."
+            ),
+        )
+        kv.add_argument("key", metavar="KEY")
+        if name == "set":
+            kv.add_argument("value", metavar="VALUE")
+        kv.add_argument("--node", help="host:port of any node (default: the first shard's leader)")
+        kv.add_argument("--config", default=DEFAULT_CONFIG, help="cluster file, to find a node")
+        kv.add_argument("--hex", action="store_true", help="KEY and VALUE are hexadecimal bytes")
+        kv.add_argument("--timeout", type=float, default=5.0, help="seconds per request (5)")
+        kv.set_defaults(func=cmd_kv)
     return parser
 
 
@@ -175,7 +309,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
+        # A serving node logs one access line per request (INFO); other commands stay quiet.
+        level=logging.DEBUG
+        if args.verbose
+        else (logging.INFO if args.command == "serve" else logging.WARNING),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:

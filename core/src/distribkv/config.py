@@ -39,8 +39,10 @@ __all__ = [
     "Config",
     "ConfigError",
     "NodeConfig",
+    "ServerConfig",
     "ShardConfig",
     "StorageConfig",
+    "load_cluster_token",
     "load_config",
     "parse_config",
 ]
@@ -95,6 +97,21 @@ class StorageConfig:
 
 
 @attrs.frozen
+class ServerConfig:
+    """How each node serves HTTP (``[server]``); the server plugin is ``[cluster] server``."""
+
+    threads: int = 8
+    connection_limit: int = 100
+    channel_timeout: float = 30.0
+    #: Seconds a stopping node waits for in-flight requests.
+    drain_timeout: float = 10.0
+    #: Seconds a proxied request may take on the owner (connect, send and answer).
+    forward_timeout: float = 5.0
+    #: Largest /batch body in bytes.
+    max_batch_bytes: int = 64 * 1024 * 1024
+
+
+@attrs.frozen
 class ShardConfig:
     name: str
     idx: int
@@ -130,6 +147,7 @@ class Config:
     cluster: ClusterConfig
     storage: StorageConfig
     shards: tuple[ShardConfig, ...]
+    server: ServerConfig = ServerConfig()
 
     def shard(self, name: str) -> ShardConfig:
         for shard in self.shards:
@@ -251,6 +269,27 @@ def parse_config(text: str, path: Path) -> Config:
         raise storage_table.error("max_value_size", "must be >= 1")
     storage_table.finish()
 
+    server_table = _Table(path, "[server]", top.get("server", dict, {}))
+    defaults = ServerConfig()
+    server = ServerConfig(
+        threads=server_table.get("threads", int, defaults.threads),
+        connection_limit=server_table.get("connection_limit", int, defaults.connection_limit),
+        channel_timeout=float(
+            server_table.get("channel_timeout", (int, float), defaults.channel_timeout)
+        ),
+        drain_timeout=float(
+            server_table.get("drain_timeout", (int, float), defaults.drain_timeout)
+        ),
+        forward_timeout=float(
+            server_table.get("forward_timeout", (int, float), defaults.forward_timeout)
+        ),
+        max_batch_bytes=server_table.get("max_batch_bytes", int, defaults.max_batch_bytes),
+    )
+    for key in attrs.fields_dict(ServerConfig):
+        if not getattr(server, key) > 0:
+            raise server_table.error(key, "must be > 0")
+    server_table.finish()
+
     shard_list = top.get("shards", list, None)
     top.finish()
     if not shard_list:
@@ -262,7 +301,7 @@ def parse_config(text: str, path: Path) -> Config:
             f"{path}: [cluster] key 'min_replicas': {cluster.min_replicas} is more than the"
             f" replicas of the smallest shard ({min(len(s.replicas) for s in shards)})"
         )
-    return Config(path, cluster, storage, tuple(sorted(shards, key=lambda s: s.idx)))
+    return Config(path, cluster, storage, tuple(sorted(shards, key=lambda s: s.idx)), server)
 
 
 def _parse_shard(path: Path, position: int, entry: Any) -> ShardConfig:
@@ -371,3 +410,32 @@ def load_config(path: str | Path, registry: PluginRegistry | None = None) -> Con
     if registry is not None:
         check_plugins(config, registry)
     return config
+
+
+TOKEN_ENV = "DISTRIBKV_CLUSTER_TOKEN"
+TOKEN_FILE_ENV = "DISTRIBKV_CLUSTER_TOKEN_FILE"
+
+
+def load_cluster_token(environ: Mapping[str, str]) -> str | None:
+    """The cluster token for internal endpoints: from DISTRIBKV_CLUSTER_TOKEN, or from the file
+    named by DISTRIBKV_CLUSTER_TOKEN_FILE, which must not be readable by group or others."""
+    token = environ.get(TOKEN_ENV)
+    file_name = environ.get(TOKEN_FILE_ENV)
+    if token and file_name:
+        raise ConfigError(f"set {TOKEN_ENV} or {TOKEN_FILE_ENV}, not both")
+    if file_name:
+        path = Path(file_name)
+        try:
+            mode = path.stat().st_mode
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the cluster token: {exc.strerror}") from None
+        if mode & 0o077:
+            raise ConfigError(
+                f"{path}: the cluster token file is readable by others (mode"
+                f" {mode & 0o777:o}); run: chmod 600 {path}"
+            )
+        token = text.strip()
+    if token is not None and len(token) < 16:
+        raise ConfigError("the cluster token must be at least 16 characters")
+    return token or None

@@ -41,7 +41,12 @@ KINDS: Mapping[str, tuple[str, str]] = {
 }
 
 #: Plugins whose distribution is not simply "distribkv-<name>".
-_DISTRIBUTIONS = {"memory": "distribkv", "modulo": "distribkv", "ring": "distribkv"}
+_DISTRIBUTIONS = {
+    "memory": "distribkv",
+    "modulo": "distribkv",
+    "ring": "distribkv",
+    "waitress": "distribkv",
+}
 
 
 class PluginNotFoundError(LookupError):

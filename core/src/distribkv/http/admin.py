@@ -1,0 +1,70 @@
+"""Operational resources: ``/healthz``, ``/status``, ``/cluster`` and the internal ``/purge``."""
+
+from __future__ import annotations
+
+import hmac
+
+import falcon
+
+from distribkv.http.errors import ApiError
+from distribkv.http.routing import TOKEN_HEADER
+
+
+def require_token(node, req: falcon.Request) -> None:
+    """Internal endpoints need the cluster token when one is configured."""
+    if node.token is None:
+        return
+    given = req.get_header(TOKEN_HEADER) or ""
+    auth = req.get_header("Authorization") or ""
+    if auth.startswith("Bearer "):
+        given = given or auth[7:]
+    if not hmac.compare_digest(given.encode(), node.token.encode()):
+        raise ApiError(
+            falcon.HTTP_401,
+            "unauthorized",
+            f"this endpoint needs the cluster token ({TOKEN_HEADER})",
+        )
+
+
+class HealthResource:
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = falcon.MEDIA_TEXT
+        resp.data = b"ok\n"
+
+
+class StatusResource:
+    def __init__(self, node):
+        self.node = node
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = self.node.status()
+
+
+class ClusterResource:
+    def __init__(self, node):
+        self.node = node
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {
+            **self.node.shard_map.describe(),
+            "routing": self.node.config.cluster.routing,
+            "node": self.node.name,
+        }
+
+
+class PurgeResource:
+    def __init__(self, node):
+        self.node = node
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        require_token(self.node, req)
+        if not self.node.is_leader:
+            raise ApiError(
+                falcon.HTTP_403,
+                "read-only replica",
+                f"purge the leader at {self.node.me.leader}; replicas follow it",
+                leader=self.node.me.leader,
+            )
+        resp.media = {**self.node.purge(), "fingerprint": self.node.shard_map.fingerprint}
+
+    on_post = on_get

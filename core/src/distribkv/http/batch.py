@@ -1,0 +1,173 @@
+"""``POST /batch``: many gets, sets and deletes of one shard in one request.
+
+Body (msgpack, ``Content-Type: application/msgpack``; or JSON)::
+
+    {"ops": [["get", key], ["set", key, value], ["delete", key]]}
+
+In msgpack, keys and values are binary. In JSON they are text, or base64 when the body has
+``"encoding": "base64"``. The answer uses the request's format: ``{"results": [...]}`` with
+the value (or null) for each get and true for each set or delete; in text mode a stored value
+that is not UTF-8 comes back as ``{"base64": "..."}``, never as a lossy string.
+
+All writes of a batch are applied atomically; all gets read the state from before the batch's
+writes. Every key must belong to the same shard; a batch for another shard is redirected or
+forwarded as a whole, and a batch that mixes shards is refused (421) naming the owners.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+
+import falcon
+import msgpack
+
+from distribkv.http.errors import ApiError
+from distribkv.http.locate import Locator
+from distribkv.http.params import check_key
+from distribkv.storage.api import Delete, Namespace, Put
+
+MSGPACK = "application/msgpack"
+MAX_OPS = 10_000
+
+
+def _bad(detail: str) -> ApiError:
+    return ApiError(falcon.HTTP_400, "bad batch", detail)
+
+
+class BatchResource:
+    def __init__(self, node, locator: Locator):
+        self.node = node
+        self.locator = locator
+        self.max_bytes = node.config.server.max_batch_bytes
+        self.max_value = node.config.storage.max_value_size
+
+    def _read_body(self, req: falcon.Request) -> bytes:
+        if req.content_length is not None and req.content_length > self.max_bytes:
+            raise ApiError(
+                falcon.HTTP_413,
+                "batch too large",
+                f"the body is {req.content_length} bytes; the limit is {self.max_bytes}",
+            )
+        body = req.bounded_stream.read(self.max_bytes + 1)
+        if len(body) > self.max_bytes:
+            raise ApiError(falcon.HTTP_413, "batch too large", f"the limit is {self.max_bytes}")
+        return body
+
+    def _decode(self, req: falcon.Request, body: bytes):
+        use_msgpack = (req.content_type or "").split(";")[0].strip() == MSGPACK
+        try:
+            if use_msgpack:
+                doc = msgpack.unpackb(body, raw=False, max_bin_len=self.max_bytes)
+            else:
+                doc = json.loads(body)
+        except (ValueError, msgpack.UnpackException) as exc:
+            kind = "msgpack" if use_msgpack else "JSON"
+            raise _bad(f"the body is not valid {kind}: {exc}") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("ops"), list):
+            raise _bad('expected an object with an "ops" list')
+        encoding = doc.get("encoding")
+        if use_msgpack:
+            to_bytes = _msgpack_bytes
+        elif encoding == "base64":
+            to_bytes = _base64_bytes
+        elif encoding in (None, "utf-8"):
+            to_bytes = _text_bytes
+        else:
+            raise _bad(f'unknown encoding {encoding!r} (use "base64" or "utf-8")')
+        return doc["ops"], to_bytes, use_msgpack, encoding == "base64"
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = self._read_body(req)
+        raw_ops, to_bytes, use_msgpack, b64 = self._decode(req, body)
+        if len(raw_ops) > MAX_OPS:
+            raise _bad(f"{len(raw_ops)} ops; the limit is {MAX_OPS}")
+        ops = []
+        for i, op in enumerate(raw_ops):
+            if not isinstance(op, list) or not op or op[0] not in ("get", "set", "delete"):
+                raise _bad(f'op {i}: expected ["get", key], ["set", key, value] or ["delete", key]')
+            want = 3 if op[0] == "set" else 2
+            if len(op) != want:
+                raise _bad(f"op {i}: {op[0]!r} takes {want - 1} argument(s)")
+            key = to_bytes(op[1], f"op {i} key")
+            check_key(key, f"the key of op {i}")
+            value = to_bytes(op[2], f"op {i} value") if op[0] == "set" else None
+            if value is not None and len(value) > self.max_value:
+                raise ApiError(
+                    falcon.HTTP_413,
+                    "value too large",
+                    f"op {i}: the value is {len(value)} bytes; the limit is {self.max_value}",
+                )
+            ops.append((op[0], key, value))
+        if not ops:
+            self._answer(resp, [], use_msgpack, b64)
+            return
+
+        owners = {self.node.owner_of(key).name for _, key, _ in ops}
+        if len(owners) > 1:
+            raise ApiError(
+                falcon.HTTP_421,
+                "batch spans shards",
+                f"the keys belong to shards {', '.join(sorted(owners))}; send one batch per shard",
+                owners=sorted(owners),
+            )
+        writes = any(kind != "get" for kind, _, _ in ops)
+        if not self.locator.here(req, resp, ops[0][1], write=writes, body=body):
+            return
+
+        get_keys = [key for kind, key, _ in ops if kind == "get"]
+        values = iter(self.node.get_many(get_keys) if get_keys else [])
+        mutations = [
+            Put(Namespace.DATA, key, value) if kind == "set" else Delete(Namespace.DATA, key)
+            for kind, key, value in ops
+            if kind != "get"
+        ]
+        if mutations:
+            self.node.write(mutations)
+        results = [next(values) if kind == "get" else True for kind, _, _ in ops]
+        self._answer(resp, results, use_msgpack, b64)
+
+    @staticmethod
+    def _answer(resp: falcon.Response, results: list, use_msgpack: bool, b64: bool) -> None:
+        if use_msgpack:
+            resp.content_type = MSGPACK
+            resp.data = msgpack.packb({"results": results}, use_bin_type=True)
+            return
+        out = []
+        for value in results:
+            if isinstance(value, bytes):
+                if b64:
+                    value = base64.b64encode(value).decode()
+                else:
+                    try:
+                        value = value.decode("utf-8")
+                    except UnicodeDecodeError:
+                        # Never a lossy string: bytes that are not UTF-8 come back as base64.
+                        value = {"base64": base64.b64encode(value).decode()}
+            out.append(value)
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = json.dumps({"results": out}).encode()
+
+
+def _msgpack_bytes(value, where: str) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    raise _bad(f"{where}: expected binary or text, got {type(value).__name__}")
+
+
+def _text_bytes(value, where: str) -> bytes:
+    if not isinstance(value, str):
+        raise _bad(f"{where}: expected a string, got {type(value).__name__}")
+    return value.encode()
+
+
+def _base64_bytes(value, where: str) -> bytes:
+    if not isinstance(value, str):
+        raise _bad(f"{where}: expected a base64 string, got {type(value).__name__}")
+    try:
+        return base64.b64decode(value, validate=True)
+    except binascii.Error as exc:
+        raise _bad(f"{where}: not valid base64: {exc}") from None

@@ -1,0 +1,105 @@
+"""The key-value resources: ``/get``, ``/set`` and ``/delete`` (seed-compatible)."""
+
+from __future__ import annotations
+
+import falcon
+
+from distribkv.http.errors import ApiError
+from distribkv.http.locate import Locator
+from distribkv.http.params import query_params, require_key
+
+OCTET_STREAM = "application/octet-stream"
+
+
+def written(resp: falcon.Response) -> None:
+    """200 with an empty body: unlike 204, it carries a Content-Length of 0, so waitress keeps
+    the connection alive for the next request."""
+    resp.status = falcon.HTTP_200
+    resp.data = b""
+
+
+class GetResource:
+    def __init__(self, node, locator: Locator):
+        self.node = node
+        self.locator = locator
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        key = require_key(query_params(req))
+        if not self.locator.here(req, resp, key, write=False):
+            return
+        value = self.node.get(key)
+        if value is None:
+            raise ApiError(falcon.HTTP_404, "not found", "no value is stored under this key")
+        resp.content_type = OCTET_STREAM
+        resp.data = value
+
+
+class SetResource:
+    def __init__(self, node, locator: Locator):
+        self.node = node
+        self.locator = locator
+        self.max_value = node.config.storage.max_value_size
+
+    def _value_from_body(self, req: falcon.Request) -> bytes:
+        length = req.content_length
+        if length is not None and length > self.max_value:
+            raise ApiError(
+                falcon.HTTP_413,
+                "value too large",
+                f"the body is {length} bytes; the limit is {self.max_value}",
+            )
+        data = req.bounded_stream.read(self.max_value + 1)
+        if len(data) > self.max_value:
+            raise ApiError(
+                falcon.HTTP_413, "value too large", f"the body exceeds {self.max_value} bytes"
+            )
+        return data
+
+    def _set(self, req: falcon.Request, resp: falcon.Response, from_body: bool) -> None:
+        params = query_params(req)
+        key = require_key(params)
+        value = params.get("value")
+        body = None
+        if value is None:
+            if not from_body:
+                raise ApiError(
+                    falcon.HTTP_400,
+                    "missing value",
+                    "give the 'value' parameter, or PUT/POST the value as the body",
+                )
+            value = body = self._value_from_body(req)
+        elif len(value) > self.max_value:
+            raise ApiError(
+                falcon.HTTP_413,
+                "value too large",
+                f"the value is {len(value)} bytes; the limit is {self.max_value}",
+            )
+        if not self.locator.here(req, resp, key, write=True, body=body):
+            return
+        self.node.set(key, value)
+        written(resp)
+
+    def on_get(self, req, resp):
+        self._set(req, resp, from_body=False)
+
+    def on_put(self, req, resp):
+        self._set(req, resp, from_body=True)
+
+    def on_post(self, req, resp):
+        self._set(req, resp, from_body=True)
+
+
+class DeleteResource:
+    def __init__(self, node, locator: Locator):
+        self.node = node
+        self.locator = locator
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        key = require_key(query_params(req))
+        if not self.locator.here(req, resp, key, write=True):
+            return
+        self.node.delete(key)
+        written(resp)
+
+    on_post = on_get
+    on_delete = on_get

@@ -1,0 +1,56 @@
+"""Byte-exact query parameters.
+
+Falcon decodes parameters to text, replacing invalid UTF-8 and so merging distinct keys
+(``%FF%FE`` and ``%FE%FF`` would both become ``\\ufffd\\ufffd``). distribkv reads the raw query
+string instead: WSGI hands it over as latin-1 text, which maps back to the exact bytes, and each
+parameter is percent-decoded to bytes (``+`` is a space, as in HTML forms and Go's
+``r.Form``; send a literal ``+`` as ``%2B``).
+"""
+
+from __future__ import annotations
+
+from urllib.parse import unquote_to_bytes
+
+import falcon
+
+from distribkv.http.errors import ApiError
+from distribkv.storage.api import MAX_KEY_SIZE
+
+
+def query_params(req: falcon.Request) -> dict[str, bytes]:
+    """Every parameter of the raw query string, decoded to bytes; a repeated name is a 400."""
+    raw = req.env.get("QUERY_STRING", "")
+    params: dict[str, bytes] = {}
+    if not raw:
+        return params
+    for part in raw.encode("latin-1").split(b"&"):
+        if not part:
+            continue
+        name, _, value = part.partition(b"=")
+        name_text = unquote_to_bytes(name.replace(b"+", b" ")).decode("latin-1")
+        if name_text in params:
+            raise ApiError(
+                falcon.HTTP_400, "bad request", f"parameter {name_text!r} is given more than once"
+            )
+        params[name_text] = unquote_to_bytes(value.replace(b"+", b" "))
+    return params
+
+
+def require_key(params: dict[str, bytes]) -> bytes:
+    """The ``key`` parameter: 400 if missing or empty, 414 if longer than the key limit."""
+    key = params.get("key")
+    if key is None:
+        raise ApiError(falcon.HTTP_400, "missing key", "the 'key' parameter is required")
+    check_key(key)
+    return key
+
+
+def check_key(key: bytes, where: str = "the key") -> None:
+    if not key:
+        raise ApiError(falcon.HTTP_400, "empty key", f"{where} is empty")
+    if len(key) > MAX_KEY_SIZE:
+        raise ApiError(
+            falcon.HTTP_414,
+            "key too long",
+            f"{where} is {len(key)} bytes; the limit is {MAX_KEY_SIZE}",
+        )

@@ -1,0 +1,152 @@
+"""Node: one process of the cluster — a shard's leader or one of its read-only replicas.
+
+It wires the configuration to the plugins: opens the configured storage backend under
+``data_dir/<shard>/<node>``, builds the shard map with the configured hashing scheme, and offers
+the operations the HTTP layer calls. Every write goes through :meth:`Node.write`, the one place
+where a mutation reaches storage.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from distribkv import __version__
+from distribkv.config import Config, ConfigError, NodeConfig, load_cluster_token
+from distribkv.hashing.shardmap import ShardInfo, ShardMap
+from distribkv.plugins import PluginRegistry
+from distribkv.storage.api import Delete, Namespace, Op, Put
+from distribkv.storage.store import Store, open_store
+
+log = logging.getLogger(__name__)
+
+PURGE_CHUNK = 1000
+
+
+class Node:
+    def __init__(
+        self,
+        config: Config,
+        shard: str,
+        replica: int | None = None,
+        *,
+        registry: PluginRegistry,
+        backend: str | None = None,
+        data_dir: str | Path | None = None,
+        environ: dict[str, str] | None = None,
+    ):
+        self.config = config
+        self.registry = registry
+        self.node_config: NodeConfig = config.node(shard, replica)
+        self.shard_map = ShardMap.from_config(
+            config, registry.hashing_scheme(config.cluster.hashing)
+        )
+        self.me: ShardInfo = self.shard_map.shard(shard)
+        self.replica = replica
+        self.role = self.node_config.role
+        self.name = f"{shard}/{self.node_config.node_name}"
+        self.address = self.node_config.address
+        self.backend_name = backend or config.storage.backend
+        self.backend_spec = registry.storage_backend(self.backend_name)
+        if data_dir is None:
+            self.data_dir = self.node_config.data_dir
+        else:
+            self.data_dir = Path(data_dir) / shard / self.node_config.node_name
+        self.sync = config.storage.durability == "sync"
+        self.token = load_cluster_token(os.environ if environ is None else environ)
+        if not self.address.is_loopback and self.token is None:
+            raise ConfigError(
+                f"{config.path}: node {self.name} would listen on {self.address}, which is not a"
+                " loopback address, and no cluster token is set (DISTRIBKV_CLUSTER_TOKEN or"
+                " DISTRIBKV_CLUSTER_TOKEN_FILE): refusing to expose internal endpoints"
+            )
+        self.store: Store | None = None
+        self.started_at = time.time()
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def open(self) -> Node:
+        self.store = open_store(
+            self.backend_spec,
+            self.data_dir,
+            durability=self.config.storage.durability,
+            settings=self.config.storage.settings
+            if self.backend_name == self.config.storage.backend
+            else {},
+            max_value_size=self.config.storage.max_value_size,
+        )
+        log.info("node %s opened %s at %s", self.name, self.backend_name, self.data_dir)
+        return self
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+    # --- placement ------------------------------------------------------------------------
+
+    @property
+    def is_leader(self) -> bool:
+        return self.replica is None
+
+    def owner_of(self, key: bytes) -> ShardInfo:
+        return self.shard_map.owner_of(key)
+
+    def owns(self, key: bytes) -> bool:
+        return self.shard_map.placement.shard_for(key) == self.me.idx
+
+    # --- data -----------------------------------------------------------------------------
+
+    def get(self, key: bytes) -> bytes | None:
+        return self.store.get(key)
+
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        return self.store.get_many(keys)
+
+    def write(self, ops: Sequence[Op]) -> None:
+        """Apply data mutations atomically, durably when ``durability = "sync"``."""
+        self.store.apply(ops, sync=self.sync)
+
+    def set(self, key: bytes, value: bytes) -> None:
+        self.write([Put(Namespace.DATA, key, value)])
+
+    def delete(self, key: bytes) -> None:
+        self.write([Delete(Namespace.DATA, key)])
+
+    def purge(self) -> dict[str, int]:
+        """Delete every key this shard does not own under the current map."""
+        deleted = kept = 0
+        start: bytes | None = None
+        while True:
+            with self.store.scan(Namespace.DATA, start, limit=PURGE_CHUNK) as pairs:
+                keys = [key for key, _ in pairs]
+            if not keys:
+                break
+            foreign = [Delete(Namespace.DATA, k) for k in keys if not self.owns(k)]
+            if foreign:
+                self.write(foreign)
+            deleted += len(foreign)
+            kept += len(keys) - len(foreign)
+            start = keys[-1] + b"\x00"
+        log.info("purge on %s: deleted %d keys, kept %d", self.name, deleted, kept)
+        return {"deleted": deleted, "kept": kept}
+
+    def status(self) -> dict:
+        stats = self.store.stats()
+        return {
+            "node": self.name,
+            "shard": self.me.name,
+            "idx": self.me.idx,
+            "role": self.role,
+            "leader": self.me.leader,
+            "address": str(self.address),
+            "backend": self.backend_name,
+            "durability": self.config.storage.durability,
+            "keys": stats.keys.get("data"),
+            "disk_bytes": stats.disk_bytes,
+            "fingerprint": self.shard_map.fingerprint,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "version": __version__,
+        }

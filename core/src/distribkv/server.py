@@ -1,0 +1,158 @@
+"""The ``waitress`` server plugin, and the serving wrapper every server plugin gets.
+
+waitress is configured deliberately: it binds exactly the shard map's address (never its 0.0.0.0
+default), with an explicit thread count, connection limit, channel timeout and body limit.
+Shutdown is orderly: ``stop()`` closes the listening socket, lets in-flight requests finish and
+flush (bounded by ``drain_timeout``), then closes every connection so ``run()`` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from distribkv import hookimpl
+from distribkv.http.api import Listen, ServerHandle, ServerSpec
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("distribkv.access")
+
+
+class ServingWrapper:
+    """WSGI wrapper: counts in-flight requests (for draining) and writes one access-log line."""
+
+    def __init__(self, app: Callable[..., Iterable[bytes]]):
+        self.app = app
+        self._lock = threading.Lock()
+        self.in_flight = 0
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        started = time.monotonic()
+        seen: list[str] = []
+
+        def recording_start_response(status, headers, exc_info=None):
+            seen.append(status)
+            return start_response(status, headers, exc_info)
+
+        with self._lock:
+            self.in_flight += 1
+        try:
+            body = self.app(environ, recording_start_response)
+            # Falcon answers with a list of bytes; materialise anything lazier so the request
+            # is finished (and counted as such) when this call returns.
+            if not isinstance(body, list):
+                try:
+                    body = list(body)
+                finally:
+                    close = getattr(body, "close", None)
+                    if close is not None:
+                        close()
+            return body
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info(
+                    "%s %s %s %s %.1fms",
+                    environ.get("REMOTE_ADDR", "-"),
+                    environ.get("REQUEST_METHOD", "-"),
+                    environ.get("PATH_INFO", "-"),
+                    seen[0].split(" ", 1)[0] if seen else "-",
+                    (time.monotonic() - started) * 1000,
+                )
+
+
+class WaitressHandle(ServerHandle):
+    def __init__(self, app: Callable[..., Any], listen: Listen):
+        import waitress
+
+        self.listen = listen
+        self.wrapper = app if isinstance(app, ServingWrapper) else ServingWrapper(app)
+        self.drain_timeout = float(listen.settings.get("drain_timeout", 10.0))
+        self._stopping = threading.Event()
+        self.server = waitress.create_server(
+            self.wrapper,
+            host=listen.host,
+            port=listen.port,
+            threads=listen.threads,
+            connection_limit=listen.connection_limit,
+            channel_timeout=listen.channel_timeout,
+            max_request_body_size=listen.max_request_body_size,
+            cleanup_interval=min(30, max(1, int(listen.channel_timeout))),
+            ident="distribkv",
+            clear_untrusted_proxy_headers=True,
+            expose_tracebacks=False,
+        )
+
+    @property
+    def port(self) -> int:
+        return self.server.effective_port
+
+    def run(self) -> None:
+        log.info("serving on %s:%s", self.listen.host, self.port)
+        self.server.run()
+        self.server.task_dispatcher.shutdown(cancel_pending=False, timeout=self.drain_timeout)
+        log.info("stopped serving on %s:%s", self.listen.host, self.port)
+
+    def stop(self) -> None:
+        """Stop accepting and drain; safe from a signal handler in the serving thread."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self.server.trigger.pull_trigger(self._close_listener)
+        threading.Thread(target=self._drain, name="distribkv-drain", daemon=True).start()
+
+    def _close_listener(self) -> None:
+        # Runs in the serving thread: the listening socket goes, open connections stay.
+        import waitress.wasyncore as wasyncore
+
+        if self.server.accepting:
+            wasyncore.dispatcher.close(self.server)
+
+    def _busy(self) -> bool:
+        if self.wrapper.in_flight:
+            return True
+        for channel in list(self.server._map.values()):
+            if getattr(channel, "requests", None) or getattr(channel, "total_outbufs_len", 0):
+                return True
+        return False
+
+    def _drain(self) -> None:
+        try:
+            self._wait_idle()
+        finally:
+            # Whatever happened while waiting, the serving loop must end.
+            self.server.trigger.pull_trigger(self._close_everything)
+
+    def _wait_idle(self) -> None:
+        deadline = time.monotonic() + self.drain_timeout
+        while time.monotonic() < deadline and self._busy():
+            time.sleep(0.02)
+        if self._busy():
+            log.warning("requests still running after %.1fs; closing anyway", self.drain_timeout)
+
+    def _close_everything(self) -> None:
+        # Runs in the serving thread: with the map empty, waitress's loop returns.
+        for dispatcher in list(self.server._map.values()):
+            if dispatcher is self.server.trigger:
+                continue
+            try:
+                dispatcher.handle_close()
+            except Exception:
+                log.debug("closing a connection failed", exc_info=True)
+        self.server.trigger.close()
+
+
+SPEC = ServerSpec(
+    name="waitress",
+    create=WaitressHandle,
+    description="waitress: pure-Python threaded WSGI server (explicit bind, limits, drain)",
+)
+
+
+@hookimpl
+def distribkv_http_servers() -> list[ServerSpec]:
+    return [SPEC]
