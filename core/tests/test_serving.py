@@ -1,0 +1,128 @@
+"""In-process tests of the serving layer: orderly shutdown, tokens, bind safety."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import threading
+import time
+from pathlib import Path
+
+import falcon
+import falcon.testing
+import pytest
+
+from distribkv.config import ConfigError, load_cluster_token, parse_config
+from distribkv.http.api import Listen
+from distribkv.http.app import create_app, forwarding_pool
+from distribkv.node import Node
+from distribkv.plugins import load_plugins
+from distribkv.server import WaitressHandle
+
+CONFIG = """
+[storage]
+backend = "memory"
+[[shards]]
+name = "s0"
+idx = 0
+address = "{address}"
+"""
+
+
+class Slow:
+    def on_get(self, req, resp):
+        time.sleep(float(req.get_param("s") or 0))
+        resp.data = b"done"
+
+
+def get(port: int, target: str, results: list) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", target)
+        response = conn.getresponse()
+        results.append((response.status, response.read()))
+    except OSError as exc:
+        results.append(exc)
+    finally:
+        conn.close()
+
+
+def test_stop_finishes_in_flight_requests_then_returns():
+    app = falcon.App()
+    app.add_route("/slow", Slow())
+    handle = WaitressHandle(app, Listen("127.0.0.1", 0, settings={"drain_timeout": 10}))
+    runner = threading.Thread(target=handle.run)
+    runner.start()
+    results: list = []
+    client = threading.Thread(target=get, args=(handle.port, "/slow?s=0.8", results))
+    client.start()
+    deadline = time.monotonic() + 5
+    while handle.wrapper.in_flight == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert handle.wrapper.in_flight == 1
+    handle.stop()
+    runner.join(timeout=15)
+    client.join(timeout=15)
+    assert not runner.is_alive(), "run() did not return after stop()"
+    assert results == [(200, b"done")]
+    late: list = []
+    get(handle.port, "/slow", late)
+    assert isinstance(late[0], ConnectionRefusedError)
+
+
+def node_for(tmp_path: Path, address: str, environ: dict[str, str] | None = None) -> Node:
+    path = tmp_path / "sharding.toml"
+    path.write_text(CONFIG.format(address=address))
+    registry = load_plugins()
+    return Node(
+        parse_config(path.read_text(), path), "s0", registry=registry, environ=environ or {}
+    )
+
+
+def test_a_non_loopback_address_needs_a_cluster_token(tmp_path):
+    # 192.0.2.0/24 is reserved for documentation: nothing is bound or contacted here.
+    with pytest.raises(ConfigError, match="not a loopback address, and no cluster token"):
+        node_for(tmp_path, "192.0.2.10:8080")
+    node = node_for(tmp_path, "192.0.2.10:8080", {"DISTRIBKV_CLUSTER_TOKEN": "s" * 32})
+    assert node.token == "s" * 32
+
+
+def test_token_files_must_be_private(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("0123456789abcdef0123\n")
+    os.chmod(token_file, 0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        load_cluster_token({"DISTRIBKV_CLUSTER_TOKEN_FILE": str(token_file)})
+    os.chmod(token_file, 0o600)
+    assert load_cluster_token({"DISTRIBKV_CLUSTER_TOKEN_FILE": str(token_file)}) == (
+        "0123456789abcdef0123"
+    )
+    with pytest.raises(ConfigError, match="at least 16"):
+        load_cluster_token({"DISTRIBKV_CLUSTER_TOKEN": "short"})
+
+
+def test_purge_requires_the_token_when_one_is_set(tmp_path):
+    node = node_for(tmp_path, "127.0.0.2:8080", {"DISTRIBKV_CLUSTER_TOKEN": "t" * 20}).open()
+    client = falcon.testing.TestClient(create_app(node, forwarding_pool(node)))
+    assert client.simulate_get("/purge").status_code == 401
+    assert client.simulate_get("/purge", headers={"X-Distribkv-Token": "x" * 20}).status_code == 401
+    ok = client.simulate_get("/purge", headers={"X-Distribkv-Token": "t" * 20})
+    assert ok.status_code == 200 and ok.json["deleted"] == 0
+    bearer = client.simulate_get("/purge", headers={"Authorization": "Bearer " + "t" * 20})
+    assert bearer.status_code == 200
+    node.close()
+
+
+def test_unexpected_errors_are_500_without_details(tmp_path, monkeypatch):
+    node = node_for(tmp_path, "127.0.0.2:8080").open()
+    client = falcon.testing.TestClient(create_app(node, forwarding_pool(node)))
+
+    def explode(key):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(node, "get", explode)
+    response = client.simulate_get("/get", query_string="key=a")
+    assert response.status_code == 500
+    assert response.json == {"error": "internal error", "detail": "see the node's log"}
+    assert "secret" not in response.text
+    node.close()
