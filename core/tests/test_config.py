@@ -155,9 +155,27 @@ BAD = {
         '[cluster]\nhashing = "ring"\n[cluster.ring]\nvnodes = -3\n' + TWO,
         "[cluster.ring]: ring setting 'vnodes' must be an integer >= 1",
     ),
+    "bad backend setting value": (
+        '[storage]\nbackend = "lmdb"\n[storage.lmdb]\nmap_size = -1\n' + TWO,
+        "[storage.lmdb]: setting 'map_size' of backend 'lmdb' must be >= 1048576, got -1",
+    ),
+    "port with non-ascii digits": (shard("a", 0, "127.0.0.2:\u00b2"), "malformed address"),
+    "ipv6 without brackets": (shard("a", 0, "::1:8080"), "write an IPv6 address in brackets"),
+    "two spellings of one ipv6 address": (
+        shard("a", 0, "[::1]:8080") + shard("b", 1, "[0:0::1]:8080"),
+        "duplicate address [::1]:8080",
+    ),
+    "server not installed": (
+        '[cluster]\nserver = "nginx"\n' + TWO,
+        'server "nginx" is not installed',
+    ),
+    "replication not installed": (
+        '[cluster]\nreplication = "bogus"\n' + TWO,
+        'replication transport "bogus" is not installed',
+    ),
     "unknown backend setting": (
         '[storage]\nbackend = "memory"\n[storage.memory]\nsize = 1\n' + TWO,
-        "[storage.memory] key 'size': unknown setting",
+        "[storage.memory]: unknown setting(s) for backend 'memory': size",
     ),
 }
 
@@ -170,9 +188,12 @@ def with_memory_backend(text: str) -> str:
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_invalid_configs_are_refused_naming_file_table_and_key(tmp_path, case):
     text, message = BAD[case]
+    registry = load_plugins(disabled=())
+    if 'backend = "lmdb"' in text and "lmdb" not in registry.names("storage"):
+        pytest.skip("needs the lmdb backend")
     path = write(tmp_path, with_memory_backend(text))
     with pytest.raises(ConfigError) as info:
-        load_config(path, load_plugins(disabled=()))
+        load_config(path, registry)
     assert str(info.value).startswith(f"{path}: ")
     assert message in str(info.value)
 

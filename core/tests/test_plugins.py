@@ -116,3 +116,17 @@ def test_plugins_command_shows_versions_and_failures(capsys, monkeypatch):
     assert main(["plugins"]) == 0
     text = capsys.readouterr().out
     assert "unavailable plugins:" in text and "disabled by DISTRIBKV_DISABLE_PLUGINS" in text
+
+
+def test_a_plugin_whose_hook_raises_is_unavailable_not_fatal():
+    class Exploding:
+        @hookimpl
+        def distribkv_storage_backends(self):
+            raise ImportError("libfoo.so: cannot open shared object file")
+
+    registry = load_plugins(disabled=(), extra={"exploding": Exploding()})
+    assert "memory" in registry.names("storage")
+    [failed] = [i for i in registry.failed if i.name == "exploding"]
+    assert "ImportError: libfoo.so" in failed.error
+    with pytest.raises(PluginNotFoundError, match="installed but unavailable"):
+        registry.storage_backend("exploding")

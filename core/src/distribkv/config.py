@@ -223,14 +223,20 @@ def parse_address(table: _Table, key: str, text: Any) -> Address:
     host, sep, port_text = text.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    valid_port = port_text.isascii() and port_text.isdecimal() and 0 < int(port_text) < 65536
+    if not sep or not host or not valid_port:
         raise table.error(key, f"malformed address {text!r} (expected host:port, port 1-65535)")
+    bracketed = text.startswith("[")
     try:
-        ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(host)
     except ValueError:
         if not _HOSTNAME.match(host):
             raise table.error(key, f"malformed host in address {text!r}") from None
-    return Address(host, int(port_text))
+        return Address(host.lower(), int(port_text))
+    if ip.version == 6 and not bracketed:
+        raise table.error(key, f"write an IPv6 address in brackets: [{host}]:{port_text}")
+    # The canonical form, so that two spellings of one address are seen as duplicates.
+    return Address(ip.compressed, int(port_text))
 
 
 def parse_config(text: str, path: Path) -> Config:
@@ -374,18 +380,35 @@ def check_plugins(config: Config, registry: PluginRegistry) -> None:
     """Every plugin the config names is installed and accepts its settings."""
     from distribkv.hashing.api import InvalidLayoutError, ShardSlot
     from distribkv.plugins import PluginNotFoundError
+    from distribkv.storage.errors import InvalidSettingError
 
     try:
         backend = registry.storage_backend(config.storage.backend)
     except PluginNotFoundError as exc:
         raise ConfigError(f"{config.path}: [storage] key 'backend': {exc}") from None
-    unknown = sorted(set(config.storage.settings) - set(backend.settings_help))
-    if unknown:
-        known = ", ".join(sorted(backend.settings_help)) or "none"
-        raise ConfigError(
-            f"{config.path}: [storage.{backend.name}] key {unknown[0]!r}: unknown setting of"
-            f" backend {backend.name!r} (known: {known})"
-        )
+    if backend.check_settings is not None:
+        try:
+            backend.check_settings(config.storage.settings)
+        except InvalidSettingError as exc:
+            raise ConfigError(f"{config.path}: [storage.{backend.name}]: {exc}") from None
+    else:
+        unknown = sorted(set(config.storage.settings) - set(backend.settings_help))
+        if unknown:
+            known = ", ".join(sorted(backend.settings_help)) or "none"
+            raise ConfigError(
+                f"{config.path}: [storage.{backend.name}] key {unknown[0]!r}: unknown setting of"
+                f" backend {backend.name!r} (known: {known})"
+            )
+    try:
+        registry.http_server(config.cluster.server)
+    except PluginNotFoundError as exc:
+        raise ConfigError(f"{config.path}: [cluster] key 'server': {exc}") from None
+    # "log" is the core's own transport; any other name must be an installed plugin.
+    if config.cluster.replication != "log":
+        try:
+            registry.replication_transport(config.cluster.replication)
+        except PluginNotFoundError as exc:
+            raise ConfigError(f"{config.path}: [cluster] key 'replication': {exc}") from None
     try:
         scheme = registry.hashing_scheme(config.cluster.hashing)
     except PluginNotFoundError as exc:

@@ -99,13 +99,28 @@ class PluginRegistry:
         self.plugins: list[PluginInfo] = list(plugins)
         self._by_kind: dict[str, dict[str, Provided]] = {kind: {} for kind in KINDS}
         infos = {info.name: info for info in self.plugins}
+        broken: set[str] = set()
         for kind, (hook_name, label) in KINDS.items():
             hook = getattr(manager.hook, hook_name)
             for impl in hook.get_hookimpls():
                 info = infos.get(impl.plugin_name) or PluginInfo(
                     impl.plugin_name, getattr(impl.plugin, "__name__", "?"), "?", "?"
                 )
-                for spec in impl.function() or []:
+                if impl.plugin_name in broken:
+                    continue
+                try:
+                    specs = list(impl.function() or [])
+                except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop the rest
+                    reason = f"{hook_name} raised {type(exc).__name__}: {exc}"
+                    log.warning("plugin %r is unavailable: %s", impl.plugin_name, reason)
+                    broken.add(impl.plugin_name)
+                    failed = attrs.evolve(info, error=reason)
+                    self.plugins = [failed if i.name == info.name else i for i in self.plugins]
+                    for table in self._by_kind.values():
+                        for name in [n for n, p in table.items() if p.plugin.name == info.name]:
+                            del table[name]
+                    continue
+                for spec in specs:
                     known = self._by_kind[kind].get(spec.name)
                     if known is not None:
                         raise DuplicatePluginError(

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from distribkv import hookimpl
-from distribkv.storage.api import BackendSpec, Capabilities, resolve_settings
+from distribkv.storage.api import BackendSpec, Capabilities, at_least, one_of, resolve_settings
 from distribkv.storage.errors import BackendUnavailableError
 
 __version__ = "0.1.0"
@@ -28,6 +28,15 @@ DEFAULTS: dict[str, Any] = {
     "compression": "snappy",
 }
 
+CHECKS = {
+    "bloom_filter_bits": at_least(0),
+    "lru_cache_size": at_least(0),
+    "write_buffer_size": at_least(64 * 1024),
+    "block_size": at_least(512),
+    "max_open_files": at_least(16),
+    "compression": one_of("snappy", "none"),
+}
+
 SETTINGS_HELP = {
     "bloom_filter_bits": "bits per key of the bloom filters; 0 turns them off (default 10)",
     "lru_cache_size": "block cache in bytes (default 8 MiB)",
@@ -38,8 +47,12 @@ SETTINGS_HELP = {
 }
 
 
+def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    return resolve_settings("leveldb", settings, DEFAULTS, CHECKS)
+
+
 def open_leveldb(path: Path, *, durability: str = "sync", settings: Mapping[str, Any] = {}):
-    resolved = resolve_settings("leveldb", settings, DEFAULTS)
+    resolved = check_settings(settings)
     try:
         from distribkv_leveldb.engine import LevelDBEngine
     except ImportError as exc:
@@ -53,6 +66,7 @@ SPEC = BackendSpec(
     description="LevelDB through plyvel: LSM tree, bloom filters, verified block checksums",
     capabilities=CAPABILITIES,
     settings_help=SETTINGS_HELP,
+    check_settings=check_settings,
 )
 
 

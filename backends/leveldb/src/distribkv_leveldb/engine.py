@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
+import functools
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -10,6 +10,7 @@ from typing import Any
 import plyvel
 
 from distribkv.storage.api import (
+    CallGate,
     Namespace,
     Op,
     Put,
@@ -51,76 +52,82 @@ class LevelDBEngine(StorageEngine):
             )
         except (plyvel.Error, OSError) as exc:
             raise from_status(_text(exc), f"opening LevelDB at {path}") from exc
-        self._closed = False
-
-    def _check(self) -> plyvel.DB:
-        if self._closed:
-            raise BackendClosedError(f"the leveldb backend at {self._path} is closed")
-        return self._db
+        # Every plyvel call runs inside the gate: freeing the DB under a running call crashes.
+        self._gate = CallGate(f"the leveldb backend at {path}")
 
     def _error(self, exc: Exception, doing: str) -> StorageError:
-        if isinstance(exc, RuntimeError) or self._closed:
+        if isinstance(exc, RuntimeError) or self._gate.closed:
             return BackendClosedError(f"the leveldb backend at {self._path} is closed")
         return from_status(_text(exc), f"LevelDB {doing} at {self._path}")
 
     def get(self, ns: Namespace, key: bytes) -> bytes | None:
-        db = self._check()
-        try:
-            return db.get(PREFIX[ns] + key, verify_checksums=True)
-        except (plyvel.Error, RuntimeError) as exc:
-            raise self._error(exc, "get") from exc
+        with self._gate:
+            try:
+                return self._db.get(PREFIX[ns] + key, verify_checksums=True)
+            except (plyvel.Error, RuntimeError) as exc:
+                raise self._error(exc, "get") from exc
 
     def get_many(self, ns: Namespace, keys: Sequence[bytes]) -> list[bytes | None]:
-        db = self._check()
         prefix = PREFIX[ns]
-        try:
-            snapshot = db.snapshot()
+        with self._gate:
             try:
-                return [snapshot.get(prefix + key, verify_checksums=True) for key in keys]
-            finally:
-                snapshot.close()
-        except (plyvel.Error, RuntimeError) as exc:
-            raise self._error(exc, "get_many") from exc
+                snapshot = self._db.snapshot()
+                try:
+                    return [snapshot.get(prefix + key, verify_checksums=True) for key in keys]
+                finally:
+                    snapshot.close()
+            except (plyvel.Error, RuntimeError) as exc:
+                raise self._error(exc, "get_many") from exc
 
     def apply(self, ops: Iterable[Op], *, sync: bool) -> None:
-        db = self._check()
-        try:
-            # transaction=True: nothing is written if building the batch fails half way.
-            with db.write_batch(transaction=True, sync=sync) as batch:
-                for op in ops:
-                    if type(op) is Put:
-                        batch.put(PREFIX[op.ns] + op.key, op.value)
-                    else:
-                        batch.delete(PREFIX[op.ns] + op.key)
-        except (plyvel.Error, RuntimeError) as exc:
-            raise self._error(exc, "write") from exc
+        with self._gate:
+            try:
+                # transaction=True: nothing is written if building the batch fails half way.
+                with self._db.write_batch(transaction=True, sync=sync) as batch:
+                    for op in ops:
+                        if type(op) is Put:
+                            batch.put(PREFIX[op.ns] + op.key, op.value)
+                        else:
+                            batch.delete(PREFIX[op.ns] + op.key)
+            except (plyvel.Error, RuntimeError) as exc:
+                raise self._error(exc, "write") from exc
 
     def scan(self, ns, start=None, stop=None, *, limit=None) -> Scan:
-        db = self._check()
         prefix = PREFIX[ns]
         lower = prefix + (start or b"")
         upper = prefix + stop if stop is not None else PREFIX_END[ns]
-        try:
-            # A LevelDB iterator reads the implicit snapshot taken when it is created.
-            iterator = db.iterator(start=lower, stop=upper, verify_checksums=True)
-        except (plyvel.Error, RuntimeError) as exc:
-            raise self._error(exc, "scan") from exc
-        return Scan(self._pairs(iterator, limit), iterator.close)
+        with self._gate:
+            try:
+                # A LevelDB iterator reads the implicit snapshot taken when it is created.
+                iterator = self._db.iterator(start=lower, stop=upper, verify_checksums=True)
+            except (plyvel.Error, RuntimeError) as exc:
+                raise self._error(exc, "scan") from exc
+        release = functools.partial(self._gate.release, iterator.close)
+        return self._gate.track(Scan(self._pairs(iterator, limit), release))
 
     def _pairs(self, iterator, limit) -> Iterator[tuple[bytes, bytes]]:
-        try:
-            for key, value in itertools.islice(iterator, limit):
-                yield key[1:], value
-        except (plyvel.Error, RuntimeError) as exc:
-            raise self._error(exc, "scan") from exc
+        count = 0
+        while limit is None or count < limit:
+            with self._gate:
+                try:
+                    key, value = next(iterator)
+                except StopIteration:
+                    return
+                except (plyvel.Error, RuntimeError) as exc:
+                    raise self._error(exc, "scan") from exc
+            count += 1
+            yield key[1:], value
 
     def stats(self) -> StorageStats:
-        db = self._check()
-        try:
-            sizes = {ns.value: db.approximate_size(PREFIX[ns], PREFIX_END[ns]) for ns in Namespace}
-            files = (db.get_property(b"leveldb.num-files-at-level0") or b"").decode()
-        except (plyvel.Error, RuntimeError) as exc:
-            raise self._error(exc, "stats") from exc
+        with self._gate:
+            try:
+                sizes = {
+                    ns.value: self._db.approximate_size(PREFIX[ns], PREFIX_END[ns])
+                    for ns in Namespace
+                }
+                files = (self._db.get_property(b"leveldb.num-files-at-level0") or b"").decode()
+            except (plyvel.Error, RuntimeError) as exc:
+                raise self._error(exc, "stats") from exc
         return StorageStats(
             backend=self.name,
             path=str(self._path),
@@ -130,20 +137,17 @@ class LevelDBEngine(StorageEngine):
         )
 
     def compact(self, ns: Namespace | None = None) -> None:
-        db = self._check()
-        try:
-            if ns is None:
-                db.compact_range()
-            else:
-                db.compact_range(start=PREFIX[ns], stop=PREFIX_END[ns])
-        except (plyvel.Error, RuntimeError) as exc:
-            raise self._error(exc, "compaction") from exc
+        with self._gate:
+            try:
+                if ns is None:
+                    self._db.compact_range()
+                else:
+                    self._db.compact_range(start=PREFIX[ns], stop=PREFIX_END[ns])
+            except (plyvel.Error, RuntimeError) as exc:
+                raise self._error(exc, "compaction") from exc
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._db.close()
+        self._gate.close(self._db.close)
 
 
 def _text(exc: BaseException) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from distribkv import hookimpl
-from distribkv.storage.api import BackendSpec, Capabilities, resolve_settings
+from distribkv.storage.api import BackendSpec, Capabilities, at_least, resolve_settings
 from distribkv.storage.errors import BackendUnavailableError
 
 __version__ = "0.1.0"
@@ -20,14 +20,20 @@ CAPABILITIES = Capabilities(persistent=True, per_write_sync=False)
 
 DEFAULTS: dict[str, Any] = {"map_size": 64 * 1024**3, "max_readers": 256}
 
+CHECKS = {"map_size": at_least(1024 * 1024), "max_readers": at_least(1)}
+
 SETTINGS_HELP = {
     "map_size": "largest size the data file may reach, in bytes (default 64 GiB, sparse)",
     "max_readers": "concurrent read transactions (default 256)",
 }
 
 
+def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    return resolve_settings("lmdb", settings, DEFAULTS, CHECKS)
+
+
 def open_lmdb(path: Path, *, durability: str = "sync", settings: Mapping[str, Any] = {}):
-    resolved = resolve_settings("lmdb", settings, DEFAULTS)
+    resolved = check_settings(settings)
     try:
         from distribkv_lmdb.engine import LmdbEngine
     except ImportError as exc:
@@ -41,6 +47,7 @@ SPEC = BackendSpec(
     description="LMDB: copy-on-write B+tree in one memory map; reads never block",
     capabilities=CAPABILITIES,
     settings_help=SETTINGS_HELP,
+    check_settings=check_settings,
 )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fcntl
-import itertools
+import functools
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -12,6 +12,7 @@ from typing import Any
 import lmdb
 
 from distribkv.storage.api import (
+    CallGate,
     Namespace,
     Op,
     Put,
@@ -42,7 +43,7 @@ class LmdbEngine(StorageEngine):
         self._path = path
         self._sync = sync
         self._settings = settings
-        self._closed = True
+        self._gate = CallGate(f"the lmdb backend at {path}")
         # LMDB lets two processes (and two handles in one process) open the same map, which
         # breaks its locking assumptions: hold an exclusive lock for the engine's whole life.
         self._lock_fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -53,8 +54,9 @@ class LmdbEngine(StorageEngine):
             raise BackendLockedError(
                 f"LMDB data directory {path} is already open (lock file {LOCK_FILE} is held)"
             ) from None
+        env = None
         try:
-            self._env = lmdb.open(
+            env = lmdb.open(
                 str(path),
                 map_size=settings["map_size"],
                 max_dbs=len(Namespace),
@@ -64,21 +66,18 @@ class LmdbEngine(StorageEngine):
                 readahead=False,
                 subdir=True,
             )
-            self._dbs = {ns: self._env.open_db(ns.value.encode()) for ns in Namespace}
-        except lmdb.Error as exc:
+            self._dbs = {ns: env.open_db(ns.value.encode()) for ns in Namespace}
+        except Exception as exc:
+            if env is not None:
+                env.close()
             os.close(self._lock_fd)
-            raise self._error(exc, "opening") from exc
-        self._closed = False
-
-    def _check(self) -> lmdb.Environment:
-        if self._closed:
-            raise BackendClosedError(f"the lmdb backend at {self._path} is closed")
-        return self._env
+            if isinstance(exc, lmdb.Error):
+                raise self._error(exc, "opening") from exc
+            raise StorageError(f"LMDB opening at {path}: {exc}") from exc
+        self._env = env
 
     def _error(self, exc: Exception, doing: str) -> StorageError:
         text = f"LMDB {doing} at {self._path}: {exc}"
-        if self._closed:
-            return BackendClosedError(f"the lmdb backend at {self._path} is closed")
         if isinstance(exc, lmdb.MapFullError):
             return StorageFullError(f"{text} (raise map_size in [storage.lmdb])")
         if isinstance(exc, lmdb.BadValsizeError):
@@ -87,68 +86,82 @@ class LmdbEngine(StorageEngine):
             return CorruptionError(text)
         if "no space left" in str(exc).lower():
             return StorageFullError(text)
+        if self._gate.closed:
+            return BackendClosedError(f"the lmdb backend at {self._path} is closed")
         return StorageError(text)
 
     def get(self, ns: Namespace, key: bytes) -> bytes | None:
-        env = self._check()
-        try:
-            with env.begin(db=self._dbs[ns], buffers=False) as txn:
-                return txn.get(key)
-        except lmdb.Error as exc:
-            raise self._error(exc, "get") from exc
+        with self._gate:
+            try:
+                with self._env.begin(db=self._dbs[ns], buffers=False) as txn:
+                    return txn.get(key)
+            except lmdb.Error as exc:
+                raise self._error(exc, "get") from exc
 
     def get_many(self, ns: Namespace, keys: Sequence[bytes]) -> list[bytes | None]:
-        env = self._check()
-        try:
-            with env.begin(db=self._dbs[ns], buffers=False) as txn:
-                return [txn.get(key) for key in keys]
-        except lmdb.Error as exc:
-            raise self._error(exc, "get_many") from exc
+        with self._gate:
+            try:
+                with self._env.begin(db=self._dbs[ns], buffers=False) as txn:
+                    return [txn.get(key) for key in keys]
+            except lmdb.Error as exc:
+                raise self._error(exc, "get_many") from exc
 
     def apply(self, ops: Iterable[Op], *, sync: bool) -> None:
-        env = self._check()
         dbs = self._dbs
-        try:
-            with env.begin(write=True) as txn:
-                for op in ops:
-                    if type(op) is Put:
-                        txn.put(op.key, op.value, db=dbs[op.ns])
-                    else:
-                        txn.delete(op.key, db=dbs[op.ns])
-            if sync and not self._sync:
-                env.sync(True)
-        except lmdb.Error as exc:
-            raise self._error(exc, "write") from exc
+        with self._gate:
+            try:
+                with self._env.begin(write=True) as txn:
+                    for op in ops:
+                        if type(op) is Put:
+                            txn.put(op.key, op.value, db=dbs[op.ns])
+                        else:
+                            txn.delete(op.key, db=dbs[op.ns])
+                if sync and not self._sync:
+                    self._env.sync(True)
+            except lmdb.Error as exc:
+                raise self._error(exc, "write") from exc
 
     def scan(self, ns, start=None, stop=None, *, limit=None) -> Scan:
-        env = self._check()
-        try:
+        with self._gate:
             # One read transaction: the scan sees the snapshot of its start, whatever commits.
-            txn = env.begin(db=self._dbs[ns], buffers=False)
-            cursor = txn.cursor()
-            positioned = cursor.set_range(start) if start is not None else cursor.first()
-        except lmdb.Error as exc:
-            raise self._error(exc, "scan") from exc
-        pairs = self._pairs(cursor, stop) if positioned else iter(())
-        return Scan(itertools.islice(pairs, limit), txn.abort)
+            try:
+                txn = self._env.begin(db=self._dbs[ns], buffers=False)
+            except lmdb.Error as exc:
+                raise self._error(exc, "scan") from exc
+            try:
+                cursor = txn.cursor()
+                positioned = cursor.set_range(start) if start is not None else cursor.first()
+            except lmdb.Error as exc:
+                txn.abort()
+                raise self._error(exc, "scan") from exc
+        release = functools.partial(self._gate.release, txn.abort)
+        pairs = self._pairs(cursor, stop, limit) if positioned else iter(())
+        return self._gate.track(Scan(pairs, release))
 
-    def _pairs(self, cursor, stop) -> Iterator[tuple[bytes, bytes]]:
-        try:
-            for key, value in cursor.iternext():
-                if stop is not None and key >= stop:
-                    return
-                yield key, value
-        except lmdb.Error as exc:
-            raise self._error(exc, "scan") from exc
+    def _pairs(self, cursor, stop, limit) -> Iterator[tuple[bytes, bytes]]:
+        count = 0
+        while limit is None or count < limit:
+            with self._gate:
+                try:
+                    key, value = cursor.item()
+                    if stop is not None and key >= stop:
+                        return
+                    more = cursor.next()
+                except lmdb.Error as exc:
+                    raise self._error(exc, "scan") from exc
+            count += 1
+            yield key, value
+            if not more:
+                return
 
     def stats(self) -> StorageStats:
-        env = self._check()
-        try:
-            with env.begin() as txn:
-                keys = {ns.value: txn.stat(self._dbs[ns])["entries"] for ns in Namespace}
-            info = env.info()
-        except lmdb.Error as exc:
-            raise self._error(exc, "stats") from exc
+        with self._gate:
+            try:
+                with self._env.begin() as txn:
+                    keys = {ns.value: txn.stat(self._dbs[ns])["entries"] for ns in Namespace}
+                info = self._env.info()
+            except lmdb.Error as exc:
+                raise self._error(exc, "stats") from exc
         return StorageStats(
             backend=self.name,
             path=str(self._path),
@@ -163,8 +176,10 @@ class LmdbEngine(StorageEngine):
         )
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._env.close()
-        os.close(self._lock_fd)
+        self._gate.close(self._free)
+
+    def _free(self) -> None:
+        try:
+            self._env.close()
+        finally:
+            os.close(self._lock_fd)

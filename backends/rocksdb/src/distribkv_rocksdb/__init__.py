@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from distribkv import hookimpl
-from distribkv.storage.api import BackendSpec, Capabilities, resolve_settings
+from distribkv.storage.api import BackendSpec, Capabilities, at_least, resolve_settings
 from distribkv.storage.errors import BackendUnavailableError
 
 __version__ = "0.1.0"
@@ -26,6 +26,13 @@ DEFAULTS: dict[str, Any] = {
     "max_background_jobs": 2,
 }
 
+CHECKS = {
+    "bloom_filter_bits": at_least(0),
+    "block_cache_size": at_least(0),
+    "write_buffer_size": at_least(64 * 1024),
+    "max_background_jobs": at_least(1),
+}
+
 SETTINGS_HELP = {
     "bloom_filter_bits": "bits per key of the bloom filters; 0 turns them off (default 10)",
     "block_cache_size": "block cache in bytes (default 32 MiB)",
@@ -34,8 +41,12 @@ SETTINGS_HELP = {
 }
 
 
+def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    return resolve_settings("rocksdb", settings, DEFAULTS, CHECKS)
+
+
 def open_rocksdb(path: Path, *, durability: str = "sync", settings: Mapping[str, Any] = {}):
-    resolved = resolve_settings("rocksdb", settings, DEFAULTS)
+    resolved = check_settings(settings)
     try:
         from distribkv_rocksdb.engine import RocksDBEngine
     except ImportError as exc:
@@ -49,6 +60,7 @@ SPEC = BackendSpec(
     description="RocksDB through rocksdict: LSM tree, column families, bloom filters",
     capabilities=CAPABILITIES,
     settings_help=SETTINGS_HELP,
+    check_settings=check_settings,
 )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import rocksdict
 
 from distribkv.storage.api import (
+    CallGate,
     Namespace,
     Op,
     Put,
@@ -48,10 +48,9 @@ class RocksDBEngine(StorageEngine):
     def __init__(self, path: Path, settings: dict[str, Any]):
         self._path = path
         self._settings = settings
-        self._closed = True
-        cache = rocksdict.Cache(settings["block_cache_size"])
-        families = {name: _options(settings, cache) for name in FAMILY.values()}
         try:
+            cache = rocksdict.Cache(settings["block_cache_size"])
+            families = {name: _options(settings, cache) for name in FAMILY.values()}
             self._db = rocksdict.Rdict(
                 str(path), _options(settings, cache), column_families=families
             )
@@ -66,83 +65,87 @@ class RocksDBEngine(StorageEngine):
             options = rocksdict.WriteOptions()
             options.sync = sync
             self._write[sync] = options
-        self._closed = False
-
-    def _check(self) -> None:
-        if self._closed:
-            raise BackendClosedError(f"the rocksdb backend at {self._path} is closed")
+        self._gate = CallGate(f"the rocksdb backend at {path}")
 
     def _error(self, exc: Exception, doing: str) -> StorageError:
-        if self._closed or isinstance(exc, rocksdict.DbClosedError):
+        if self._gate.closed or isinstance(exc, rocksdict.DbClosedError):
             return BackendClosedError(f"the rocksdb backend at {self._path} is closed")
         return from_status(str(exc), f"RocksDB {doing} at {self._path}")
 
     def get(self, ns: Namespace, key: bytes) -> bytes | None:
-        self._check()
-        try:
-            return self._cf[ns].get(key, None, self._read)
-        except Exception as exc:
-            raise self._error(exc, "get") from exc
+        with self._gate:
+            try:
+                return self._cf[ns].get(key, None, self._read)
+            except Exception as exc:
+                raise self._error(exc, "get") from exc
 
     def get_many(self, ns: Namespace, keys: Sequence[bytes]) -> list[bytes | None]:
-        self._check()
-        if not keys:
-            return []
-        try:
-            # A multi-get reads all keys at one sequence number.
-            return self._cf[ns].get(list(keys), None, self._read)
-        except Exception as exc:
-            raise self._error(exc, "get_many") from exc
+        with self._gate:
+            if not keys:
+                return []
+            try:
+                # A multi-get reads all keys at one sequence number.
+                return self._cf[ns].get(list(keys), None, self._read)
+            except Exception as exc:
+                raise self._error(exc, "get_many") from exc
 
     def apply(self, ops: Iterable[Op], *, sync: bool) -> None:
-        self._check()
         handles = self._handles
-        batch = rocksdict.WriteBatch(raw_mode=True)
-        for op in ops:
-            if type(op) is Put:
-                batch.put(op.key, op.value, handles[op.ns])
-            else:
-                batch.delete(op.key, handles[op.ns])
-        try:
-            self._db.write(batch, self._write[sync])
-        except Exception as exc:
-            raise self._error(exc, "write") from exc
+        with self._gate:
+            batch = rocksdict.WriteBatch(raw_mode=True)
+            for op in ops:
+                if type(op) is Put:
+                    batch.put(op.key, op.value, handles[op.ns])
+                else:
+                    batch.delete(op.key, handles[op.ns])
+            try:
+                self._db.write(batch, self._write[sync])
+            except Exception as exc:
+                raise self._error(exc, "write") from exc
 
     def scan(self, ns, start=None, stop=None, *, limit=None) -> Scan:
-        self._check()
-        try:
-            # A RocksDB iterator pins the version current at its creation: a consistent view.
-            iterator = self._cf[ns].iter(self._read)
-            if start is None:
-                iterator.seek_to_first()
-            else:
-                iterator.seek(start)
-        except Exception as exc:
-            raise self._error(exc, "scan") from exc
-        return Scan(itertools.islice(self._pairs(iterator, stop), limit), None)
+        with self._gate:
+            try:
+                # A RocksDB iterator pins the version current at its creation: a consistent
+                # view (iterating a rocksdict Snapshot object would return live data).
+                iterator = self._cf[ns].iter(self._read)
+                if start is None:
+                    iterator.seek_to_first()
+                else:
+                    iterator.seek(start)
+            except Exception as exc:
+                raise self._error(exc, "scan") from exc
+        # Closing the generator drops the last reference to the iterator, which frees it.
+        return self._gate.track(Scan(self._pairs(iterator, stop, limit), None))
 
-    def _pairs(self, iterator, stop) -> Iterator[tuple[bytes, bytes]]:
-        try:
-            while iterator.valid():
-                key = iterator.key()
-                if stop is not None and key >= stop:
-                    return
-                yield key, iterator.value()
-                iterator.next()
-            iterator.status()
-        except Exception as exc:
-            raise self._error(exc, "scan") from exc
+    def _pairs(self, iterator, stop, limit) -> Iterator[tuple[bytes, bytes]]:
+        count = 0
+        while limit is None or count < limit:
+            with self._gate:
+                try:
+                    if not iterator.valid():
+                        iterator.status()
+                        return
+                    key = iterator.key()
+                    if stop is not None and key >= stop:
+                        return
+                    value = iterator.value()
+                    iterator.next()
+                except Exception as exc:
+                    raise self._error(exc, "scan") from exc
+            count += 1
+            yield key, value
 
     def stats(self) -> StorageStats:
-        self._check()
-        try:
-            keys = {
-                ns.value: self._cf[ns].property_int_value("rocksdb.estimate-num-keys")
-                for ns in Namespace
-            }
-            sst = self._db.property_int_value("rocksdb.total-sst-files-size")
-        except Exception as exc:
-            raise self._error(exc, "stats") from exc
+        with self._gate:
+            try:
+                keys = {
+                    ns.value: self._cf[ns].property_int_value("rocksdb.estimate-num-keys")
+                    for ns in Namespace
+                }
+                sst = self._db.property_int_value("rocksdb.total-sst-files-size")
+            except Exception as exc:
+                raise self._error(exc, "stats") from exc
         return StorageStats(
             backend=self.name,
             path=str(self._path),
@@ -152,17 +155,17 @@ class RocksDBEngine(StorageEngine):
         )
 
     def compact(self, ns: Namespace | None = None) -> None:
-        self._check()
-        try:
-            for one in Namespace if ns is None else (ns,):
-                self._cf[one].compact_range(None, None)
-        except Exception as exc:
-            raise self._error(exc, "compaction") from exc
+        with self._gate:
+            try:
+                for one in Namespace if ns is None else (ns,):
+                    self._cf[one].compact_range(None, None)
+            except Exception as exc:
+                raise self._error(exc, "compaction") from exc
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        self._gate.close(self._free)
+
+    def _free(self) -> None:
         self._cf = {}
         self._handles = {}
         try:

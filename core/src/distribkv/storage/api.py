@@ -14,18 +14,25 @@ from __future__ import annotations
 import abc
 import enum
 import os
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from distribkv.storage.errors import InvalidSettingError, UnsupportedOperationError
+from distribkv.storage.errors import (
+    BackendClosedError,
+    InvalidSettingError,
+    UnsupportedOperationError,
+)
 
 __all__ = [
     "DURABILITIES",
     "MAX_KEY_SIZE",
     "BackendSpec",
+    "CallGate",
     "Capabilities",
     "Delete",
     "Namespace",
@@ -34,7 +41,9 @@ __all__ = [
     "Scan",
     "StorageEngine",
     "StorageStats",
+    "at_least",
     "disk_usage",
+    "one_of",
     "resolve_settings",
 ]
 
@@ -120,27 +129,41 @@ class Scan:
     ``release`` frees the engine's snapshot, cursor or transaction and is called exactly once.
     """
 
-    __slots__ = ("_items", "_release")
+    __slots__ = ("__weakref__", "_aborted", "_items", "_lock", "_release")
 
     def __init__(self, items: Iterator[tuple[bytes, bytes]], release: Callable[[], None] | None):
         self._items = items
         self._release = release
+        self._lock = threading.Lock()
+        self._aborted: str | None = None
 
     def __iter__(self) -> Scan:
         return self
 
     def __next__(self) -> tuple[bytes, bytes]:
-        if self._items is None:
-            raise StopIteration
-        return next(self._items)
+        with self._lock:
+            if self._items is None:
+                if self._aborted is not None:
+                    # Never let a scan cut short by close() look like a complete one.
+                    raise BackendClosedError(self._aborted)
+                raise StopIteration
+            return next(self._items)
 
     def close(self) -> None:
-        items, self._items = self._items, None
-        release, self._release = self._release, None
-        if items is not None and hasattr(items, "close"):
-            items.close()
-        if release is not None:
-            release()
+        with self._lock:
+            items, self._items = self._items, None
+            release, self._release = self._release, None
+            if items is not None and hasattr(items, "close"):
+                items.close()
+            if release is not None:
+                release()
+
+    def abort(self, reason: str) -> None:
+        """End the scan because its engine closes; later ``next()`` raises BackendClosedError."""
+        with self._lock:
+            if self._items is not None:
+                self._aborted = reason
+        self.close()
 
     def __enter__(self) -> Scan:
         return self
@@ -154,6 +177,74 @@ class Scan:
             self.close()
         except Exception:  # noqa: BLE001 - nothing useful to do while collecting garbage
             pass
+
+
+class CallGate:
+    """Lets calls into a native library in until ``close()``, which waits for them.
+
+    Native handles (plyvel's especially) crash the process when they are freed under a running
+    call. Engines run every native call inside ``with gate:``, open scans register with
+    ``track`` and free their cursors through ``release``, and ``close(free)`` frees the handles
+    only when no call is running and every open scan has been ended.
+    """
+
+    def __init__(self, what: str):
+        self.what = what
+        self._cond = threading.Condition(threading.Lock())
+        self._active = 0
+        self.closed = False
+        self._freed = False
+        self._scans: weakref.WeakSet = weakref.WeakSet()
+
+    def __enter__(self) -> CallGate:
+        with self._cond:
+            if self.closed:
+                raise BackendClosedError(f"{self.what} is closed")
+            self._active += 1
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._cond:
+            self._active -= 1
+            if self._active == 0:
+                self._cond.notify_all()
+
+    def track(self, scan: Scan) -> Scan:
+        with self._cond:
+            self._scans.add(scan)
+        return scan
+
+    def release(self, free_cursor: Callable[[], None]) -> None:
+        """Free a scan's cursor, unless the handles it belongs to are already gone."""
+        with self._cond:
+            if self._freed:
+                return
+            self._active += 1
+        try:
+            free_cursor()
+        finally:
+            self.__exit__()
+
+    def close(self, free: Callable[[], None]) -> bool:
+        """Refuse new calls, wait for running ones, end open scans, then ``free()`` once.
+
+        Returns False if the gate was already closed.
+        """
+        with self._cond:
+            if self.closed:
+                return False
+            self.closed = True
+            self._cond.wait_for(lambda: self._active == 0)
+            scans = list(self._scans)
+        for scan in scans:
+            scan.abort(f"{self.what} was closed during the scan")
+        with self._cond:
+            self._cond.wait_for(lambda: self._active == 0)
+            try:
+                free()
+            finally:
+                self._freed = True
+        return True
 
 
 class StorageEngine(abc.ABC):
@@ -227,12 +318,31 @@ class BackendSpec:
     capabilities: Capabilities
     #: setting name -> one line of help, for ``distribkv plugins`` and validation messages.
     settings_help: Mapping[str, str] = attrs.field(factory=dict)
+    #: ``check_settings(settings) -> resolved settings``; raises InvalidSettingError. Lets a
+    #: configuration be validated without opening (or importing) the engine.
+    check_settings: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+
+
+#: A check of one setting: (predicate, what it must be), e.g. ``(lambda v: v > 0, "> 0")``.
+SettingCheck = tuple[Callable[[Any], bool], str]
+
+
+def at_least(minimum: int) -> SettingCheck:
+    return (lambda value: value >= minimum, f">= {minimum}")
+
+
+def one_of(*choices: str) -> SettingCheck:
+    return (lambda value: value in choices, "one of " + ", ".join(repr(c) for c in choices))
 
 
 def resolve_settings(
-    backend: str, settings: Mapping[str, Any], defaults: Mapping[str, Any]
+    backend: str,
+    settings: Mapping[str, Any],
+    defaults: Mapping[str, Any],
+    checks: Mapping[str, SettingCheck] | None = None,
 ) -> dict[str, Any]:
-    """``defaults`` updated with ``settings``; an unknown name or a wrong type is an error."""
+    """``defaults`` updated with ``settings``; an unknown name, a wrong type or a value that
+    fails its check is an InvalidSettingError naming the setting."""
     unknown = sorted(set(settings) - set(defaults))
     if unknown:
         raise InvalidSettingError(
@@ -246,6 +356,11 @@ def resolve_settings(
             raise InvalidSettingError(
                 f"setting {name!r} of backend {backend!r} must be {expected.__name__},"
                 f" got {value!r}"
+            )
+        check = (checks or {}).get(name)
+        if check is not None and not check[0](value):
+            raise InvalidSettingError(
+                f"setting {name!r} of backend {backend!r} must be {check[1]}, got {value!r}"
             )
         resolved[name] = value
     return resolved

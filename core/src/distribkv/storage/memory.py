@@ -15,6 +15,7 @@ from typing import Any
 from distribkv import hookimpl
 from distribkv.storage.api import (
     BackendSpec,
+    CallGate,
     Capabilities,
     Namespace,
     Op,
@@ -36,6 +37,7 @@ class MemoryEngine(StorageEngine):
     def __init__(self, path: Path):
         self._path = path
         self._lock = threading.Lock()
+        self._gate = CallGate("the memory backend")
         self._data: dict[Namespace, dict[bytes, bytes]] | None = {ns: {} for ns in Namespace}
 
     def _tables(self) -> dict[Namespace, dict[bytes, bytes]]:
@@ -69,7 +71,8 @@ class MemoryEngine(StorageEngine):
                 for k, v in self._tables()[ns].items()
                 if (start is None or k >= start) and (stop is None or k < stop)
             )
-        return Scan(iter(itertools.islice(items, limit)), None)
+        # Registered with the gate only so that close() ends it, as with the real engines.
+        return self._gate.track(Scan(iter(itertools.islice(items, limit)), None))
 
     def stats(self) -> StorageStats:
         with self._lock:
@@ -79,12 +82,19 @@ class MemoryEngine(StorageEngine):
         return StorageStats("memory", str(self._path), 0, keys, {"bytes_in_memory": size})
 
     def close(self) -> None:
+        self._gate.close(self._free)
+
+    def _free(self) -> None:
         with self._lock:
             self._data = None
 
 
+def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    return resolve_settings("memory", settings, {})
+
+
 def open_memory(path: Path, *, durability: str = "sync", settings: Mapping[str, Any] = {}):
-    resolve_settings("memory", settings, {})
+    check_settings(settings)
     return MemoryEngine(Path(path))
 
 
@@ -93,6 +103,7 @@ SPEC = BackendSpec(
     open=open_memory,
     description="in-process dict; nothing is kept after close (tests, request-path baselines)",
     capabilities=CAPABILITIES,
+    check_settings=check_settings,
 )
 
 

@@ -88,8 +88,8 @@ class Store:
                 sealed.append(op)
             else:
                 raise TypeError(f"not a storage operation: {op!r}")
-        if sealed:
-            self.engine.apply(sealed, sync=sync)
+        # Even an empty apply reaches the engine, so use after close is always reported.
+        self.engine.apply(sealed, sync=sync)
 
     def put(self, key: bytes, value: bytes, *, sync: bool, ns: Namespace = DATA) -> None:
         self.apply([Put(ns, key, value)], sync=sync)
@@ -106,8 +106,11 @@ class Store:
         limit: int | None = None,
     ) -> Scan:
         """Verified ``(key, value)`` pairs in key order; close it (use ``with``)."""
-        if limit is not None and limit < 0:
-            raise ValueError("limit must be >= 0")
+        if limit is not None and (type(limit) is not int or limit < 0):
+            raise ValueError(f"limit must be an integer >= 0, got {limit!r}")
+        for bound in (start, stop):
+            if bound is not None and type(bound) is not bytes:
+                raise InvalidKeyError(f"scan bounds are bytes, got {type(bound).__name__}")
         inner = self.engine.scan(ns, start, stop, limit=limit)
         return Scan(_unsealed(inner), inner.close)
 

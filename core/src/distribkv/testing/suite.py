@@ -46,6 +46,7 @@ __all__ = [
     "TestBasics",
     "TestCorruption",
     "TestDurability",
+    "TestEngine",
     "TestLifecycle",
     "TestLimits",
     "TestModel",
@@ -146,6 +147,34 @@ class TestBasics:
             assert list(pairs) == [(b"k%03d" % i, b"v%d" % i) for i in range(1, 200, 2)]
 
 
+class TestEngine:
+    """The bare engine, below the core's envelope and key checks."""
+
+    def test_engine_stores_values_unchanged_including_empty_ones(self, store):
+        engine = store.engine
+        engine.apply(
+            [Put(DATA, b"empty", b""), Put(META, b"k" * MAX_KEY_SIZE, b"\x00")], sync=False
+        )
+        assert engine.get(DATA, b"empty") == b""
+        assert engine.get(META, b"k" * MAX_KEY_SIZE) == b"\x00"
+        assert engine.get_many(DATA, [b"empty", b"absent"]) == [b"", None]
+        with engine.scan(DATA) as pairs:
+            assert list(pairs) == [(b"empty", b"")]
+
+    def test_engine_close_is_idempotent_and_later_use_raises(self, store):
+        engine = store.engine
+        engine.close()
+        engine.close()
+        for call in (
+            lambda: engine.get(DATA, b"k"),
+            lambda: engine.apply([], sync=True),
+            lambda: engine.scan(DATA),
+            lambda: engine.get_many(DATA, [b"k"]),
+        ):
+            with pytest.raises(BackendClosedError):
+                call()
+
+
 class TestLimits:
     @pytest.mark.parametrize("key", [b"", b"x" * (MAX_KEY_SIZE + 1), "text", None, bytearray(b"k")])
     def test_invalid_keys_are_rejected_everywhere(self, store, key):
@@ -241,6 +270,26 @@ class TestScan:
         assert [first, *rest] == [(k, b"v" + k) for k in sorted(self.KEYS)]
         assert filled.get(b"ac") == b"new"
 
+    def test_closed_scans_free_their_snapshots(self, filled):
+        # More scans than LMDB's reader table holds: each must give its slot back.
+        for _ in range(600):
+            with filled.scan() as pairs:
+                next(pairs)
+        assert filled.get(b"a") == b"va"
+
+    def test_closing_the_backend_ends_open_scans(self, open_backend, tmp_path):
+        store = open_backend(tmp_path / "db")
+        store.apply([Put(DATA, b"k%02d" % i, b"v") for i in range(10)], sync=False)
+        scan = store.scan()
+        assert next(scan) == (b"k00", b"v")
+        store.close()
+        with pytest.raises(BackendClosedError):
+            next(scan)
+        scan.close()
+        if store.capabilities.persistent:
+            again = open_backend(tmp_path / "db")
+            assert again.get(b"k05") == b"v"
+
     def test_scans_can_be_closed_early_and_many_can_be_open(self, filled):
         scans = [filled.scan() for _ in range(20)]
         for scan in scans:
@@ -265,9 +314,12 @@ class TestLifecycle:
             lambda: store.get_many([b"k"]),
             lambda: store.put(b"k", b"v", sync=False),
             lambda: store.delete(b"k", sync=True),
+            lambda: store.apply([], sync=False),
             lambda: store.scan(),
             lambda: store.stats(),
         ]
+        if store.capabilities.compaction:
+            calls.append(lambda: store.compact())
         for call in calls:
             with pytest.raises(BackendClosedError):
                 call()
@@ -327,14 +379,17 @@ class TestAtomicity:
         store.apply([Put(DATA, k, b"0") for k in self.KEYS], sync=False)
         stop = threading.Event()
         torn: list[object] = []
+        counts = {"writes": 0, "reads": 0}
 
         def writer() -> None:
-            deadline = time.monotonic() + 3.0
-            for gen in range(1, 400):
+            # Runs for a fixed time (and at most 20,000 batches) so readers overlap many writes.
+            deadline = time.monotonic() + 1.5
+            for gen in range(1, 20_000):
                 if time.monotonic() > deadline or torn:
                     break
                 value = b"%d" % gen
                 store.apply([Put(DATA, k, value) for k in self.KEYS], sync=False)
+                counts["writes"] += 1
             stop.set()
 
         def reader() -> None:
@@ -346,6 +401,7 @@ class TestAtomicity:
                     values = [v for _, v in pairs]
                 if len(set(values)) != 1 or len(values) != len(self.KEYS):
                     torn.append(("scan", values))
+                counts["reads"] += 1
 
         threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
         for thread in threads:
@@ -353,6 +409,7 @@ class TestAtomicity:
         for thread in threads:
             thread.join(timeout=60)
         assert not torn, f"a reader saw a partly applied batch: {torn[0]}"
+        assert counts["writes"] >= 20 and counts["reads"] >= 20, f"too little overlap: {counts}"
 
     def test_concurrent_writers_lose_nothing(self, store):
         def write(worker_id: int) -> None:
@@ -416,11 +473,12 @@ class TestDurability:
                 deadline = time.monotonic() + 30
                 for _ in range(wanted):
                     line = child.stdout.readline()
-                    if not line or time.monotonic() > deadline:
-                        break
+                    assert line, f"round {round_}: the writer died before it was killed"
+                    assert time.monotonic() < deadline, f"round {round_}: the writer stalled"
                     acked = int(line)
                 # Kill while it is in the middle of further applies.
                 time.sleep(rng.random() * 0.01)
+                assert child.poll() is None, f"round {round_}: the writer stopped on its own"
                 child.send_signal(signal.SIGKILL)
             finally:
                 child.kill()
