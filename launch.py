@@ -5,7 +5,8 @@
     python3 launch.py --config my.toml   # another cluster file
 
 Bootstraps its own virtual environment (.venv) with the core and the three storage backends on
-first use, then runs the `distribkv` command inside it.
+first use, then runs `distribkv launch` inside it: every node of the file starts as a child
+process, and Ctrl-C stops them all.
 """
 
 import sys
@@ -30,4 +31,4 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     if "--config" not in args:
         args = ["--config", "sharding.toml", *args]
-    exec_in(bin_dir, "distribkv", ["check", *args])
+    exec_in(bin_dir, "distribkv", ["launch", *args])
