@@ -84,6 +84,10 @@ class ClusterConfig:
     replication: str = "log"
     routing: str = "redirect"
     min_replicas: int = 0
+    #: Seconds a write waits for min_replicas acknowledgements before answering 503.
+    min_replicas_timeout: float = 5.0
+    #: Most log entries a leader keeps for replicas that are behind (older ones: resync).
+    log_retention: int = 100_000
     server: str = "waitress"
 
 
@@ -255,10 +259,16 @@ def parse_config(text: str, path: Path) -> Config:
         replication=cluster_table.get("replication", str, "log"),
         routing=cluster_table.choice("routing", "redirect", ROUTINGS),
         min_replicas=cluster_table.get("min_replicas", int, 0),
+        min_replicas_timeout=float(cluster_table.get("min_replicas_timeout", (int, float), 5.0)),
+        log_retention=cluster_table.get("log_retention", int, 100_000),
         server=cluster_table.get("server", str, "waitress"),
     )
     if cluster.min_replicas < 0:
         raise cluster_table.error("min_replicas", "must be >= 0")
+    if not cluster.min_replicas_timeout > 0:
+        raise cluster_table.error("min_replicas_timeout", "must be > 0")
+    if cluster.log_retention < 1:
+        raise cluster_table.error("log_retention", "must be >= 1")
     cluster_table.finish()
 
     storage_table = _Table(path, "[storage]", top.get("storage", dict, {}))
@@ -403,12 +413,10 @@ def check_plugins(config: Config, registry: PluginRegistry) -> None:
         registry.http_server(config.cluster.server)
     except PluginNotFoundError as exc:
         raise ConfigError(f"{config.path}: [cluster] key 'server': {exc}") from None
-    # "log" is the core's own transport; any other name must be an installed plugin.
-    if config.cluster.replication != "log":
-        try:
-            registry.replication_transport(config.cluster.replication)
-        except PluginNotFoundError as exc:
-            raise ConfigError(f"{config.path}: [cluster] key 'replication': {exc}") from None
+    try:
+        registry.replication_transport(config.cluster.replication)
+    except PluginNotFoundError as exc:
+        raise ConfigError(f"{config.path}: [cluster] key 'replication': {exc}") from None
     try:
         scheme = registry.hashing_scheme(config.cluster.hashing)
     except PluginNotFoundError as exc:

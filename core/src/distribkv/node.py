@@ -14,10 +14,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from xxhash import xxh3_128
+
 from distribkv import __version__
 from distribkv.config import Config, ConfigError, NodeConfig, load_cluster_token
 from distribkv.hashing.shardmap import ShardInfo, ShardMap
 from distribkv.plugins import PluginRegistry
+from distribkv.replication.api import NotReplicatedError, ReplicationRole
+from distribkv.replication.log import LeaderLog
 from distribkv.storage.api import Delete, Namespace, Op, Put
 from distribkv.storage.store import Store, open_store
 
@@ -64,6 +68,8 @@ class Node:
                 " DISTRIBKV_CLUSTER_TOKEN_FILE): refusing to expose internal endpoints"
             )
         self.store: Store | None = None
+        self.leader_log: LeaderLog | None = None
+        self.replication: ReplicationRole | None = None
         self.started_at = time.time()
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -78,8 +84,25 @@ class Node:
             else {},
             max_value_size=self.config.storage.max_value_size,
         )
+        if self.is_leader:
+            self.leader_log = LeaderLog(
+                self.store,
+                sync=self.sync,
+                replicas=[f"replica-{i}" for i in range(len(self.me.replicas))],
+                retention=self.config.cluster.log_retention,
+            )
         log.info("node %s opened %s at %s", self.name, self.backend_name, self.data_dir)
         return self
+
+    def start_replication(self) -> None:
+        """Start this node's half of the configured replication transport."""
+        transport = self.registry.replication_transport(self.config.cluster.replication)
+        self.replication = transport.leader(self) if self.is_leader else transport.follower(self)
+        self.replication.start()
+
+    def stop_replication(self, timeout: float) -> None:
+        if self.replication is not None:
+            self.replication.stop(timeout)
 
     def close(self) -> None:
         if self.store is not None:
@@ -105,9 +128,33 @@ class Node:
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         return self.store.get_many(keys)
 
-    def write(self, ops: Sequence[Op]) -> None:
-        """Apply data mutations atomically, durably when ``durability = "sync"``."""
-        self.store.apply(ops, sync=self.sync)
+    def write(self, ops: Sequence[Op]) -> int:
+        """Apply data mutations atomically with their replication log entries (durably when
+        ``durability = "sync"``); with ``min_replicas``, wait until enough replicas applied
+        them. Returns the last sequence number."""
+        if self.leader_log is None:
+            raise RuntimeError(f"{self.name} is a replica; only leaders take writes")
+        seq = self.leader_log.write(ops)
+        needed = self.config.cluster.min_replicas
+        if needed:
+            timeout = self.config.cluster.min_replicas_timeout
+            if not self.leader_log.wait_replicated(seq, needed, timeout):
+                raise NotReplicatedError(
+                    f"the write (seq {seq}) is stored on the leader {self.name} but fewer than"
+                    f" {needed} replica(s) applied it within {timeout:g}s; it may not be"
+                    " replicated"
+                )
+        return seq
+
+    @property
+    def readable(self) -> bool:
+        """A replica in the middle of a full resync has incomplete data."""
+        follower = self.replication
+        return self.is_leader or follower is None or getattr(follower, "readable", True)
+
+    def lag(self) -> tuple[int, float] | None:
+        follower = self.replication
+        return None if self.is_leader or follower is None else follower.lag()
 
     def set(self, key: bytes, value: bytes) -> None:
         self.write([Put(Namespace.DATA, key, value)])
@@ -149,4 +196,19 @@ class Node:
             "fingerprint": self.shard_map.fingerprint,
             "uptime_s": round(time.time() - self.started_at, 3),
             "version": __version__,
+            "replication": {
+                "transport": self.config.cluster.replication,
+                **(self.replication.status() if self.replication is not None else {}),
+            },
         }
+
+    def digest(self) -> dict:
+        """A digest of the whole data keyspace, to compare a replica with its leader."""
+        hasher = xxh3_128()
+        count = 0
+        with self.store.scan(Namespace.DATA) as pairs:
+            for key, value in pairs:
+                hasher.update(len(key).to_bytes(4, "big") + key)
+                hasher.update(len(value).to_bytes(8, "big") + value)
+                count += 1
+        return {"keys": count, "digest": hasher.hexdigest()}

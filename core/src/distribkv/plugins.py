@@ -46,6 +46,7 @@ _DISTRIBUTIONS = {
     "modulo": "distribkv",
     "ring": "distribkv",
     "waitress": "distribkv",
+    "log": "distribkv",
 }
 
 

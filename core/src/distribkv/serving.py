@@ -51,6 +51,7 @@ def serve(node: Node, registry: PluginRegistry, *, announce=print) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     hooks = registry.manager.hook
     try:
+        node.start_replication()
         hooks.distribkv_node_started.call_historic(kwargs={"node": node})
         announce(
             f"node {node.name} ({node.role}, {node.backend_name}) serving on"
@@ -61,6 +62,7 @@ def serve(node: Node, registry: PluginRegistry, *, announce=print) -> int:
         try:
             hooks.distribkv_node_stopping(node=node)
         finally:
+            node.stop_replication(timeout=server.drain_timeout)
             pool.close()
             node.close()
             for sig, old in previous.items():

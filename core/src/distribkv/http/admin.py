@@ -68,3 +68,20 @@ class PurgeResource:
         resp.media = {**self.node.purge(), "fingerprint": self.node.shard_map.fingerprint}
 
     on_post = on_get
+
+
+class DigestResource:
+    """Internal: a digest of the whole keyspace (to compare a replica with its leader)."""
+
+    def __init__(self, node):
+        self.node = node
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        require_token(self.node, req)
+        lag = self.node.lag()
+        resp.media = {
+            **self.node.digest(),
+            "node": self.node.name,
+            "role": self.node.role,
+            "lag_entries": None if lag is None else lag[0],
+        }

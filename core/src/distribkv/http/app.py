@@ -5,11 +5,18 @@ from __future__ import annotations
 import falcon
 
 from distribkv.http import errors
-from distribkv.http.admin import ClusterResource, HealthResource, PurgeResource, StatusResource
+from distribkv.http.admin import (
+    ClusterResource,
+    DigestResource,
+    HealthResource,
+    PurgeResource,
+    StatusResource,
+)
 from distribkv.http.batch import BatchResource
 from distribkv.http.kv import DeleteResource, GetResource, SetResource
 from distribkv.http.locate import Locator, MapCheck
 from distribkv.http.routing import ConnectionPool
+from distribkv.replication.logtransport import SnapshotResource
 
 
 def forwarding_pool(node) -> ConnectionPool:
@@ -32,6 +39,8 @@ def create_app(node, pool: ConnectionPool) -> falcon.App:
         ("/healthz", HealthResource()),
         ("/status", StatusResource(node)),
         ("/cluster", ClusterResource(node)),
+        ("/digest", DigestResource(node)),
+        ("/replication/snapshot", SnapshotResource(node)),
     ]
     taken = {path for path, _ in routes}
     for extra in node.registry.manager.hook.distribkv_routes(node=node):

@@ -8,6 +8,7 @@ import logging
 
 import falcon
 
+from distribkv.replication.api import NotReplicatedError
 from distribkv.storage.errors import (
     BackendClosedError,
     BackendLockedError,
@@ -67,6 +68,10 @@ def handle_storage_error(req, resp, exc: StorageError, params) -> None:
             raise ApiError(status, title, str(exc)) from exc
 
 
+def handle_not_replicated(req, resp, exc: NotReplicatedError, params) -> None:
+    raise ApiError(falcon.HTTP_503, "not replicated", str(exc)) from exc
+
+
 def handle_unexpected(req, resp, exc: Exception, params) -> None:
     if isinstance(exc, falcon.HTTPError | falcon.HTTPStatus):
         raise exc
@@ -79,3 +84,4 @@ def install(app: falcon.App) -> None:
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, handle_unexpected)
     app.add_error_handler(StorageError, handle_storage_error)
+    app.add_error_handler(NotReplicatedError, handle_not_replicated)

@@ -9,6 +9,9 @@ from distribkv.http.locate import Locator
 from distribkv.http.params import query_params, require_key
 
 OCTET_STREAM = "application/octet-stream"
+#: On reads served by a replica: how far it is behind its leader.
+LAG_ENTRIES_HEADER = "X-Distribkv-Lag-Entries"
+LAG_SECONDS_HEADER = "X-Distribkv-Lag-Seconds"
 
 
 def written(resp: falcon.Response) -> None:
@@ -27,7 +30,19 @@ class GetResource:
         key = require_key(query_params(req))
         if not self.locator.here(req, resp, key, write=False):
             return
-        value = self.node.get(key)
+        node = self.node
+        lag = node.lag()
+        if lag is not None:
+            if not node.readable:
+                raise ApiError(
+                    falcon.HTTP_503,
+                    "replica resyncing",
+                    f"{node.name} is reloading its data; read from the leader {node.me.leader}",
+                    leader=node.me.leader,
+                )
+            resp.set_header(LAG_ENTRIES_HEADER, str(lag[0]))
+            resp.set_header(LAG_SECONDS_HEADER, f"{lag[1]:.3f}")
+        value = node.get(key)
         if value is None:
             raise ApiError(falcon.HTTP_404, "not found", "no value is stored under this key")
         resp.content_type = OCTET_STREAM

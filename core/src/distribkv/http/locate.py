@@ -7,6 +7,9 @@ import falcon
 from distribkv.http import routing
 from distribkv.http.errors import ApiError
 
+#: ``X-Distribkv-Read: leader`` asks a replica to send the read to its leader (no stale read).
+READ_HEADER = "X-Distribkv-Read"
+
 
 class Locator:
     """Decides, per key, whether this node answers; otherwise it answers for the owner."""
@@ -31,10 +34,24 @@ class Locator:
         node = self.node
         owner = node.owner_of(key)
         if owner.idx == self.me.idx:
-            if not write or node.is_leader:
+            if node.is_leader:
                 return True
+            if not write and req.get_header(READ_HEADER) != "leader":
+                return True  # a replica serves reads itself, possibly stale
             if self.mode == "redirect":
                 routing.redirect(resp, req, owner, owner.leader)
+                return False
+            if not write:
+                routing.forward(
+                    self.pool,
+                    req,
+                    resp,
+                    owner,
+                    owner.leader,
+                    body=body,
+                    me=node.name,
+                    fingerprint=self.fingerprint,
+                )
                 return False
             raise ApiError(
                 falcon.HTTP_403,

@@ -16,7 +16,11 @@ from typing import Any
 
 import attrs
 
-__all__ = ["ReplicationRole", "TransportSpec"]
+__all__ = ["NotReplicatedError", "ReplicationRole", "TransportSpec"]
+
+
+class NotReplicatedError(Exception):
+    """A write was stored on the leader but not acknowledged by ``min_replicas`` in time."""
 
 
 class ReplicationRole(abc.ABC):

@@ -79,9 +79,11 @@ class Store:
                 value = op.value
                 if type(value) is not bytes:
                     raise InvalidValueError(f"values are bytes, got {type(value).__name__}")
-                if self.max_value_size is not None and len(value) > self.max_value_size:
+                # The limit is for data; log entries carry a value plus their own header.
+                limit = self.max_value_size
+                if limit is not None and op.ns is DATA and len(value) > limit:
                     raise InvalidValueError(
-                        f"the value is {len(value)} bytes; the limit is {self.max_value_size}"
+                        f"the value is {len(value)} bytes; the limit is {limit}"
                     )
                 sealed.append(Put(op.ns, key, envelope.seal(key, value)))
             elif type(op) is Delete:

@@ -1,0 +1,253 @@
+"""The replica side every transport shares: apply entries in order, resync when needed.
+
+A transport provides a :class:`LeaderSource` (how to pull entries and snapshot pages from the
+leader); :class:`Follower` runs the loop: pull after the applied seq, apply the batch together
+with the new applied seq in one storage apply, repeat. A pull for trimmed history, or a leader
+with another history id, starts a full resync: the replica's data is cleared and reloaded from
+snapshot pages, then the log is applied from the seq read before the first page.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import random
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from distribkv.replication.api import ReplicationRole
+from distribkv.replication.log import (
+    APPLIED,
+    FOLLOWS,
+    RESYNC,
+    SNAPSHOT_SEQ,
+    apply_entries,
+    read_seq,
+    seq_key,
+)
+from distribkv.storage.api import Delete, Namespace, Put
+from distribkv.storage.errors import BackendClosedError, StorageError
+
+log = logging.getLogger(__name__)
+
+DATA, META = Namespace.DATA, Namespace.META
+BACKOFF_MIN, BACKOFF_MAX = 0.05, 5.0
+
+
+class ResyncNeeded(Exception):
+    """The leader cannot continue this replica's history (trimmed log or new history id)."""
+
+
+class LeaderUnavailable(Exception):
+    """The leader could not be reached or answered with an error; retried with backoff."""
+
+
+@attrs.frozen
+class Pulled:
+    history: str
+    last_seq: int
+    last_ms: int
+    #: (seq, op, key, value, leader time in ms), ordered by seq
+    entries: list
+
+
+class LeaderSource(abc.ABC):
+    """How a transport reaches the leader."""
+
+    @abc.abstractmethod
+    def pull(self, after: int, history: str | None, wait: float) -> Pulled:
+        """Entries after ``after``; acknowledges ``after``. Raises ResyncNeeded or
+        LeaderUnavailable."""
+
+    @abc.abstractmethod
+    def snapshot_page(self, after_key: bytes | None) -> Mapping[str, Any]:
+        """``{"history", "seq", "pairs", "done"}`` (see LeaderLog.snapshot_page)."""
+
+    def close(self) -> None:  # noqa: B027 - optional: most sources hold one connection
+        """Release connections."""
+
+
+class Follower(ReplicationRole):
+    def __init__(self, node, source: LeaderSource, *, wait: float = 2.0):
+        self.node = node
+        self.store = node.store
+        self.source = source
+        self.wait = wait
+        self.sync = node.sync
+        self.applied = read_seq(self.store, APPLIED)
+        follows = self.store.get(FOLLOWS, META)
+        self.follows = follows.decode() if follows else None
+        self.snapshot_seq = read_seq(self.store, SNAPSHOT_SEQ)
+        self.needs_resync = self.follows is None or self.store.get(RESYNC, META) is not None
+        self.state = "starting"
+        self.last_error: str | None = None
+        self.leader_last = self.applied
+        self.leader_last_ms = 0
+        self.applied_ms = 0
+        self.resyncs = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"distribkv-follow-{node.name}", daemon=True
+        )
+
+    # --- role -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+        self.source.close()
+
+    @property
+    def readable(self) -> bool:
+        """False while the data is incomplete (a resync has not reached a consistent seq)."""
+        return not self.needs_resync and self.applied >= self.snapshot_seq
+
+    def lag(self) -> tuple[int, float]:
+        entries = max(0, self.leader_last - self.applied)
+        seconds = 0.0 if entries == 0 else max(0.0, (self.leader_last_ms - self.applied_ms) / 1000)
+        return entries, seconds
+
+    def status(self) -> dict:
+        entries, seconds = self.lag()
+        return {
+            "state": self.state,
+            "follows_history": self.follows,
+            "applied_seq": self.applied,
+            "leader_last_seq": self.leader_last,
+            "lag_entries": entries,
+            "lag_seconds": round(seconds, 3),
+            "readable": self.readable,
+            "resyncs": self.resyncs,
+            "last_error": self.last_error,
+        }
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = BACKOFF_MIN
+        while not self._stop.is_set():
+            try:
+                if self.needs_resync:
+                    self._resync()
+                    continue
+                pulled = self.source.pull(self.applied, self.follows, self.wait)
+                if self._stop.is_set():
+                    break
+                self._apply(pulled)
+                self.state = "following"
+                self.last_error = None
+                backoff = BACKOFF_MIN
+            except ResyncNeeded as exc:
+                log.warning("%s: full resync needed: %s", self.node.name, exc)
+                self.needs_resync = True
+            except BackendClosedError:
+                break
+            except (LeaderUnavailable, StorageError, ValueError, OSError) as exc:
+                self.state = "retrying"
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.info(
+                    "%s: replication paused (%s); retrying in %.2fs",
+                    self.node.name,
+                    self.last_error,
+                    backoff,
+                )
+                self._stop.wait(backoff * random.uniform(0.5, 1.5))
+                backoff = min(BACKOFF_MAX, backoff * 2)
+
+    def _apply(self, pulled: Pulled) -> None:
+        self.leader_last = pulled.last_seq
+        self.leader_last_ms = pulled.last_ms
+        if pulled.entries:
+            self.applied = apply_entries(self.store, pulled.entries, self.applied, sync=self.sync)
+            self.applied_ms = pulled.entries[-1][4]
+        if self.applied >= self.leader_last:
+            self.applied_ms = self.leader_last_ms
+
+    def _resync(self) -> None:
+        self.state = "resyncing"
+        store = self.store
+        store.put(RESYNC, b"1", ns=META, sync=self.sync)
+        self.needs_resync = True
+        # Clear what this replica had; the snapshot replaces it.
+        while not self._stop.is_set():
+            with store.scan(DATA, limit=1000) as pairs:
+                keys = [key for key, _ in pairs]
+            if not keys:
+                break
+            store.apply([Delete(DATA, key) for key in keys], sync=False)
+        page = self.source.snapshot_page(None)
+        history, first_seq = page["history"], page["seq"]
+        last_seq = first_seq
+        loaded = 0
+        while True:
+            if self._stop.is_set():
+                return
+            pairs = page["pairs"]
+            if pairs:
+                store.apply([Put(DATA, key, value) for key, value in pairs], sync=False)
+                loaded += len(pairs)
+            if page["history"] != history:
+                raise ResyncNeeded("the leader's history changed during the resync")
+            last_seq = page["seq"]
+            if page["done"] or not pairs:
+                break
+            page = self.source.snapshot_page(pairs[-1][0])
+        store.apply(
+            [
+                Put(META, APPLIED, seq_key(first_seq)),
+                Put(META, FOLLOWS, history.encode()),
+                Put(META, SNAPSHOT_SEQ, seq_key(last_seq)),
+                Delete(META, RESYNC),
+            ],
+            sync=True,
+        )
+        self.applied, self.follows, self.snapshot_seq = first_seq, history, last_seq
+        self.needs_resync = False
+        log.info(
+            "%s: resynced %d keys from the leader (history %s, seq %d..%d)",
+            self.node.name,
+            loaded,
+            history,
+            first_seq,
+            last_seq,
+        )
+
+
+class LeaderRole(ReplicationRole):
+    """The leader side every transport shares: trims the log in the background."""
+
+    def __init__(self, node, *, interval: float = 1.0):
+        self.node = node
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"distribkv-trim-{node.name}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.node.leader_log.trim()
+            except BackendClosedError:
+                return
+            except StorageError as exc:
+                log.warning("%s: trimming the log failed: %s", self.node.name, exc)
+
+    def status(self) -> dict:
+        return self.node.leader_log.status()
+
+
+__all__ = ["Follower", "LeaderRole", "LeaderSource", "LeaderUnavailable", "Pulled", "ResyncNeeded"]

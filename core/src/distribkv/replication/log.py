@@ -1,0 +1,285 @@
+"""The leader's replication log, and what every node keeps in its metadata.
+
+Every mutation on a leader gets the next sequence number. The data change, its log entry
+``seq -> (op, key, value, time)`` and the new last seq are written in ONE storage apply, so the
+log can never disagree with the data. A random history id, made when a data directory is
+created, tells replicas whether they follow the same history.
+
+Replication transports only move entries; this module owns the order, the progress of every
+replica (for trimming and for ``min_replicas``) and the snapshot pages of a full resync.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import time
+from collections.abc import Iterable, Sequence
+
+import msgpack
+
+from distribkv.storage.api import Delete, Namespace, Op, Put
+from distribkv.storage.store import Store
+
+log = logging.getLogger(__name__)
+
+META, LOG, DATA = Namespace.META, Namespace.LOG, Namespace.DATA
+_SEQ = struct.Struct(">Q")
+
+# Metadata keys.
+LAST_SEQ = b"seq"  # leader: the last sequence number written
+HISTORY = b"history"  # this data directory's history id
+TRIMMED = b"trimmed"  # leader: entries <= this were removed from the log
+APPLIED = b"applied"  # replica: the leader's last seq applied here
+FOLLOWS = b"follows"  # replica: the history id of the leader it follows
+RESYNC = b"resync"  # replica: a full resync is in progress (data is incomplete)
+SNAPSHOT_SEQ = b"snapshot_seq"  # replica: consistent once applied >= this
+
+OP_DELETE, OP_PUT = 0, 1
+
+
+def seq_key(seq: int) -> bytes:
+    return _SEQ.pack(seq)
+
+
+def read_seq(store: Store, key: bytes) -> int:
+    raw = store.get(key, META)
+    return 0 if raw is None else _SEQ.unpack(raw)[0]
+
+
+def ensure_history(store: Store, *, sync: bool) -> str:
+    """This data directory's history id, made on first use."""
+    raw = store.get(HISTORY, META)
+    if raw is None:
+        raw = os.urandom(8).hex().encode()
+        store.put(HISTORY, raw, ns=META, sync=sync)
+    return raw.decode()
+
+
+def encode_entry(op: Op, now_ms: int) -> bytes:
+    if type(op) is Put:
+        return msgpack.packb([OP_PUT, op.key, op.value, now_ms], use_bin_type=True)
+    return msgpack.packb([OP_DELETE, op.key, None, now_ms], use_bin_type=True)
+
+
+def decode_entry(raw: bytes) -> tuple[int, bytes, bytes | None, int]:
+    op, key, value, ts = msgpack.unpackb(raw, raw=False)
+    return op, key, value, ts
+
+
+def entry_op(op: int, key: bytes, value: bytes | None) -> Op:
+    return Put(DATA, key, value) if op == OP_PUT else Delete(DATA, key)
+
+
+class ReplicaProgress:
+    __slots__ = ("acked", "last_seen", "name", "retain")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.acked = -1  # unknown until the replica reports
+        self.retain = -1  # a resyncing replica needs the log from here on
+        self.last_seen = 0.0
+
+    @property
+    def floor(self) -> int:
+        """The oldest entry this replica may still need (-1: unknown)."""
+        return self.acked if self.acked >= 0 else self.retain
+
+
+class LeaderLog:
+    """Sequence numbers, the log, replica progress and its waiters, on one leader."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        sync: bool,
+        replicas: Sequence[str],
+        retention: int,
+    ):
+        self.store = store
+        self.sync = sync
+        self.retention = retention
+        self.history = ensure_history(store, sync=sync)
+        self.last_seq = read_seq(store, LAST_SEQ)
+        self.trimmed = read_seq(store, TRIMMED)
+        self.last_write_ms = int(time.time() * 1000)
+        self._write_lock = threading.Lock()
+        self._changed = threading.Condition(threading.Lock())
+        self.progress = {name: ReplicaProgress(name) for name in replicas}
+
+    # --- writes ---------------------------------------------------------------------------
+
+    def write(self, ops: Sequence[Op]) -> int:
+        """Apply data ops with their log entries and the new seq atomically; return the seq."""
+        now_ms = int(time.time() * 1000)
+        with self._write_lock:
+            seq = self.last_seq
+            batch: list[Op] = []
+            for op in ops:
+                seq += 1
+                batch.append(op)
+                batch.append(Put(LOG, seq_key(seq), encode_entry(op, now_ms)))
+            batch.append(Put(META, LAST_SEQ, seq_key(seq)))
+            self.store.apply(batch, sync=self.sync)
+            self.last_seq = seq
+            self.last_write_ms = now_ms
+        with self._changed:
+            self._changed.notify_all()
+        return seq
+
+    # --- reading the log ------------------------------------------------------------------
+
+    def entries_after(
+        self, after: int, *, max_entries: int, max_bytes: int
+    ) -> list[tuple[int, int, bytes, bytes | None, int]]:
+        """Entries with seq > after, in order, bounded in count and bytes (at least one)."""
+        out = []
+        size = 0
+        with self.store.scan(LOG, seq_key(after + 1), limit=max_entries) as pairs:
+            for raw_seq, raw in pairs:
+                op, key, value, ts = decode_entry(raw)
+                size += len(key) + len(value or b"") + 24
+                if out and size > max_bytes:
+                    break
+                out.append((_SEQ.unpack(raw_seq)[0], op, key, value, ts))
+        return out
+
+    def wait_for_entries(self, after: int, timeout: float) -> bool:
+        """Block until the log has an entry after ``after`` (True) or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self.last_seq <= after:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._changed.wait(remaining)
+        return True
+
+    # --- replica progress -----------------------------------------------------------------
+
+    def acknowledge(self, replica: str, applied: int) -> None:
+        with self._changed:
+            progress = self.progress.get(replica)
+            if progress is None:
+                progress = self.progress[replica] = ReplicaProgress(replica)
+            progress.acked = max(progress.acked, applied) if progress.acked >= 0 else applied
+            progress.last_seen = time.time()
+            self._changed.notify_all()
+
+    def resyncing(self, replica: str, from_seq: int) -> None:
+        """A replica starts a full resync: keep the log after ``from_seq`` for it; it has
+        acknowledged nothing of this history yet."""
+        with self._changed:
+            progress = self.progress.get(replica)
+            if progress is None:
+                progress = self.progress[replica] = ReplicaProgress(replica)
+            progress.acked = -1
+            progress.retain = from_seq
+            progress.last_seen = time.time()
+
+    def wait_replicated(self, seq: int, count: int, timeout: float) -> bool:
+        """Block until ``count`` replicas acknowledged ``seq`` (True) or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while sum(p.acked >= seq for p in self.progress.values()) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._changed.wait(remaining)
+        return True
+
+    def trim(self) -> int:
+        """Remove entries every replica has (but keep at most ``retention``); returns count."""
+        with self._changed:
+            floors = [p.floor for p in self.progress.values()]
+        last = self.last_seq
+        if not floors:
+            floor = last  # no replicas: nobody needs the log
+        elif min(floors) < 0:
+            floor = self.trimmed  # a replica has not reported since start-up
+        else:
+            floor = min(floors)
+        # Never keep more than `retention` entries, even for a replica that is far behind:
+        # it then resyncs from a snapshot instead.
+        target = max(floor, last - self.retention)
+        target = min(target, last)
+        removed = 0
+        while self.trimmed < target:
+            upto = min(target, self.trimmed + 1000)
+            ops: list[Op] = [Delete(LOG, seq_key(s)) for s in range(self.trimmed + 1, upto + 1)]
+            ops.append(Put(META, TRIMMED, seq_key(upto)))
+            self.store.apply(ops, sync=False)
+            removed += upto - self.trimmed
+            self.trimmed = upto
+        return removed
+
+    def status(self) -> dict:
+        now = time.time()
+        replicas = {}
+        for name, p in sorted(self.progress.items()):
+            lag = None if p.acked < 0 else self.last_seq - p.acked
+            replicas[name] = {
+                "applied_seq": None if p.acked < 0 else p.acked,
+                "lag_entries": lag,
+                "last_seen_s_ago": None if not p.last_seen else round(now - p.last_seen, 3),
+            }
+        return {
+            "history": self.history,
+            "last_seq": self.last_seq,
+            "trimmed_seq": self.trimmed,
+            "replicas": replicas,
+        }
+
+    # --- snapshots for a full resync ------------------------------------------------------
+
+    def snapshot_page(self, after_key: bytes | None, limit: int, max_bytes: int) -> dict:
+        """One page of the data, with the seq read before it: a replica that loads every page
+        and then applies the log from the first page's seq ends with the leader's state."""
+        seq = self.last_seq
+        pairs = []
+        size = 0
+        start = None if after_key is None else after_key + b"\x00"
+        with self.store.scan(DATA, start, limit=limit) as scan:
+            for key, value in scan:
+                pairs.append([key, value])
+                size += len(key) + len(value)
+                if size >= max_bytes:
+                    break
+        return {
+            "history": self.history,
+            "seq": seq,
+            "pairs": pairs,
+            "done": len(pairs) < limit and size < max_bytes,
+        }
+
+
+def apply_entries(
+    store: Store,
+    entries: Iterable[tuple[int, int, bytes, bytes | None, int]],
+    applied: int,
+    *,
+    sync: bool,
+    extra: Sequence[Op] = (),
+) -> int:
+    """Apply replicated entries after ``applied`` with the new applied seq in one apply.
+
+    Entries at or below ``applied`` are skipped, so a batch delivered twice changes nothing.
+    A gap (an entry after ``applied + 1`` with nothing in between) raises ValueError.
+    """
+    ops: list[Op] = list(extra)
+    seq = applied
+    for entry_seq, op, key, value, _ts in entries:
+        if entry_seq <= seq:
+            continue
+        if entry_seq != seq + 1:
+            raise ValueError(f"gap in the replication log: expected seq {seq + 1}, got {entry_seq}")
+        ops.append(entry_op(op, key, value))
+        seq = entry_seq
+    if seq == applied and not extra:
+        return applied
+    ops.append(Put(META, APPLIED, seq_key(seq)))
+    store.apply(ops, sync=sync)
+    return seq
