@@ -180,3 +180,66 @@ def call(
 def q(data: bytes) -> str:
     """Percent-encode every byte that is not unreserved (``+`` becomes ``%2B``)."""
     return quote_from_bytes(data, safe="")
+
+
+class NodeProcess:
+    """One `distribkv serve` process, started and stopped (or killed) by PID."""
+
+    def __init__(self, config: Path, shard: str, replica: int | None = None):
+        self.config, self.shard, self.replica = config, shard, replica
+        self.process: subprocess.Popen | None = None
+        name = "leader" if replica is None else f"replica-{replica}"
+        self.log_path = config.parent / f"{shard}-{name}.log"
+
+    def start(self, address: str) -> NodeProcess:
+        cmd = [
+            sys.executable,
+            "-m",
+            "distribkv",
+            "serve",
+            "--config",
+            str(self.config),
+            "--shard",
+            self.shard,
+        ]
+        if self.replica is not None:
+            cmd += ["--replica", str(self.replica)]
+        with open(self.log_path, "ab") as out:
+            self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"node exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                if call(address, "GET", "/healthz", timeout=1).status == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"node did not answer /healthz: {self.log_path.read_text()[-3000:]}")
+
+    def kill9(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            raise
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05, message: str = "") -> float:
+    """Poll ``predicate`` until it is true; returns the seconds it took, fails after timeout."""
+    started = time.monotonic()
+    while True:
+        if predicate():
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not true within {timeout}s: {message}")
+        time.sleep(interval)

@@ -209,6 +209,7 @@ class Follower(ReplicationRole):
         )
         self.applied, self.follows, self.snapshot_seq = first_seq, history, last_seq
         self.needs_resync = False
+        self.resyncs += 1
         log.info(
             "%s: resynced %d keys from the leader (history %s, seq %d..%d)",
             self.node.name,
