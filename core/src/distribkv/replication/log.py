@@ -130,6 +130,12 @@ class LeaderLog:
             self._changed.notify_all()
         return seq
 
+    def committed_seq(self) -> int:
+        """The last seq, consistent with storage: no write is between its apply and its seq
+        update while the write lock is held."""
+        with self._write_lock:
+            return self.last_seq
+
     # --- reading the log ------------------------------------------------------------------
 
     def entries_after(

@@ -82,7 +82,7 @@ class PullResource:
         if history and history != leader.history:
             gone(resp, leader, f"the leader's history is {leader.history}, not {history}")
             return
-        if after < leader.trimmed or after > leader.last_seq:
+        if after < leader.trimmed or after > leader.committed_seq():
             gone(
                 resp,
                 leader,
@@ -95,11 +95,13 @@ class PullResource:
         if wait:
             leader.wait_for_entries(after, wait)
         entries = leader.entries_after(after, max_entries=max_entries, max_bytes=MAX_BYTES)
+        # An entry can be readable a moment before last_seq says so: report the larger.
+        last = max(leader.last_seq, entries[-1][0] if entries else 0)
         resp.content_type = MSGPACK
         resp.data = msgpack.packb(
             {
                 "history": leader.history,
-                "last": leader.last_seq,
+                "last": last,
                 "last_ms": leader.last_write_ms,
                 "entries": [list(e) for e in entries],
             },
