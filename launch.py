@@ -17,6 +17,8 @@ from tools.bootstrap import ensure_venv, exec_in
 
 PACKAGES = [
     "-e",
+    "./plugins/queue",
+    "-e",
     "./core",
     "-e",
     "./backends/leveldb",
