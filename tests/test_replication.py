@@ -274,3 +274,29 @@ def test_a_replica_refuses_writes_naming_its_leader(tmp_path, backend_name):
         assert leader_read.status == 307
     finally:
         shard.stop_all()
+
+
+def test_a_leader_with_a_new_disk_starts_a_new_history_that_replicas_follow(tmp_path, backend_name):
+    if backend_name == "memory":
+        pytest.skip("the memory backend keeps nothing across a restart")
+    import shutil
+
+    shard = Shard(tmp_path, backend_name, "log", replicas=1, hosts_from=90).start_all()
+    try:
+        for i in range(0, 200, 50):
+            batch(shard.leader_address, [["set", b"old-%d" % j, b"v"] for j in range(i, i + 50)])
+        shard.converged(timeout=10)
+        first = json.loads(call(shard.leader_address, "GET", "/status").body)["replication"]
+        shard.leader.stop()
+        shutil.rmtree(tmp_path / "data" / "shard-0" / "leader")
+        shard.leader.start(shard.leader_address)
+        batch(shard.leader_address, [["set", b"new-%d" % j, b"w"] for j in range(10)])
+        shard.converged(timeout=10)
+        second = json.loads(call(shard.leader_address, "GET", "/status").body)["replication"]
+        assert second["history"] != first["history"]
+        assert second["last_seq"] == 10
+        replica = json.loads(call(shard.replica_addresses[0], "GET", "/status").body)
+        assert replica["replication"]["follows_history"] == second["history"]
+        assert digest(shard.replica_addresses[0])["keys"] == 10
+    finally:
+        shard.stop_all()

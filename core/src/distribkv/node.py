@@ -21,7 +21,7 @@ from distribkv.config import Config, ConfigError, NodeConfig, load_cluster_token
 from distribkv.hashing.shardmap import ShardInfo, ShardMap
 from distribkv.plugins import PluginRegistry
 from distribkv.replication.api import NotReplicatedError, ReplicationRole
-from distribkv.replication.log import LeaderLog
+from distribkv.replication.log import LeaderLog, ensure_history
 from distribkv.storage.api import Delete, Namespace, Op, Put
 from distribkv.storage.store import Store, open_store
 
@@ -84,6 +84,9 @@ class Node:
             else {},
             max_value_size=self.config.storage.max_value_size,
         )
+        # Every data directory gets its history id when it is created, so a replica's copy
+        # promoted to leader starts a history of its own.
+        ensure_history(self.store, sync=self.sync)
         if self.is_leader:
             self.leader_log = LeaderLog(
                 self.store,

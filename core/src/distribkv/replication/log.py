@@ -222,14 +222,27 @@ class LeaderLog:
             self.trimmed = upto
         return removed
 
+    def lag_seconds(self, acked: int) -> float | None:
+        """How old the oldest entry a replica has not applied is (0 when caught up)."""
+        if acked < 0:
+            return None
+        if acked >= self.last_seq:
+            return 0.0
+        raw = self.store.get(seq_key(acked + 1), LOG)
+        if raw is None:
+            return None
+        return max(0.0, time.time() - decode_entry(raw)[3] / 1000)
+
     def status(self) -> dict:
         now = time.time()
         replicas = {}
         for name, p in sorted(self.progress.items()):
             lag = None if p.acked < 0 else self.last_seq - p.acked
+            seconds = self.lag_seconds(p.acked)
             replicas[name] = {
                 "applied_seq": None if p.acked < 0 else p.acked,
                 "lag_entries": lag,
+                "lag_seconds": None if seconds is None else round(seconds, 3),
                 "last_seen_s_ago": None if not p.last_seen else round(now - p.last_seen, 3),
             }
         return {
