@@ -276,12 +276,17 @@ def test_a_replica_refuses_writes_naming_its_leader(tmp_path, backend_name):
         shard.stop_all()
 
 
-def test_a_leader_with_a_new_disk_starts_a_new_history_that_replicas_follow(tmp_path, backend_name):
+def test_replicas_keep_their_data_when_the_leader_comes_back_with_an_empty_disk(
+    tmp_path, backend_name
+):
+    """A leader that lost its disk starts a new history; its replicas hold the only copy of
+    the old one, so they stop following and keep it until an operator asks for a resync."""
     if backend_name == "memory":
         pytest.skip("the memory backend keeps nothing across a restart")
     import shutil
 
     shard = Shard(tmp_path, backend_name, "log", replicas=1, hosts_from=90).start_all()
+    replica = shard.replica_addresses[0]
     try:
         for i in range(0, 200, 50):
             batch(shard.leader_address, [["set", b"old-%d" % j, b"v"] for j in range(i, i + 50)])
@@ -291,12 +296,51 @@ def test_a_leader_with_a_new_disk_starts_a_new_history_that_replicas_follow(tmp_
         shutil.rmtree(tmp_path / "data" / "shard-0" / "leader")
         shard.leader.start(shard.leader_address)
         batch(shard.leader_address, [["set", b"new-%d" % j, b"w"] for j in range(10)])
-        shard.converged(timeout=10)
         second = json.loads(call(shard.leader_address, "GET", "/status").body)["replication"]
-        assert second["history"] != first["history"]
-        assert second["last_seq"] == 10
-        replica = json.loads(call(shard.replica_addresses[0], "GET", "/status").body)
-        assert replica["replication"]["follows_history"] == second["history"]
-        assert digest(shard.replica_addresses[0])["keys"] == 10
+        assert second["history"] != first["history"] and second["last_seq"] == 10
+
+        def replica_state():
+            return json.loads(call(replica, "GET", "/status").body)["replication"]
+
+        wait_until(lambda: replica_state()["state"] == "diverged", timeout=10)
+        assert "history" in replica_state()["diverged"]
+        assert digest(replica)["keys"] == 200
+        assert call(replica, "GET", "/get?key=old-7").body == b"v"
+        # The operator chooses the new history for this replica.
+        assert call(replica, "POST", "/replication/resync").status == 202
+        shard.converged(timeout=10)
+        assert replica_state()["follows_history"] == second["history"]
+        assert digest(replica)["keys"] == 10
+    finally:
+        shard.stop_all()
+
+
+def test_a_promoted_replica_continues_the_history_without_gaps(tmp_path, backend_name):
+    """Rebuilding a leader from its most advanced replica keeps every write the replica had,
+    and the other replicas go on without a resync."""
+    if backend_name == "memory":
+        pytest.skip("the memory backend keeps nothing across a restart")
+    import shutil
+
+    shard = Shard(tmp_path, backend_name, "log", replicas=2, hosts_from=100).start_all()
+    try:
+        for i in range(0, 200, 50):
+            batch(shard.leader_address, [["set", b"k-%d" % j, b"v"] for j in range(i, i + 50)])
+        shard.converged(timeout=10)
+        before = json.loads(call(shard.leader_address, "GET", "/status").body)["replication"]
+        shard.stop_all()
+        data = tmp_path / "data" / "shard-0"
+        shutil.rmtree(data / "leader")
+        shutil.copytree(data / "replica-0", data / "leader")
+        shard.start_all()
+        batch(shard.leader_address, [["set", b"after-%d" % j, b"w"] for j in range(10)])
+        shard.converged(timeout=10)
+        after = json.loads(call(shard.leader_address, "GET", "/status").body)["replication"]
+        assert after["history"] == before["history"]
+        assert after["last_seq"] == before["last_seq"] + 10
+        assert digest(shard.leader_address)["keys"] == 210
+        for address in shard.replica_addresses:
+            status = json.loads(call(address, "GET", "/status").body)["replication"]
+            assert status["resyncs"] == 0 and status["applied_seq"] == after["last_seq"]
     finally:
         shard.stop_all()

@@ -85,3 +85,20 @@ class DigestResource:
             "role": self.node.role,
             "lag_entries": None if lag is None else lag[0],
         }
+
+
+class ResyncResource:
+    """Internal, on a replica: drop its data and reload it from the leader (an operator's
+    answer to a replica that stopped following a leader with another history)."""
+
+    def __init__(self, node):
+        self.node = node
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        require_token(self.node, req)
+        follower = self.node.replication
+        if self.node.is_leader or not hasattr(follower, "request_resync"):
+            raise ApiError(falcon.HTTP_403, "not a replica", f"{self.node.name} is a leader")
+        follower.request_resync()
+        resp.status = falcon.HTTP_202
+        resp.media = {"resync": "requested", "node": self.node.name}

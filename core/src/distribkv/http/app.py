@@ -10,6 +10,7 @@ from distribkv.http.admin import (
     DigestResource,
     HealthResource,
     PurgeResource,
+    ResyncResource,
     StatusResource,
 )
 from distribkv.http.batch import BatchResource
@@ -41,6 +42,7 @@ def create_app(node, pool: ConnectionPool) -> falcon.App:
         ("/cluster", ClusterResource(node)),
         ("/digest", DigestResource(node)),
         ("/replication/snapshot", SnapshotResource(node)),
+        ("/replication/resync", ResyncResource(node)),
     ]
     taken = {path for path, _ in routes}
     for extra in node.registry.manager.hook.distribkv_routes(node=node):

@@ -117,6 +117,14 @@ class BatchResource:
             return
 
         get_keys = [key for kind, key, _ in ops if kind == "get"]
+        if get_keys and not self.node.readable:
+            raise ApiError(
+                falcon.HTTP_503,
+                "replica resyncing",
+                f"{self.node.name} is reloading its data; read from the leader"
+                f" {self.node.me.leader}",
+                leader=self.node.me.leader,
+            )
         values = iter(self.node.get_many(get_keys) if get_keys else [])
         mutations = [
             Put(Namespace.DATA, key, value) if kind == "set" else Delete(Namespace.DATA, key)

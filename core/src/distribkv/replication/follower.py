@@ -21,10 +21,12 @@ import attrs
 from distribkv.replication.api import ReplicationRole
 from distribkv.replication.log import (
     APPLIED,
+    APPLIED_CHECK,
     FOLLOWS,
     RESYNC,
     SNAPSHOT_SEQ,
     apply_entries,
+    entry_check,
     read_seq,
     seq_key,
 )
@@ -39,6 +41,12 @@ BACKOFF_MIN, BACKOFF_MAX = 0.05, 5.0
 
 class ResyncNeeded(Exception):
     """The leader cannot continue this replica's history (trimmed log or new history id)."""
+
+
+class Diverged(Exception):
+    """The leader's history is not the one this replica holds (the leader's disk was replaced,
+    or it lost entries this replica has). The replica keeps its data and stops following until
+    an operator decides (see README: rebuilding a leader)."""
 
 
 class LeaderUnavailable(Exception):
@@ -58,8 +66,9 @@ class LeaderSource(abc.ABC):
     """How a transport reaches the leader."""
 
     @abc.abstractmethod
-    def pull(self, after: int, history: str | None, wait: float) -> Pulled:
-        """Entries after ``after``; acknowledges ``after``. Raises ResyncNeeded or
+    def pull(self, after: int, history: str | None, wait: float, check: int | None) -> Pulled:
+        """Entries after ``after``; acknowledges ``after``. ``check`` is the entry_check of the
+        entry at ``after`` (None if unknown). Raises ResyncNeeded, Diverged or
         LeaderUnavailable."""
 
     @abc.abstractmethod
@@ -82,6 +91,9 @@ class Follower(ReplicationRole):
         self.follows = follows.decode() if follows else None
         self.snapshot_seq = read_seq(self.store, SNAPSHOT_SEQ)
         self.needs_resync = self.follows is None or self.store.get(RESYNC, META) is not None
+        check = self.store.get(APPLIED_CHECK, META)
+        self.applied_check = int(check) if check else None
+        self.diverged: str | None = None
         self.state = "starting"
         self.last_error: str | None = None
         self.leader_last = self.applied
@@ -89,6 +101,7 @@ class Follower(ReplicationRole):
         self.applied_ms = 0
         self.resyncs = 0
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"distribkv-follow-{node.name}", daemon=True
         )
@@ -100,8 +113,10 @@ class Follower(ReplicationRole):
 
     def stop(self, timeout: float) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout)
-        self.source.close()
+        if not self._thread.is_alive():
+            self.source.close()
 
     @property
     def readable(self) -> bool:
@@ -124,19 +139,32 @@ class Follower(ReplicationRole):
             "lag_seconds": round(seconds, 3),
             "readable": self.readable,
             "resyncs": self.resyncs,
+            "diverged": self.diverged,
             "last_error": self.last_error,
         }
+
+    def request_resync(self) -> None:
+        """Operator decision: drop this replica's data and reload it from the leader."""
+        self.diverged = None
+        self.needs_resync = True
+        self._wake.set()
 
     # --- the loop -----------------------------------------------------------------------
 
     def _run(self) -> None:
         backoff = BACKOFF_MIN
         while not self._stop.is_set():
+            if self.diverged is not None:
+                # Keep the data, keep serving reads; wait for an operator's resync request.
+                self.state = "diverged"
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
             try:
                 if self.needs_resync:
                     self._resync()
                     continue
-                pulled = self.source.pull(self.applied, self.follows, self.wait)
+                pulled = self.source.pull(self.applied, self.follows, self.wait, self.applied_check)
                 if self._stop.is_set():
                     break
                 self._apply(pulled)
@@ -146,6 +174,14 @@ class Follower(ReplicationRole):
             except ResyncNeeded as exc:
                 log.warning("%s: full resync needed: %s", self.node.name, exc)
                 self.needs_resync = True
+            except Diverged as exc:
+                self.diverged = str(exc)
+                log.error(
+                    "%s: stopped following: %s; this replica keeps its data until a"
+                    " resync is requested (POST /replication/resync)",
+                    self.node.name,
+                    exc,
+                )
             except BackendClosedError:
                 break
             except (LeaderUnavailable, StorageError, ValueError, OSError) as exc:
@@ -165,7 +201,10 @@ class Follower(ReplicationRole):
         self.leader_last_ms = pulled.last_ms
         if pulled.entries:
             self.applied = apply_entries(self.store, pulled.entries, self.applied, sync=self.sync)
-            self.applied_ms = pulled.entries[-1][4]
+            last = pulled.entries[-1]
+            self.applied_ms = last[4]
+            if last[0] == self.applied:
+                self.applied_check = entry_check(*last[1:])
         if self.applied >= self.leader_last:
             self.applied_ms = self.leader_last_ms
 
@@ -194,7 +233,7 @@ class Follower(ReplicationRole):
                 loaded += len(pairs)
             if page["history"] != history:
                 raise ResyncNeeded("the leader's history changed during the resync")
-            last_seq = page["seq"]
+            last_seq = max(last_seq, page.get("seq_after", page["seq"]))
             if page["done"] or not pairs:
                 break
             page = self.source.snapshot_page(pairs[-1][0])
@@ -203,11 +242,13 @@ class Follower(ReplicationRole):
                 Put(META, APPLIED, seq_key(first_seq)),
                 Put(META, FOLLOWS, history.encode()),
                 Put(META, SNAPSHOT_SEQ, seq_key(last_seq)),
+                Delete(META, APPLIED_CHECK),
                 Delete(META, RESYNC),
             ],
             sync=True,
         )
         self.applied, self.follows, self.snapshot_seq = first_seq, history, last_seq
+        self.applied_check = None
         self.needs_resync = False
         self.resyncs += 1
         log.info(
@@ -251,4 +292,12 @@ class LeaderRole(ReplicationRole):
         return self.node.leader_log.status()
 
 
-__all__ = ["Follower", "LeaderRole", "LeaderSource", "LeaderUnavailable", "Pulled", "ResyncNeeded"]
+__all__ = [
+    "Diverged",
+    "Follower",
+    "LeaderRole",
+    "LeaderSource",
+    "LeaderUnavailable",
+    "Pulled",
+    "ResyncNeeded",
+]

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable, Sequence
 
 import msgpack
+from xxhash import xxh3_64_intdigest
 
 from distribkv.storage.api import Delete, Namespace, Op, Put
 from distribkv.storage.store import Store
@@ -36,6 +37,7 @@ APPLIED = b"applied"  # replica: the leader's last seq applied here
 FOLLOWS = b"follows"  # replica: the history id of the leader it follows
 RESYNC = b"resync"  # replica: a full resync is in progress (data is incomplete)
 SNAPSHOT_SEQ = b"snapshot_seq"  # replica: consistent once applied >= this
+APPLIED_CHECK = b"applied_check"  # replica: entry_check of the entry at APPLIED
 
 OP_DELETE, OP_PUT = 0, 1
 
@@ -62,6 +64,13 @@ def encode_entry(op: Op, now_ms: int) -> bytes:
     if type(op) is Put:
         return msgpack.packb([OP_PUT, op.key, op.value, now_ms], use_bin_type=True)
     return msgpack.packb([OP_DELETE, op.key, None, now_ms], use_bin_type=True)
+
+
+def entry_check(op: int, key: bytes, value: bytes | None, ts: int) -> int:
+    """A checksum of one entry: a replica sends the one it applied last, and the leader
+    compares it with its own entry at that seq, so a leader that lost a suffix of its log and
+    reused those sequence numbers is noticed instead of silently diverging."""
+    return xxh3_64_intdigest(msgpack.packb([op, key, value, ts], use_bin_type=True))
 
 
 def decode_entry(raw: bytes) -> tuple[int, bytes, bytes | None, int]:
@@ -103,12 +112,42 @@ class LeaderLog:
         self.sync = sync
         self.retention = retention
         self.history = ensure_history(store, sync=sync)
+        self._adopt_followed_history()
         self.last_seq = read_seq(store, LAST_SEQ)
         self.trimmed = read_seq(store, TRIMMED)
         self.last_write_ms = int(time.time() * 1000)
         self._write_lock = threading.Lock()
         self._changed = threading.Condition(threading.Lock())
         self.progress = {name: ReplicaProgress(name) for name in replicas}
+
+    def _adopt_followed_history(self) -> None:
+        """A replica's data directory started as a leader continues the history it followed:
+        same history id, next seq after the last one it applied. Replicas at that point go on
+        without a resync; those behind it reload from this (more advanced) copy."""
+        store = self.store
+        follows = store.get(FOLLOWS, META)
+        if follows is None or store.get(LAST_SEQ, META) is not None:
+            return
+        if store.get(RESYNC, META) is not None:
+            return  # an interrupted resync: its data is incomplete, start a history of its own
+        applied = read_seq(store, APPLIED)
+        store.apply(
+            [
+                Put(META, HISTORY, follows),
+                Put(META, LAST_SEQ, seq_key(applied)),
+                Put(META, TRIMMED, seq_key(applied)),
+                Delete(META, FOLLOWS),
+                Delete(META, APPLIED),
+            ],
+            sync=True,
+        )
+        self.history = follows.decode()
+        log.warning(
+            "this data directory followed history %s up to seq %d; as a leader it"
+            " continues that history",
+            self.history,
+            applied,
+        )
 
     # --- writes ---------------------------------------------------------------------------
 
@@ -129,6 +168,11 @@ class LeaderLog:
         with self._changed:
             self._changed.notify_all()
         return seq
+
+    def check_at(self, seq: int) -> int | None:
+        """entry_check of the entry at ``seq``, or None when it is not in the log."""
+        raw = self.store.get(seq_key(seq), LOG)
+        return None if raw is None else entry_check(*decode_entry(raw))
 
     def committed_seq(self) -> int:
         """The last seq, consistent with storage: no write is between its apply and its seq
@@ -201,6 +245,7 @@ class LeaderLog:
         """Remove entries every replica has (but keep at most ``retention``); returns count."""
         with self._changed:
             floors = [p.floor for p in self.progress.values()]
+            resyncing = [p.retain for p in self.progress.values() if p.acked < 0 <= p.retain]
         last = self.last_seq
         if not floors:
             floor = last  # no replicas: nobody needs the log
@@ -211,15 +256,18 @@ class LeaderLog:
         # Never keep more than `retention` entries, even for a replica that is far behind:
         # it then resyncs from a snapshot instead.
         target = max(floor, last - self.retention)
-        target = min(target, last)
+        # A replica in the middle of a resync needs the log from its snapshot on, whatever
+        # the cap says; otherwise a busy leader could make it resync forever.
+        target = min([target, last, *resyncing])
         removed = 0
         while self.trimmed < target:
             upto = min(target, self.trimmed + 1000)
             ops: list[Op] = [Delete(LOG, seq_key(s)) for s in range(self.trimmed + 1, upto + 1)]
             ops.append(Put(META, TRIMMED, seq_key(upto)))
+            # Announce the new floor first, so a pull never finds a hole in what it was told.
+            previous, self.trimmed = self.trimmed, upto
             self.store.apply(ops, sync=False)
-            removed += upto - self.trimmed
-            self.trimmed = upto
+            removed += upto - previous
         return removed
 
     def lag_seconds(self, acked: int) -> float | None:
@@ -236,7 +284,9 @@ class LeaderLog:
     def status(self) -> dict:
         now = time.time()
         replicas = {}
-        for name, p in sorted(self.progress.items()):
+        with self._changed:
+            progress = sorted(self.progress.items())
+        for name, p in progress:
             lag = None if p.acked < 0 else self.last_seq - p.acked
             seconds = self.lag_seconds(p.acked)
             replicas[name] = {
@@ -257,11 +307,13 @@ class LeaderLog:
     def snapshot_page(self, after_key: bytes | None, limit: int, max_bytes: int) -> dict:
         """One page of the data, with the seq read before it: a replica that loads every page
         and then applies the log from the first page's seq ends with the leader's state."""
-        seq = self.last_seq
+        seq = self.committed_seq()
         pairs = []
         size = 0
         start = None if after_key is None else after_key + b"\x00"
         with self.store.scan(DATA, start, limit=limit) as scan:
+            # Read after the scan's snapshot was taken: every write in the page is <= this.
+            seq_after = self.committed_seq()
             for key, value in scan:
                 pairs.append([key, value])
                 size += len(key) + len(value)
@@ -270,6 +322,7 @@ class LeaderLog:
         return {
             "history": self.history,
             "seq": seq,
+            "seq_after": seq_after,
             "pairs": pairs,
             "done": len(pairs) < limit and size < max_bytes,
         }
@@ -290,15 +343,19 @@ def apply_entries(
     """
     ops: list[Op] = list(extra)
     seq = applied
-    for entry_seq, op, key, value, _ts in entries:
+    check = None
+    for entry_seq, op, key, value, ts in entries:
         if entry_seq <= seq:
             continue
         if entry_seq != seq + 1:
             raise ValueError(f"gap in the replication log: expected seq {seq + 1}, got {entry_seq}")
         ops.append(entry_op(op, key, value))
         seq = entry_seq
+        check = (op, key, value, ts)
     if seq == applied and not extra:
         return applied
     ops.append(Put(META, APPLIED, seq_key(seq)))
+    if check is not None:
+        ops.append(Put(META, APPLIED_CHECK, b"%d" % entry_check(*check)))
     store.apply(ops, sync=sync)
     return seq

@@ -27,6 +27,7 @@ from distribkv.http.params import query_params
 from distribkv.http.routing import TOKEN_HEADER
 from distribkv.replication.api import TransportSpec
 from distribkv.replication.follower import (
+    Diverged,
     Follower,
     LeaderRole,
     LeaderSource,
@@ -79,15 +80,17 @@ class PullResource:
         history = params.get("history", b"").decode("ascii", "replace")
         wait = min(MAX_WAIT, max(0.0, float(_int(params, "wait_ms", 0)) / 1000))
         max_entries = min(MAX_ENTRIES, max(1, _int(params, "max_entries", MAX_ENTRIES)))
-        if history and history != leader.history:
-            gone(resp, leader, f"the leader's history is {leader.history}, not {history}")
+        problem = divergence(leader, history, after, params.get("check"))
+        if problem:
+            refuse(resp, leader, falcon.HTTP_409, "diverged", problem)
             return
-        if after < leader.trimmed or after > leader.committed_seq():
-            gone(
+        if after < leader.trimmed:
+            refuse(
                 resp,
                 leader,
-                f"entries after {after} are not in the log"
-                f" (kept: {leader.trimmed + 1}..{leader.last_seq})",
+                falcon.HTTP_410,
+                "resync needed",
+                f"entries after {after} are not in the log (kept: {leader.trimmed + 1}..)",
             )
             return
         if history:
@@ -109,11 +112,27 @@ class PullResource:
         )
 
 
-def gone(resp: falcon.Response, leader, detail: str) -> None:
-    resp.status = falcon.HTTP_410
+def divergence(leader, history: str, after: int, check: bytes | None) -> str | None:
+    """Why a replica at ``after`` of ``history`` cannot follow this leader, or None."""
+    if history and history != leader.history:
+        return f"the leader's history is {leader.history}, the replica follows {history}"
+    if after > leader.committed_seq():
+        return (
+            f"the replica applied seq {after} but the leader's log ends at"
+            f" {leader.last_seq}: the leader lost entries"
+        )
+    if check and after > leader.trimmed:
+        mine = leader.check_at(after)
+        if mine is not None and str(mine).encode() != check:
+            return f"entry {after} differs on the leader: it reused sequence numbers"
+    return None
+
+
+def refuse(resp: falcon.Response, leader, status: str, error: str, detail: str) -> None:
+    resp.status = status
     resp.content_type = MSGPACK
     resp.data = msgpack.packb(
-        {"error": "resync needed", "detail": detail, "history": leader.history}, use_bin_type=True
+        {"error": error, "detail": detail, "history": leader.history}, use_bin_type=True
     )
 
 
@@ -182,14 +201,19 @@ class LogSource(LeaderSource):
         self.replica = node.node_config.node_name
         self.leader = HttpLeader(node.me.leader, node.token, node.config.server.forward_timeout)
 
-    def pull(self, after: int, history: str | None, wait: float) -> Pulled:
+    def pull(self, after: int, history: str | None, wait: float, check: int | None) -> Pulled:
         target = (
             f"/replication/pull?after={after}&replica={self.replica}"
             f"&history={history or ''}&wait_ms={int(wait * 1000)}"
         )
+        if check is not None:
+            target += f"&check={check}"
         status, doc = self.leader.get(target, timeout=wait + self.leader.timeout)
+        detail = doc.get("detail") if isinstance(doc, dict) else str(doc)[:200]
         if status == 410:
-            raise ResyncNeeded(doc.get("detail") if isinstance(doc, dict) else "history gone")
+            raise ResyncNeeded(detail)
+        if status == 409:
+            raise Diverged(detail)
         if status != 200 or not isinstance(doc, dict):
             raise LeaderUnavailable(f"leader {self.leader.address} answered {status}: {doc!r:.200}")
         return Pulled(doc["history"], doc["last"], doc["last_ms"], doc["entries"])

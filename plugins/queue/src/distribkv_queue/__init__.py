@@ -1,6 +1,7 @@
 """The seed-compatible ``queue`` replication transport.
 
-Leader endpoints (JSON), per replica (``replica=NAME``, default ``default``):
+Leader endpoints (JSON), per replica (``replica=NAME``; a replica that names none is known
+by its address):
 
 - ``GET /next-replication-key[?replica=&after=&history=&wait_ms=]`` -> ``{"Key", "Value",
   "Err", "Op", "Seq", "KeyB64", "ValueB64", "History", "Last", "LastMs", "Ts"}``; an empty
@@ -23,6 +24,7 @@ from distribkv.http.admin import require_token
 from distribkv.http.params import query_params
 from distribkv.replication.api import TransportSpec
 from distribkv.replication.follower import (
+    Diverged,
     Follower,
     LeaderRole,
     LeaderSource,
@@ -31,7 +33,7 @@ from distribkv.replication.follower import (
     ResyncNeeded,
 )
 from distribkv.replication.log import OP_PUT
-from distribkv.replication.logtransport import HttpLeader, leader_log_of
+from distribkv.replication.logtransport import HttpLeader, divergence, leader_log_of
 
 __version__ = "0.1.0"
 
@@ -67,7 +69,8 @@ class NextKeyResource:
         require_token(self.node, req)
         leader = leader_log_of(self.node)
         params = query_params(req)
-        replica = params.get("replica", b"default").decode("utf-8", "replace")
+        # A seed replica does not name itself: its address keeps its progress apart.
+        replica = params.get("replica", req.remote_addr.encode()).decode("utf-8", "replace")
         history = params.get("history", b"").decode("ascii", "replace")
         try:
             wait = min(MAX_WAIT, int(params.get("wait_ms", b"0")) / 1000)
@@ -76,11 +79,15 @@ class NextKeyResource:
             raise falcon.HTTPBadRequest(description="after and wait_ms are integers") from None
         if after is None:
             after = leader.trimmed  # a replica never seen: from the oldest kept change
-        if (history and history != leader.history) or not (
-            leader.trimmed <= after <= leader.committed_seq()
-        ):
-            resp.status = falcon.HTTP_410
-            resp.media = {"Key": "", "Value": "", "Err": "resync needed", "History": leader.history}
+        problem = divergence(leader, history, after, params.get("check"))
+        if problem or after < leader.trimmed:
+            resp.status = falcon.HTTP_409 if problem else falcon.HTTP_410
+            resp.media = {
+                "Key": "",
+                "Value": "",
+                "Err": problem or "resync needed",
+                "History": leader.history,
+            }
             return
         self.cursors.set(replica, after)
         if history:
@@ -123,7 +130,7 @@ class DeleteKeyResource:
         require_token(self.node, req)
         leader = leader_log_of(self.node)
         params = query_params(req)
-        replica = params.get("replica", b"default").decode("utf-8", "replace")
+        replica = params.get("replica", req.remote_addr.encode()).decode("utf-8", "replace")
         cursor = self.cursors.get(replica)
         if cursor is None:
             cursor = leader.trimmed
@@ -153,16 +160,20 @@ class QueueSource(LeaderSource):
         self.replica = node.node_config.node_name
         self.leader = HttpLeader(node.me.leader, node.token, node.config.server.forward_timeout)
 
-    def pull(self, after: int, history: str | None, wait: float) -> Pulled:
+    def pull(self, after: int, history: str | None, wait: float, check: int | None) -> Pulled:
         # ``after`` acknowledges the previous change, so this replica needs one round trip per
         # change; replicas of the seeds acknowledge with /delete-replication-key instead.
         target = (
             f"/next-replication-key?replica={self.replica}&after={after}"
             f"&history={history or ''}&wait_ms={int(wait * 1000)}"
         )
+        if check is not None:
+            target += f"&check={check}"
         status, body = self.leader.get(target, timeout=wait + self.leader.timeout)
         if status == 410:
             raise ResyncNeeded("the leader no longer has this replica's next change")
+        if status == 409:
+            raise Diverged(json.loads(body).get("Err"))
         if status != 200:
             raise LeaderUnavailable(f"leader {self.leader.address} answered {status}")
         doc = json.loads(body)

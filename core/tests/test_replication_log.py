@@ -1,0 +1,107 @@
+"""The leader's log in process: order, idempotent apply, trimming, divergence checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from distribkv.plugins import load_plugins
+from distribkv.replication.log import (
+    APPLIED,
+    FOLLOWS,
+    LAST_SEQ,
+    LeaderLog,
+    apply_entries,
+    entry_check,
+    seq_key,
+)
+from distribkv.replication.logtransport import divergence
+from distribkv.storage.api import Delete, Namespace, Put
+from distribkv.storage.store import open_store
+
+DATA, LOG, META = Namespace.DATA, Namespace.LOG, Namespace.META
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = open_store(load_plugins().storage_backend("memory"), tmp_path)
+    yield store
+    store.close()
+
+
+def put(key: bytes, value: bytes) -> Put:
+    return Put(DATA, key, value)
+
+
+def test_each_op_gets_the_next_seq_with_its_data_in_one_apply(store):
+    leader = LeaderLog(store, sync=False, replicas=[], retention=100)
+    assert leader.write([put(b"a", b"1"), Delete(DATA, b"b")]) == 2
+    assert leader.write([put(b"a", b"2")]) == 3
+    entries = leader.entries_after(0, max_entries=10, max_bytes=1 << 20)
+    assert [(e[0], e[1], e[2], e[3]) for e in entries] == [
+        (1, 1, b"a", b"1"),
+        (2, 0, b"b", None),
+        (3, 1, b"a", b"2"),
+    ]
+    assert store.get(LAST_SEQ, META) == seq_key(3)
+
+
+def test_applying_a_batch_twice_changes_nothing_and_gaps_are_refused(store, tmp_path):
+    leader = LeaderLog(store, sync=False, replicas=[], retention=100)
+    for i in range(5):
+        leader.write([put(b"k%d" % i, b"v")])
+    entries = leader.entries_after(0, max_entries=10, max_bytes=1 << 20)
+    replica = open_store(load_plugins().storage_backend("memory"), tmp_path / "r")
+    assert apply_entries(replica, entries[:3], 0, sync=False) == 3
+    assert apply_entries(replica, entries, 3, sync=False) == 5
+    assert apply_entries(replica, entries, 5, sync=False) == 5
+    with pytest.raises(ValueError, match="gap"):
+        apply_entries(replica, entries[4:], 2, sync=False)
+    replica.close()
+
+
+def test_trimming_keeps_what_the_slowest_replica_and_a_resync_need(store):
+    leader = LeaderLog(store, sync=False, replicas=["r0", "r1"], retention=50)
+    for i in range(40):
+        leader.write([put(b"k%d" % i, b"v")])
+    assert leader.trim() == 0  # no replica has reported yet, and 40 entries are under the cap
+    leader.resyncing("r1", 20)  # r1 reloads a snapshot taken at seq 20
+    for i in range(40, 100):
+        leader.write([put(b"k%d" % i, b"v")])
+    leader.acknowledge("r0", 90)
+    leader.trim()
+    assert leader.trimmed == 20  # the resync's floor wins over the retention cap
+    leader.acknowledge("r1", 60)
+    leader.trim()
+    assert leader.trimmed == 60
+    leader.acknowledge("r1", 95)
+    leader.trim()
+    assert leader.trimmed == 90
+
+
+def test_a_leader_that_reused_sequence_numbers_is_detected(store):
+    leader = LeaderLog(store, sync=False, replicas=[], retention=1000)
+    for i in range(100):
+        leader.write([put(b"k%d" % i, b"v%d" % i)])
+    raw = leader.entries_after(99, max_entries=1, max_bytes=1 << 20)[0]
+    replica_check = str(entry_check(*raw[1:])).encode()
+    assert divergence(leader, leader.history, 100, replica_check) is None
+    # The leader loses its last 10 entries (same history), then takes other writes.
+    store.apply(
+        [Delete(LOG, seq_key(s)) for s in range(91, 101)] + [Put(META, LAST_SEQ, seq_key(90))],
+        sync=False,
+    )
+    leader = LeaderLog(store, sync=False, replicas=[], retention=1000)
+    assert "lost entries" in divergence(leader, leader.history, 100, replica_check)
+    for i in range(15):
+        leader.write([put(b"other%d" % i, b"x")])
+    assert "reused sequence numbers" in divergence(leader, leader.history, 100, replica_check)
+    assert "history" in divergence(leader, "someotherhistory", 100, replica_check)
+
+
+def test_a_replica_directory_started_as_leader_continues_its_history(store):
+    store.apply(
+        [Put(META, FOLLOWS, b"abcdef0123456789"), Put(META, APPLIED, seq_key(42))], sync=False
+    )
+    leader = LeaderLog(store, sync=False, replicas=[], retention=100)
+    assert (leader.history, leader.last_seq, leader.trimmed) == ("abcdef0123456789", 42, 42)
+    assert leader.write([put(b"x", b"y")]) == 43
