@@ -38,29 +38,16 @@ class Locator:
                 return True
             if not write and req.get_header(READ_HEADER) != "leader":
                 return True  # a replica serves reads itself, possibly stale
-            if self.mode == "redirect":
-                routing.redirect(resp, req, owner, owner.leader)
-                return False
-            if not write:
-                routing.forward(
-                    self.pool,
-                    req,
-                    resp,
-                    owner,
-                    owner.leader,
-                    body=body,
-                    me=node.name,
-                    fingerprint=self.fingerprint,
+            if write and self.mode != "redirect":
+                raise ApiError(
+                    falcon.HTTP_403,
+                    "read-only replica",
+                    f"{node.name} is a replica; write to the leader at {owner.leader}",
+                    leader=owner.leader,
                 )
-                return False
-            raise ApiError(
-                falcon.HTTP_403,
-                "read-only replica",
-                f"{node.name} is a replica; write to the leader at {owner.leader}",
-                leader=owner.leader,
-            )
-        if req.get_header(routing.HOP_HEADER):
+        elif req.get_header(routing.HOP_HEADER):
             raise routing.misdirected(owner, node.name)
+        # Another shard's key, a write to a replica (redirect mode) or a leader-only read.
         if self.mode == "redirect":
             routing.redirect(resp, req, owner, owner.leader)
         else:

@@ -15,7 +15,6 @@ import base64
 import json
 import threading
 from typing import Any
-from urllib.parse import quote_from_bytes
 
 import falcon
 
@@ -27,13 +26,12 @@ from distribkv.replication.follower import (
     Diverged,
     Follower,
     LeaderRole,
-    LeaderSource,
     LeaderUnavailable,
     Pulled,
     ResyncNeeded,
 )
 from distribkv.replication.log import OP_PUT
-from distribkv.replication.logtransport import HttpLeader, divergence, leader_log_of
+from distribkv.replication.logtransport import LogSource, divergence, leader_log_of
 
 __version__ = "0.1.0"
 
@@ -153,12 +151,9 @@ class DeleteKeyResource:
         resp.data = b"ok"
 
 
-class QueueSource(LeaderSource):
-    """A replica that speaks the seeds' protocol (with the binary-safe extensions)."""
-
-    def __init__(self, node):
-        self.replica = node.node_config.node_name
-        self.leader = HttpLeader(node.me.leader, node.token, node.config.server.forward_timeout)
+class QueueSource(LogSource):
+    """A replica that speaks the seeds' protocol (with the binary-safe extensions); it resyncs
+    from the core's snapshot pages like a ``log`` replica."""
 
     def pull(self, after: int, history: str | None, wait: float, check: int | None) -> Pulled:
         # ``after`` acknowledges the previous change, so this replica needs one round trip per
@@ -185,18 +180,6 @@ class QueueSource(LeaderSource):
             value = base64.b64decode(doc["ValueB64"]) if op == OP_PUT else None
             entries.append((doc["Seq"], op, base64.b64decode(doc["KeyB64"]), value, doc["Ts"]))
         return Pulled(doc["History"], doc["Last"], doc["LastMs"], entries)
-
-    def snapshot_page(self, after_key: bytes | None):
-        target = f"/replication/snapshot?replica={self.replica}"
-        if after_key is not None:
-            target += f"&after={quote_from_bytes(after_key, safe='')}"
-        status, doc = self.leader.get(target, timeout=self.leader.timeout * 4)
-        if status != 200 or not isinstance(doc, dict):
-            raise LeaderUnavailable(f"leader {self.leader.address} answered {status}")
-        return doc
-
-    def close(self) -> None:
-        self.leader.close()
 
 
 SPEC = TransportSpec(
