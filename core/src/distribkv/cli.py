@@ -169,29 +169,32 @@ def _node_address(args: argparse.Namespace) -> str:
 
 
 def cmd_kv(args: argparse.Namespace) -> int:
-    """get / set / delete one key through any node, following redirects."""
-    from distribkv.http.simple import request_key
+    """get / set / delete one key through the client (it routes to the owning shard)."""
+    from distribkv.client import Client, ClientError
 
     key = args.key.encode() if not args.hex else bytes.fromhex(args.key)
-    value = None
-    if args.command == "set":
-        if args.value == "-":
-            value = sys.stdin.buffer.read()
-        else:
-            value = args.value.encode() if not args.hex else bytes.fromhex(args.value)
-    status, body = request_key(_node_address(args), args.command, key, value, timeout=args.timeout)
-    if args.command == "get" and status == 200:
-        sys.stdout.buffer.write(body)
-        if sys.stdout.isatty():
-            sys.stdout.write("\n")
-        return 0
-    if status in (200, 204):
-        return 0
-    print(
-        f"distribkv: {args.command} failed: HTTP {status}: {body.decode(errors='replace')}",
-        file=sys.stderr,
-    )
-    return 1 if status == 404 else 2
+    try:
+        with Client([_node_address(args)], timeout=args.timeout) as client:
+            if args.command == "get":
+                value = client.get(key)
+                if value is None:
+                    print(f"distribkv: {args.key!r} is not set", file=sys.stderr)
+                    return 1
+                sys.stdout.buffer.write(value)
+                if sys.stdout.isatty():
+                    sys.stdout.write("\n")
+            elif args.command == "set":
+                if args.value == "-":
+                    value = sys.stdin.buffer.read()
+                else:
+                    value = args.value.encode() if not args.hex else bytes.fromhex(args.value)
+                client.set(key, value)
+            else:
+                client.delete(key)
+    except ClientError as exc:
+        print(f"distribkv: {args.command} failed: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,266 @@
+"""The Python client: routes each key to its shard itself, over pooled keep-alive connections.
+
+    from distribkv.client import Client
+
+    with Client(["127.0.0.2:8080"]) as db:
+        db.set(b"key", b"value")
+        db.get(b"key")                       # b"value" (None if absent)
+        db.set_many({b"a": b"1", b"b": b"2"})  # one /batch per shard, in parallel
+        db.get_many([b"a", b"b", b"c"])      # {b"a": b"1", b"b": b"2", b"c": None}
+
+It fetches the shard map from ``/cluster`` of any node and hashes keys with the same hashing
+plugin, so with a current map no request needs a redirect. Every request carries the map's
+fingerprint; a node with another map answers 409, and the client fetches the map again and
+retries once, so a changed layout is invisible to the caller. Redirects are followed (at most
+``max_redirects``) in case a node still knows better. Reads are retried with backoff on
+connection errors; writes are retried only when the request could not have been sent.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import quote_from_bytes, urlsplit
+
+import msgpack
+
+from distribkv.hashing.shardmap import ShardMap
+from distribkv.http.routing import MAP_HEADER, ConnectionPool
+from distribkv.plugins import PluginRegistry, load_plugins
+
+log = logging.getLogger(__name__)
+
+MSGPACK = "application/msgpack"
+BATCH_OPS = 1000
+
+
+class ClientError(Exception):
+    """Base class of the client's errors."""
+
+
+class RequestError(ClientError):
+    """The node refused the request (4xx other than 404); ``status`` and ``body`` tell why."""
+
+    def __init__(self, status: int, body: bytes, what: str):
+        self.status, self.body = status, body
+        try:
+            detail = json.loads(body).get("detail") or json.loads(body).get("error")
+        except (ValueError, AttributeError):
+            detail = body[:200].decode(errors="replace")
+        super().__init__(f"{what}: HTTP {status}: {detail}")
+
+
+class ServerError(RequestError):
+    """The node failed (5xx), e.g. 503 for a write not replicated to min_replicas."""
+
+
+class Unavailable(ClientError):
+    """No node could be reached in time."""
+
+
+class Client:
+    def __init__(
+        self,
+        nodes: Sequence[str],
+        *,
+        timeout: float = 5.0,
+        read_from_replicas: bool = False,
+        max_redirects: int = 3,
+        retries: int = 3,
+        registry: PluginRegistry | None = None,
+        pool_size: int = 8,
+    ):
+        if not nodes:
+            raise ValueError("give at least one node address (host:port)")
+        self.seeds = list(nodes)
+        self.timeout = timeout
+        self.read_from_replicas = read_from_replicas
+        self.max_redirects = max_redirects
+        self.retries = retries
+        self.registry = registry or load_plugins()
+        self.pool = ConnectionPool(timeout, per_address=pool_size)
+        self._executor = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="dkv")
+        self._lock = threading.Lock()
+        self.map: ShardMap | None = None
+        #: Requests answered with a redirect or a map mismatch (0 while the map is current).
+        self.redirects = 0
+        self.map_refreshes = 0
+        self.refresh_map()
+
+    # --- the map --------------------------------------------------------------------------
+
+    def refresh_map(self) -> ShardMap:
+        """Fetch ``/cluster`` from the first node that answers."""
+        errors = []
+        candidates = list(self.seeds)
+        if self.map is not None:
+            candidates += sorted(self.map.addresses())
+        for address in dict.fromkeys(candidates):
+            try:
+                status, _, body = self.pool.request(address, "GET", "/cluster", None, {})
+            except OSError as exc:
+                errors.append(f"{address}: {exc}")
+                continue
+            if status != 200:
+                errors.append(f"{address}: HTTP {status}")
+                continue
+            data = json.loads(body)
+            scheme = self.registry.hashing_scheme(data["hashing"])
+            fresh = ShardMap.from_description(data, scheme)
+            if fresh.fingerprint != data["fingerprint"]:
+                raise ClientError(
+                    f"{address} publishes map {data['fingerprint']} but it hashes to"
+                    f" {fresh.fingerprint} here: the hashing plugins differ"
+                )
+            with self._lock:
+                self.map = fresh
+                self.map_refreshes += 1
+            return fresh
+        raise Unavailable("no node answered /cluster: " + "; ".join(errors))
+
+    def _address(self, key: bytes, *, write: bool) -> str:
+        shard = self.map.owner_of(key)
+        if not write and self.read_from_replicas and shard.replicas:
+            return shard.replicas[hash(threading.get_ident()) % len(shard.replicas)]
+        return shard.leader
+
+    # --- requests -------------------------------------------------------------------------
+
+    def _send(
+        self,
+        key: bytes,
+        method: str,
+        target: str,
+        body: bytes | None,
+        *,
+        write: bool,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[int, bytes]:
+        refreshed = False
+        attempt = 0
+        address = self._address(key, write=write)
+        redirects = 0
+        while True:
+            sent_headers = {MAP_HEADER: self.map.fingerprint, **(headers or {})}
+            try:
+                status, response_headers, data = self.pool.request(
+                    address, method, target, body, sent_headers
+                )
+            except (ConnectionRefusedError, OSError, http.client.HTTPException) as exc:
+                # A refused connection sent nothing: safe to retry for writes too.
+                safe = not write or isinstance(exc, ConnectionRefusedError)
+                attempt += 1
+                if not safe or attempt > self.retries:
+                    raise Unavailable(f"{method} {target[:80]} at {address}: {exc}") from exc
+                time.sleep(min(2.0, 0.05 * 2**attempt))
+                continue
+            if status == 409 and not refreshed:
+                self.redirects += 1
+                self.refresh_map()
+                refreshed = True
+                address = self._address(key, write=write)
+                continue
+            if status in (307, 308) and redirects < self.max_redirects:
+                self.redirects += 1
+                redirects += 1
+                location = urlsplit(dict((k.lower(), v) for k, v in response_headers)["location"])
+                address = location.netloc
+                target = location.path + (f"?{location.query}" if location.query else "")
+                continue
+            return status, data
+
+    @staticmethod
+    def _check(status: int, data: bytes, what: str) -> None:
+        if status >= 500:
+            raise ServerError(status, data, what)
+        if status >= 400 and status != 404:
+            raise RequestError(status, data, what)
+
+    def get(self, key: bytes) -> bytes | None:
+        status, data = self._send(key, "GET", f"/get?key={_q(key)}", None, write=False)
+        if status == 404:
+            return None
+        self._check(status, data, f"get {key!r}")
+        return data
+
+    def set(self, key: bytes, value: bytes) -> None:
+        status, data = self._send(key, "PUT", f"/set?key={_q(key)}", value, write=True)
+        self._check(status, data, f"set {key!r}")
+
+    def delete(self, key: bytes) -> None:
+        status, data = self._send(key, "DELETE", f"/delete?key={_q(key)}", None, write=True)
+        self._check(status, data, f"delete {key!r}")
+
+    # --- batches --------------------------------------------------------------------------
+
+    def _batches(self, ops: list[list], *, write: bool) -> list:
+        """Group ops per shard, send each group as /batch calls in parallel, keep order."""
+        groups: dict[int, list[int]] = {}
+        for i, op in enumerate(ops):
+            groups.setdefault(self.map.placement.shard_for(op[1]), []).append(i)
+        chunks = []
+        for indexes in groups.values():
+            for start in range(0, len(indexes), BATCH_OPS):
+                chunks.append(indexes[start : start + BATCH_OPS])
+        results: list = [None] * len(ops)
+
+        def run(chunk: list[int]) -> None:
+            body = msgpack.packb({"ops": [ops[i] for i in chunk]}, use_bin_type=True)
+            status, data = self._send(
+                ops[chunk[0]][1],
+                "POST",
+                "/batch",
+                body,
+                write=write,
+                headers={"Content-Type": MSGPACK},
+            )
+            if status == 421:  # the map changed under a multi-shard split: regroup
+                self.refresh_map()
+                for i, value in zip(
+                    chunk, self._batches([ops[i] for i in chunk], write=write), strict=True
+                ):
+                    results[i] = value
+                return
+            self._check(status, data, f"batch of {len(chunk)} ops")
+            for i, value in zip(chunk, msgpack.unpackb(data, raw=False)["results"], strict=True):
+                results[i] = value
+
+        for future in [self._executor.submit(run, chunk) for chunk in chunks]:
+            future.result()
+        return results
+
+    def get_many(self, keys: Iterable[bytes]) -> dict[bytes, bytes | None]:
+        keys = list(keys)
+        values = self._batches([["get", k] for k in keys], write=False)
+        return dict(zip(keys, values, strict=True))
+
+    def set_many(self, pairs: Mapping[bytes, bytes] | Iterable[tuple[bytes, bytes]]) -> None:
+        items = pairs.items() if isinstance(pairs, Mapping) else pairs
+        self._batches([["set", k, v] for k, v in items], write=True)
+
+    def delete_many(self, keys: Iterable[bytes]) -> None:
+        self._batches([["delete", k] for k in keys], write=True)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self.pool.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _q(key: bytes) -> str:
+    return quote_from_bytes(key, safe="")
+
+
+__all__ = ["Client", "ClientError", "RequestError", "ServerError", "Unavailable"]
