@@ -197,6 +197,42 @@ def cmd_kv(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reshard(args: argparse.Namespace) -> int:
+    """Move keys from the layout of one cluster file to another's, online."""
+    import json
+    import os
+
+    from distribkv.config import load_cluster_token, load_config
+    from distribkv.plugins import load_plugins
+    from distribkv.reshard import Reshard, ReshardError
+
+    registry = load_plugins()
+    source = load_config(args.source, registry)
+    target = load_config(args.target, registry)
+    try:
+        job = Reshard(
+            source,
+            target,
+            registry=registry,
+            token=load_cluster_token(os.environ),
+            timeout=args.timeout,
+            max_rate=args.max_rate,
+        )
+        try:
+            if args.abort:
+                job.abort()
+                return 0
+            result = job.run(dry_run=args.dry_run)
+        finally:
+            job.close()
+    except ReshardError as exc:
+        print(f"distribkv: reshard failed: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distribkv",
@@ -280,6 +316,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     launch.add_argument("--log-dir", help="where node logs go (default: <data_dir>/logs)")
     launch.set_defaults(func=cmd_launch)
+
+    reshard = sub.add_parser(
+        "reshard",
+        help="move keys to a new layout (more shards, other hashing), online",
+        description=(
+            "Change the cluster from the layout of --from to the layout of --to (one more "
+            "shard, or modulo -> ring) while it serves: plan (how many keys move from which "
+            "shard to which), copy the moving keys with the writes that arrive meanwhile, "
+            "fence them (writes get 503 for a moment and clients retry), verify a digest of "
+            "every moved range, switch every node to the new map, purge. Start the new "
+            "shards' nodes first (distribkv serve --config NEW --shard NAME). Safe to rerun "
+            "after a crash at any step: the nodes keep the state of the move. Exit status 1 "
+            "if the move could not finish (the message says what to do)."
+        ),
+    )
+    reshard.add_argument(
+        "--from", dest="source", required=True, metavar="OLD.toml", help="the current layout"
+    )
+    reshard.add_argument(
+        "--to", dest="target", required=True, metavar="NEW.toml", help="the new layout"
+    )
+    reshard.add_argument(
+        "--dry-run", action="store_true", help="print the plan (keys per move) and stop"
+    )
+    reshard.add_argument(
+        "--abort",
+        action="store_true",
+        help="lift the fence and forget an unfinished move (only before any node switched)",
+    )
+    reshard.add_argument(
+        "--max-rate",
+        type=float,
+        metavar="KEYS_PER_S",
+        help="copy at most this many keys per second, to spare a busy cluster (no limit)",
+    )
+    reshard.add_argument("--json", action="store_true", help="print the result as JSON at the end")
+    reshard.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds per request to a node (60)"
+    )
+    reshard.set_defaults(func=cmd_reshard)
 
     for name, summary in (
         ("get", "print the value of KEY (exit status 1 if absent)"),

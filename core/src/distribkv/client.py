@@ -10,10 +10,12 @@
 
 It fetches the shard map from ``/cluster`` of any node and hashes keys with the same hashing
 plugin, so with a current map no request needs a redirect. Every request carries the map's
-fingerprint; a node with another map answers 409, and the client fetches the map again and
-retries once, so a changed layout is invisible to the caller. Redirects are followed (at most
-``max_redirects``) in case a node still knows better. Reads are retried with backoff on
-connection errors; writes are retried only when the request could not have been sent.
+fingerprint; a node with another map answers 409, and the client fetches the map from that
+node and retries, so a changed layout is invisible to the caller. Redirects are followed (at
+most ``max_redirects``) in case a node still knows better. Reads are retried with backoff on
+connection errors; writes are retried only when the request could not have been sent, or when
+a reshard answered 503 "moving" (the write was not applied; retried for up to ``move_wait``
+seconds).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ log = logging.getLogger(__name__)
 
 MSGPACK = "application/msgpack"
 BATCH_OPS = 1000
+#: How many times one request may fetch the map again after a 409 (a reshard switches the nodes
+#: one by one, so a request can meet an old and a new map in a row).
+MAX_MAP_REFRESHES = 4
 
 
 class ClientError(Exception):
@@ -72,6 +77,7 @@ class Client:
         read_from_replicas: bool = False,
         max_redirects: int = 3,
         retries: int = 3,
+        move_wait: float = 30.0,
         registry: PluginRegistry | None = None,
         pool_size: int = 8,
     ):
@@ -82,6 +88,7 @@ class Client:
         self.read_from_replicas = read_from_replicas
         self.max_redirects = max_redirects
         self.retries = retries
+        self.move_wait = move_wait
         self.registry = registry or load_plugins()
         self.pool = ConnectionPool(timeout, per_address=pool_size)
         self._executor = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="dkv")
@@ -94,10 +101,10 @@ class Client:
 
     # --- the map --------------------------------------------------------------------------
 
-    def refresh_map(self) -> ShardMap:
-        """Fetch ``/cluster`` from the first node that answers."""
+    def refresh_map(self, prefer: str | None = None) -> ShardMap:
+        """Fetch ``/cluster`` from the first node that answers (``prefer`` first)."""
         errors = []
-        candidates = list(self.seeds)
+        candidates = ([prefer] if prefer else []) + list(self.seeds)
         if self.map is not None:
             candidates += sorted(self.map.addresses())
         for address in dict.fromkeys(candidates):
@@ -141,10 +148,11 @@ class Client:
         write: bool,
         headers: Mapping[str, str] | None = None,
     ) -> tuple[int, bytes]:
-        refreshed = False
+        refreshes = 0
         attempt = 0
         address = self._address(key, write=write)
         redirects = 0
+        deadline = time.monotonic() + self.move_wait
         while True:
             sent_headers = {MAP_HEADER: self.map.fingerprint, **(headers or {})}
             try:
@@ -159,11 +167,20 @@ class Client:
                     raise Unavailable(f"{method} {target[:80]} at {address}: {exc}") from exc
                 time.sleep(min(2.0, 0.05 * 2**attempt))
                 continue
-            if status == 409 and not refreshed:
+            if status == 409 and refreshes < MAX_MAP_REFRESHES:
+                # The node has another map: take it from that node (it is the newer one
+                # during a reshard), then route again.
                 self.redirects += 1
-                self.refresh_map()
-                refreshed = True
+                refreshes += 1
+                self.refresh_map(prefer=address)
                 address = self._address(key, write=write)
+                if refreshes > 1:
+                    time.sleep(0.01 * refreshes)
+                continue
+            if status == 503 and _moving(data) and time.monotonic() < deadline:
+                # A reshard fenced the key for a moment; the request was not applied.
+                attempt += 1
+                time.sleep(min(0.2, 0.01 * 2**attempt))
                 continue
             if status in (307, 308) and redirects < self.max_redirects:
                 self.redirects += 1
@@ -257,6 +274,13 @@ class Client:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _moving(data: bytes) -> bool:
+    try:
+        return json.loads(data).get("error") == "moving"
+    except (ValueError, AttributeError):
+        return False
 
 
 def _q(key: bytes) -> str:

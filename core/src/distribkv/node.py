@@ -24,6 +24,7 @@ from distribkv.replication.api import NotReplicatedError, ReplicationRole
 from distribkv.replication.log import LeaderLog, ensure_history
 from distribkv.storage.api import Delete, Namespace, Op, Put
 from distribkv.storage.store import Store, open_store
+from distribkv.transition import MapState
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,8 @@ class Node:
         self.config = config
         self.registry = registry
         self.node_config: NodeConfig = config.node(shard, replica)
-        self.shard_map = ShardMap.from_config(
-            config, registry.hashing_scheme(config.cluster.hashing)
+        self.maps = MapState(
+            self, ShardMap.from_config(config, registry.hashing_scheme(config.cluster.hashing))
         )
         self.me: ShardInfo = self.shard_map.shard(shard)
         self.replica = replica
@@ -87,6 +88,8 @@ class Node:
         # Every data directory gets its history id when it is created, so a replica's copy
         # promoted to leader starts a history of its own.
         ensure_history(self.store, sync=self.sync)
+        self.maps.load()
+        self.me = self.shard_map.shard(self.me.name)
         if self.is_leader:
             self.leader_log = LeaderLog(
                 self.store,
@@ -114,6 +117,11 @@ class Node:
     # --- placement ------------------------------------------------------------------------
 
     @property
+    def shard_map(self) -> ShardMap:
+        """The map this node serves (it changes when a reshard commits)."""
+        return self.maps.map
+
+    @property
     def is_leader(self) -> bool:
         return self.replica is None
 
@@ -131,13 +139,24 @@ class Node:
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         return self.store.get_many(keys)
 
-    def write(self, ops: Sequence[Op]) -> int:
+    def write(self, ops: Sequence[Op], *, client: bool = True) -> int:
         """Apply data mutations atomically with their replication log entries (durably when
         ``durability = "sync"``); with ``min_replicas``, wait until enough replicas applied
-        them. Returns the last sequence number."""
+        them. Returns the last sequence number.
+
+        A client's write (``client=True``) is refused with :class:`Moving` while a reshard
+        fences its keys; the check runs under the log's write lock. Writes of the reshard
+        itself and of ``purge`` pass ``client=False``."""
         if self.leader_log is None:
             raise RuntimeError(f"{self.name} is a replica; only leaders take writes")
-        seq = self.leader_log.write(ops)
+        guard = None
+        if client and self.maps.transition is not None:
+            maps = self.maps
+
+            def guard() -> None:
+                maps.check_write([op.key for op in ops])
+
+        seq = self.leader_log.write(ops, guard=guard)
         needed = self.config.cluster.min_replicas
         if needed:
             timeout = self.config.cluster.min_replicas_timeout
@@ -176,7 +195,7 @@ class Node:
                 break
             foreign = [Delete(Namespace.DATA, k) for k in keys if not self.owns(k)]
             if foreign:
-                self.write(foreign)
+                self.write(foreign, client=False)
             deleted += len(foreign)
             kept += len(keys) - len(foreign)
             start = keys[-1] + b"\x00"

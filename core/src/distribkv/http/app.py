@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import falcon
 
-from distribkv.http import errors
+from distribkv.http import errors, reshard
 from distribkv.http.admin import (
     ClusterResource,
     DigestResource,
@@ -28,7 +28,7 @@ def forwarding_pool(node) -> ConnectionPool:
 
 def create_app(node, pool: ConnectionPool) -> falcon.App:
     locator = Locator(node, pool)
-    app = falcon.App(middleware=[MapCheck(node.shard_map.fingerprint)])
+    app = falcon.App(middleware=[MapCheck(node)])
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
     routes = [
@@ -43,6 +43,7 @@ def create_app(node, pool: ConnectionPool) -> falcon.App:
         ("/digest", DigestResource(node)),
         ("/replication/snapshot", SnapshotResource(node)),
         ("/replication/resync", ResyncResource(node)),
+        *reshard.routes(node),
     ]
     taken = {path for path, _ in routes}
     for extra in node.registry.manager.hook.distribkv_routes(node=node):

@@ -104,7 +104,7 @@ class BatchResource:
             self._answer(resp, [], use_msgpack, b64)
             return
 
-        owners = {self.node.owner_of(key).name for _, key, _ in ops}
+        owners = {self.locator.owner(key)[0].name for _, key, _ in ops}
         if len(owners) > 1:
             raise ApiError(
                 falcon.HTTP_421,

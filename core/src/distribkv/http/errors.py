@@ -18,6 +18,7 @@ from distribkv.storage.errors import (
     StorageError,
     StorageFullError,
 )
+from distribkv.transition import Moving
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,16 @@ STORAGE_STATUS: list[tuple[type[StorageError], str, str]] = [
 class ApiError(falcon.HTTPError):
     """An error answered as ``{"error": title, "detail": detail, ...extra}``."""
 
-    def __init__(self, status: str, title: str, detail: str | None = None, **extra):
-        super().__init__(status, title=title, description=detail)
+    def __init__(
+        self,
+        status: str,
+        title: str,
+        detail: str | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+        **extra,
+    ):
+        super().__init__(status, title=title, description=detail, headers=headers)
         self.extra = extra
 
     def to_dict(self, obj_type=dict):
@@ -72,6 +81,15 @@ def handle_not_replicated(req, resp, exc: NotReplicatedError, params) -> None:
     raise ApiError(falcon.HTTP_503, "not replicated", str(exc)) from exc
 
 
+def handle_moving(req, resp, exc: Moving, params) -> None:
+    raise ApiError(
+        falcon.HTTP_503,
+        "moving",
+        f"{exc}; the write was not applied",
+        headers={"Retry-After": "1"},
+    ) from exc
+
+
 def handle_unexpected(req, resp, exc: Exception, params) -> None:
     if isinstance(exc, falcon.HTTPError | falcon.HTTPStatus):
         raise exc
@@ -85,3 +103,4 @@ def install(app: falcon.App) -> None:
     app.add_error_handler(Exception, handle_unexpected)
     app.add_error_handler(StorageError, handle_storage_error)
     app.add_error_handler(NotReplicatedError, handle_not_replicated)
+    app.add_error_handler(Moving, handle_moving)

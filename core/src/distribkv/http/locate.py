@@ -18,8 +18,19 @@ class Locator:
         self.node = node
         self.pool = pool
         self.mode = node.config.cluster.routing
-        self.me = node.me
-        self.fingerprint = node.shard_map.fingerprint
+
+    def owner(self, key: bytes):
+        """The shard that answers for ``key`` now, and the map fingerprint to route it with."""
+        node = self.node
+        maps = node.maps
+        verdict = maps.verdict(key)
+        if verdict == "in":
+            return node.me, node.shard_map.fingerprint  # this node holds the verified copy
+        transition = maps.transition
+        if verdict == "out" and transition is not None and transition.phase == "switch":
+            # Reads of a leaving key go to its new owner, which has the verified copy.
+            return transition.target.owner_of(key), transition.target.fingerprint
+        return node.owner_of(key), node.shard_map.fingerprint
 
     def here(
         self,
@@ -32,8 +43,12 @@ class Locator:
     ) -> bool:
         """True if this node serves ``key``; else the response is already complete."""
         node = self.node
-        owner = node.owner_of(key)
-        if owner.idx == self.me.idx:
+        me = node.me
+        if write and node.maps.verdict(key) is not None:
+            # A reshard fenced this key: nobody writes it until the new map is committed.
+            raise moving(node, key)
+        owner, fingerprint = self.owner(key)
+        if owner.name == me.name:
             if node.is_leader:
                 return True
             if not write and req.get_header(READ_HEADER) != "leader":
@@ -59,25 +74,46 @@ class Locator:
                 owner.leader,
                 body=body,
                 me=node.name,
-                fingerprint=self.fingerprint,
+                fingerprint=fingerprint,
             )
         return False
 
 
 class MapCheck:
-    """Middleware: a request stamped with another map's fingerprint is answered 409."""
+    """Middleware: a request stamped with another map's fingerprint is answered 409 (a node
+    in a fenced reshard also accepts the target map's fingerprint: it answers such requests
+    for the keys it receives)."""
 
-    def __init__(self, fingerprint: str):
-        self.fingerprint = fingerprint
+    def __init__(self, node):
+        self.node = node
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         theirs = req.get_header(routing.MAP_HEADER)
-        if theirs is not None and theirs != self.fingerprint:
-            raise ApiError(
-                falcon.HTTP_409,
-                "shard map mismatch",
-                f"the request was routed with map {theirs}; this node has map"
-                f" {self.fingerprint} (fetch /cluster)",
-                yours=theirs,
-                ours=self.fingerprint,
-            )
+        if theirs is None:
+            return
+        ours = self.node.shard_map.fingerprint
+        if theirs == ours:
+            return
+        transition = self.node.maps.transition
+        if transition is not None and transition.fenced and theirs == transition.target.fingerprint:
+            return
+        raise ApiError(
+            falcon.HTTP_409,
+            "shard map mismatch",
+            f"the request was routed with map {theirs}; this node has map {ours} (fetch /cluster)",
+            yours=theirs,
+            ours=ours,
+        )
+
+
+def moving(node, key: bytes) -> ApiError:
+    """503 for a write to a key that a reshard is moving: it was not applied; retry."""
+    transition = node.maps.transition
+    old, new = transition.owners(key) if transition is not None else ("?", "?")
+    return ApiError(
+        falcon.HTTP_503,
+        "moving",
+        f"the key is moving from shard {old} to {new} (reshard"
+        f" {transition.id if transition else '?'}); the write was not applied, retry shortly",
+        headers={"Retry-After": "1"},
+    )

@@ -16,7 +16,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import msgpack
 from xxhash import xxh3_64_intdigest
@@ -119,6 +119,9 @@ class LeaderLog:
         self._write_lock = threading.Lock()
         self._changed = threading.Condition(threading.Lock())
         self.progress = {name: ReplicaProgress(name) for name in replicas}
+        #: Readers of the log that are not replicas (a reshard copying keys away): name ->
+        #: (the oldest seq they still need, when the hold lapses). Not counted as replicas.
+        self.holds: dict[str, tuple[int, float]] = {}
 
     def _adopt_followed_history(self) -> None:
         """A replica's data directory started as a leader continues the history it followed:
@@ -151,10 +154,16 @@ class LeaderLog:
 
     # --- writes ---------------------------------------------------------------------------
 
-    def write(self, ops: Sequence[Op]) -> int:
-        """Apply data ops with their log entries and the new seq atomically; return the seq."""
+    def write(self, ops: Sequence[Op], *, guard: Callable[[], None] | None = None) -> int:
+        """Apply data ops with their log entries and the new seq atomically; return the seq.
+
+        ``guard`` runs under the write lock first and may raise to refuse the write: a caller
+        that changes what the guard checks and then reads :meth:`committed_seq` knows that
+        every later write saw the change."""
         now_ms = int(time.time() * 1000)
         with self._write_lock:
+            if guard is not None:
+                guard()
             seq = self.last_seq
             batch: list[Op] = []
             for op in ops:
@@ -230,6 +239,15 @@ class LeaderLog:
             progress.retain = from_seq
             progress.last_seen = time.time()
 
+    def hold(self, name: str, after: int, ttl: float) -> None:
+        """Keep the entries after ``after`` for ``name`` for ``ttl`` more seconds."""
+        with self._changed:
+            self.holds[name] = (after, time.monotonic() + ttl)
+
+    def release(self, name: str) -> None:
+        with self._changed:
+            self.holds.pop(name, None)
+
     def wait_replicated(self, seq: int, count: int, timeout: float) -> bool:
         """Block until ``count`` replicas acknowledged ``seq`` (True) or ``timeout`` passes."""
         deadline = time.monotonic() + timeout
@@ -246,6 +264,11 @@ class LeaderLog:
         with self._changed:
             floors = [p.floor for p in self.progress.values()]
             resyncing = [p.retain for p in self.progress.values() if p.acked < 0 <= p.retain]
+            now = time.monotonic()
+            for name, (_, until) in list(self.holds.items()):
+                if until < now:
+                    del self.holds[name]
+            resyncing += [after for after, _ in self.holds.values()]
         last = self.last_seq
         if not floors:
             floor = last  # no replicas: nobody needs the log
@@ -256,8 +279,9 @@ class LeaderLog:
         # Never keep more than `retention` entries, even for a replica that is far behind:
         # it then resyncs from a snapshot instead.
         target = max(floor, last - self.retention)
-        # A replica in the middle of a resync needs the log from its snapshot on, whatever
-        # the cap says; otherwise a busy leader could make it resync forever.
+        # A replica in the middle of a resync (or a reshard's copy, while its hold lasts) needs
+        # the log from its snapshot on, whatever the cap says; otherwise a busy leader could
+        # make it start over forever.
         target = min([target, last, *resyncing])
         removed = 0
         while self.trimmed < target:

@@ -1,0 +1,332 @@
+"""Internal endpoints that ``distribkv reshard`` drives (cluster token required when set).
+
+JSON bodies carry maps as ``/cluster`` publishes them; data travels as msgpack.
+
+- ``GET /reshard/state`` — the map this node serves and the move it is part of.
+- ``POST /reshard/plan`` ``{source, target}`` — per move ``"old>new"`` the count and digest of
+  the keys this node holds that change owner (also the verification of a copy).
+- ``POST /reshard/prepare`` ``{id, source, target, phase}`` — enter a phase (see
+  :mod:`distribkv.transition`); on a leader it answers the last seq after the change, so every
+  later write saw it.
+- ``POST /reshard/commit`` ``{id, source, target}`` (fingerprints) and ``/reshard/abort``.
+- Leaders only: ``POST /reshard/clean`` (drop stale copies of arriving keys), ``GET
+  /reshard/scan?after=KEY`` (pages of leaving keys), ``GET /reshard/log?after=SEQ`` (log entries
+  of leaving keys; 410 when trimmed) and ``POST /reshard/ingest`` (apply copied keys).
+"""
+
+from __future__ import annotations
+
+import json
+
+import falcon
+import msgpack
+from xxhash import xxh3_128
+
+from distribkv.http.admin import require_token
+from distribkv.http.errors import ApiError
+from distribkv.http.params import query_params
+from distribkv.replication.log import entry_op
+from distribkv.storage.api import Delete, Namespace
+from distribkv.transition import Transition, map_from_description
+
+MSGPACK = "application/msgpack"
+PAGE_KEYS = 1000
+PAGE_BYTES = 4 * 1024 * 1024
+MAX_LOG_ENTRIES = 5000
+#: How long the log is kept for a reshard that stopped reading it.
+HOLD_TTL = 600.0
+
+
+def _json_body(req: falcon.Request) -> dict:
+    try:
+        data = json.loads(req.bounded_stream.read(16 * 1024 * 1024) or b"{}")
+    except ValueError as exc:
+        raise ApiError(falcon.HTTP_400, "bad request", f"the body is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(falcon.HTTP_400, "bad request", "the body must be a JSON object")
+    return data
+
+
+def _field(data: dict, name: str):
+    if name not in data:
+        raise ApiError(falcon.HTTP_400, "bad request", f"the {name!r} field is required")
+    return data[name]
+
+
+def _maps(node, data: dict):
+    try:
+        source = map_from_description(node.registry, _field(data, "source"), "source map")
+        target = map_from_description(node.registry, _field(data, "target"), "target map")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ApiError(falcon.HTTP_400, "bad map", str(exc)) from None
+    return source, target
+
+
+def _leader(node):
+    if not node.is_leader:
+        raise ApiError(
+            falcon.HTTP_403,
+            "not the leader",
+            f"{node.name} is a replica; ask the leader {node.me.leader}",
+            leader=node.me.leader,
+        )
+    return node.leader_log
+
+
+def _transition(node, transition_id: str | None) -> Transition:
+    transition = node.maps.transition
+    if transition is None or transition.id != transition_id:
+        raise ApiError(
+            falcon.HTTP_409,
+            "no such reshard",
+            f"{node.name} is not part of reshard {transition_id}"
+            + (f" (it is part of {transition.id})" if transition else ""),
+        )
+    return transition
+
+
+def _pack(resp: falcon.Response, doc) -> None:
+    resp.content_type = MSGPACK
+    resp.data = msgpack.packb(doc, use_bin_type=True)
+
+
+def _hold_name(transition: Transition) -> str:
+    return f"reshard:{transition.id}"
+
+
+class StateResource:
+    def __init__(self, node):
+        self.node = node
+
+    def on_get(self, req, resp):
+        require_token(self.node, req)
+        resp.media = self.node.maps.describe()
+
+
+class PlanResource:
+    """Count and digest, per move, the keys this node holds that change owner."""
+
+    def __init__(self, node):
+        self.node = node
+
+    def on_post(self, req, resp):
+        require_token(self.node, req)
+        source, target = _maps(self.node, _json_body(req))
+        me = self.node.me.name
+        moves: dict[str, list] = {}
+        total = 0
+        with self.node.store.scan(Namespace.DATA) as pairs:
+            for key, value in pairs:
+                total += 1
+                old, new = source.owner_of(key).name, target.owner_of(key).name
+                if old == new or me not in (old, new):
+                    continue
+                move = moves.get(f"{old}>{new}")
+                if move is None:
+                    move = moves[f"{old}>{new}"] = [0, xxh3_128()]
+                move[0] += 1
+                move[1].update(len(key).to_bytes(4, "big") + key)
+                move[1].update(len(value).to_bytes(8, "big") + value)
+        resp.media = {
+            "node": self.node.name,
+            "keys": total,
+            "moves": {
+                name: {"keys": count, "digest": hasher.hexdigest()}
+                for name, (count, hasher) in sorted(moves.items())
+            },
+        }
+
+
+class PrepareResource:
+    def __init__(self, node):
+        self.node = node
+
+    def on_post(self, req, resp):
+        node = self.node
+        require_token(node, req)
+        data = _json_body(req)
+        source, target = _maps(node, data)
+        transition = Transition(str(_field(data, "id")), source, target, _field(data, "phase"))
+        try:
+            state = node.maps.prepare(transition)
+        except ValueError as exc:
+            raise ApiError(falcon.HTTP_409, "cannot prepare", str(exc)) from None
+        answer = {"node": node.name, "state": state}
+        if node.is_leader:
+            # Read under the write lock: every write after this seq saw the new phase.
+            answer["seq"] = node.leader_log.committed_seq()
+        resp.media = answer
+
+
+class CommitResource:
+    def __init__(self, node):
+        self.node = node
+
+    def on_post(self, req, resp):
+        node = self.node
+        require_token(node, req)
+        data = _json_body(req)
+        try:
+            state = node.maps.commit(
+                str(_field(data, "id")), str(_field(data, "source")), str(_field(data, "target"))
+            )
+        except ValueError as exc:
+            raise ApiError(falcon.HTTP_409, "cannot commit", str(exc)) from None
+        if node.is_leader:
+            node.leader_log.release(f"reshard:{data['id']}")
+        resp.media = {"node": node.name, "state": state, "fingerprint": node.shard_map.fingerprint}
+
+
+class AbortResource:
+    def __init__(self, node):
+        self.node = node
+
+    def on_post(self, req, resp):
+        node = self.node
+        require_token(node, req)
+        data = _json_body(req)
+        try:
+            state = node.maps.abort(str(_field(data, "id")))
+        except ValueError as exc:
+            raise ApiError(falcon.HTTP_409, "cannot abort", str(exc)) from None
+        if node.is_leader:
+            node.leader_log.release(f"reshard:{data['id']}")
+        resp.media = {"node": node.name, "state": state}
+
+
+class CleanResource:
+    """Delete this shard's stale copies of keys that will arrive (left by an earlier, unfinished
+    move or a manual copy): the copy that follows must be the only source of them."""
+
+    def __init__(self, node):
+        self.node = node
+
+    def on_post(self, req, resp):
+        node = self.node
+        require_token(node, req)
+        _leader(node)
+        transition = _transition(node, _json_body(req).get("id"))
+        me = node.me.name
+        deleted = 0
+        start = None
+        while True:
+            with node.store.scan(Namespace.DATA, start, limit=PAGE_KEYS) as pairs:
+                keys = [key for key, _ in pairs]
+            if not keys:
+                break
+            stale = []
+            for key in keys:
+                old, new = transition.owners(key)
+                if new == me and old != me:
+                    stale.append(Delete(Namespace.DATA, key))
+            if stale:
+                node.write(stale, client=False)
+                deleted += len(stale)
+            start = keys[-1] + b"\x00"
+        resp.media = {"node": node.name, "deleted": deleted}
+
+
+class ScanResource:
+    """One page of the keys leaving this shard, with the seq read before the page."""
+
+    def __init__(self, node):
+        self.node = node
+
+    def on_get(self, req, resp):
+        node = self.node
+        require_token(node, req)
+        leader = _leader(node)
+        params = query_params(req)
+        transition = _transition(node, params.get("id", b"").decode())
+        after = params.get("after")
+        page = leader.snapshot_page(after, limit=PAGE_KEYS, max_bytes=PAGE_BYTES)
+        if after is None:
+            leader.hold(_hold_name(transition), page["seq"], HOLD_TTL)
+        me = node.me.name
+        pairs = []
+        for key, value in page["pairs"]:
+            old, new = transition.owners(key)
+            if old == me and new != me:
+                pairs.append([key, value, new])
+        _pack(
+            resp,
+            {
+                "seq": page["seq"],
+                "pairs": pairs,
+                "scanned": len(page["pairs"]),
+                "next": page["pairs"][-1][0] if page["pairs"] else after,
+                "done": page["done"],
+            },
+        )
+
+
+class LogResource:
+    """Log entries after a seq, of keys leaving this shard; ``last`` is the last seq read."""
+
+    def __init__(self, node):
+        self.node = node
+
+    def on_get(self, req, resp):
+        node = self.node
+        require_token(node, req)
+        leader = _leader(node)
+        params = query_params(req)
+        transition = _transition(node, params.get("id", b"").decode())
+        try:
+            after = int(params.get("after", b""))
+        except ValueError:
+            raise ApiError(falcon.HTTP_400, "bad request", "'after' must be an integer") from None
+        if after < leader.trimmed:
+            raise ApiError(
+                falcon.HTTP_410,
+                "log trimmed",
+                f"entries after {after} are gone (kept: {leader.trimmed + 1}..); copy again",
+            )
+        leader.hold(_hold_name(transition), after, HOLD_TTL)
+        committed = leader.committed_seq()
+        entries = leader.entries_after(after, max_entries=MAX_LOG_ENTRIES, max_bytes=PAGE_BYTES)
+        me = node.me.name
+        out = []
+        last = after
+        for seq, op, key, value, _ in entries:
+            last = seq
+            old, new = transition.owners(key)
+            if old == me and new != me:
+                out.append([seq, op, key, value, new])
+        _pack(resp, {"entries": out, "last": last, "committed": committed})
+
+
+class IngestResource:
+    """Apply keys copied from their old owner (bypasses ownership and the fence)."""
+
+    def __init__(self, node):
+        self.node = node
+
+    def on_post(self, req, resp):
+        node = self.node
+        require_token(node, req)
+        _leader(node)
+        try:
+            data = msgpack.unpackb(req.bounded_stream.read(64 * 1024 * 1024), raw=False)
+            _transition(node, data.get("id"))
+            # Keys and values are checked by the store's apply (400/413 on bad ones).
+            ops = [entry_op(op, key, value) for op, key, value in data["ops"]]
+        except (ValueError, TypeError, KeyError, msgpack.ExtraData) as exc:
+            raise ApiError(falcon.HTTP_400, "bad request", f"not an ingest batch: {exc}") from None
+        if ops:
+            node.write(ops, client=False)
+        resp.media = {"node": node.name, "applied": len(ops)}
+
+
+def routes(node) -> list[tuple[str, object]]:
+    return [
+        ("/reshard/state", StateResource(node)),
+        ("/reshard/plan", PlanResource(node)),
+        ("/reshard/prepare", PrepareResource(node)),
+        ("/reshard/commit", CommitResource(node)),
+        ("/reshard/abort", AbortResource(node)),
+        ("/reshard/clean", CleanResource(node)),
+        ("/reshard/scan", ScanResource(node)),
+        ("/reshard/log", LogResource(node)),
+        ("/reshard/ingest", IngestResource(node)),
+    ]

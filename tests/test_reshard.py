@@ -1,0 +1,286 @@
+"""`distribkv reshard` against real nodes while a client writes and reads: no acknowledged write
+lost, no 404 for a written key, and the same after the reshard process is killed at any step."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from cluster import NodeProcess, call, wait_until, write_config
+
+from distribkv.client import Client, ClientError
+from distribkv.hashing.shardmap import ShardMap
+from distribkv.plugins import load_plugins
+
+WRITES_PER_SECOND = 200
+PRELOAD = 3000
+COPY_RATE = 500  # keys per second: about 2 s of copying for the ~1,000 keys that move
+
+
+def layouts(tmp_path, backend, *, hosts_from, source_hashing, target_hashing, add_shard):
+    """The old and the new cluster file (same addresses; the new one may add shard-2)."""
+    big = write_config(
+        tmp_path,
+        shards=3,
+        replicas={0: 1},
+        backend=backend,
+        hashing=source_hashing,
+        hosts_from=hosts_from,
+        file_name="full.toml",
+    )
+    text = big.read_text()
+    two = text[: text.index('[[shards]]\nname = "shard-2"')]
+    source = tmp_path / "old.toml"
+    source.write_text(two)
+    target = tmp_path / "new.toml"
+    new_text = text if add_shard else two
+    target.write_text(
+        new_text.replace(f'hashing = "{source_hashing}"', f'hashing = "{target_hashing}"')
+    )
+    return source, target
+
+
+class Load:
+    """A writer at a fixed rate (recording what was acknowledged) and a reader that samples
+    acknowledged keys; both through the client, both bounded in time."""
+
+    def __init__(self, seed: str, written: dict[bytes, bytes]):
+        self.seed = seed
+        self.acked = dict(written)
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.errors: list[str] = []
+        self.missing: list[bytes] = []
+        self.reads = 0
+        self.threads = [
+            threading.Thread(target=self._write, daemon=True),
+            threading.Thread(target=self._read, daemon=True),
+        ]
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
+            assert not thread.is_alive()
+
+    def _write(self) -> None:
+        rng = random.Random(1)
+        with Client([self.seed], timeout=10) as client:
+            started = time.monotonic()
+            for i in range(WRITES_PER_SECOND * 600):  # bounded: at most ten minutes
+                if self.stop.is_set():
+                    return
+                # Mostly new keys, some overwrites of earlier ones, keys with odd bytes.
+                if i % 5 == 4:
+                    key = b"pre %d/\xff&" % rng.randrange(PRELOAD)
+                else:
+                    key = b"w-%d\x00%%FF" % i
+                value = b"v%d" % i
+                try:
+                    client.set(key, value)
+                except ClientError as exc:
+                    self.errors.append(f"set {key!r}: {exc}")
+                else:
+                    with self.lock:
+                        self.acked[key] = value
+                pause = started + (i + 1) / WRITES_PER_SECOND - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
+
+    def _read(self) -> None:
+        rng = random.Random(2)
+        with Client([self.seed], timeout=10) as client:
+            for _ in range(1_000_000):
+                if self.stop.is_set():
+                    return
+                with self.lock:
+                    key = rng.choice(list(self.acked)) if self.acked else None
+                if key is None:
+                    continue
+                try:
+                    value = client.get(key)
+                except ClientError as exc:
+                    self.errors.append(f"get {key!r}: {exc}")
+                    continue
+                self.reads += 1
+                if value is None:
+                    self.missing.append(key)
+                time.sleep(0.002)
+
+
+def reshard(source, target, *args, kill_at=None):
+    import os
+
+    env = dict(os.environ)
+    env.pop("DISTRIBKV_RESHARD_KILL_AT", None)
+    if kill_at:
+        env["DISTRIBKV_RESHARD_KILL_AT"] = kill_at
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distribkv",
+            "reshard",
+            "--from",
+            str(source),
+            "--to",
+            str(target),
+            # Slow enough that hundreds of writes arrive while the keys are copied.
+            "--max-rate",
+            str(COPY_RATE),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+
+
+def start_nodes(source, target):
+    """The old shards from the old file, the new shard's nodes from the new file."""
+    from distribkv.config import load_config
+
+    old, new = load_config(source), load_config(target)
+    nodes = []
+    for node in new.nodes():
+        in_old = any(s.name == node.shard.name for s in old.shards)
+        nodes.append(
+            NodeProcess(source if in_old else target, node.shard.name, node.replica).start(
+                str(node.address)
+            )
+        )
+    return nodes, new
+
+
+def move(tmp_path, backend, *, hosts_from, source_hashing, target_hashing, add_shard, kill_at):
+    source, target = layouts(
+        tmp_path,
+        backend,
+        hosts_from=hosts_from,
+        source_hashing=source_hashing,
+        target_hashing=target_hashing,
+        add_shard=add_shard,
+    )
+    nodes, new_config = start_nodes(source, target)
+    try:
+        seed = str(new_config.shards[0].address)
+        preload = {b"pre %d/\xff&" % i: b"p%d" % i for i in range(PRELOAD)}
+        with Client([seed]) as client:
+            client.set_many(preload)
+        plan = reshard(source, target, "--dry-run", "--json")
+        assert plan.returncode == 0, plan.stderr
+        planned = json.loads(plan.stdout)["plan"]
+        assert planned["keys"] == PRELOAD and planned["moved"] > 0
+        with Load(seed, preload) as load:
+            wait_until(lambda: load.reads > 50, 30, message="the load started")
+            runs = []
+            if kill_at:
+                killed = reshard(source, target, kill_at=kill_at)
+                runs.append(killed)
+                assert killed.returncode == -9, killed.stderr
+                assert f"killed at step {kill_at}" in killed.stderr
+            done = reshard(source, target)
+            runs.append(done)
+            assert done.returncode == 0, "\n".join(r.stderr for r in runs)
+            # Keep writing for a moment against the new layout.
+            written = len(load.acked)
+            wait_until(lambda: len(load.acked) > written + 100, 30, message="writes go on")
+        assert not load.missing, f"404 for written keys: {load.missing[:5]}"
+        assert not load.errors, load.errors[:5]
+        target_fp = ShardMap.from_config(
+            new_config, load_plugins().hashing_scheme(new_config.cluster.hashing)
+        ).fingerprint
+        for node in new_config.nodes():
+            assert (
+                json.loads(call(str(node.address), "GET", "/cluster").body)["fingerprint"]
+                == target_fp
+            )
+        with Client([seed]) as client:
+            assert client.map.fingerprint == target_fp
+            stored = client.get_many(list(load.acked))
+        lost = [k for k, v in load.acked.items() if stored[k] != v]
+        assert not lost, f"{len(lost)} acknowledged writes lost, e.g. {lost[:3]}"
+        # Purged: every key lives on exactly one leader.
+        counts = [
+            json.loads(call(str(s.address), "GET", "/status").body)["keys"]
+            for s in new_config.shards
+        ]
+        assert sum(counts) == len(load.acked)
+        return planned, done.stderr
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def modulo_fraction(keys, old_shards, new_shards):
+    scheme = load_plugins().hashing_scheme("modulo")
+    from distribkv.hashing.api import ShardSlot
+
+    before = scheme.create([ShardSlot(i, f"s{i}", 1.0) for i in range(old_shards)], {})
+    after = scheme.create([ShardSlot(i, f"s{i}", 1.0) for i in range(new_shards)], {})
+    return sum(before.shard_for(k) != after.shard_for(k) for k in keys) / len(keys)
+
+
+def test_ring_two_to_three_under_writes(tmp_path, backend_name, record_property):
+    planned, output = move(
+        tmp_path,
+        backend_name,
+        hosts_from=130,
+        source_hashing="ring",
+        target_hashing="ring",
+        add_shard=True,
+        kill_at=None,
+    )
+    fraction = planned["fraction"]
+    modulo = modulo_fraction([b"pre %d/\xff&" % i for i in range(PRELOAD)], 2, 3)
+    record_property("moved_fraction_ring", round(fraction, 3))
+    record_property("moved_fraction_modulo", round(modulo, 3))
+    print(output)
+    print(f"keys moved 2 -> 3 shards: ring {fraction:.1%}, modulo {modulo:.1%}")
+    assert 0 < fraction <= 1.3 / 3
+    assert modulo > 0.5
+    for step in ("plan:", "copy", "fence", "verify", "switch", "commit", "purge", "done in"):
+        assert step in output
+
+
+@pytest.mark.parametrize("step", ["copy", "fence", "switch", "commit", "purge"])
+def test_killed_at_any_step_a_rerun_completes(tmp_path, backend_name, step):
+    move(
+        tmp_path,
+        backend_name,
+        hosts_from=140,
+        source_hashing="ring",
+        target_hashing="ring",
+        add_shard=True,
+        kill_at=step,
+    )
+
+
+@pytest.mark.parametrize(
+    ("source_hashing", "target_hashing", "add_shard"),
+    [("modulo", "modulo", True), ("modulo", "ring", False)],
+    ids=["modulo-plus-one", "modulo-to-ring"],
+)
+def test_other_moves(tmp_path, backend_name, source_hashing, target_hashing, add_shard):
+    planned, _ = move(
+        tmp_path,
+        backend_name,
+        hosts_from=150,
+        source_hashing=source_hashing,
+        target_hashing=target_hashing,
+        add_shard=add_shard,
+        kill_at=None,
+    )
+    if add_shard:
+        assert planned["fraction"] > 0.5  # modulo moves about 2/3 of the keys
