@@ -4,6 +4,7 @@ lost, no 404 for a written key, and the same after the reshard process is killed
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import pytest
 from cluster import NodeProcess, call, wait_until, write_config
 
 from distribkv.client import Client, ClientError
+from distribkv.config import load_config
+from distribkv.hashing.api import ShardSlot
 from distribkv.hashing.shardmap import ShardMap
 from distribkv.plugins import load_plugins
 
@@ -119,8 +122,6 @@ class Load:
 
 
 def reshard(source, target, *args, kill_at=None):
-    import os
-
     env = dict(os.environ)
     env.pop("DISTRIBKV_RESHARD_KILL_AT", None)
     if kill_at:
@@ -149,8 +150,6 @@ def reshard(source, target, *args, kill_at=None):
 
 def start_nodes(source, target):
     """The old shards from the old file, the new shard's nodes from the new file."""
-    from distribkv.config import load_config
-
     old, new = load_config(source), load_config(target)
     nodes = []
     for node in new.nodes():
@@ -163,7 +162,17 @@ def start_nodes(source, target):
     return nodes, new
 
 
-def move(tmp_path, backend, *, hosts_from, source_hashing, target_hashing, add_shard, kill_at):
+def move(
+    tmp_path,
+    backend,
+    *,
+    hosts_from,
+    source_hashing,
+    target_hashing,
+    add_shard,
+    kill_at,
+    after=None,
+):
     source, target = layouts(
         tmp_path,
         backend,
@@ -217,6 +226,8 @@ def move(tmp_path, backend, *, hosts_from, source_hashing, target_hashing, add_s
             for s in new_config.shards
         ]
         assert sum(counts) == len(load.acked)
+        if after is not None:
+            after(nodes, source, target_fp, load.acked)
         return planned, done.stderr
     finally:
         for node in nodes:
@@ -225,11 +236,22 @@ def move(tmp_path, backend, *, hosts_from, source_hashing, target_hashing, add_s
 
 def modulo_fraction(keys, old_shards, new_shards):
     scheme = load_plugins().hashing_scheme("modulo")
-    from distribkv.hashing.api import ShardSlot
-
     before = scheme.create([ShardSlot(i, f"s{i}", 1.0) for i in range(old_shards)], {})
     after = scheme.create([ShardSlot(i, f"s{i}", 1.0) for i in range(new_shards)], {})
     return sum(before.shard_for(k) != after.shard_for(k) for k in keys) / len(keys)
+
+
+def restart_with_the_old_file(nodes, source, target_fp, acked):
+    """A node restarted with the old cluster file keeps the map the reshard committed."""
+    leader = nodes[0]
+    address = str(load_config(source).shards[0].address)
+    assert leader.stop() == 0
+    leader.config = source
+    leader.start(address)
+    assert json.loads(call(address, "GET", "/cluster").body)["fingerprint"] == target_fp
+    with Client([address]) as client:
+        sample = list(acked)[:500]
+        assert client.get_many(sample) == {k: acked[k] for k in sample}
 
 
 def test_ring_two_to_three_under_writes(tmp_path, backend_name, record_property):
@@ -241,6 +263,7 @@ def test_ring_two_to_three_under_writes(tmp_path, backend_name, record_property)
         target_hashing="ring",
         add_shard=True,
         kill_at=None,
+        after=restart_with_the_old_file,
     )
     fraction = planned["fraction"]
     modulo = modulo_fraction([b"pre %d/\xff&" % i for i in range(PRELOAD)], 2, 3)
@@ -284,3 +307,66 @@ def test_other_moves(tmp_path, backend_name, source_hashing, target_hashing, add
     )
     if add_shard:
         assert planned["fraction"] > 0.5  # modulo moves about 2/3 of the keys
+
+
+def test_a_fenced_move_can_be_aborted_and_rerun(tmp_path, backend_name):
+    source, target = layouts(
+        tmp_path,
+        backend_name,
+        hosts_from=160,
+        source_hashing="ring",
+        target_hashing="ring",
+        add_shard=True,
+    )
+    nodes, new_config = start_nodes(source, target)
+    try:
+        seed = str(new_config.shards[0].address)
+        keys = [b"k%d" % i for i in range(120)]
+        with Client([seed]) as client:
+            client.set_many({k: b"before" for k in keys})
+        killed = reshard(source, target, kill_at="fence")
+        assert killed.returncode == -9, killed.stderr
+        # The fence outlives the process: a moving key cannot be written, others can.
+        with Client([seed], move_wait=0.1) as client:
+            refused = 0
+            for key in keys:
+                try:
+                    client.set(key, b"fenced")
+                except ClientError as exc:
+                    assert "moving" in str(exc)
+                    refused += 1
+            assert 0 < refused < len(keys)
+        aborted = reshard(source, target, "--abort")
+        assert aborted.returncode == 0, aborted.stderr
+        with Client([seed]) as client:
+            client.set_many({k: b"after abort" for k in keys})
+        done = reshard(source, target)
+        assert done.returncode == 0, done.stderr
+        with Client([seed]) as client:
+            assert client.get_many(keys) == {k: b"after abort" for k in keys}
+            assert len(client.map.shards) == 3
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def test_refused_layouts_and_unreachable_nodes(tmp_path):
+    source, target = layouts(
+        tmp_path,
+        "memory",
+        hosts_from=170,
+        source_hashing="ring",
+        target_hashing="ring",
+        add_shard=True,
+    )
+    same = reshard(source, source)
+    assert same.returncode == 1 and "describe the same map" in same.stderr
+    shrink = reshard(target, source)
+    assert shrink.returncode == 1 and "does not remove shards" in shrink.stderr
+    moved = tmp_path / "moved.toml"
+    moved.write_text(target.read_text().replace("127.0.1.170", "127.0.2.170"))
+    nodes_moved = reshard(source, moved)
+    assert nodes_moved.returncode == 1 and "moves keys, not nodes" in nodes_moved.stderr
+    down = reshard(source, target)
+    assert down.returncode == 1
+    assert "does not answer" in down.stderr and "distribkv serve --config" in down.stderr
