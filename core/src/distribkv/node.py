@@ -150,11 +150,13 @@ class Node:
         if self.leader_log is None:
             raise RuntimeError(f"{self.name} is a replica; only leaders take writes")
         guard = None
-        if client and self.maps.transition is not None:
+        if client:
             maps = self.maps
 
             def guard() -> None:
-                maps.check_write([op.key for op in ops])
+                # Looked up under the write lock: a move that started a moment ago counts.
+                if maps.transition is not None:
+                    maps.check_write([op.key for op in ops])
 
         seq = self.leader_log.write(ops, guard=guard)
         needed = self.config.cluster.min_replicas
