@@ -195,7 +195,8 @@ class Client:
     def _check(status: int, data: bytes, what: str) -> None:
         if status >= 500:
             raise ServerError(status, data, what)
-        if status >= 400 and status != 404:
+        if status >= 300 and status != 404:
+            # 3xx here: still redirected after max_redirects (nodes with conflicting maps).
             raise RequestError(status, data, what)
 
     def get(self, key: bytes) -> bytes | None:
@@ -217,14 +218,31 @@ class Client:
 
     def _batches(self, ops: list[list], *, write: bool) -> list:
         """Group ops per shard, send each group as /batch calls in parallel, keep order."""
-        groups: dict[int, list[int]] = {}
-        for i, op in enumerate(ops):
-            groups.setdefault(self.map.placement.shard_for(op[1]), []).append(i)
-        chunks = []
-        for indexes in groups.values():
-            for start in range(0, len(indexes), BATCH_OPS):
-                chunks.append(indexes[start : start + BATCH_OPS])
         results: list = [None] * len(ops)
+        pending = list(range(len(ops)))
+        for round_ in range(3):
+            pending = self._batch_round(ops, pending, results, write=write, single=round_ == 2)
+            if not pending:
+                return results
+            # A node answered 421 (its keys span shards under the map it routes by, e.g. in
+            # the middle of a reshard): take the map again and regroup, at last key by key.
+            self.refresh_map()
+        raise ClientError(f"{len(pending)} batch ops could not be placed on one shard each")
+
+    def _batch_round(
+        self, ops: list[list], indexes: list[int], results: list, *, write: bool, single: bool
+    ) -> list[int]:
+        """Send ``indexes`` of ``ops`` as per-shard /batch calls; return those answered 421."""
+        groups: dict[int, list[int]] = {}
+        for i in indexes:
+            groups.setdefault(self.map.placement.shard_for(ops[i][1]), []).append(i)
+        size = 1 if single else BATCH_OPS
+        chunks = [
+            group[start : start + size]
+            for group in groups.values()
+            for start in range(0, len(group), size)
+        ]
+        misplaced: list[int] = []
 
         def run(chunk: list[int]) -> None:
             body = msgpack.packb({"ops": [ops[i] for i in chunk]}, use_bin_type=True)
@@ -236,12 +254,8 @@ class Client:
                 write=write,
                 headers={"Content-Type": MSGPACK},
             )
-            if status == 421:  # the map changed under a multi-shard split: regroup
-                self.refresh_map()
-                for i, value in zip(
-                    chunk, self._batches([ops[i] for i in chunk], write=write), strict=True
-                ):
-                    results[i] = value
+            if status == 421:
+                misplaced.extend(chunk)
                 return
             self._check(status, data, f"batch of {len(chunk)} ops")
             for i, value in zip(chunk, msgpack.unpackb(data, raw=False)["results"], strict=True):
@@ -249,7 +263,7 @@ class Client:
 
         for future in [self._executor.submit(run, chunk) for chunk in chunks]:
             future.result()
-        return results
+        return sorted(misplaced)
 
     def get_many(self, keys: Iterable[bytes]) -> dict[bytes, bytes | None]:
         keys = list(keys)

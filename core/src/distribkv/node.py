@@ -152,11 +152,11 @@ class Node:
         guard = None
         if client:
             maps = self.maps
+            epoch = maps.epoch
 
             def guard() -> None:
-                # Looked up under the write lock: a move that started a moment ago counts.
-                if maps.transition is not None:
-                    maps.check_write([op.key for op in ops])
+                # Under the write lock: a move that started a moment ago counts.
+                maps.check_write([op.key for op in ops], epoch)
 
         seq = self.leader_log.write(ops, guard=guard)
         needed = self.config.cluster.min_replicas
@@ -217,7 +217,7 @@ class Node:
             "durability": self.config.storage.durability,
             "keys": stats.keys.get("data"),
             "disk_bytes": stats.disk_bytes,
-            "fingerprint": self.shard_map.fingerprint,
+            "fingerprint": self.maps.routing.fingerprint,
             "uptime_s": round(time.time() - self.started_at, 3),
             "version": __version__,
             "replication": {

@@ -20,7 +20,7 @@ A rerun before any commit starts again at step 2 (the copy is idempotent); after
 commits the remaining nodes and purges.
 
 For fault tests, ``DISTRIBKV_RESHARD_KILL_AT=<step>`` makes the process SIGKILL itself at that
-step (copy, fence, switch, commit, purge).
+step (copy, fence, verify, switch, commit, purge).
 """
 
 from __future__ import annotations
@@ -275,7 +275,7 @@ class Reshard:
         while True:
             target = f"/reshard/scan?id={self.id}"
             if after is not None:
-                target += f"&after={quote_from_bytes(after, safe='')}"
+                target += f"&after={quote_from_bytes(after, safe='')}&hold={first_seq}"
             page = self.call(address, "GET", target)[1]
             if first_seq is None:
                 first_seq = page["seq"]
@@ -406,9 +406,15 @@ class Reshard:
         if dry_run:
             self.say("dry run: nothing was changed")
             return {"plan": plan, "state": "planned"}
+        phases = {(s["transition"] or {}).get("phase") for s in states.values()}
         if self.committed_anywhere(states):
             self.say("a previous run committed the new map on some nodes: finishing the commit")
+        elif "switch" in phases:
+            # Verified before any node switched: finish the switch, then commit.
+            self.say("a previous run verified the copies: finishing the switch")
+            self.prepare("switch")
         else:
+            self._check_new_shards(states)
             self._move(plan)
         self.say("commit")
         self.commit()
@@ -420,6 +426,21 @@ class Reshard:
             f" use {dst} from now on (nodes started with {src} keep the new map)"
         )
         return {"plan": plan, "state": "done", "purged": purged, "seconds": seconds}
+
+    def _check_new_shards(self, states: dict[str, dict]) -> None:
+        """A shard that joins must start empty: keys there before the move began were
+        written by someone who should not have known about it, and the copy would replace
+        them (a node that joined an earlier, aborted run of this move is fine)."""
+        for shard in self.target.shards:
+            if self.source_has(shard.name) or states[shard.leader]["joining"]:
+                continue
+            doc = self.call(shard.leader, "POST", "/reshard/plan", self._maps_body())[1]
+            if doc["keys"]:
+                raise ReshardError(
+                    f"{shard.name} at {shard.leader} already holds {doc['keys']:,} keys; a new"
+                    " shard must start empty (were clients given its address before the"
+                    " move?). Stop it, remove its data directory, start it and rerun."
+                )
 
     def _move(self, plan: dict) -> None:
         for attempt in range(1, COPY_ATTEMPTS + 1):
@@ -445,6 +466,7 @@ class Reshard:
                 f"the sources trimmed their logs under {COPY_ATTEMPTS} copies; raise"
                 " [cluster] log_retention and rerun"
             )
+        _kill_point("verify")
         self.say("verify")
         problems = self.verify()
         if problems:
@@ -461,9 +483,11 @@ class Reshard:
     def abort(self) -> None:
         """Lift the fence and forget the move on every node (before any commit only)."""
         states = self.states()
-        if self.committed_anywhere(states):
+        phases = {(s["transition"] or {}).get("phase") for s in states.values()}
+        if self.committed_anywhere(states) or "switch" in phases:
             raise ReshardError(
-                "some nodes already serve the new map; the move cannot be aborted, rerun it"
+                "the copies were verified and nodes switched to them; the move cannot be"
+                " aborted, rerun it to finish"
             )
         body = {"id": self.id}
         for address, shard, role in self.nodes():

@@ -5,8 +5,8 @@
 
 ``copy``
     Keys that move are copied from their old owner to their new one while the old owner keeps
-    serving them. A node of a shard that only exists in the target map ("joining") refuses
-    client writes.
+    serving them. Every node routes client requests by the source map until it commits; the
+    nodes of a shard that only exists in the target map ("joining") hold no client data.
 ``fence``
     Old owners refuse writes to keys that move (503, retried by clients); the last of their
     log is copied and the moved ranges are verified.
@@ -30,7 +30,7 @@ from typing import Any
 
 import attrs
 
-from distribkv.hashing.shardmap import ShardMap
+from distribkv.hashing.shardmap import ShardInfo, ShardMap
 from distribkv.storage.api import Delete, Namespace, Put
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ META = Namespace.META
 MAP_KEY = b"map"  # the map this node serves, when a reshard committed it
 MAP_FROM_KEY = b"map_from"  # the fingerprint of the map it left at that commit
 TRANSITION_KEY = b"transition"  # the move in progress
+JOINING_KEY = b"joining"  # a new shard's node: the map it joins from, until the commit
 
 PHASES = ("copy", "fence", "switch")
 
@@ -95,6 +96,11 @@ class MapState:
         self.map = config_map
         self.transition: Transition | None = None
         self.switched_from: str | None = None
+        #: Set on the nodes of a shard that a reshard adds, from its first phase until its
+        #: commit (kept through an abort): they route by the old map meanwhile.
+        self.joining_source: ShardMap | None = None
+        #: Changes whenever routing may change; a write that sees it change re-checks owners.
+        self.epoch = 0
         self.lock = threading.Lock()
 
     # --- persistence ----------------------------------------------------------------------
@@ -130,6 +136,11 @@ class MapState:
                     stored.fingerprint,
                 )
                 store.apply([Delete(META, MAP_KEY), Delete(META, MAP_FROM_KEY)], sync=True)
+        raw = store.get(JOINING_KEY, META)
+        if raw is not None:
+            self.joining_source = map_from_description(
+                registry, json.loads(raw), f"{node.name} metadata"
+            )
         raw = store.get(TRANSITION_KEY, META)
         if raw is not None:
             data = json.loads(raw)
@@ -161,6 +172,7 @@ class MapState:
             "role": self.node.role,
             "fingerprint": self.map.fingerprint,
             "switched_from": self.switched_from,
+            "joining": self.joining_source is not None,
             "transition": None
             if t is None
             else {
@@ -206,8 +218,26 @@ class MapState:
                     f"shard {name!r} has other addresses in the target map; a reshard moves"
                     " keys, not nodes"
                 )
-            self.node.store.put(TRANSITION_KEY, transition.to_json(), ns=META, sync=True)
+            if current is not None and current.phase == "switch" and transition.phase != "switch":
+                raise ValueError(
+                    f"{self.node.name} already routes reads of moving keys to their new owners"
+                    f" (reshard {current.id} is in phase switch); it can only commit now"
+                )
+            ops = [Put(META, TRANSITION_KEY, transition.to_json())]
+            joining = not any(s.name == name for s in transition.source.shards)
+            if joining and self.joining_source is None:
+                ops.append(
+                    Put(
+                        META,
+                        JOINING_KEY,
+                        json.dumps(transition.source.describe(), sort_keys=True).encode(),
+                    )
+                )
+            self.node.store.apply(ops, sync=True)
+            if joining and self.joining_source is None:
+                self.joining_source = transition.source
             self.transition = transition
+            self.epoch += 1
         return transition.phase
 
     def commit(self, transition_id: str, source_fp: str, target_fp: str) -> str:
@@ -227,12 +257,15 @@ class MapState:
                     Put(META, MAP_KEY, json.dumps(t.target.describe(), sort_keys=True).encode()),
                     Put(META, MAP_FROM_KEY, source_fp.encode()),
                     Delete(META, TRANSITION_KEY),
+                    Delete(META, JOINING_KEY),
                 ],
                 sync=True,
             )
             self.map = t.target
             self.switched_from = source_fp
             self.transition = None
+            self.joining_source = None
+            self.epoch += 1
             self.node.me = t.target.shard(self.node.me.name)
         log.info("%s: now serving map %s (from %s)", self.node.name, target_fp, source_fp)
         return "committed"
@@ -244,21 +277,55 @@ class MapState:
                 return "none"
             if t.id != transition_id:
                 raise ValueError(f"{self.node.name} is part of reshard {t.id}, not {transition_id}")
-            self.node.store.apply([Delete(META, TRANSITION_KEY)], sync=True)
+            if t.phase == "switch":
+                raise ValueError(
+                    f"{self.node.name} is in phase switch of reshard {t.id}: the copies were"
+                    " verified and reads go to them; rerun the reshard to commit"
+                )
+            # A joining node stays joining: it routes by the old map until a commit.
+            ops = [Delete(META, TRANSITION_KEY)]
+            revert = self.joining_source is None and self.map.fingerprint != t.source.fingerprint
+            if revert:
+                # Started with the new file during the move: keep serving the old map, also
+                # after a restart with that file (as if a reshard had switched it back).
+                ops.append(
+                    Put(META, MAP_KEY, json.dumps(t.source.describe(), sort_keys=True).encode())
+                )
+                ops.append(Put(META, MAP_FROM_KEY, self.map.fingerprint.encode()))
+            self.node.store.apply(ops, sync=True)
+            if revert:
+                self.switched_from = self.map.fingerprint
+                self.map = t.source
+                self.node.me = t.source.shard(self.node.me.name)
             self.transition = None
+            self.epoch += 1
         return "aborted"
 
     # --- the rules for client requests ----------------------------------------------------
 
     @property
     def joining(self) -> bool:
-        """This node's shard exists only in the target map of the move in progress."""
+        """This node's shard is being added by a reshard that has not committed."""
+        return self.joining_source is not None
+
+    @property
+    def routing(self) -> ShardMap:
+        """The map client requests are routed by: the old one until a move commits."""
         t = self.transition
-        return (
-            t is not None
-            and self.map.fingerprint == t.target.fingerprint
-            and t.source.fingerprint != t.target.fingerprint
-        )
+        if t is not None:
+            return t.source
+        return self.joining_source or self.map
+
+    def route(self, key: bytes) -> tuple[ShardInfo, str]:
+        """The shard that answers for ``key`` now, and the fingerprint to route it with."""
+        t = self.transition
+        if t is not None and t.phase == "switch":
+            old, new = t.owners(key)
+            if old != new:
+                # The new owner holds the verified copy; reads go there.
+                return t.target.owner_of(key), t.target.fingerprint
+        routing = self.routing
+        return routing.owner_of(key), routing.fingerprint
 
     def verdict(self, key: bytes) -> str | None:
         """During a fenced move: "out" for a key leaving this shard, "in" for one arriving;
@@ -276,21 +343,20 @@ class MapState:
             return "in"
         return None
 
-    def check_write(self, keys) -> None:
-        """Raise :class:`Moving` if a client may not write any of ``keys`` now (called under
-        the leader's write lock, so a fence and the seq read after it cannot miss a write)."""
+    def check_write(self, keys, epoch: int) -> None:
+        """Raise :class:`Moving` if a client may not write any of ``keys`` now. Called under
+        the leader's write lock, so a fence and the seq read after it cannot miss a write;
+        ``epoch`` is the one the request was routed in (a change means: check the owners)."""
         t = self.transition
-        if t is None:
-            return
-        if self.joining:
-            raise Moving(
-                f"shard {self.node.me.name} is joining the cluster (reshard {t.id});"
-                " it takes writes once the reshard commits"
-            )
-        if not t.fenced:
+        if t is None and epoch == self.epoch and not self.joining:
             return
         me = self.node.me.name
+        routing = self.routing
         for key in keys:
-            old, new = t.owners(key)
-            if old != new and me in (old, new):
-                raise Moving(f"the key is moving from {old} to {new} (reshard {t.id}); retry")
+            if t is not None and t.fenced:
+                old, new = t.owners(key)
+                if old != new and me in (old, new):
+                    raise Moving(f"the key is moving from {old} to {new} (reshard {t.id})")
+            owner = routing.owner_of(key).name
+            if owner != me:
+                raise Moving(f"shard {owner} owns the key now (the map changed); retry")

@@ -46,7 +46,8 @@ class ClusterResource:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.media = {
-            **self.node.shard_map.describe(),
+            # The map clients should route by (the old one while a reshard moves keys).
+            **self.node.maps.routing.describe(),
             "routing": self.node.config.cluster.routing,
             "node": self.node.name,
         }

@@ -21,16 +21,7 @@ class Locator:
 
     def owner(self, key: bytes):
         """The shard that answers for ``key`` now, and the map fingerprint to route it with."""
-        node = self.node
-        maps = node.maps
-        verdict = maps.verdict(key)
-        if verdict == "in":
-            return node.me, node.shard_map.fingerprint  # this node holds the verified copy
-        transition = maps.transition
-        if verdict == "out" and transition is not None and transition.phase == "switch":
-            # Reads of a leaving key go to its new owner, which has the verified copy.
-            return transition.target.owner_of(key), transition.target.fingerprint
-        return node.owner_of(key), node.shard_map.fingerprint
+        return self.node.maps.route(key)
 
     def here(
         self,
@@ -91,10 +82,11 @@ class MapCheck:
         theirs = req.get_header(routing.MAP_HEADER)
         if theirs is None:
             return
-        ours = self.node.shard_map.fingerprint
-        if theirs == ours:
+        maps = self.node.maps
+        ours = maps.routing.fingerprint
+        if theirs in (ours, maps.map.fingerprint):
             return
-        transition = self.node.maps.transition
+        transition = maps.transition
         if transition is not None and transition.fenced and theirs == transition.target.fingerprint:
             return
         raise ApiError(

@@ -85,6 +85,19 @@ def _transition(node, transition_id: str | None) -> Transition:
     return transition
 
 
+def _copying(node, transition_id) -> Transition:
+    """The transition, which must still be copying: data that was verified stays as it is."""
+    transition = _transition(node, transition_id)
+    if transition.phase not in ("copy", "fence"):
+        raise ApiError(
+            falcon.HTTP_409,
+            "copy is over",
+            f"reshard {transition.id} is in phase {transition.phase} on {node.name}; its copies"
+            " are verified and no longer change",
+        )
+    return transition
+
+
 def _pack(resp: falcon.Response, doc) -> None:
     resp.content_type = MSGPACK
     resp.data = msgpack.packb(doc, use_bin_type=True)
@@ -205,7 +218,7 @@ class CleanResource:
         node = self.node
         require_token(node, req)
         _leader(node)
-        transition = _transition(node, _json_body(req).get("id"))
+        transition = _copying(node, _json_body(req).get("id"))
         me = node.me.name
         deleted = 0
         start = None
@@ -239,6 +252,10 @@ class ScanResource:
         params = query_params(req)
         transition = _transition(node, params.get("id", b"").decode())
         after = params.get("after")
+        held = params.get("hold")
+        if held is not None:
+            # Renewed on every page: the copy needs the log from its first page's seq on.
+            leader.hold(_hold_name(transition), int(held), HOLD_TTL)
         page = leader.snapshot_page(after, limit=PAGE_KEYS, max_bytes=PAGE_BYTES)
         if after is None:
             leader.hold(_hold_name(transition), page["seq"], HOLD_TTL)
@@ -276,15 +293,16 @@ class LogResource:
             after = int(params.get("after", b""))
         except ValueError:
             raise ApiError(falcon.HTTP_400, "bad request", "'after' must be an integer") from None
-        if after < leader.trimmed:
+        # Hold first, then look: a trim between the two cannot take what this read needs.
+        leader.hold(_hold_name(transition), after, HOLD_TTL)
+        committed = leader.committed_seq()
+        entries = leader.entries_after(after, max_entries=MAX_LOG_ENTRIES, max_bytes=PAGE_BYTES)
+        if after < leader.trimmed or (entries and entries[0][0] != after + 1):
             raise ApiError(
                 falcon.HTTP_410,
                 "log trimmed",
                 f"entries after {after} are gone (kept: {leader.trimmed + 1}..); copy again",
             )
-        leader.hold(_hold_name(transition), after, HOLD_TTL)
-        committed = leader.committed_seq()
-        entries = leader.entries_after(after, max_entries=MAX_LOG_ENTRIES, max_bytes=PAGE_BYTES)
         me = node.me.name
         out = []
         last = after
@@ -308,7 +326,7 @@ class IngestResource:
         _leader(node)
         try:
             data = msgpack.unpackb(req.bounded_stream.read(64 * 1024 * 1024), raw=False)
-            _transition(node, data.get("id"))
+            _copying(node, data.get("id"))
             # Keys and values are checked by the store's apply (400/413 on bad ones).
             ops = [entry_op(op, key, value) for op, key, value in data["ops"]]
         except (ValueError, TypeError, KeyError, msgpack.ExtraData) as exc:
