@@ -409,10 +409,10 @@ class Reshard:
         phases = {(s["transition"] or {}).get("phase") for s in states.values()}
         if self.committed_anywhere(states):
             self.say("a previous run committed the new map on some nodes: finishing the commit")
-        elif "switch" in phases:
-            # Verified before any node switched: finish the switch, then commit.
+        elif phases & {"verified", "switch"}:
+            # Verified before any node committed: finish the switch, then commit.
             self.say("a previous run verified the copies: finishing the switch")
-            self.prepare("switch")
+            self.switch()
         else:
             self._check_new_shards(states)
             self._move(plan)
@@ -476,6 +476,13 @@ class Reshard:
                 " again):\n  " + "\n  ".join(problems)
             )
         self.say(f"  {len(plan['moves'])} moved ranges match their sources")
+        self.switch()
+
+    def switch(self) -> None:
+        # Two fan-outs: every node first answers reads of moving keys it holds (old or new
+        # owner alike), and only then do old owners send those reads to the new owners, so
+        # no read bounces between a node that switched and one that did not yet.
+        self.prepare("verified")
         self.say("switch: reads of moving keys go to their new owners")
         self.prepare("switch")
         _kill_point("switch")
@@ -484,7 +491,7 @@ class Reshard:
         """Lift the fence and forget the move on every node (before any commit only)."""
         states = self.states()
         phases = {(s["transition"] or {}).get("phase") for s in states.values()}
-        if self.committed_anywhere(states) or "switch" in phases:
+        if self.committed_anywhere(states) or phases & {"verified", "switch"}:
             raise ReshardError(
                 "the copies were verified and nodes switched to them; the move cannot be"
                 " aborted, rerun it to finish"

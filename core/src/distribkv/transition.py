@@ -10,6 +10,8 @@
 ``fence``
     Old owners refuse writes to keys that move (503, retried by clients); the last of their
     log is copied and the moved ranges are verified.
+``verified``
+    The copies match their sources: old and new owners both answer reads of moving keys.
 ``switch``
     Reads of moving keys go to the new owner, which has verified data; writes still wait.
 ``commit``
@@ -41,7 +43,7 @@ MAP_FROM_KEY = b"map_from"  # the fingerprint of the map it left at that commit
 TRANSITION_KEY = b"transition"  # the move in progress
 JOINING_KEY = b"joining"  # a new shard's node: the map it joins from, until the commit
 
-PHASES = ("copy", "fence", "switch")
+PHASES = ("copy", "fence", "verified", "switch")
 
 
 class Moving(Exception):
@@ -57,7 +59,11 @@ class Transition:
 
     @property
     def fenced(self) -> bool:
-        return self.phase in ("fence", "switch")
+        return self.phase != "copy"
+
+    @property
+    def verified(self) -> bool:
+        return self.phase in ("verified", "switch")
 
     def owners(self, key: bytes) -> tuple[str, str]:
         """The names of the key's owner in the source map and in the target map."""
@@ -218,10 +224,14 @@ class MapState:
                     f"shard {name!r} has other addresses in the target map; a reshard moves"
                     " keys, not nodes"
                 )
-            if current is not None and current.phase == "switch" and transition.phase != "switch":
+            if (
+                current is not None
+                and current.verified
+                and PHASES.index(transition.phase) < PHASES.index(current.phase)
+            ):
                 raise ValueError(
-                    f"{self.node.name} already routes reads of moving keys to their new owners"
-                    f" (reshard {current.id} is in phase switch); it can only commit now"
+                    f"reshard {current.id} verified its copies and is in phase {current.phase}"
+                    f" on {self.node.name}; it can only go on to switch and commit now"
                 )
             ops = [Put(META, TRANSITION_KEY, transition.to_json())]
             joining = not any(s.name == name for s in transition.source.shards)
@@ -277,10 +287,10 @@ class MapState:
                 return "none"
             if t.id != transition_id:
                 raise ValueError(f"{self.node.name} is part of reshard {t.id}, not {transition_id}")
-            if t.phase == "switch":
+            if t.verified:
                 raise ValueError(
-                    f"{self.node.name} is in phase switch of reshard {t.id}: the copies were"
-                    " verified and reads go to them; rerun the reshard to commit"
+                    f"{self.node.name} is in phase {t.phase} of reshard {t.id}: the copies were"
+                    " verified and may be read; rerun the reshard to commit"
                 )
             # A joining node stays joining: it routes by the old map until a commit.
             ops = [Delete(META, TRANSITION_KEY)]
@@ -319,11 +329,17 @@ class MapState:
     def route(self, key: bytes) -> tuple[ShardInfo, str]:
         """The shard that answers for ``key`` now, and the fingerprint to route it with."""
         t = self.transition
-        if t is not None and t.phase == "switch":
+        if t is not None and t.verified:
             old, new = t.owners(key)
             if old != new:
-                # The new owner holds the verified copy; reads go there.
-                return t.target.owner_of(key), t.target.fingerprint
+                if t.phase == "switch":
+                    # The new owner holds the verified copy; reads go there.
+                    return t.target.owner_of(key), t.target.fingerprint
+                me = self.node.me
+                if me.name in (old, new):
+                    # Verified: both sides hold the same data and neither takes writes, so
+                    # either answers reads (no redirect loop while nodes enter "switch").
+                    return me, t.source.fingerprint
         routing = self.routing
         return routing.owner_of(key), routing.fingerprint
 
