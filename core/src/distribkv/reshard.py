@@ -255,11 +255,11 @@ class Reshard:
         moved = sum(moves.values())
         return {"keys": total, "moves": moves, "moved": moved, "fraction": moved / max(total, 1)}
 
-    def prepare(self, phase: str) -> dict[str, dict]:
+    def prepare(self, phase: str, addresses: list[str] | None = None) -> dict[str, dict]:
         body = {"id": self.id, "phase": phase, **self._maps_body()}
         return self._for_nodes(
             lambda a: self.call(a, "POST", "/reshard/prepare", body)[1],
-            [a for a, _, _ in self.nodes()],
+            [a for a, _, _ in self.nodes()] if addresses is None else addresses,
         )
 
     def _ingest(self, shard_name: str, ops: list[list]) -> None:
@@ -482,7 +482,13 @@ class Reshard:
         # Two fan-outs: every node first answers reads of moving keys it holds (old or new
         # owner alike), and only then do old owners send those reads to the new owners, so
         # no read bounces between a node that switched and one that did not yet.
-        self.prepare("verified")
+        behind = [
+            address
+            for address, state in self.states().items()
+            if (state["transition"] or {}).get("phase") in ("copy", "fence")
+        ]
+        if behind:
+            self.prepare("verified", behind)
         self.say("switch: reads of moving keys go to their new owners")
         self.prepare("switch")
         _kill_point("switch")
