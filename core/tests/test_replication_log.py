@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from distribkv.plugins import load_plugins
@@ -16,6 +19,7 @@ from distribkv.replication.log import (
 )
 from distribkv.replication.logtransport import divergence
 from distribkv.storage.api import Delete, Namespace, Put
+from distribkv.storage.errors import InvalidKeyError
 from distribkv.storage.store import open_store
 
 DATA, LOG, META = Namespace.DATA, Namespace.LOG, Namespace.META
@@ -105,3 +109,67 @@ def test_a_replica_directory_started_as_leader_continues_its_history(store):
     leader = LeaderLog(store, sync=False, replicas=[], retention=100)
     assert (leader.history, leader.last_seq, leader.trimmed) == ("abcdef0123456789", 42, 42)
     assert leader.write([put(b"x", b"y")]) == 43
+
+
+class SlowApplies:
+    """Wraps a store: each apply takes 2 ms (like an fsync) and is counted."""
+
+    def __init__(self, store):
+        self.store = store
+        self.applies = 0
+
+    def apply(self, ops, *, sync):
+        self.applies += 1
+        time.sleep(0.002)
+        self.store.apply(ops, sync=sync)
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+
+def _concurrent_writes(leader, threads: int, writes: int, bad: set[int] = frozenset()):
+    errors: dict[tuple[int, int], Exception] = {}
+    seqs: dict[tuple[int, int], int] = {}
+
+    def run(t: int) -> None:
+        for i in range(writes):
+            key = b"x" * 600 if (t * writes + i) in bad else b"t%d-%d" % (t, i)
+            try:
+                seqs[t, i] = leader.write([put(key, b"%d" % i)])
+            except Exception as exc:  # noqa: BLE001 - recorded and checked by the test
+                errors[t, i] = exc
+
+    workers = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    return seqs, errors
+
+
+@pytest.mark.parametrize("group_commit", [True, False])
+def test_concurrent_writes_share_applies_and_keep_one_order(store, group_commit):
+    slow = SlowApplies(store)
+    leader = LeaderLog(slow, sync=True, replicas=[], retention=10**6, group_commit=group_commit)
+    seqs, errors = _concurrent_writes(leader, threads=16, writes=40)
+    assert not errors
+    # Every write got its own seq, together they are 1..640 with no gap, and the log holds
+    # each write's op under its seq.
+    assert sorted(seqs.values()) == list(range(1, 641))
+    entries = {e[0]: e for e in leader.entries_after(0, max_entries=1000, max_bytes=1 << 24)}
+    for (t, i), seq in seqs.items():
+        assert entries[seq][2:4] == (b"t%d-%d" % (t, i), b"%d" % i)
+        assert store.get(b"t%d-%d" % (t, i)) == b"%d" % i
+    assert leader.committed_seq() == 640
+    if group_commit:
+        assert slow.applies <= 640 / 4  # 16 writers queue behind each 2 ms apply
+    else:
+        assert slow.applies == 640
+
+
+def test_a_bad_write_in_a_group_fails_alone(store):
+    leader = LeaderLog(SlowApplies(store), sync=True, replicas=[], retention=10**6)
+    seqs, errors = _concurrent_writes(leader, threads=8, writes=20, bad={5, 77, 150})
+    assert len(errors) == 3
+    assert all(isinstance(e, InvalidKeyError) for e in errors.values())
+    assert sorted(seqs.values()) == list(range(1, 158))

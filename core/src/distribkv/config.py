@@ -15,6 +15,7 @@ The format is the Go original's (``[[shards]]`` with ``name``, ``idx``, ``addres
     data_dir = "data"         # relative to this file; each node uses data_dir/<shard>/<node>
     durability = "sync"       # or "async"
     max_value_size = 16777216
+    group_commit = true       # concurrent writes share one apply (one fsync with "sync")
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ class StorageConfig:
     data_dir: Path = Path("data")
     durability: str = "sync"
     max_value_size: int = DEFAULT_MAX_VALUE_SIZE
+    #: Concurrent writes on a leader share one storage apply (and one fsync with "sync").
+    group_commit: bool = True
     settings: Mapping[str, Any] = attrs.field(factory=dict)
 
 
@@ -279,6 +282,7 @@ def parse_config(text: str, path: Path) -> Config:
         data_dir=data_dir if data_dir.is_absolute() else path.parent / data_dir,
         durability=storage_table.choice("durability", "sync", DURABILITIES),
         max_value_size=storage_table.get("max_value_size", int, DEFAULT_MAX_VALUE_SIZE),
+        group_commit=storage_table.get("group_commit", bool, True),
         settings=dict(storage_table.get(backend, dict, {})),
     )
     if storage.max_value_size < 1:

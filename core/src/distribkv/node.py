@@ -96,6 +96,7 @@ class Node:
                 sync=self.sync,
                 replicas=[f"replica-{i}" for i in range(len(self.me.replicas))],
                 retention=self.config.cluster.log_retention,
+                group_commit=self.config.storage.group_commit,
             )
         log.info("node %s opened %s at %s", self.name, self.backend_name, self.data_dir)
         return self

@@ -82,6 +82,18 @@ def entry_op(op: int, key: bytes, value: bytes | None) -> Op:
     return Put(DATA, key, value) if op == OP_PUT else Delete(DATA, key)
 
 
+class _Pending:
+    """One write waiting in the group-commit queue."""
+
+    __slots__ = ("done", "error", "ops", "seq")
+
+    def __init__(self, ops: Sequence[Op]):
+        self.ops = ops
+        self.seq = 0
+        self.done = False
+        self.error: Exception | None = None
+
+
 class ReplicaProgress:
     __slots__ = ("acked", "last_seen", "name", "retain")
 
@@ -107,6 +119,7 @@ class LeaderLog:
         sync: bool,
         replicas: Sequence[str],
         retention: int,
+        group_commit: bool = True,
     ):
         self.store = store
         self.sync = sync
@@ -116,7 +129,13 @@ class LeaderLog:
         self.last_seq = read_seq(store, LAST_SEQ)
         self.trimmed = read_seq(store, TRIMMED)
         self.last_write_ms = int(time.time() * 1000)
-        self._write_lock = threading.Lock()
+        self.group_commit = group_commit
+        self._queue_lock = threading.Lock()
+        self._flushed = threading.Condition(self._queue_lock)
+        self._queue: list[_Pending] = []
+        self._flushing = False
+        self._enqueued = 0  # writes queued so far
+        self._completed = 0  # of those, applied or failed (always a prefix: groups are FIFO)
         self._changed = threading.Condition(threading.Lock())
         self.progress = {name: ReplicaProgress(name) for name in replicas}
         #: Readers of the log that are not replicas (a reshard copying keys away): name ->
@@ -157,26 +176,69 @@ class LeaderLog:
     def write(self, ops: Sequence[Op], *, guard: Callable[[], None] | None = None) -> int:
         """Apply data ops with their log entries and the new seq atomically; return the seq.
 
-        ``guard`` runs under the write lock first and may raise to refuse the write: a caller
+        Group commit: a write joins the queue; whichever writer finds no flush running takes
+        the whole queue and applies it as ONE storage apply (one fsync with ``sync``), in
+        queue order, while later writers queue up for the next one. Seqs are given at the
+        flush, so the log order is the apply order. A failed group apply is retried write by
+        write, so one bad write fails alone.
+
+        ``guard`` runs under the queue lock first and may raise to refuse the write: a caller
         that changes what the guard checks and then reads :meth:`committed_seq` knows that
         every later write saw the change."""
-        now_ms = int(time.time() * 1000)
-        with self._write_lock:
+        request = _Pending(ops)
+        with self._queue_lock:
             if guard is not None:
                 guard()
-            seq = self.last_seq
-            batch: list[Op] = []
-            for op in ops:
+            self._queue.append(request)
+            self._enqueued += 1
+            while not request.done:
+                if self._flushing:
+                    self._flushed.wait()
+                    continue
+                self._flushing = True
+                if self.group_commit:
+                    group, self._queue = self._queue, []
+                else:
+                    group = [self._queue.pop(0)]
+                self._queue_lock.release()
+                try:
+                    self._flush(group)
+                finally:
+                    self._queue_lock.acquire()
+                    self._flushing = False
+                    self._completed += len(group)
+                    self._flushed.notify_all()
+        if request.error is not None:
+            raise request.error
+        with self._changed:
+            self._changed.notify_all()
+        return request.seq
+
+    def _flush(self, group: list[_Pending]) -> None:
+        now_ms = int(time.time() * 1000)
+        seq = self.last_seq
+        batch: list[Op] = []
+        for request in group:
+            for op in request.ops:
                 seq += 1
                 batch.append(op)
                 batch.append(Put(LOG, seq_key(seq), encode_entry(op, now_ms)))
-            batch.append(Put(META, LAST_SEQ, seq_key(seq)))
+            request.seq = seq
+        batch.append(Put(META, LAST_SEQ, seq_key(seq)))
+        try:
             self.store.apply(batch, sync=self.sync)
-            self.last_seq = seq
-            self.last_write_ms = now_ms
-        with self._changed:
-            self._changed.notify_all()
-        return seq
+        except Exception as exc:  # noqa: BLE001 - handed to the writer, which raises it
+            if len(group) == 1:
+                group[0].error = exc
+                group[0].done = True
+                return
+            for request in group:  # find the write that failed; the others go through
+                self._flush([request])
+            return
+        self.last_seq = seq
+        self.last_write_ms = now_ms
+        for request in group:
+            request.done = True
 
     def check_at(self, seq: int) -> int | None:
         """entry_check of the entry at ``seq``, or None when it is not in the log."""
@@ -184,9 +246,12 @@ class LeaderLog:
         return None if raw is None else entry_check(*decode_entry(raw))
 
     def committed_seq(self) -> int:
-        """The last seq, consistent with storage: no write is between its apply and its seq
-        update while the write lock is held."""
-        with self._write_lock:
+        """The last seq, once every write queued before this call is applied: each of them
+        has a seq <= the answer and is readable in storage."""
+        with self._queue_lock:
+            target = self._enqueued
+            while self._completed < target:
+                self._flushed.wait()
             return self.last_seq
 
     # --- reading the log ------------------------------------------------------------------
