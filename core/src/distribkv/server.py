@@ -8,7 +8,9 @@ flush (bounded by ``drain_timeout``), then closes every connection so ``run()`` 
 
 from __future__ import annotations
 
+import collections
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -21,6 +23,61 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("distribkv.access")
 
 
+class AccessLog:
+    """One line per request, in the format of the node's log, written by a background thread
+    in batches: a ``logging`` call per request costs more than serving a GET. Bounded: beyond
+    ``max_pending`` unwritten lines, new ones are counted and dropped (and the count logged)."""
+
+    def __init__(self, stream=None, *, interval: float = 0.1, max_pending: int = 100_000):
+        self.stream = stream
+        self.interval = interval
+        self.max_pending = max_pending
+        self.pending: collections.deque = collections.deque()
+        self.dropped = 0
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="distribkv-access", daemon=True)
+        self._thread.start()
+
+    def add(self, remote: str, method: str, path: str, status: str, ms: float) -> None:
+        if len(self.pending) >= self.max_pending:
+            self.dropped += 1
+            return
+        self.pending.append((time.time(), remote, method, path, status, ms))
+
+    def _run(self) -> None:
+        while not self._wake.wait(self.interval):
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - the access log must never stop the node
+                self.pending.clear()
+
+    def flush(self) -> None:
+        lines = []
+        pending = self.pending
+        while pending:
+            at, remote, method, path, status, ms = pending.popleft()
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+            lines.append(
+                f"{stamp},{int(at * 1000) % 1000:03d} INFO distribkv.access:"
+                f" {remote} {method} {path} {status} {ms:.1f}ms\n"
+            )
+        if self.dropped:
+            dropped, self.dropped = self.dropped, 0
+            lines.append(f"WARNING distribkv.access: {dropped} access-log lines dropped\n")
+        if lines:
+            stream = self.stream or sys.stderr
+            try:
+                stream.write("".join(lines))
+                stream.flush()
+            except (OSError, ValueError):
+                pass  # nowhere to write: the node goes on serving
+
+    def close(self) -> None:
+        self._wake.set()
+        self._thread.join(timeout=5)
+        self.flush()
+
+
 class ServingWrapper:
     """WSGI wrapper: counts in-flight requests (for draining) and writes one access-log line."""
 
@@ -28,6 +85,7 @@ class ServingWrapper:
         self.app = app
         self._lock = threading.Lock()
         self.in_flight = 0
+        self.access = AccessLog() if access_log.isEnabledFor(logging.INFO) else None
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         started = time.monotonic()
@@ -54,15 +112,18 @@ class ServingWrapper:
         finally:
             with self._lock:
                 self.in_flight -= 1
-            if access_log.isEnabledFor(logging.INFO):
-                access_log.info(
-                    "%s %s %s %s %.1fms",
+            if self.access is not None:
+                self.access.add(
                     environ.get("REMOTE_ADDR", "-"),
                     environ.get("REQUEST_METHOD", "-"),
                     environ.get("PATH_INFO", "-"),
                     seen[0].split(" ", 1)[0] if seen else "-",
                     (time.monotonic() - started) * 1000,
                 )
+
+    def close(self) -> None:
+        if self.access is not None:
+            self.access.close()
 
 
 class WaitressHandle(ServerHandle):
@@ -95,6 +156,7 @@ class WaitressHandle(ServerHandle):
         log.info("serving on %s:%s", self.listen.host, self.port)
         self.server.run()
         self.server.task_dispatcher.shutdown(cancel_pending=False, timeout=self.drain_timeout)
+        self.wrapper.close()
         log.info("stopped serving on %s:%s", self.listen.host, self.port)
 
     def stop(self) -> None:

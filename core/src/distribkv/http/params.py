@@ -27,13 +27,19 @@ def query_params(req: falcon.Request) -> dict[str, bytes]:
         if not part:
             continue
         name, _, value = part.partition(b"=")
-        name_text = unquote_to_bytes(name.replace(b"+", b" ")).decode("latin-1")
+        name_text = _decode(name).decode("latin-1")
         if name_text in params:
             raise ApiError(
                 falcon.HTTP_400, "bad request", f"parameter {name_text!r} is given more than once"
             )
-        params[name_text] = unquote_to_bytes(value.replace(b"+", b" "))
+        params[name_text] = _decode(value)
     return params
+
+
+def _decode(raw: bytes) -> bytes:
+    if b"%" not in raw and b"+" not in raw:
+        return raw  # nothing to decode (the common case for plain keys)
+    return unquote_to_bytes(raw.replace(b"+", b" "))
 
 
 def require_key(params: dict[str, bytes]) -> bytes:

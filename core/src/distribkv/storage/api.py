@@ -190,23 +190,26 @@ class CallGate:
 
     def __init__(self, what: str):
         self.what = what
-        self._cond = threading.Condition(threading.Lock())
+        # Calls take the bare lock (cheap: every get passes here); only close() waits on the
+        # condition, and only a call that ends during close() notifies it.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._active = 0
         self.closed = False
         self._freed = False
         self._scans: weakref.WeakSet = weakref.WeakSet()
 
     def __enter__(self) -> CallGate:
-        with self._cond:
+        with self._lock:
             if self.closed:
                 raise BackendClosedError(f"{self.what} is closed")
             self._active += 1
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        with self._cond:
+        with self._lock:
             self._active -= 1
-            if self._active == 0:
+            if self.closed and self._active == 0:
                 self._cond.notify_all()
 
     def track(self, scan: Scan) -> Scan:
