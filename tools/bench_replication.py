@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Replication speed, measured in one run for each transport:
 
-1. burst: 10,000 keys written to the leader in batches of 100; keys per second reaching the
-   replica (from the first write until the replica has applied the last one);
+1. burst: 10,000 keys (``--burst N``) written to the leader in batches of 100; keys per second
+   reaching the replica (from the first write until the replica has applied the last one);
 2. steady load: 500 single-key writes per second for 10 s; for every 5th write, the time from
    its acknowledgement until a read from the replica returns it (p50 / p99 / max).
 
     python tools/bench_replication.py [--backend lmdb] [--transport log --transport queue]
+                                      [--burst 10000]
 
 Needs distribkv with the backend and distribkv-queue installed (python3 launch.py makes .venv:
 .venv/bin/python tools/bench_replication.py). Nodes run with durability "async".
@@ -65,7 +66,7 @@ def applied(address: str) -> int:
     return status["replication"].get("applied_seq") or status["replication"].get("last_seq") or 0
 
 
-def run(backend: str, transport: str, work: Path) -> dict:
+def run(backend: str, transport: str, work: Path, burst_keys: int = 10_000) -> dict:
     leader = f"{LEADER_HOST}:{free_port(LEADER_HOST)}"
     replica = f"{REPLICA_HOST}:{free_port(REPLICA_HOST)}"
     config = work / f"{transport}.toml"
@@ -85,7 +86,7 @@ def run(backend: str, transport: str, work: Path) -> dict:
         # 1. burst
         conn = Conn(leader)
         started = time.monotonic()
-        for start in range(0, 10_000, 100):
+        for start in range(0, burst_keys, 100):
             ops = [["set", b"burst-%05d" % i, b"v" * 100] for i in range(start, start + 100)]
             status, _ = conn.request(
                 "POST",
@@ -141,7 +142,7 @@ def run(backend: str, transport: str, work: Path) -> dict:
         latencies.sort()
         return {
             "burst_write_s": written,
-            "burst_keys_per_s": 10_000 / burst,
+            "burst_keys_per_s": burst_keys / burst,
             "p50_ms": latencies[len(latencies) // 2] * 1000,
             "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
             "max_ms": latencies[-1] * 1000,
@@ -161,13 +162,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="lmdb")
     parser.add_argument("--transport", action="append")
+    parser.add_argument(
+        "--burst", type=int, default=10_000, help="keys in the burst (a multiple of 100)"
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="distribkv-replbench-"))
     try:
-        results = {t: run(args.backend, t, work) for t in args.transport or ["log", "queue"]}
+        results = {
+            t: run(args.backend, t, work, args.burst) for t in args.transport or ["log", "queue"]
+        }
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"backend {args.backend}, one leader and one replica, durability async")
+    print(
+        f"backend {args.backend}, one leader and one replica, durability async,"
+        f" burst of {args.burst:,} keys"
+    )
     print(f"{'transport':10} {'burst keys/s':>13} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
     for name, r in results.items():
         print(
