@@ -173,3 +173,25 @@ def test_a_bad_write_in_a_group_fails_alone(store):
     assert len(errors) == 3
     assert all(isinstance(e, InvalidKeyError) for e in errors.values())
     assert sorted(seqs.values()) == list(range(1, 158))
+
+
+def test_a_write_that_cannot_be_encoded_fails_alone(store):
+    leader = LeaderLog(SlowApplies(store), sync=True, replicas=[], retention=10**6)
+    results: dict[str, object] = {}
+
+    def write(name, value):
+        try:
+            results[name] = leader.write([put(name.encode(), value)])
+        except Exception as exc:  # noqa: BLE001 - recorded and checked by the test
+            results[name] = exc
+
+    workers = [threading.Thread(target=write, args=(f"good-{i}", b"v")) for i in range(6)] + [
+        threading.Thread(target=write, args=("bad", object()))
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=30)
+    assert isinstance(results["bad"], Exception)
+    assert sorted(v for k, v in results.items() if k != "bad") == list(range(1, 7))
+    assert all(store.get(b"good-%d" % i) == b"v" for i in range(6))

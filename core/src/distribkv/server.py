@@ -8,6 +8,7 @@ flush (bounded by ``drain_timeout``), then closes every connection so ``run()`` 
 
 from __future__ import annotations
 
+import atexit
 import collections
 import logging
 import sys
@@ -37,6 +38,7 @@ class AccessLog:
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="distribkv-access", daemon=True)
         self._thread.start()
+        atexit.register(self.close)
 
     def add(self, remote: str, method: str, path: str, status: str, ms: float) -> None:
         if len(self.pending) >= self.max_pending:
@@ -54,8 +56,11 @@ class AccessLog:
     def flush(self) -> None:
         lines = []
         pending = self.pending
-        while pending:
-            at, remote, method, path, status, ms = pending.popleft()
+        for _ in range(len(pending)):  # what is there now: one bounded batch
+            try:
+                at, remote, method, path, status, ms = pending.popleft()
+            except IndexError:  # another flush (close) took it
+                break
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
             lines.append(
                 f"{stamp},{int(at * 1000) % 1000:03d} INFO distribkv.access:"
@@ -75,7 +80,10 @@ class AccessLog:
     def close(self) -> None:
         self._wake.set()
         self._thread.join(timeout=5)
-        self.flush()
+        try:
+            self.flush()
+        except Exception:  # noqa: BLE001 - closing the log must not fail the shutdown
+            pass
 
 
 class ServingWrapper:
@@ -154,9 +162,11 @@ class WaitressHandle(ServerHandle):
 
     def run(self) -> None:
         log.info("serving on %s:%s", self.listen.host, self.port)
-        self.server.run()
-        self.server.task_dispatcher.shutdown(cancel_pending=False, timeout=self.drain_timeout)
-        self.wrapper.close()
+        try:
+            self.server.run()
+            self.server.task_dispatcher.shutdown(cancel_pending=False, timeout=self.drain_timeout)
+        finally:
+            self.wrapper.close()
         log.info("stopped serving on %s:%s", self.listen.host, self.port)
 
     def stop(self) -> None:

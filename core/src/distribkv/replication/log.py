@@ -204,6 +204,14 @@ class LeaderLog:
                 try:
                     self._flush(group)
                 finally:
+                    interrupted = [pending for pending in group if not pending.done]
+                    if interrupted:
+                        # Interrupted (not an error of the writes): the apply may or may not
+                        # have happened; take the last seq from storage so no seq is reused.
+                        self.last_seq = read_seq(self.store, LAST_SEQ)
+                        for pending in interrupted:
+                            pending.error = RuntimeError("the write was interrupted")
+                            pending.done = True
                     self._queue_lock.acquire()
                     self._flushing = False
                     self._completed += len(group)
@@ -215,17 +223,18 @@ class LeaderLog:
         return request.seq
 
     def _flush(self, group: list[_Pending]) -> None:
-        now_ms = int(time.time() * 1000)
-        seq = self.last_seq
-        batch: list[Op] = []
-        for request in group:
-            for op in request.ops:
-                seq += 1
-                batch.append(op)
-                batch.append(Put(LOG, seq_key(seq), encode_entry(op, now_ms)))
-            request.seq = seq
-        batch.append(Put(META, LAST_SEQ, seq_key(seq)))
         try:
+            now_ms = int(time.time() * 1000)
+            seq = self.last_seq
+            batch: list[Op] = []
+            seqs = []
+            for request in group:
+                for op in request.ops:
+                    seq += 1
+                    batch.append(op)
+                    batch.append(Put(LOG, seq_key(seq), encode_entry(op, now_ms)))
+                seqs.append(seq)
+            batch.append(Put(META, LAST_SEQ, seq_key(seq)))
             self.store.apply(batch, sync=self.sync)
         except Exception as exc:  # noqa: BLE001 - handed to the writer, which raises it
             if len(group) == 1:
@@ -237,7 +246,8 @@ class LeaderLog:
             return
         self.last_seq = seq
         self.last_write_ms = now_ms
-        for request in group:
+        for request, last in zip(group, seqs, strict=True):
+            request.seq = last
             request.done = True
 
     def check_at(self, seq: int) -> int | None:
