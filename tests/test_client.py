@@ -110,3 +110,6 @@ def test_the_command_line_uses_the_client(ring_cluster):
     assert missing.returncode == 1 and b"is not set" in missing.stderr
     assert run("set", "00ff", "0001", "--hex", "--node", node_a).returncode == 0
     assert run("get", "00ff", "--hex", "--node", node_b).stdout == b"\x00\x01"
+    # Arguments that are not UTF-8 are taken as the exact bytes given.
+    assert run("set", b"raw \xff key", b"raw \xfe value", "--node", node_a).returncode == 0
+    assert run("get", b"raw \xff key", "--node", node_b).stdout == b"raw \xfe value"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -172,7 +173,8 @@ def cmd_kv(args: argparse.Namespace) -> int:
     """get / set / delete one key through the client (it routes to the owning shard)."""
     from distribkv.client import Client, ClientError
 
-    key = args.key.encode() if not args.hex else bytes.fromhex(args.key)
+    # os.fsencode gives back the exact bytes of the command line, UTF-8 or not.
+    key = os.fsencode(args.key) if not args.hex else bytes.fromhex(args.key)
     try:
         with Client([_node_address(args)], timeout=args.timeout) as client:
             if args.command == "get":
@@ -187,7 +189,7 @@ def cmd_kv(args: argparse.Namespace) -> int:
                 if args.value == "-":
                     value = sys.stdin.buffer.read()
                 else:
-                    value = args.value.encode() if not args.hex else bytes.fromhex(args.value)
+                    value = os.fsencode(args.value) if not args.hex else bytes.fromhex(args.value)
                 client.set(key, value)
             else:
                 client.delete(key)
@@ -199,9 +201,6 @@ def cmd_kv(args: argparse.Namespace) -> int:
 
 def cmd_reshard(args: argparse.Namespace) -> int:
     """Move keys from the layout of one cluster file to another's, online."""
-    import json
-    import os
-
     from distribkv.config import load_cluster_token, load_config
     from distribkv.plugins import load_plugins
     from distribkv.reshard import Reshard, ReshardError
