@@ -19,6 +19,8 @@ PACKAGES = [
     "-e",
     "./plugins/queue",
     "-e",
+    "./plugins/granian",
+    "-e",
     "./core",
     "-e",
     "./backends/leveldb",

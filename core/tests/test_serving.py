@@ -126,3 +126,27 @@ def test_unexpected_errors_are_500_without_details(tmp_path, monkeypatch):
     assert response.json == {"error": "internal error", "detail": "see the node's log"}
     assert "secret" not in response.text
     node.close()
+
+
+def test_a_refusing_wrapper_answers_503_without_calling_the_application():
+    from distribkv.server import ServingWrapper
+
+    calls = []
+
+    def app(environ, start_response):
+        calls.append(environ["PATH_INFO"])
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    wrapper = ServingWrapper(app)
+    statuses = []
+    environ = {"PATH_INFO": "/get", "REQUEST_METHOD": "GET"}
+    assert wrapper(environ, lambda status, headers, exc_info=None: statuses.append(status)) == [
+        b"ok"
+    ]
+    wrapper.refuse()
+    body = wrapper(environ, lambda status, headers, exc_info=None: statuses.append(status))
+    wrapper.close()
+    assert calls == ["/get"]
+    assert statuses == ["200 OK", "503 Service Unavailable"]
+    assert body == [b"node is stopping\n"] and wrapper.in_flight == 0

@@ -93,7 +93,13 @@ class ServingWrapper:
         self.app = app
         self._lock = threading.Lock()
         self.in_flight = 0
+        self.refusing = False
         self.access = AccessLog() if access_log.isEnabledFor(logging.INFO) else None
+
+    def refuse(self) -> None:
+        """From now on answer 503 without calling the application (the node is closing)."""
+        with self._lock:
+            self.refusing = True
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         started = time.monotonic()
@@ -104,6 +110,16 @@ class ServingWrapper:
             return start_response(status, headers, exc_info)
 
         with self._lock:
+            if self.refusing:
+                start_response(
+                    "503 Service Unavailable",
+                    [
+                        ("Content-Type", "text/plain"),
+                        ("Content-Length", "17"),
+                        ("Connection", "close"),
+                    ],
+                )
+                return [b"node is stopping\n"]
             self.in_flight += 1
         try:
             body = self.app(environ, recording_start_response)

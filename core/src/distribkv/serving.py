@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from distribkv.config import Config, NodeConfig
+from distribkv.config import Config, ConfigError, NodeConfig
 from distribkv.http.api import Listen
 from distribkv.node import Node
 from distribkv.plugins import PluginRegistry
@@ -30,19 +30,27 @@ def serve(node: Node, registry: PluginRegistry, *, announce=print) -> int:
     pool = forwarding_pool(node)
     app = create_app(node, pool)
     server = config.server
-    handle = spec.create(
-        app,
-        Listen(
-            host=node.address.host,
-            port=node.address.port,
-            threads=server.threads,
-            connection_limit=server.connection_limit,
-            channel_timeout=server.channel_timeout,
-            # The largest body a node accepts: a batch, or one value plus room for headers.
-            max_request_body_size=max(server.max_batch_bytes, config.storage.max_value_size),
-            settings={"drain_timeout": server.drain_timeout},
-        ),
-    )
+    try:
+        handle = spec.create(
+            app,
+            Listen(
+                host=node.address.host,
+                port=node.address.port,
+                threads=server.threads,
+                connection_limit=server.connection_limit,
+                channel_timeout=server.channel_timeout,
+                # The largest body a node accepts: a batch, or one value plus room for headers.
+                max_request_body_size=max(server.max_batch_bytes, config.storage.max_value_size),
+                settings={"drain_timeout": server.drain_timeout},
+            ),
+        )
+    except OSError as exc:
+        pool.close()
+        node.close()
+        raise ConfigError(
+            f"{config.path}: node {node.name} cannot serve on {node.address} with"
+            f" {spec.name}: {exc.strerror or exc}"
+        ) from None
 
     def on_signal(signum, frame):
         log.info("node %s: %s received, draining", node.name, signal.Signals(signum).name)
