@@ -316,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--log-dir", help="where node logs go (default: <data_dir>/logs)")
     launch.set_defaults(func=cmd_launch)
 
+    from distribkv.bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
+
     reshard = sub.add_parser(
         "reshard",
         help="move keys to a new layout (more shards, other hashing), online",

@@ -216,6 +216,7 @@ class Node:
             "address": str(self.address),
             "backend": self.backend_name,
             "durability": self.config.storage.durability,
+            "server": self.config.cluster.server,
             "keys": stats.keys.get("data"),
             "disk_bytes": stats.disk_bytes,
             "fingerprint": self.maps.routing.fingerprint,

@@ -1,0 +1,246 @@
+"""``distribkv bench``: which backend, which server, which settings, side by side.
+
+For every selected backend and server it starts a one-node cluster with identical settings,
+loads keys with the client's ``set_many`` (the batch-load figure), then drives HTTP load with
+wrk: a no-op endpoint on the same server (the ceiling), and GET, SET, 90/10 and 50/50 mixes
+with uniform and zipfian keys (YCSB C, B-like, A-like). The same operations run on the backend
+in-process, so every figure carries two ratios. The seeds' load test closes the run: 1,000
+random keys sent to the nodes of a 3-node cluster and read back from others.
+
+Needs the extra: ``pip install 'distribkv[bench]'`` (HdrHistogram, matplotlib), and wrk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_parser", "run"]
+
+DESCRIPTION = __doc__.split("\n\n", 1)[1]
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    bench = sub.add_parser(
+        "bench",
+        help="compare backends and servers under HTTP load (needs distribkv[bench] and wrk)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="the quick profile: 10,000 keys, 2 s per figure (under 5 minutes for 3 backends"
+        " x 2 servers on 2 cores); default is the full profile: 100,000 keys, 10 s per figure",
+    )
+    bench.add_argument(
+        "--backends",
+        help="comma-separated storage backends (default: every installed one but memory)",
+    )
+    bench.add_argument(
+        "--servers", help="comma-separated server plugins (default: every installed one)"
+    )
+    bench.add_argument("--seconds", type=float, help="seconds per figure (overrides the profile)")
+    bench.add_argument(
+        "--keys", type=int, help="keys loaded and drawn from (overrides the profile)"
+    )
+    bench.add_argument(
+        "--connections", type=int, default=16, help="wrk connections (default: %(default)s)"
+    )
+    bench.add_argument(
+        "--wrk-threads", type=int, default=1, help="wrk threads (default: %(default)s)"
+    )
+    bench.add_argument(
+        "--threads", type=int, default=8, help="server threads per node (default: %(default)s)"
+    )
+    bench.add_argument(
+        "--value-size", type=int, default=100, help="bytes per value (default: %(default)s)"
+    )
+    bench.add_argument(
+        "--durability",
+        default="async",
+        choices=["sync", "async"],
+        help="[storage] durability of the nodes and of the in-process runs (default: async)",
+    )
+    bench.add_argument(
+        "--host", default="127.0.0.1", help="loopback address the nodes bind (default: %(default)s)"
+    )
+    bench.add_argument(
+        "--load-test-keys",
+        type=int,
+        help="keys of the seeds' load test (default: 1,000; 0 skips it)",
+    )
+    bench.add_argument(
+        "--out",
+        default="bench-results",
+        help="directory for bench.json, bench.md and bench.png (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--work-dir", help="where nodes keep data and logs (default: a temporary directory)"
+    )
+    bench.set_defaults(func=run)
+    return bench
+
+
+def _names(text: str | None, available: list[str], kind: str) -> list[str]:
+    if not text:
+        return available
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise SystemExit(
+            f"distribkv bench: {kind} not installed: {', '.join(unknown)}"
+            f" (installed: {', '.join(available) or 'none'})"
+        )
+    return names
+
+
+def _check_tools() -> None:
+    missing = []
+    for module, name in (("hdrh", "hdrhistogram"), ("matplotlib", "matplotlib")):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise SystemExit(
+            f"distribkv bench needs {', '.join(missing)}: pip install 'distribkv[bench]'"
+        )
+    from distribkv.bench.wrk import WrkError, wrk_path
+
+    try:
+        wrk_path()
+    except WrkError as exc:
+        raise SystemExit(f"distribkv bench: {exc}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from distribkv.bench import report, runner
+    from distribkv.client import BATCH_OPS
+    from distribkv.plugins import load_plugins
+
+    _check_tools()
+    registry = load_plugins()
+    installed = registry.names("storage")
+    backends = _names(args.backends, [b for b in installed if b != "memory"], "backends")
+    servers = _names(args.servers, registry.names("server"), "servers")
+    base = runner.QUICK if args.quick else runner.FULL
+    profile = runner.Profile(
+        base.name,
+        keys=args.keys or base.keys,
+        seconds=args.seconds or base.seconds,
+        raw_seconds=min(base.raw_seconds, args.seconds or base.raw_seconds),
+        load_test_keys=base.load_test_keys if args.load_test_keys is None else args.load_test_keys,
+    )
+    if profile.keys < 2:
+        raise SystemExit("distribkv bench: --keys must be at least 2")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    total = len(backends) * len(servers)
+    started = time.monotonic()
+    step = [0]
+
+    def progress(text: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f}s] {text}", file=sys.stderr, flush=True)
+
+    results: dict[str, Any] = {
+        "meta": {
+            "command": "distribkv bench " + shlex.join(sys.argv[2:] if len(sys.argv) > 1 else []),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "profile": profile.name,
+            "keys": profile.keys,
+            "seconds": profile.seconds,
+            "raw_seconds": profile.raw_seconds,
+            "connections": args.connections,
+            "wrk_threads": args.wrk_threads,
+            "threads": args.threads,
+            "value_size": args.value_size,
+            "durability": args.durability,
+            "backends": backends,
+            "servers": servers,
+            "machine": runner.machine(),
+        },
+        "rows": [],
+        "raw": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="distribkv-bench-", dir=args.work_dir) as tmp:
+        work = Path(tmp)
+        for backend in backends:
+            raw = runner.raw_backend(
+                backend,
+                work / f"raw-{backend}",
+                profile=profile,
+                durability=args.durability,
+                value_size=args.value_size,
+                batch=BATCH_OPS,
+                progress=progress,
+            )
+            results["raw"][backend] = raw
+            for server in servers:
+                step[0] += 1
+                progress(f"[{step[0]}/{total}] {backend} + {server}: starting a node")
+                rows = runner.run_node(
+                    backend,
+                    server,
+                    work / f"{backend}-{server}",
+                    profile=profile,
+                    durability=args.durability,
+                    host=args.host,
+                    connections=args.connections,
+                    wrk_threads=args.wrk_threads,
+                    value_size=args.value_size,
+                    threads=args.threads,
+                    progress=progress,
+                )
+                for row in rows:
+                    if row["workload"] in raw:
+                        row["raw_rps"] = raw[row["workload"]]
+                        row["ratio_raw"] = row["rps"] / raw[row["workload"]]
+                    progress(_row_line(row))
+                results["rows"].extend(rows)
+        if profile.load_test_keys and backends and servers:
+            results["load_test"] = runner.cluster_load_test(
+                work / "load-test",
+                backend=backends[0],
+                server=servers[0],
+                durability=args.durability,
+                host=args.host,
+                shards=3,
+                keys=profile.load_test_keys,
+                progress=progress,
+            )
+    results["meta"]["duration_s"] = time.monotonic() - started
+    runner.dump_json(out_dir / "bench.json", results)
+    (out_dir / "bench.md").write_text(report.markdown(results))
+    report.png(results, out_dir / "bench.png")
+    print(report.table(results))
+    print(
+        f"\nwrote {out_dir / 'bench.json'}, {out_dir / 'bench.md'}, {out_dir / 'bench.png'}"
+        f" in {results['meta']['duration_s']:.0f} s"
+    )
+    failed = sum(row.get("errors") or 0 for row in results["rows"])
+    load = results.get("load_test") or {}
+    if failed or load.get("errors") or load.get("mismatches"):
+        print("distribkv bench: some requests failed (see the errors column)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _row_line(row: dict[str, Any]) -> str:
+    text = (
+        f"  {row['backend']} + {row['server']} {row['workload']}: {row['rps']:,.0f} {row['unit']}"
+    )
+    if row.get("ratio_noop") is not None:
+        text += f", {row['ratio_noop']:.2f}x no-op"
+    if row.get("ratio_raw") is not None:
+        text += f", {row['ratio_raw']:.3f}x in-process"
+    if row.get("latency_ms"):
+        text += f", p99 {row['latency_ms']['p99']:.2f} ms"
+    if row.get("errors"):
+        text += f", {row['errors']} errors"
+    return text

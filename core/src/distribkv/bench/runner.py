@@ -1,0 +1,556 @@
+"""What ``distribkv bench`` runs: a one-node cluster per backend and server, the workloads
+against it with wrk, the same operations on the backend in-process, a no-op endpoint on the same
+server, and the seeds' load test on a cluster of several nodes."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote_from_bytes, urlsplit
+
+import attrs
+
+from distribkv.bench.wrk import corrected_percentiles, lua_script, raw_percentiles, run_wrk
+
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+@attrs.frozen
+class Profile:
+    name: str
+    keys: int  # keys loaded before the workloads, and the keyspace they draw from
+    seconds: float  # one wrk run
+    raw_seconds: float  # one in-process measurement
+    load_test_keys: int = 1000
+
+
+QUICK = Profile("quick", keys=10_000, seconds=2, raw_seconds=0.5)
+FULL = Profile("full", keys=100_000, seconds=10, raw_seconds=3)
+
+
+@attrs.frozen
+class Workload:
+    name: str
+    label: str  # what it is like
+    read_ratio: float
+    zipf: bool
+
+
+WORKLOADS = [
+    Workload(f"{mix}-{dist}", label, ratio, dist == "zipfian")
+    for mix, label, ratio in (
+        ("get", "YCSB C: reads of existing keys", 1.0),
+        ("read90", "YCSB B-like: 90% reads, 10% writes", 0.9),
+        ("read50", "YCSB A-like: 50% reads, 50% writes", 0.5),
+        ("set", "writes of existing keys", 0.0),
+    )
+    for dist in ("uniform", "zipfian")
+]
+
+
+def key_name(i: int) -> bytes:
+    return b"bench-%d" % i
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _tail(path: Path, size: int = 2000) -> str:
+    try:
+        return path.read_text(errors="replace")[-size:]
+    except OSError:
+        return ""
+
+
+class Child:
+    """A process this benchmark started, stopped by its PID."""
+
+    def __init__(self, cmd: list[str], log_path: Path, health: str, what: str):
+        self.cmd, self.log_path, self.health, self.what = cmd, log_path, health, what
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self) -> Child:
+        with open(self.log_path, "ab") as out:
+            self.process = subprocess.Popen(
+                self.cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BenchError(
+                    f"{self.what} exited with status {self.process.returncode}; its log"
+                    f" {self.log_path} ends with:\n{_tail(self.log_path)}"
+                )
+            if _answers(self.health):
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise BenchError(f"{self.what} did not answer {self.health} within {START_TIMEOUT:.0f}s")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+def _answers(url: str) -> bool:
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=1)
+    try:
+        conn.request("GET", parts.path)
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+def write_cluster(
+    directory: Path,
+    *,
+    backend: str,
+    server: str,
+    durability: str,
+    host: str,
+    shards: int = 1,
+    threads: int = 8,
+) -> Path:
+    lines = [
+        "[cluster]",
+        f'server = "{server}"',
+        "[storage]",
+        f'backend = "{backend}"',
+        f'data_dir = "{directory / "data"}"',
+        f'durability = "{durability}"',
+        "[server]",
+        f"threads = {threads}",
+    ]
+    for idx in range(shards):
+        lines += [
+            "[[shards]]",
+            f'name = "s{idx}"',
+            f"idx = {idx}",
+            f'address = "{host}:{free_port(host)}"',
+        ]
+    path = directory / "sharding.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start_nodes(config_path: Path) -> list[tuple[str, Child]]:
+    """Every leader of ``config_path`` as a ``distribkv serve`` process; (address, child)."""
+    from distribkv.config import load_config
+
+    config = load_config(config_path)
+    started: list[tuple[str, Child]] = []
+    try:
+        for shard in config.shards:
+            address = str(shard.address)
+            child = Child(
+                [
+                    sys.executable,
+                    "-m",
+                    "distribkv",
+                    "serve",
+                    "--config",
+                    str(config_path),
+                    "--shard",
+                    shard.name,
+                ],
+                config_path.parent / f"{shard.name}.log",
+                f"http://{address}/healthz",
+                f"node {shard.name} ({config.storage.backend}, {config.cluster.server})",
+            )
+            started.append((address, child.start()))
+    except BaseException:
+        for _, child in started:
+            child.stop()
+        raise
+    return started
+
+
+def start_noop(directory: Path, *, server: str, host: str, threads: int) -> tuple[str, Child]:
+    port = free_port(host)
+    child = Child(
+        [
+            sys.executable,
+            "-m",
+            "distribkv.bench.noop",
+            "--server",
+            server,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--threads",
+            str(threads),
+        ],
+        directory / f"noop-{server}.log",
+        f"http://{host}:{port}/noop",
+        f"no-op endpoint ({server})",
+    )
+    return f"{host}:{port}", child.start()
+
+
+# --- in-process backend ------------------------------------------------------------------
+
+
+class ZipfPicker:
+    """YCSB's zipfian generator (theta 0.99) over 0..n-1, the same formula as the wrk script."""
+
+    def __init__(self, n: int, rng: random.Random, theta: float = 0.99):
+        self.n, self.rng = n, rng
+        zetan = sum(1 / (i**theta) for i in range(1, n + 1))
+        zeta2 = 1 + 1 / (2**theta)
+        self.zetan = zetan
+        self.alpha = 1 / (1 - theta)
+        self.eta = (1 - (2 / n) ** (1 - theta)) / (1 - zeta2 / zetan)
+        self.second = 1 + 0.5**theta
+
+    def __call__(self) -> int:
+        u = self.rng.random()
+        uz = u * self.zetan
+        if uz < 1:
+            return 0
+        if uz < self.second:
+            return 1
+        return min(self.n - 1, int(self.n * (self.eta * u - self.eta + 1) ** self.alpha))
+
+
+def raw_backend(
+    backend: str,
+    directory: Path,
+    *,
+    profile: Profile,
+    durability: str,
+    value_size: int,
+    batch: int,
+    progress: Callable[[str], None],
+) -> dict[str, float]:
+    """Operations per second of the backend called in this process (one thread, through the
+    node's Store, so with the same checksummed envelope): the ceiling of each workload."""
+    from distribkv.plugins import load_plugins
+    from distribkv.storage.api import Namespace, Put
+    from distribkv.storage.store import open_store
+
+    spec = load_plugins().storage_backend(backend)
+    store = open_store(spec, directory, durability=durability)
+    sync = durability == "sync"
+    value = b"v" * value_size
+    out: dict[str, float] = {}
+    try:
+        progress(f"{backend} in-process: batch load of {profile.keys:,} keys")
+        started = time.perf_counter()
+        for first in range(0, profile.keys, batch):
+            ops = [
+                Put(Namespace.DATA, key_name(i), value)
+                for i in range(first, min(profile.keys, first + batch))
+            ]
+            store.apply(ops, sync=sync)
+        out["batch-load"] = profile.keys / (time.perf_counter() - started)
+        for workload in WORKLOADS:
+            progress(f"{backend} in-process: {workload.name} ({profile.raw_seconds:g} s)")
+            rng = random.Random(7)
+            pick = ZipfPicker(profile.keys, rng) if workload.zipf else None
+            keys = profile.keys
+            done = 0
+            started = time.perf_counter()
+            deadline = started + profile.raw_seconds
+            while done < 5_000_000:  # bounded in count as well as in time
+                for _ in range(500):
+                    key = key_name(pick() if pick else rng.randrange(keys))
+                    if workload.read_ratio >= 1 or rng.random() < workload.read_ratio:
+                        store.get(key)
+                    else:
+                        store.put(key, value, sync=sync)
+                done += 500
+                if time.perf_counter() >= deadline:
+                    break
+            out[workload.name] = done / (time.perf_counter() - started)
+    finally:
+        store.close()
+    return out
+
+
+# --- one node under wrk --------------------------------------------------------------------
+
+
+def batch_load(address: str, keys: int, value_size: int, *, timeout: float = 30.0) -> float:
+    """Load ``keys`` keys through the Python client's ``set_many``; keys per second."""
+    from distribkv.client import Client
+
+    client = Client([address], timeout=timeout)
+    value = b"v" * value_size
+    try:
+        started = time.perf_counter()
+        chunk = 10_000
+        for first in range(0, keys, chunk):
+            client.set_many([(key_name(i), value) for i in range(first, min(keys, first + chunk))])
+        return keys / (time.perf_counter() - started)
+    finally:
+        client.close()
+
+
+def run_node(
+    backend: str,
+    server: str,
+    directory: Path,
+    *,
+    profile: Profile,
+    durability: str,
+    host: str,
+    connections: int,
+    wrk_threads: int,
+    value_size: int,
+    threads: int,
+    progress: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """Every workload against a one-node cluster of ``backend`` served by ``server``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = write_cluster(
+        directory,
+        backend=backend,
+        server=server,
+        durability=durability,
+        host=host,
+        threads=threads,
+    )
+    rows: list[dict[str, Any]] = []
+    nodes = start_nodes(config)
+    address, node = nodes[0]
+    noop_address, noop = None, None
+    try:
+        noop_address, noop = start_noop(directory, server=server, host=host, threads=threads)
+        progress(f"{backend} + {server}: batch load of {profile.keys:,} keys (set_many)")
+        rate = batch_load(address, profile.keys, value_size)
+        rows.append({"workload": "batch-load", "rps": rate, "unit": "keys/s"})
+
+        def measure(name: str, url: str, pid: int, **script: Any) -> dict[str, Any]:
+            progress(f"{backend} + {server}: {name} ({profile.seconds:g} s, wrk)")
+            result = run_wrk(
+                url,
+                lua_script(name, keys=profile.keys, value_size=value_size, **script),
+                seconds=profile.seconds,
+                connections=connections,
+                threads=wrk_threads,
+                server_pid=pid,
+                workdir=directory,
+                name=name,
+            )
+            errors = result["errors"]
+            return {
+                "workload": name,
+                "unit": "req/s",
+                "requests": result["requests"],
+                "rps": result["requests"] / (result["duration_us"] / 1e6),
+                "latency_ms": corrected_percentiles(result, connections),
+                "latency_uncorrected_ms": raw_percentiles(result),
+                "errors": sum(errors.values()),
+                "error_kinds": errors,
+                "server_cpu": result["server_cpu"],
+                "wrk_cpu": result["wrk_cpu"],
+            }
+
+        noop_row = measure("noop", f"http://{noop_address}", noop.pid, path="/noop")
+        rows.append(noop_row)
+        for workload in WORKLOADS:
+            row = measure(
+                workload.name,
+                f"http://{address}",
+                node.pid,
+                read_ratio=workload.read_ratio,
+                zipf=workload.zipf,
+            )
+            row["ratio_noop"] = row["rps"] / noop_row["rps"] if noop_row["rps"] else None
+            rows.append(row)
+    finally:
+        for _, child in nodes:
+            child.stop()
+        if noop is not None:
+            noop.stop()
+    for row in rows:
+        row.update(backend=backend, server=server)
+    return rows
+
+
+# --- the seeds' load test ------------------------------------------------------------------
+
+
+def _request(address: str, method: str, target: str, body: bytes | None, timeout: float):
+    """One request, following at most 3 redirects to another node: (status, body)."""
+    for _ in range(4):
+        host, _, port = address.rpartition(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+        try:
+            conn.request(method, target, body=body)
+            response = conn.getresponse()
+            data = response.read()
+            location = response.getheader("Location")
+        finally:
+            conn.close()
+        if response.status != 307 or not location:
+            return response.status, data
+        parts = urlsplit(location)
+        address = parts.netloc
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+    return response.status, data
+
+
+def load_test(
+    addresses: list[str],
+    *,
+    keys: int = 1000,
+    concurrency: int = 8,
+    seed: int = 1,
+    timeout: float = 10.0,
+) -> dict[str, Any]:
+    """The seeds' load test, made exact: ``keys`` random binary keys, each written to a random
+    node and read back from another random one; every value must come back byte for byte."""
+    rng = random.Random(seed)
+    pairs: dict[bytes, bytes] = {}
+    while len(pairs) < keys:
+        pairs[rng.randbytes(rng.randint(1, 24))] = rng.randbytes(rng.randint(0, 64))
+    items = list(pairs.items())
+    writers = [rng.choice(addresses) for _ in items]
+    readers = [rng.choice(addresses) for _ in items]
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def write(i: int) -> None:
+        key, value = items[i]
+        try:
+            status, body = _request(
+                writers[i], "PUT", f"/set?key={quote_from_bytes(key, safe='')}", value, timeout
+            )
+        except OSError as exc:
+            status, body = None, str(exc).encode()
+        if status != 200:
+            with lock:
+                errors.append(f"set {key!r} on {writers[i]}: {status} {body[:100]!r}")
+
+    mismatches: list[str] = []
+
+    def read(i: int) -> None:
+        key, value = items[i]
+        try:
+            status, body = _request(
+                readers[i], "GET", f"/get?key={quote_from_bytes(key, safe='')}", None, timeout
+            )
+        except OSError as exc:
+            status, body = None, str(exc).encode()
+        if status != 200:
+            with lock:
+                errors.append(f"get {key!r} on {readers[i]}: {status} {body[:100]!r}")
+        elif body != value:
+            with lock:
+                mismatches.append(f"get {key!r} on {readers[i]}: another value")
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        started = time.perf_counter()
+        list(pool.map(write, range(len(items))))
+        write_s = time.perf_counter() - started
+        started = time.perf_counter()
+        list(pool.map(read, range(len(items))))
+        read_s = time.perf_counter() - started
+    return {
+        "nodes": addresses,
+        "keys": keys,
+        "concurrency": concurrency,
+        "sets_per_s": keys / write_s,
+        "gets_per_s": keys / read_s,
+        "errors": len(errors),
+        "mismatches": len(mismatches),
+        "examples": (errors + mismatches)[:5],
+    }
+
+
+def cluster_load_test(
+    directory: Path,
+    *,
+    backend: str,
+    server: str,
+    durability: str,
+    host: str,
+    shards: int,
+    keys: int,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    directory.mkdir(parents=True, exist_ok=True)
+    config = write_cluster(
+        directory,
+        backend=backend,
+        server=server,
+        durability=durability,
+        host=host,
+        shards=shards,
+    )
+    nodes = start_nodes(config)
+    try:
+        progress(f"load test: {keys:,} random keys over {shards} nodes ({backend}, {server})")
+        result = load_test([address for address, _ in nodes], keys=keys)
+    finally:
+        for _, child in nodes:
+            child.stop()
+    result.update(backend=backend, server=server)
+    return result
+
+
+def machine() -> dict[str, Any]:
+    import platform
+
+    info: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        version = subprocess.run(["wrk", "--version"], capture_output=True, text=True, timeout=5)
+        info["wrk"] = (version.stdout or version.stderr).splitlines()[0].strip()
+    except (OSError, subprocess.SubprocessError, IndexError):
+        pass
+    return info
+
+
+def dump_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

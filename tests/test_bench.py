@@ -1,0 +1,126 @@
+"""`distribkv bench` end to end, on the backend under test and every installed server: short
+figures, but real nodes, real wrk load and real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("hdrh")
+pytest.importorskip("matplotlib")
+
+from distribkv.bench.runner import WORKLOADS, ZipfPicker, load_test
+
+# CI installs wrk (.ci/run), so there the test always runs.
+needs_wrk = pytest.mark.skipif(
+    shutil.which("wrk") is None and not os.environ.get("CI"), reason="wrk is not installed"
+)
+
+
+@needs_wrk
+def test_bench_measures_every_workload_with_its_ratios_and_writes_its_files(tmp_path, backend_name):
+    if backend_name == "memory":
+        pytest.skip("the benchmark compares persistent backends")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distribkv",
+            "bench",
+            "--quick",
+            "--backends",
+            backend_name,
+            "--seconds",
+            "1",
+            "--keys",
+            "500",
+            "--load-test-keys",
+            "300",
+            "--host",
+            "127.0.0.210",
+            "--out",
+            str(out),
+            "--work-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads((out / "bench.json").read_text())
+    servers = data["meta"]["servers"]
+    assert "waitress" in servers
+    expected = {"batch-load", "noop", *(w.name for w in WORKLOADS)}
+    for server in servers:
+        rows = {r["workload"]: r for r in data["rows"] if r["server"] == server}
+        assert set(rows) == expected
+        for name, row in rows.items():
+            assert row["rps"] > 0 and row["backend"] == backend_name
+            if name == "batch-load":
+                assert 0 < row["ratio_raw"]
+                continue
+            assert row["errors"] == 0, row
+            assert row["requests"] > 0
+            latency = row["latency_ms"]
+            assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["p99.9"]
+            assert latency["p99.9"] < 10_000  # wrk's timeout: no request waited longer
+            assert 0 < row["latency_uncorrected_ms"]["p50"]
+            assert row["server_cpu"] > 0 and row["wrk_cpu"] > 0
+            if name != "noop":
+                assert row["ratio_noop"] > 0 and row["ratio_raw"] > 0
+    load = data["load_test"]
+    assert (load["keys"], load["errors"], load["mismatches"]) == (300, 0, 0)
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (out / "bench.md").read_text()
+    assert "| backend |" in markdown and "get-zipfian" in markdown
+    assert "GET" in result.stdout and "load test: 300 random keys" in result.stdout
+
+
+def test_the_zipfian_picker_favours_low_ranks_and_stays_in_range():
+    import random
+
+    pick = ZipfPicker(1000, random.Random(3))
+    draws = [pick() for _ in range(20_000)]
+    assert min(draws) >= 0 and max(draws) <= 999
+    # With theta 0.99 the first 1% of the keys take far more than 1% of the draws.
+    hot = sum(1 for d in draws if d < 10) / len(draws)
+    assert hot > 0.3
+
+
+def test_the_load_test_reports_a_node_that_loses_writes(tmp_path):
+    """The load test can fail: against a server that acknowledges and forgets, it counts."""
+    import http.server
+    import threading
+
+    class Forgetful(http.server.BaseHTTPRequestHandler):
+        def do_PUT(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_GET(self):
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.211", 0), Forgetful)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        address = f"127.0.0.211:{server.server_address[1]}"
+        result = load_test([address], keys=50, concurrency=4, timeout=5)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result["errors"] == 50 and result["mismatches"] == 0
