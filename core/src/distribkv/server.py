@@ -158,6 +158,10 @@ class WaitressHandle(ServerHandle):
         self.wrapper = app if isinstance(app, ServingWrapper) else ServingWrapper(app)
         self.drain_timeout = float(listen.settings.get("drain_timeout", 10.0))
         self._stopping = threading.Event()
+        # waitress warns "Task queue depth is N" for every request that waits for a thread:
+        # under load, thousands of lines a second, each costing more than a GET. The queue is
+        # bounded by connection_limit; errors still get through.
+        logging.getLogger("waitress.queue").setLevel(logging.ERROR)
         self.server = waitress.create_server(
             self.wrapper,
             host=listen.host,

@@ -26,6 +26,8 @@ DESCRIPTION = __doc__.split("\n\n", 1)[1]
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
+    from distribkv.bench.runner import WORKLOADS
+
     bench = sub.add_parser(
         "bench",
         help="compare backends and servers under HTTP load (needs distribkv[bench] and wrk)",
@@ -48,6 +50,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     bench.add_argument("--seconds", type=float, help="seconds per figure (overrides the profile)")
     bench.add_argument(
         "--keys", type=int, help="keys loaded and drawn from (overrides the profile)"
+    )
+    bench.add_argument(
+        "--workloads",
+        help="comma-separated workloads (default: all): " + ", ".join(w.name for w in WORKLOADS),
     )
     bench.add_argument(
         "--connections", type=int, default=16, help="wrk connections (default: %(default)s)"
@@ -94,8 +100,8 @@ def _names(text: str | None, available: list[str], kind: str) -> list[str]:
     unknown = [n for n in names if n not in available]
     if unknown:
         raise SystemExit(
-            f"distribkv bench: {kind} not installed: {', '.join(unknown)}"
-            f" (installed: {', '.join(available) or 'none'})"
+            f"distribkv bench: unknown {kind}: {', '.join(unknown)}"
+            f" (available: {', '.join(available) or 'none'})"
         )
     return names
 
@@ -127,7 +133,11 @@ def run(args: argparse.Namespace) -> int:
     _check_tools()
     registry = load_plugins()
     installed = registry.names("storage")
-    backends = _names(args.backends, [b for b in installed if b != "memory"], "backends")
+    backends = (
+        _names(args.backends, installed, "backends")
+        if args.backends
+        else [b for b in installed if b != "memory"]
+    )
     servers = _names(args.servers, registry.names("server"), "servers")
     base = runner.QUICK if args.quick else runner.FULL
     profile = runner.Profile(
@@ -137,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         raw_seconds=min(base.raw_seconds, args.seconds or base.raw_seconds),
         load_test_keys=base.load_test_keys if args.load_test_keys is None else args.load_test_keys,
     )
+    workloads = _names(args.workloads, [w.name for w in runner.WORKLOADS], "workloads")
     if profile.keys < 2:
         raise SystemExit("distribkv bench: --keys must be at least 2")
     out_dir = Path(args.out)
@@ -178,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
                 durability=args.durability,
                 value_size=args.value_size,
                 batch=BATCH_OPS,
+                workloads=[w for w in runner.WORKLOADS if w.name in workloads],
                 progress=progress,
             )
             results["raw"][backend] = raw
@@ -195,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
                     wrk_threads=args.wrk_threads,
                     value_size=args.value_size,
                     threads=args.threads,
+                    workloads=[w for w in runner.WORKLOADS if w.name in workloads],
                     progress=progress,
                 )
                 for row in rows:

@@ -259,6 +259,7 @@ def raw_backend(
     durability: str,
     value_size: int,
     batch: int,
+    workloads: list[Workload],
     progress: Callable[[str], None],
 ) -> dict[str, float]:
     """Operations per second of the backend called in this process (one thread, through the
@@ -282,7 +283,7 @@ def raw_backend(
             ]
             store.apply(ops, sync=sync)
         out["batch-load"] = profile.keys / (time.perf_counter() - started)
-        for workload in WORKLOADS:
+        for workload in workloads:
             progress(f"{backend} in-process: {workload.name} ({profile.raw_seconds:g} s)")
             rng = random.Random(7)
             pick = ZipfPicker(profile.keys, rng) if workload.zipf else None
@@ -337,6 +338,7 @@ def run_node(
     wrk_threads: int,
     value_size: int,
     threads: int,
+    workloads: list[Workload],
     progress: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     """Every workload against a one-node cluster of ``backend`` served by ``server``."""
@@ -387,7 +389,7 @@ def run_node(
 
         noop_row = measure("noop", f"http://{noop_address}", noop.pid, path="/noop")
         rows.append(noop_row)
-        for workload in WORKLOADS:
+        for workload in workloads:
             row = measure(
                 workload.name,
                 f"http://{address}",
