@@ -57,7 +57,7 @@ def test_bench_measures_every_workload_with_its_ratios_and_writes_its_files(tmp_
     data = json.loads((out / "bench.json").read_text())
     servers = data["meta"]["servers"]
     assert "waitress" in servers
-    expected = {"batch-load", "noop", *(w.name for w in WORKLOADS)}
+    expected = {"batch-load", "noop", "healthz", *(w.name for w in WORKLOADS)}
     for server in servers:
         rows = {r["workload"]: r for r in data["rows"] if r["server"] == server}
         assert set(rows) == expected
@@ -73,8 +73,8 @@ def test_bench_measures_every_workload_with_its_ratios_and_writes_its_files(tmp_
             assert latency["p99.9"] < 10_000  # wrk's timeout: no request waited longer
             assert 0 < row["latency_uncorrected_ms"]["p50"]
             assert row["server_cpu"] > 0 and row["wrk_cpu"] > 0
-            if name != "noop":
-                assert row["ratio_noop"] > 0 and row["ratio_raw"] > 0
+            if name not in ("noop", "healthz"):
+                assert row["ratio_noop"] > 0 and row["ratio_raw"] > 0 and row["ratio_healthz"] > 0
     load = data["load_test"]
     assert (load["keys"], load["errors"], load["mismatches"]) == (300, 0, 0)
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

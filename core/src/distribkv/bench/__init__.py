@@ -250,6 +250,8 @@ def _row_line(row: dict[str, Any]) -> str:
     )
     if row.get("ratio_noop") is not None:
         text += f", {row['ratio_noop']:.2f}x no-op"
+    if row.get("ratio_healthz") is not None:
+        text += f", {row['ratio_healthz']:.2f}x /healthz"
     if row.get("ratio_raw") is not None:
         text += f", {row['ratio_raw']:.3f}x in-process"
     if row.get("latency_ms"):

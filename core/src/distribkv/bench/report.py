@@ -13,6 +13,7 @@ COLUMNS = [
     "workload",
     "rate",
     "x no-op",
+    "x /healthz",
     "x in-proc",
     "p50 ms",
     "p95 ms",
@@ -42,6 +43,7 @@ def rows_for_table(results: dict[str, Any]) -> list[list[str]]:
                 row["workload"],
                 _num(row["rps"]) + unit,
                 _num(row.get("ratio_noop"), 2),
+                _num(row.get("ratio_healthz"), 2),
                 _num(row.get("ratio_raw"), 3),
                 _num(latency.get("p50"), 2),
                 _num(latency.get("p95"), 2),
@@ -146,7 +148,9 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["## Load test", "", load_test_line(results["load_test"]), ""]
     lines += [
         "Columns: `rate` is requests per second (keys per second for `batch-load`); `x no-op`"
-        " divides it by a no-op endpoint on the same server in the same run; `x in-proc` by"
+        " divides it by a no-op endpoint (a bare Falcon app) on the same server in the same run;"
+        " `x /healthz` by the node's own cheapest route (same app, middleware and server), so it"
+        " isolates what the operation itself costs; `x in-proc` by"
         " the same operations on the backend called in-process (one thread); latencies are"
         " corrected for coordinated omission; `node CPU` and `wrk CPU` are cores in use.",
         "",

@@ -389,6 +389,10 @@ def run_node(
 
         noop_row = measure("noop", f"http://{noop_address}", noop.pid, path="/noop")
         rows.append(noop_row)
+        # The node's own cheapest route: the same application, middleware and server as GET.
+        health_row = measure("healthz", f"http://{address}", node.pid, path="/healthz")
+        health_row["ratio_noop"] = health_row["rps"] / noop_row["rps"] if noop_row["rps"] else None
+        rows.append(health_row)
         for workload in workloads:
             row = measure(
                 workload.name,
@@ -398,6 +402,7 @@ def run_node(
                 zipf=workload.zipf,
             )
             row["ratio_noop"] = row["rps"] / noop_row["rps"] if noop_row["rps"] else None
+            row["ratio_healthz"] = row["rps"] / health_row["rps"] if health_row["rps"] else None
             rows.append(row)
     finally:
         for _, child in nodes:
