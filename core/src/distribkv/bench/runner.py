@@ -457,34 +457,31 @@ def load_test(
     errors: list[str] = []
     lock = threading.Lock()
 
-    def write(i: int) -> None:
-        key, value = items[i]
-        try:
-            status, body = _request(
-                writers[i], "PUT", f"/set?key={quote_from_bytes(key, safe='')}", value, timeout
-            )
-        except OSError as exc:
-            status, body = None, str(exc).encode()
-        if status != 200:
-            with lock:
-                errors.append(f"set {key!r} on {writers[i]}: {status} {body[:100]!r}")
-
     mismatches: list[str] = []
 
-    def read(i: int) -> None:
+    def call(i: int, op: str) -> None:
         key, value = items[i]
+        address = writers[i] if op == "set" else readers[i]
+        target = f"/{op}?key={quote_from_bytes(key, safe='')}"
         try:
-            status, body = _request(
-                readers[i], "GET", f"/get?key={quote_from_bytes(key, safe='')}", None, timeout
-            )
+            if op == "set":
+                status, body = _request(address, "PUT", target, value, timeout)
+            else:
+                status, body = _request(address, "GET", target, None, timeout)
         except OSError as exc:
             status, body = None, str(exc).encode()
         if status != 200:
             with lock:
-                errors.append(f"get {key!r} on {readers[i]}: {status} {body[:100]!r}")
-        elif body != value:
+                errors.append(f"{op} {key!r} on {address}: {status} {body[:100]!r}")
+        elif op == "get" and body != value:
             with lock:
-                mismatches.append(f"get {key!r} on {readers[i]}: another value")
+                mismatches.append(f"get {key!r} on {address}: another value")
+
+    def write(i: int) -> None:
+        call(i, "set")
+
+    def read(i: int) -> None:
+        call(i, "get")
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         started = time.perf_counter()
