@@ -124,3 +124,59 @@ def test_the_load_test_reports_a_node_that_loses_writes(tmp_path):
         server.shutdown()
         server.server_close()
     assert result["errors"] == 50 and result["mismatches"] == 0
+
+
+@needs_wrk
+def test_bench_measures_a_running_leader_with_keys_of_its_own_shard(tmp_path, backend_name):
+    from cluster import Cluster, call, write_config
+
+    path = write_config(tmp_path, shards=2, backend=backend_name, hashing="ring", hosts_from=212)
+    with Cluster(path) as cluster:
+        leader = cluster.address("shard-1")
+        pid = int(cluster.nodes["shard-1/leader"]["PID"])
+        out = tmp_path / "out"
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "distribkv",
+                "bench",
+                "--node",
+                leader,
+                "--node-pid",
+                str(pid),
+                "--workloads",
+                "get-uniform,set-zipfian",
+                "--seconds",
+                "1",
+                "--keys",
+                "300",
+                "--load-test-keys",
+                "100",
+                "--host",
+                "127.0.0.214",
+                "--out",
+                str(out),
+                "--work-dir",
+                str(tmp_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        data = json.loads((out / "bench.json").read_text())
+        assert data["meta"]["node"] == leader and data["meta"]["backends"] == [backend_name]
+        rows = {r["workload"]: r for r in data["rows"]}
+        assert set(rows) == {"batch-load", "noop", "healthz", "get-uniform", "set-zipfian"}
+        # Every request was the leader's own: no redirect, no error, and its CPU was seen.
+        assert all(rows[w]["errors"] == 0 for w in ("get-uniform", "set-zipfian"))
+        assert rows["get-uniform"]["server_cpu"] > 0
+        # /digest counts exactly (/status may estimate).
+        mine = json.loads(call(leader, "GET", "/digest").body)
+        assert mine["keys"] >= 300
+        other = json.loads(call(cluster.address("shard-0"), "GET", "/digest").body)
+        assert set(data["load_test"]["nodes"]) == {leader, cluster.address("shard-0")}
+        assert (data["load_test"]["errors"], data["load_test"]["mismatches"]) == (0, 0)
+        # The bench keys went to shard-1 only; shard-0 holds just load-test keys.
+        assert other["keys"] <= 100

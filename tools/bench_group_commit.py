@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Durable SET throughput with group commit against one fsync per write, in one run.
 
-    python tools/bench_group_commit.py [--backend lmdb] [--connections 16] [--seconds 10]
+    python tools/bench_group_commit.py [--backend lmdb] [--server waitress] [--connections 16]
+                                       [--seconds 10]
 
 Starts single-node clusters on the same disk: ``durability = "sync"`` with ``[storage]
 group_commit = true`` (the default), the same with ``false``, and ``durability = "async"`` (no
@@ -31,6 +32,9 @@ SERVE = [sys.executable, "-m", "distribkv", "serve"]
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="lmdb")
+    parser.add_argument(
+        "--server", default="waitress", help="server plugin of the nodes (default: waitress)"
+    )
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--keys", type=int, default=10_000)
@@ -50,6 +54,7 @@ def main() -> int:
             port = free_port(HOST)
             config = work / f"{mode}.toml"
             config.write_text(
+                f'[cluster]\nserver = "{args.server}"\n'
                 f'[storage]\nbackend = "{args.backend}"\n'
                 f'durability = "{"async" if mode == "async" else "sync"}"\n'
                 f'data_dir = "data-{mode}"\n'
@@ -75,7 +80,8 @@ def main() -> int:
         group = sum(results["group"]) / 2
         single = sum(results["single"]) / 2
         print(
-            f"\nbackend {args.backend}, durability sync, {args.connections} connections,"
+            f"\nbackend {args.backend}, server {args.server}, durability sync,"
+            f" {args.connections} connections,"
             f" {args.seconds}s x 2 each"
         )
         print(f"one fsync per write  {single:10,.0f} SET/s  1.00")

@@ -100,10 +100,11 @@ def main() -> int:
             queries = [f"key=bench-{i}" for i in range(args.keys)]
             for _ in range(2):  # warm, then measure
                 noop_us = per_call(noop, "/noop", [""], args.calls)
+                health_us = per_call(app, "/healthz", [""], args.calls)
                 get_us = per_call(app, "/get", queries, args.calls)
             print(
-                f"no-op {noop_us:.1f} us/call, GET {get_us:.1f} us/call,"
-                f" GET adds {get_us - noop_us:.1f} us"
+                f"bare no-op {noop_us:.1f} us/call, the node's /healthz {health_us:.1f} us,"
+                f" GET {get_us:.1f} us"
             )
             if args.profile:
                 profiler = cProfile.Profile()

@@ -87,6 +87,18 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="directory for bench.json, bench.md and bench.png (default: %(default)s)",
     )
     bench.add_argument(
+        "--node",
+        metavar="HOST:PORT",
+        help="measure this running leader instead of starting nodes: its backend and server"
+        " come from its /status; it receives bench-N keys of its own shard, and the load test's"
+        " random keys go to every leader of its cluster",
+    )
+    bench.add_argument(
+        "--node-pid",
+        type=int,
+        help="with --node: the node's PID, to report its CPU use (else shown as -)",
+    )
+    bench.add_argument(
         "--work-dir", help="where nodes keep data and logs (default: a temporary directory)"
     )
     bench.set_defaults(func=run)
@@ -148,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         load_test_keys=base.load_test_keys if args.load_test_keys is None else args.load_test_keys,
     )
     workloads = _names(args.workloads, [w.name for w in runner.WORKLOADS], "workloads")
+    selected = [w for w in runner.WORKLOADS if w.name in workloads]
     if profile.keys < 2:
         raise SystemExit("distribkv bench: --keys must be at least 2")
     out_dir = Path(args.out)
@@ -181,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="distribkv-bench-", dir=args.work_dir) as tmp:
         work = Path(tmp)
-        for backend in backends:
+        for backend in [] if args.node else backends:
             raw = runner.raw_backend(
                 backend,
                 work / f"raw-{backend}",
@@ -189,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
                 durability=args.durability,
                 value_size=args.value_size,
                 batch=BATCH_OPS,
-                workloads=[w for w in runner.WORKLOADS if w.name in workloads],
+                workloads=selected,
                 progress=progress,
             )
             results["raw"][backend] = raw
@@ -207,16 +220,13 @@ def run(args: argparse.Namespace) -> int:
                     wrk_threads=args.wrk_threads,
                     value_size=args.value_size,
                     threads=args.threads,
-                    workloads=[w for w in runner.WORKLOADS if w.name in workloads],
+                    workloads=selected,
                     progress=progress,
                 )
-                for row in rows:
-                    if row["workload"] in raw:
-                        row["raw_rps"] = raw[row["workload"]]
-                        row["ratio_raw"] = row["rps"] / raw[row["workload"]]
-                    progress(_row_line(row))
-                results["rows"].extend(rows)
-        if profile.load_test_keys and backends and servers:
+                results["rows"].extend(_with_raw(rows, raw, progress))
+        if args.node:
+            _against_node(args, results, runner, work, profile, selected, progress)
+        elif profile.load_test_keys and backends and servers:
             results["load_test"] = runner.cluster_load_test(
                 work / "load-test",
                 backend=backends[0],
@@ -242,6 +252,78 @@ def run(args: argparse.Namespace) -> int:
         print("distribkv bench: some requests failed (see the errors column)", file=sys.stderr)
         return 1
     return 0
+
+
+def _with_raw(rows: list[dict], raw: dict[str, float], progress) -> list[dict]:
+    for row in rows:
+        if row["workload"] in raw:
+            row["raw_rps"] = raw[row["workload"]]
+            row["ratio_raw"] = row["rps"] / raw[row["workload"]]
+        progress(_row_line(row))
+    return rows
+
+
+def _against_node(args, results, runner, work: Path, profile, selected, progress) -> None:
+    """The workloads against a running leader (``--node``), its backend measured in-process
+    and a no-op on its server plugin beside it; then the load test over every leader."""
+    import http.client
+    import json
+
+    from distribkv.client import BATCH_OPS, Client
+
+    host, _, port = args.node.rpartition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("GET", "/status")
+        response = conn.getresponse()
+        status = json.loads(response.read()) if response.status == 200 else None
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"distribkv bench: cannot read {args.node}/status: {exc}") from None
+    finally:
+        conn.close()
+    if not status or status.get("role") != "leader":
+        raise SystemExit(f"distribkv bench: {args.node} is not a leader (writes need one)")
+    backend, server = status["backend"], status.get("server", "waitress")
+    meta = results["meta"]
+    meta.update(node=args.node, backends=[backend], servers=[server])
+    meta["durability"] = status.get("durability", args.durability)
+    keys = runner.owned_keys(args.node, profile.keys)
+    raw = runner.raw_backend(
+        backend,
+        work / f"raw-{backend}",
+        profile=profile,
+        durability=meta["durability"],
+        value_size=args.value_size,
+        batch=BATCH_OPS,
+        workloads=selected,
+        progress=progress,
+    )
+    results["raw"][backend] = raw
+    rows = runner.measure_node(
+        args.node,
+        args.node_pid,
+        backend=backend,
+        server=server,
+        directory=work / "node",
+        host=args.host,
+        threads=args.threads,
+        profile=profile,
+        connections=args.connections,
+        wrk_threads=args.wrk_threads,
+        value_size=args.value_size,
+        workloads=selected,
+        progress=progress,
+        keys=keys,
+    )
+    results["rows"].extend(_with_raw(rows, raw, progress))
+    if profile.load_test_keys:
+        client = Client([args.node])
+        leaders = [shard.leader for shard in client.map.shards]
+        client.close()
+        progress(f"load test: {profile.load_test_keys:,} random keys over {len(leaders)} nodes")
+        load = runner.load_test(leaders, keys=profile.load_test_keys)
+        load.update(backend=backend, server=server)
+        results["load_test"] = load
 
 
 def _row_line(row: dict[str, Any]) -> str:

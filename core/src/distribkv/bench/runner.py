@@ -310,8 +310,8 @@ def raw_backend(
 # --- one node under wrk --------------------------------------------------------------------
 
 
-def batch_load(address: str, keys: int, value_size: int, *, timeout: float = 30.0) -> float:
-    """Load ``keys`` keys through the Python client's ``set_many``; keys per second."""
+def batch_load(address: str, keys: list[bytes], value_size: int, *, timeout: float = 30.0) -> float:
+    """Load ``keys`` through the Python client's ``set_many``; keys per second."""
     from distribkv.client import Client
 
     client = Client([address], timeout=timeout)
@@ -319,9 +319,9 @@ def batch_load(address: str, keys: int, value_size: int, *, timeout: float = 30.
     try:
         started = time.perf_counter()
         chunk = 10_000
-        for first in range(0, keys, chunk):
-            client.set_many([(key_name(i), value) for i in range(first, min(keys, first + chunk))])
-        return keys / (time.perf_counter() - started)
+        for first in range(0, len(keys), chunk):
+            client.set_many([(key, value) for key in keys[first : first + chunk]])
+        return len(keys) / (time.perf_counter() - started)
     finally:
         client.close()
 
@@ -331,15 +331,10 @@ def run_node(
     server: str,
     directory: Path,
     *,
-    profile: Profile,
     durability: str,
     host: str,
-    connections: int,
-    wrk_threads: int,
-    value_size: int,
     threads: int,
-    workloads: list[Workload],
-    progress: Callable[[str], None],
+    **measure: Any,
 ) -> list[dict[str, Any]]:
     """Every workload against a one-node cluster of ``backend`` served by ``server``."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -351,21 +346,87 @@ def run_node(
         host=host,
         threads=threads,
     )
-    rows: list[dict[str, Any]] = []
     nodes = start_nodes(config)
     address, node = nodes[0]
-    noop_address, noop = None, None
     try:
-        noop_address, noop = start_noop(directory, server=server, host=host, threads=threads)
-        progress(f"{backend} + {server}: batch load of {profile.keys:,} keys (set_many)")
-        rate = batch_load(address, profile.keys, value_size)
+        return measure_node(
+            address,
+            node.pid,
+            backend=backend,
+            server=server,
+            directory=directory,
+            host=host,
+            threads=threads,
+            **measure,
+        )
+    finally:
+        for _, child in nodes:
+            child.stop()
+
+
+def owned_keys(address: str, count: int, *, timeout: float = 10.0) -> list[bytes]:
+    """``count`` keys of the form bench-N that the shard of the leader at ``address`` owns."""
+    from distribkv.client import Client
+
+    client = Client([address], timeout=timeout)
+    try:
+        shard = next((s for s in client.map.shards if s.leader == address), None)
+        if shard is None:
+            raise BenchError(f"{address} is not a leader in its cluster's map")
+        keys: list[bytes] = []
+        limit = count * len(client.map.shards) * 20  # bounded: hashing spreads keys evenly
+        for i in range(limit):
+            key = key_name(i)
+            if client.map.owner_of(key).name == shard.name:
+                keys.append(key)
+                if len(keys) == count:
+                    return keys
+    finally:
+        client.close()
+    raise BenchError(f"found only {len(keys)} of {count} keys for {address} in {limit} tries")
+
+
+def measure_node(
+    address: str,
+    pid: int | None,
+    *,
+    backend: str,
+    server: str,
+    directory: Path,
+    host: str,
+    threads: int,
+    profile: Profile,
+    connections: int,
+    wrk_threads: int,
+    value_size: int,
+    workloads: list[Workload],
+    progress: Callable[[str], None],
+    keys: list[bytes] | None = None,
+) -> list[dict[str, Any]]:
+    """Batch load, no-op, /healthz and every workload against the node at ``address``, with a
+    no-op endpoint on the same server plugin started beside it. ``keys``: the node's own keys
+    (a running cluster of several shards); by default bench-0 .. bench-N-1."""
+    directory.mkdir(parents=True, exist_ok=True)
+    names = keys or [key_name(i) for i in range(profile.keys)]
+    keys_file = ""
+    if keys is not None:
+        keys_path = directory / "keys.txt"
+        keys_path.write_bytes(b"\n".join(keys) + b"\n")
+        keys_file = str(keys_path)
+    rows: list[dict[str, Any]] = []
+    noop_address, noop = start_noop(directory, server=server, host=host, threads=threads)
+    try:
+        progress(f"{backend} + {server}: batch load of {len(names):,} keys (set_many)")
+        rate = batch_load(address, names, value_size)
         rows.append({"workload": "batch-load", "rps": rate, "unit": "keys/s"})
 
-        def measure(name: str, url: str, pid: int, **script: Any) -> dict[str, Any]:
+        def measure(name: str, url: str, pid: int | None, **script: Any) -> dict[str, Any]:
             progress(f"{backend} + {server}: {name} ({profile.seconds:g} s, wrk)")
             result = run_wrk(
                 url,
-                lua_script(name, keys=profile.keys, value_size=value_size, **script),
+                lua_script(
+                    name, keys=len(names), value_size=value_size, keys_file=keys_file, **script
+                ),
                 seconds=profile.seconds,
                 connections=connections,
                 threads=wrk_threads,
@@ -390,14 +451,14 @@ def run_node(
         noop_row = measure("noop", f"http://{noop_address}", noop.pid, path="/noop")
         rows.append(noop_row)
         # The node's own cheapest route: the same application, middleware and server as GET.
-        health_row = measure("healthz", f"http://{address}", node.pid, path="/healthz")
+        health_row = measure("healthz", f"http://{address}", pid, path="/healthz")
         health_row["ratio_noop"] = health_row["rps"] / noop_row["rps"] if noop_row["rps"] else None
         rows.append(health_row)
         for workload in workloads:
             row = measure(
                 workload.name,
                 f"http://{address}",
-                node.pid,
+                pid,
                 read_ratio=workload.read_ratio,
                 zipf=workload.zipf,
             )
@@ -405,10 +466,7 @@ def run_node(
             row["ratio_healthz"] = row["rps"] / health_row["rps"] if health_row["rps"] else None
             rows.append(row)
     finally:
-        for _, child in nodes:
-            child.stop()
-        if noop is not None:
-            noop.stop()
+        noop.stop()
     for row in rows:
         row.update(backend=backend, server=server)
     return rows

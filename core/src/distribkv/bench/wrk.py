@@ -35,6 +35,8 @@ QUANTILES = (
 LUA = """
 -- distribkv bench: {name}
 local n = {keys}
+local keys_file = "{keys_file}"
+local names = nil
 local read_ratio = {read_ratio}
 local zipf = {zipf}
 local path = "{path}"
@@ -51,6 +53,11 @@ end
 
 init = function(args)
   math.randomseed({seed} + 7919 * id)
+  if keys_file ~= "" then
+    names = {{}}
+    for line in io.lines(keys_file) do names[#names + 1] = line end
+    n = #names
+  end
   if zipf then
     zetan = 0
     for i = 1, n do zetan = zetan + 1 / (i ^ theta) end
@@ -74,7 +81,8 @@ end
 
 request = function()
   if path ~= "" then return wrk.format("GET", path) end
-  local key = "bench-" .. pick()
+  local key
+  if names then key = names[pick() + 1] else key = "bench-" .. pick() end
   if read_ratio >= 1 or math.random() < read_ratio then
     return wrk.format("GET", "/get?key=" .. key)
   end
@@ -121,10 +129,13 @@ def lua_script(
     value_size: int = 100,
     path: str = "",
     seed: int = 1,
+    keys_file: str = "",
 ) -> str:
+    """``keys_file``: one key per line (URL-safe) to draw from instead of bench-0..keys-1."""
     return LUA.format(
         name=name,
         keys=keys,
+        keys_file=keys_file,
         read_ratio=read_ratio,
         zipf="true" if zipf else "false",
         path=path,
@@ -178,12 +189,13 @@ def run_wrk(
     seconds: float,
     connections: int,
     threads: int,
-    server_pid: int,
+    server_pid: int | None,
     workdir: Path,
     name: str,
     timeout_s: float = 10.0,
 ) -> dict[str, Any]:
-    """One wrk run; its result with the node's and wrk's CPU use (in cores) beside it."""
+    """One wrk run; its result with the node's and wrk's CPU use (in cores) beside it (the
+    node's only when its PID is known)."""
     script_path = workdir / f"{name}.lua"
     script_path.write_text(script)
     cmd = [
@@ -196,7 +208,7 @@ def run_wrk(
         str(script_path),
         url,
     ]
-    server_before = _cpu_seconds(server_pid)
+    server_before = _cpu_seconds(server_pid) if server_pid else 0.0
     children_before = _children_cpu()
     started = time.monotonic()
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -207,7 +219,7 @@ def run_wrk(
         process.communicate()
         raise WrkError(f"wrk did not finish within {seconds + 60:.0f}s: {' '.join(cmd)}") from None
     elapsed = time.monotonic() - started
-    server_cpu = _cpu_seconds(server_pid) - server_before
+    server_cpu = _cpu_seconds(server_pid) - server_before if server_pid else None
     # wrk's CPU: the growth of the kernel's account of reaped children (no other child of
     # this process ends while wrk runs).
     wrk_cpu = _children_cpu() - children_before
@@ -216,7 +228,7 @@ def run_wrk(
         raise WrkError(f"wrk failed ({process.returncode}): {err.strip() or out.strip()}")
     result = json.loads(line.split(" ", 1)[1])
     result["elapsed_s"] = elapsed
-    result["server_cpu"] = server_cpu / elapsed
+    result["server_cpu"] = server_cpu / elapsed if server_cpu is not None else None
     result["wrk_cpu"] = wrk_cpu / elapsed
     return result
 
