@@ -150,3 +150,35 @@ def test_a_refusing_wrapper_answers_503_without_calling_the_application():
     assert calls == ["/get"]
     assert statuses == ["200 OK", "503 Service Unavailable"]
     assert body == [b"node is stopping\n"] and wrapper.in_flight == 0
+
+
+def test_waitress_hands_each_small_response_to_the_socket_in_one_piece(monkeypatch):
+    """Header and body in one buffer append: the I/O thread can never send the header alone."""
+    app = falcon.App()
+    app.add_route("/slow", Slow())
+    handle = WaitressHandle(app, Listen("127.0.0.1", 0, threads=4))
+    pieces: list[bytes] = []
+    original = handle.server.channel_class.write_soon
+
+    def spy(channel, data):
+        pieces.append(bytes(data))
+        return original(channel, data)
+
+    monkeypatch.setattr(handle.server.channel_class, "write_soon", spy)
+    runner = threading.Thread(target=handle.run)
+    runner.start()
+    try:
+        results: list = []
+        clients = [
+            threading.Thread(target=get, args=(handle.port, "/slow", results)) for _ in range(20)
+        ]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(timeout=15)
+    finally:
+        handle.stop()
+        runner.join(timeout=15)
+    assert results == [(200, b"done")] * 20
+    assert len(pieces) == 20
+    assert all(p.startswith(b"HTTP/1.1 200 OK\r\n") and p.endswith(b"\r\n\r\ndone") for p in pieces)

@@ -150,6 +150,43 @@ class ServingWrapper:
             self.access.close()
 
 
+#: Responses up to this size go out with their headers in one piece (one send, one segment).
+ONE_WRITE_LIMIT = 64 * 1024
+
+
+def _one_write_channel():
+    """waitress's channel with a task that hands the header and a small body to the socket
+    buffer in one call. waitress appends them in two calls, and its I/O thread, woken by any
+    other connection in between, often sends the header alone: two sends and two segments per
+    response, which cost a third of a small GET's throughput under load."""
+    from waitress.channel import HTTPChannel
+    from waitress.task import WSGITask
+
+    class OneWriteTask(WSGITask):
+        def write(self, data):
+            if (
+                self.complete
+                and not self.wrote_header
+                and data
+                and len(data) <= ONE_WRITE_LIMIT
+                and self.has_body
+                and not self.chunked_response
+                and self.content_length is not None
+                and len(data) <= self.content_length - self.content_bytes_written
+            ):
+                header = self.build_response_header()
+                self.wrote_header = True
+                self.content_bytes_written += len(data)
+                self.channel.write_soon(header + data)
+                return
+            super().write(data)
+
+    class OneWriteChannel(HTTPChannel):
+        task_class = OneWriteTask
+
+    return OneWriteChannel
+
+
 class WaitressHandle(ServerHandle):
     def __init__(self, app: Callable[..., Any], listen: Listen):
         import waitress
@@ -175,6 +212,7 @@ class WaitressHandle(ServerHandle):
             clear_untrusted_proxy_headers=True,
             expose_tracebacks=False,
         )
+        self.server.channel_class = _one_write_channel()
 
     @property
     def port(self) -> int:
