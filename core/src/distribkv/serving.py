@@ -22,7 +22,7 @@ READY_TIMEOUT = 60.0
 
 def serve(node: Node, registry: PluginRegistry, *, announce=print) -> int:
     """Open the node, serve until SIGTERM or SIGINT, then drain and close the backend."""
-    from distribkv.http.app import create_app, forwarding_pool
+    from distribkv.http.app import create_app, forwarding_pool, inline_requests
 
     config = node.config
     spec = registry.http_server(config.cluster.server)
@@ -42,6 +42,7 @@ def serve(node: Node, registry: PluginRegistry, *, announce=print) -> int:
                 # The largest body a node accepts: a batch, or one value plus room for headers.
                 max_request_body_size=max(server.max_batch_bytes, config.storage.max_value_size),
                 settings={"drain_timeout": server.drain_timeout},
+                inline=inline_requests(node),
             ),
         )
     except OSError as exc:

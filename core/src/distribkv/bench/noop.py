@@ -3,7 +3,8 @@ request path is measured against.
 
     python -m distribkv.bench.noop --server waitress --host 127.0.0.1 --port 8080 --threads 8
 
-It logs like a node (one access-log line per request to standard error), so both carry the same
+It logs like a node (one access-log line per request to standard error), and its endpoint is
+served like the node's reads (``Listen.inline``: it never waits), so both carry the same
 per-request costs of the server and the serving wrapper; only the application differs.
 """
 
@@ -22,6 +23,10 @@ from distribkv.plugins import load_plugins
 class Noop:
     def on_get(self, req, resp):
         resp.data = b""
+
+
+def noop_is_inline(method: str, path: str, query: str) -> bool:
+    return method == "GET" and path == "/noop"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads,
             connection_limit=args.connection_limit,
             channel_timeout=args.channel_timeout,
+            inline=noop_is_inline,
         ),
     )
     for sig in (signal.SIGTERM, signal.SIGINT):

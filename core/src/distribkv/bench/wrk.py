@@ -80,9 +80,11 @@ local function pick()
 end
 
 request = function()
-  if path ~= "" then return wrk.format("GET", path) end
   local key
   if names then key = names[pick() + 1] else key = "bench-" .. pick() end
+  -- The reference endpoints (no-op, /healthz) get the same requests as a GET, key and all, so
+  -- the generator's work and the request's size are the same and only the endpoint differs.
+  if path ~= "" then return wrk.format("GET", path .. "?key=" .. key) end
   if read_ratio >= 1 or math.random() < read_ratio then
     return wrk.format("GET", "/get?key=" .. key)
   end

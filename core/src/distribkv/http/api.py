@@ -1,9 +1,17 @@
 """The HTTP-server contract: what serves the node's WSGI application.
 
 A server is a plugin that returns :class:`ServerSpec` objects from the ``distribkv_http_servers``
-hook, chosen by ``server`` in ``sharding.toml`` (``waitress`` by default). ``spec.serve(app,
-listen)`` blocks until the returned handle's ``stop()`` is called from another thread or a signal
-handler; it must bind exactly the given address and never a wildcard of its own choosing.
+hook, chosen by ``server`` in ``sharding.toml`` (``waitress`` by default). ``spec.create(app,
+listen)`` returns a handle whose ``run()`` blocks until ``stop()`` is called from another thread
+or a signal handler; it must bind exactly the given address and never a wildcard of its own
+choosing.
+
+``Listen.inline`` names the requests that never wait: not on another request, on a lock held for
+long, on the network or on an fsync (the node's reads and health checks). A server may run those
+on the thread that parsed them instead of handing them to a worker thread: one thread switch
+fewer per request, and no other Python thread contending for the GIL while they run. Everything
+else must go to one of ``threads`` worker threads, so a slow request (a replication long-poll, a
+durable write) never holds up the others.
 """
 
 from __future__ import annotations
@@ -28,6 +36,9 @@ class Listen:
     channel_timeout: float = 30.0
     max_request_body_size: int = 64 * 1024 * 1024
     settings: Mapping[str, Any] = attrs.field(factory=dict)
+    #: ``inline(method, path, query) -> bool``: True for a request that never waits (see the
+    #: module's docstring); ``path`` is percent-decoded, ``query`` raw. None: no request is.
+    inline: Callable[[str, str, str], bool] | None = None
 
 
 class ServerHandle(abc.ABC):

@@ -19,7 +19,11 @@ from distribkv.storage.api import MAX_KEY_SIZE
 
 def query_params(req: falcon.Request) -> dict[str, bytes]:
     """Every parameter of the raw query string, decoded to bytes; a repeated name is a 400."""
-    raw = req.env.get("QUERY_STRING", "")
+    return parse_query(req.env.get("QUERY_STRING", ""))
+
+
+def parse_query(raw: str) -> dict[str, bytes]:
+    """:func:`query_params` of a raw (latin-1) query string."""
     params: dict[str, bytes] = {}
     if not raw:
         return params

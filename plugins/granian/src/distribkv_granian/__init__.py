@@ -1,24 +1,41 @@
-"""The ``granian`` server plugin: the node's WSGI application served by granian's Rust HTTP
-stack, in the node's own process.
+"""The ``granian`` server plugin: the node's WSGI application behind granian's Rust HTTP stack,
+in the node's own process.
 
 Select it with ``[cluster] server = "granian"``. granian's own process manager starts workers as
 separate processes that import the application by name; a node's application holds an open
-storage engine, which one process must own. So this plugin runs one granian WSGI worker inside
-the node process: Rust threads parse HTTP and keep connections, ``[server] threads`` Python
-threads call the application.
+storage engine, which one process must own. So this plugin runs one granian worker inside the
+node process, and bridges it to the WSGI application itself:
+
+- Rust threads accept connections, parse HTTP and read request bodies;
+- granian's one Python thread serves the requests that ``Listen.inline`` names (the node's reads
+  and health checks) right where it receives them, so a read never waits for a thread switch,
+  and no other Python thread contends for the GIL while reads run;
+- every other request (writes, replication long-polls, forwarded requests) goes to one of
+  ``[server] threads`` worker threads once granian has read its body, so a slow one never holds
+  up the reads.
+
+It uses granian's RSGI worker: a WSGI worker hands every request to a pool of Python threads,
+and each storage call, which lets go of the GIL, then hands it to another of them, which halves
+a read's throughput. The bridge drives the worker through granian's internal classes, so the
+plugin pins granian to one minor release.
 
 Guarantees kept from the waitress plugin:
 - it binds exactly the shard map's address, and refuses an address already bound by anyone
   (granian itself binds with ``SO_REUSEPORT``, which would let two nodes share a port silently);
-- ``stop()`` closes the listener at once, lets in-flight requests finish (bounded by
+- a request body is bounded by ``max_request_body_size`` (413 beyond it) and must arrive within
+  ``channel_timeout`` (408 otherwise);
+- ``stop()`` closes the listener at once, lets accepted requests finish (bounded by
   ``drain_timeout``), and after that answers 503 instead of calling the application, so no
   request can reach a storage engine that is being closed.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import queue
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +49,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["SPEC", "GranianHandle"]
 
+#: How often pending request bodies are checked against ``channel_timeout``.
+BODY_CHECK_INTERVAL = 1.0
+_EMPTY = b""
+
 
 def _probe_bind(host: str, port: int) -> None:
     """Fail if any socket listens on ``host:port``, even one bound with SO_REUSEPORT.
@@ -44,62 +65,302 @@ def _probe_bind(host: str, port: int) -> None:
         probe.bind((host, port))
 
 
+class _InlineLoop:
+    """What granian takes for the asyncio loop. granian completes a request-body future in its
+    Python thread and then calls the future's done-callback through the loop; here the
+    callback runs right away in that thread. No coroutine and no real event loop is involved:
+    the bridge only ever waits for body futures, through their callbacks."""
+
+    def call_soon_threadsafe(self, callback, *args, context=None):
+        try:
+            callback(*args)
+        except Exception:  # a callback's failure must not reach granian
+            log.exception("a request-body callback failed")
+
+    call_soon = call_soon_threadsafe
+
+
+def _never(method: str, path: str, query: str) -> bool:
+    return False
+
+
+class _Request:
+    """A request on its way to a worker thread: its body is being read."""
+
+    __slots__ = ("chunks", "deadline", "finished", "size", "watcher")
+
+    def __init__(self, watcher, deadline: float):
+        self.watcher = watcher
+        self.deadline = deadline
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.finished = False
+
+
 class GranianHandle(ServerHandle):
     def __init__(self, app: Callable[..., Any], listen: Listen):
         # Imported here: listing plugins or reading --help never loads the native module.
-        from granian._granian import WorkerSignal, WSGIWorker
+        from granian._granian import CallbackScheduler, RSGIWorker, WorkerSignal
         from granian.http import HTTP1Settings
         from granian.net import SocketSpec
 
         self.listen = listen
         self.wrapper = app if isinstance(app, ServingWrapper) else ServingWrapper(app)
         self.drain_timeout = float(listen.settings.get("drain_timeout", 10.0))
+        self.inline = listen.inline or _never
+        self.max_body = listen.max_request_body_size
         self._stopped = threading.Event()
         self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._pending = 0  # handed over to the workers (body reads included), not yet answered
+        self._reading: dict[int, _Request] = {}  # bodies being read, for the timeout check
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._base_environ = {
+            "SCRIPT_NAME": "",
+            "SERVER_NAME": listen.host,
+            "SERVER_PORT": str(listen.port),
+            "wsgi.version": (1, 0),
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": False,
+            "wsgi.run_once": False,
+            "wsgi.input_terminated": True,
+        }
         _probe_bind(listen.host, listen.port)
         self._spec = SocketSpec(listen.host, listen.port, max(128, listen.connection_limit))
         self._signal = WorkerSignal()
+        self._loop = _InlineLoop()
+        handle = self
+
+        class Scheduler(CallbackScheduler):
+            # granian calls ``_schedule_fn(watcher)`` for every request, in its Python thread.
+            __slots__ = ()
+
+            def __init__(self, *args):
+                super().__init__()
+                self._schedule_fn = handle._dispatch
+
+        def unused(*args):
+            raise AssertionError("granian asked to run a coroutine; the bridge never makes one")
+
+        self._scheduler = Scheduler(self._loop, unused, None, unused, unused)
         # channel_timeout bounds how long a connection may take to send its headers.
         http1 = HTTP1Settings(header_read_timeout=int(listen.channel_timeout * 1000))
         no_tls = (False, None, None, None, "tls1.3", None, [], False)
-        self._worker = WSGIWorker(
+        self._worker = RSGIWorker(
             1,  # worker id
             (self._spec, None),  # socket
             None,  # no IPC: metrics are off
             1,  # Rust runtime threads
             512,  # Rust blocking threads
-            listen.threads,  # Python threads that call the application
-            30,  # idle Python threads exit after this many seconds
-            listen.connection_limit,  # requests waiting for a Python thread, at most
+            1,  # the Python thread: inline requests, body callbacks, hand-over to workers
+            30,  # seconds before an idle Python thread exits
+            listen.connection_limit,  # requests in flight at most (queued ones included)
             "1",  # HTTP/1 only
             http1,
             None,
+            False,  # no websockets
             None,  # no static files
             *no_tls,
             (None, None),  # no metrics
         )
+        self._threads = [
+            threading.Thread(target=self._serve_queued, name=f"distribkv-worker-{i}", daemon=True)
+            for i in range(max(1, listen.threads))
+        ]
 
     @property
     def port(self) -> int:
         return self.listen.port
 
-    def run(self) -> None:
-        from granian._futures import _new_cbscheduler
-        from granian._loops import loops
-        from granian.wsgi import _callback_wrapper
+    # --- requests -------------------------------------------------------------------------
 
-        loop = loops.get("asyncio")
-        callback = _callback_wrapper(self.wrapper, {}, None)
-        scheduler = _new_cbscheduler(loop, callback, impl_asyncio=False)
+    def _environ(self, scope, body: bytes) -> dict[str, Any]:
+        environ = self._base_environ.copy()
+        environ["REQUEST_METHOD"] = scope.method
+        environ["PATH_INFO"] = scope.path
+        environ["QUERY_STRING"] = scope.query_string
+        environ["SERVER_PROTOCOL"] = "HTTP/" + scope.http_version
+        environ["REMOTE_ADDR"] = scope.client.rpartition(":")[0]
+        environ["wsgi.url_scheme"] = scope.scheme
+        environ["wsgi.input"] = io.BytesIO(body)
+        for name, value in scope.headers.items():
+            if name == "content-length":
+                continue  # set from the body actually read, as waitress does
+            if name == "content-type":
+                environ["CONTENT_TYPE"] = value
+                continue
+            key = "HTTP_" + name.upper().replace("-", "_")
+            previous = environ.get(key)
+            environ[key] = value if previous is None else f"{previous},{value}"
+        if body or scope.method in ("POST", "PUT", "PATCH"):
+            environ["CONTENT_LENGTH"] = str(len(body))
+        return environ
+
+    def _respond(self, watcher, body: bytes) -> None:
+        """Call the application and send its answer (in whichever thread runs this)."""
+        try:
+            environ = self._environ(watcher.scope, body)
+            started: list = []
+
+            def start_response(status, headers, exc_info=None):
+                started[:] = (status, headers)
+
+            chunks = self.wrapper(environ, start_response)
+            status, headers = started
+            watcher.proto.response_bytes(int(status[:3]), headers, b"".join(chunks))
+        except Exception:  # the client gets a 500; the traceback goes to the log
+            log.exception("serving %s %s failed", watcher.scope.method, watcher.scope.path)
+            self._plain(watcher, 500, b"internal error\n")
+        finally:
+            watcher.done()  # sends a bare 500 if nothing was sent
+
+    @staticmethod
+    def _plain(watcher, status: int, text: bytes) -> None:
+        watcher.proto.response_bytes(
+            status, [("content-type", "text/plain"), ("connection", "close")], text
+        )
+
+    def _dispatch(self, watcher) -> None:
+        """Every request, in granian's Python thread: served here, or handed to a worker."""
+        try:
+            scope = watcher.scope
+            if self.inline(scope.method, scope.path, scope.query_string):
+                self._respond(watcher, _EMPTY)
+                return
+            headers = scope.headers
+            length = headers.get("content-length")
+            chunked = "chunked" in (headers.get("transfer-encoding") or "").lower()
+            if length is None and not chunked:
+                self._hand_over(watcher, _EMPTY)
+                return
+            if length is not None and (not length.isdigit() or int(length) > self.max_body):
+                status, text = (
+                    (413, b"request body too large\n")
+                    if length.isdigit()
+                    else (400, b"bad Content-Length\n")
+                )
+                self._plain(watcher, status, text)
+                watcher.done()
+                return
+            if length == "0" and not chunked:
+                self._hand_over(watcher, _EMPTY)
+                return
+            request = _Request(watcher, time.monotonic() + self.listen.channel_timeout)
+            with self._lock:
+                self._pending += 1
+                self._reading[id(request)] = request
+            if chunked:
+                watcher.proto.__aiter__()
+                self._read_next(request)
+            else:
+                # The length is known and within the limit: granian reads it all at once.
+                whole = watcher.proto()
+                whole.add_done_callback(lambda done: self._whole_body(request, done))
+        except Exception:  # never let an error escape into granian
+            log.exception("dispatching a request failed")
+            watcher.done()
+
+    def _read_next(self, request: _Request) -> None:
+        future = request.watcher.proto.__anext__()
+        future.add_done_callback(lambda done: self._body_chunk(request, done))
+
+    def _body_chunk(self, request: _Request, future) -> None:
+        """A piece of a request body arrived (in granian's Python thread)."""
+        try:
+            chunk = future.result()
+        except Exception:  # noqa: BLE001 - the client went away or sent a broken body
+            self._finish_read(request, None)
+            return
+        if request.finished:
+            return  # timed out meanwhile
+        if chunk:
+            request.size += len(chunk)
+            if request.size > self.max_body:
+                self._finish_read(request, (413, b"request body too large\n"))
+                return
+            request.chunks.append(chunk)
+            self._read_next(request)
+            return
+        self._queue_read(request, b"".join(request.chunks))
+
+    def _whole_body(self, request: _Request, future) -> None:
+        try:
+            body = future.result()
+        except Exception:  # noqa: BLE001 - the client went away or sent a broken body
+            self._finish_read(request, None)
+            return
+        self._queue_read(request, body)
+
+    def _queue_read(self, request: _Request, body: bytes) -> None:
+        with self._lock:
+            if request.finished:
+                return  # timed out meanwhile
+            request.finished = True
+            self._reading.pop(id(request), None)
+        self._work.put((request.watcher, body))
+
+    def _finish_read(self, request: _Request, answer: tuple[int, bytes] | None) -> None:
+        """End a body read that will not reach the application: ``answer`` it, or drop it."""
+        with self._lock:
+            if request.finished:
+                return
+            request.finished = True
+            self._reading.pop(id(request), None)
+            self._pending -= 1
+        if answer is not None:
+            try:
+                self._plain(request.watcher, *answer)
+            except Exception:  # noqa: BLE001 - the connection may be gone
+                pass
+        request.watcher.done()
+
+    def _hand_over(self, watcher, body: bytes) -> None:
+        with self._lock:
+            self._pending += 1
+        self._work.put((watcher, body))
+
+    def _serve_queued(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            watcher, body = item
+            try:
+                self._respond(watcher, body)
+            finally:
+                with self._lock:
+                    self._pending -= 1
+
+    def _expire_slow_bodies(self) -> None:
+        while not self._stopped.wait(BODY_CHECK_INTERVAL):
+            now = time.monotonic()
+            with self._lock:
+                late = [r for r in self._reading.values() if r.deadline < now]
+            for request in late:
+                self._finish_read(request, (408, b"request body not received in time\n"))
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        for thread in self._threads:
+            thread.start()
+        reaper = threading.Thread(
+            target=self._expire_slow_bodies, name="distribkv-body-timeouts", daemon=True
+        )
+        reaper.start()
         try:
             # Returns once the Rust side listens; it serves from its own threads until the
             # signal is set.
-            self._worker.serve_str(scheduler, loop, self._signal)
+            self._worker.serve_str(self._scheduler, self._loop, self._signal)
             log.info("serving on %s:%s (granian)", self.listen.host, self.listen.port)
             self._stopped.wait()
         finally:
+            for _ in self._threads:
+                self._work.put(None)
+            for thread in self._threads:
+                thread.join(timeout=self.drain_timeout)
             self.wrapper.close()
-            loop.close()
         log.info("stopped serving on %s:%s", self.listen.host, self.listen.port)
 
     def stop(self) -> None:
@@ -110,12 +371,15 @@ class GranianHandle(ServerHandle):
         self._signal.set()
         threading.Thread(target=self._drain, name="distribkv-drain", daemon=True).start()
 
+    def _busy(self) -> bool:
+        return bool(self.wrapper.in_flight or self._pending)
+
     def _drain(self) -> None:
         try:
             deadline = time.monotonic() + self.drain_timeout
-            while self.wrapper.in_flight and time.monotonic() < deadline:
+            while self._busy() and time.monotonic() < deadline:
                 time.sleep(0.02)
-            if self.wrapper.in_flight:
+            if self._busy():
                 log.warning(
                     "requests still running after %.1fs; closing anyway", self.drain_timeout
                 )
@@ -127,7 +391,8 @@ class GranianHandle(ServerHandle):
 SPEC = ServerSpec(
     name="granian",
     create=GranianHandle,
-    description="granian: Rust HTTP/1 server, one in-process WSGI worker (explicit bind, drain)",
+    description="granian: Rust HTTP/1 server, one in-process worker; reads served inline,"
+    " other requests on worker threads (explicit bind, drain)",
 )
 
 

@@ -1,0 +1,220 @@
+"""How the server plugins dispatch requests: the ones ``Listen.inline`` names are served where
+they are parsed, everything else by worker threads, and a slow request never holds up the
+others. Each test runs on every installed server plugin, in process, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import threading
+import time
+
+import falcon
+import pytest
+
+from distribkv.http.api import Listen
+from distribkv.plugins import load_plugins
+
+SERVERS = {"waitress": "waitress-", "granian": "distribkv-worker-"}
+WAIT = 10.0  # seconds any single step may take before the test fails
+
+
+class Fast:
+    def on_get(self, req, resp):
+        resp.data = f"{threading.current_thread().name}|{req.get_param('i') or ''}".encode()
+
+
+class Slow:
+    def __init__(self):
+        self.release = threading.Event()
+        self.entered = threading.Semaphore(0)
+
+    def on_get(self, req, resp):
+        self.entered.release()
+        released = self.release.wait(WAIT)
+        resp.data = f"{threading.current_thread().name}|{released}".encode()
+
+
+class Echo:
+    def __init__(self):
+        self.calls = 0
+
+    def on_put(self, req, resp):
+        self.calls += 1
+        resp.data = req.bounded_stream.read()
+
+
+def read_response(reader) -> bytes:
+    """One HTTP/1.1 response with a Content-Length from ``reader``; its body (status 200)."""
+    status = reader.readline()
+    assert status.startswith(b"HTTP/1.1 200"), status
+    length = None
+    while (line := reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    assert length is not None
+    return reader.read(length)
+
+
+def fast_is_inline(method: str, path: str, query: str) -> bool:
+    return method == "GET" and path == "/fast"
+
+
+class Served:
+    def __init__(self, server: str, *, threads: int = 2, **listen):
+        self.slow, self.echo = Slow(), Echo()
+        app = falcon.App()
+        app.add_route("/fast", Fast())
+        app.add_route("/slow", self.slow)
+        app.add_route("/echo", self.echo)
+        spec = load_plugins().http_server(server)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.handle = spec.create(
+            app,
+            Listen(
+                "127.0.0.1",
+                self.port,
+                threads=threads,
+                inline=fast_is_inline,
+                settings={"drain_timeout": WAIT},
+                **listen,
+            ),
+        )
+        self.runner = threading.Thread(target=self.handle.run, name="serving")
+        self.runner.start()
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            try:
+                if self.get("/fast")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"{server} did not answer within {WAIT}s")
+
+    def get(self, target: str) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT)
+        try:
+            conn.request("GET", target)
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self.slow.release.set()
+        self.handle.stop()
+        self.runner.join(timeout=3 * WAIT)
+        assert not self.runner.is_alive(), "run() did not return after stop()"
+
+
+@pytest.fixture(params=sorted(SERVERS))
+def server(request):
+    if request.param == "granian":
+        pytest.importorskip("distribkv_granian")
+    return request.param
+
+
+@pytest.fixture
+def served(server):
+    running = Served(server)
+    yield running
+    running.stop()
+
+
+def test_inline_requests_skip_the_workers_and_the_rest_use_them(served, server):
+    status, body = served.get("/fast?i=1")
+    assert status == 200
+    assert not body.decode().startswith(SERVERS[server]), body
+    served.slow.release.set()
+    status, body = served.get("/slow")
+    assert status == 200
+    assert body.decode().startswith(SERVERS[server]) and body.endswith(b"|True"), body
+
+
+def test_inline_requests_are_answered_while_every_worker_is_busy(served):
+    results: list = []
+
+    def slow_call():
+        results.append(served.get("/slow"))
+
+    blocked = [threading.Thread(target=slow_call) for _ in range(2)]  # = threads
+    for thread in blocked:
+        thread.start()
+    for _ in blocked:
+        assert served.slow.entered.acquire(timeout=WAIT), "a slow request never started"
+    # Both workers now wait for the release; reads must not need either of them.
+    answers = [served.get(f"/fast?i={i}") for i in range(20)]
+    assert answers == [(200, answers[0][1].split(b"|")[0] + b"|%d" % i) for i in range(20)]
+    assert not results, "a slow request finished before it was released"
+    served.slow.release.set()
+    for thread in blocked:
+        thread.join(timeout=WAIT)
+    assert [status for status, _ in results] == [200, 200]
+
+
+def test_pipelined_requests_are_answered_in_order(served):
+    served.slow.release.set()
+    targets = ["/fast?i=1", "/slow", "/fast?i=2", "/fast?i=3", "/slow", "/fast?i=4"]
+    raw = "".join(f"GET {t} HTTP/1.1\r\nHost: x\r\n\r\n" for t in targets).encode()
+    with socket.create_connection(("127.0.0.1", served.port), timeout=WAIT) as sock:
+        sock.sendall(raw)
+        reader = sock.makefile("rb")
+        bodies = [read_response(reader) for _ in targets]
+    assert [b.split(b"|")[1] for b in bodies] == [b"1", b"True", b"2", b"3", b"True", b"4"]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_request_bodies_reach_the_application_byte_exactly(served, chunked):
+    value = bytes(range(256)) * 300 + b"\x00end"
+    conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=WAIT)
+    try:
+        if chunked:
+            pieces = [value[i : i + 7000] for i in range(0, len(value), 7000)]
+            conn.request("PUT", "/echo", body=iter(pieces), encode_chunked=True)
+        else:
+            conn.request("PUT", "/echo", body=value)
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (200, value)
+    finally:
+        conn.close()
+
+
+def test_a_body_over_the_limit_is_refused_without_calling_the_application(server):
+    running = Served(server, max_request_body_size=1000)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=WAIT)
+        conn.request("PUT", "/echo", body=b"x" * 1001)
+        assert conn.getresponse().status == 413
+        conn.close()
+        assert running.echo.calls == 0
+    finally:
+        running.stop()
+
+
+def test_stop_lets_a_running_request_finish(served):
+    results: list = []
+    caller = threading.Thread(target=lambda: results.append(served.get("/slow")))
+    caller.start()
+    assert served.slow.entered.acquire(timeout=WAIT)
+    served.handle.stop()
+    served.slow.release.set()
+    caller.join(timeout=WAIT)
+    assert results and results[0][0] == 200
+
+
+def test_granian_answers_408_to_a_body_that_never_arrives():
+    pytest.importorskip("distribkv_granian")
+    running = Served("granian", channel_timeout=1.0)
+    try:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=WAIT) as sock:
+            sock.sendall(b"PUT /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+            started = time.monotonic()
+            answer = sock.recv(1000)
+            assert answer.startswith(b"HTTP/1.1 408"), answer
+            assert time.monotonic() - started < WAIT
+        assert running.echo.calls == 0
+    finally:
+        running.stop()
