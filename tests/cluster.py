@@ -185,14 +185,24 @@ def q(data: bytes) -> str:
 class NodeProcess:
     """One `distribkv serve` process, started and stopped (or killed) by PID."""
 
-    def __init__(self, config: Path, shard: str, replica: int | None = None):
+    def __init__(
+        self,
+        config: Path,
+        shard: str,
+        replica: int | None = None,
+        *,
+        under: list[str] | None = None,
+    ):
+        """``under``: a command the node runs under (strace, say)."""
         self.config, self.shard, self.replica = config, shard, replica
+        self.under = under or []
         self.process: subprocess.Popen | None = None
         name = "leader" if replica is None else f"replica-{replica}"
         self.log_path = config.parent / f"{shard}-{name}.log"
 
     def start(self, address: str) -> NodeProcess:
         cmd = [
+            *self.under,
             sys.executable,
             "-m",
             "distribkv",

@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Where a GET spends its time inside the node process, without the HTTP server: the node's
-WSGI application and a no-op Falcon application are called in-process with the same request
-environ, through the same serving wrapper, and timed (optionally under cProfile).
+"""Where a GET and a SET spend their time inside the node process, without the HTTP server: the
+node's WSGI application and a no-op Falcon application are called in-process with the same
+request environ, through the same serving wrapper, and timed (optionally under cProfile).
 
-    python tools/profile_get.py [--backend lmdb] [--calls 50000] [--profile]
+    python tools/profile_get.py [--backend lmdb] [--calls 50000] [--profile] [--profile-set]
 
 The server's own cost per request is what the two have in common; the difference is what the
-GET path adds, and what can be removed from it.
+GET path adds, and what can be removed from it. The SET is deferred, as on a server that
+finishes answers later (granian): its own cost is what the request's thread spends; the cost
+until answered includes the committer thread that applies the writes in groups.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import logging
 import pstats
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import falcon
 
 from distribkv.config import parse_config
+from distribkv.http.api import DEFER
 from distribkv.http.app import create_app, forwarding_pool
 from distribkv.node import Node
 from distribkv.plugins import load_plugins
@@ -46,9 +50,26 @@ class Noop:
         resp.data = b""
 
 
-def environ(path: str, query: str) -> dict:
-    return {
-        "REQUEST_METHOD": "GET",
+class Answers:
+    """A deferring server's side of ``environ[DEFER]``: counts the finished answers."""
+
+    def __init__(self):
+        self.finished = 0
+        self.statuses: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def defer(self):
+        return self
+
+    def finish(self, status, headers, body):
+        with self._lock:
+            self.finished += 1
+            self.statuses[status] = self.statuses.get(status, 0) + 1
+
+
+def environ(path: str, query: str, *, method: str = "GET", body: bytes = b"", defer=None) -> dict:
+    env = {
+        "REQUEST_METHOD": method,
         "SCRIPT_NAME": "",
         "PATH_INFO": path,
         "QUERY_STRING": query,
@@ -58,23 +79,43 @@ def environ(path: str, query: str) -> dict:
         "REMOTE_ADDR": "127.0.0.1",
         "HTTP_HOST": "127.0.0.2:8080",
         "wsgi.url_scheme": "http",
-        "wsgi.input": io.BytesIO(b""),
+        "wsgi.input": io.BytesIO(body),
         "wsgi.errors": sys.stderr,
         "wsgi.version": (1, 0),
         "wsgi.multithread": True,
         "wsgi.multiprocess": False,
         "wsgi.run_once": False,
     }
+    if body:
+        env["CONTENT_LENGTH"] = str(len(body))
+    if defer is not None:
+        env[DEFER] = defer
+    return env
 
 
-def per_call(app, path: str, queries: list[str], calls: int) -> float:
+def per_call(app, path: str, queries: list[str], calls: int, **request) -> float:
     def start_response(status, headers, exc_info=None):
         return None
 
     started = time.perf_counter()
     for i in range(calls):
-        app(environ(path, queries[i % len(queries)]), start_response)
+        app(environ(path, queries[i % len(queries)], **request), start_response)
     return (time.perf_counter() - started) / calls * 1e6
+
+
+def deferred_sets(app, queries: list[str], calls: int) -> tuple[float, float]:
+    """PUT /set as a deferring server runs it: the request's own cost, and the cost per write
+    until the committer thread has answered every one."""
+    answers = Answers()
+    started = time.perf_counter()
+    own = per_call(app, "/set", queries, calls, method="PUT", body=b"v" * 100, defer=answers.defer)
+    deadline = time.monotonic() + 60
+    while answers.finished < calls and time.monotonic() < deadline:
+        time.sleep(0.001)
+    total = (time.perf_counter() - started) / calls * 1e6
+    if answers.statuses != {"200 OK": calls}:
+        raise SystemExit(f"deferred writes answered {answers.statuses}")
+    return own, total
 
 
 def main() -> int:
@@ -83,6 +124,9 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=50_000)
     parser.add_argument("--keys", type=int, default=10_000)
     parser.add_argument("--profile", action="store_true", help="print the GET path's profile")
+    parser.add_argument(
+        "--profile-set", action="store_true", help="print the deferred SET path's profile"
+    )
     args = parser.parse_args()
     # The node logs its access lines as it does when serving.
     logging.basicConfig(level=logging.INFO, stream=open("/dev/null", "w"))
@@ -102,9 +146,11 @@ def main() -> int:
                 noop_us = per_call(noop, "/noop", [""], args.calls)
                 health_us = per_call(app, "/healthz", [""], args.calls)
                 get_us = per_call(app, "/get", queries, args.calls)
+                set_us, set_total_us = deferred_sets(app, queries, args.calls)
             print(
                 f"bare no-op {noop_us:.1f} us/call, the node's /healthz {health_us:.1f} us,"
-                f" GET {get_us:.1f} us"
+                f" GET {get_us:.1f} us, deferred SET {set_us:.1f} us"
+                f" ({set_total_us:.1f} us per write until answered)"
             )
             if args.profile:
                 profiler = cProfile.Profile()
@@ -112,6 +158,12 @@ def main() -> int:
                 per_call(app, "/get", queries, args.calls)
                 profiler.disable()
                 pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+            if args.profile_set:
+                profiler = cProfile.Profile()
+                profiler.enable()
+                deferred_sets(app, queries, args.calls)
+                profiler.disable()
+                pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
             app.close()
             noop.close()
         finally:

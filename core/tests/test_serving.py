@@ -182,3 +182,79 @@ def test_waitress_hands_each_small_response_to_the_socket_in_one_piece(monkeypat
     assert results == [(200, b"done")] * 20
     assert len(pieces) == 20
     assert all(p.startswith(b"HTTP/1.1 200 OK\r\n") and p.endswith(b"\r\n\r\ndone") for p in pieces)
+
+
+TWO_SHARDS = """
+[cluster]
+routing = "{routing}"
+min_replicas = {min_replicas}
+[storage]
+backend = "memory"
+data_dir = "{data}"
+[[shards]]
+name = "s0"
+idx = 0
+address = "127.0.0.2:8080"
+replicas = ["127.0.0.22:8080"]
+[[shards]]
+name = "s1"
+idx = 1
+address = "127.0.0.3:8080"
+replicas = ["127.0.0.33:8080"]
+"""
+
+
+def open_node(tmp_path: Path, replica: int | None = None, **settings) -> Node:
+    values = {"routing": "redirect", "min_replicas": 0, "data": tmp_path / "data", **settings}
+    path = tmp_path / "sharding.toml"
+    path.write_text(TWO_SHARDS.format(**values))
+    return Node(
+        parse_config(path.read_text(), path), "s0", replica, registry=load_plugins(), environ={}
+    ).open()
+
+
+# With 2 shards, FNV-1 puts "USA" on shard 0 and "Soviet" on shard 1 (the seeds' check values).
+OWN, OTHER = "key=USA", "key=Soviet"
+
+
+@pytest.mark.parametrize(
+    ("settings", "replica", "deferred", "expected"),
+    [
+        # redirect mode: every read is inline; writes where they are deferred (a leader
+        # with min_replicas = 0 on a deferring server) or answered at once (a replica)
+        ({}, None, True, {"get": True, "get-other": True, "set": True, "set-other": True}),
+        ({}, None, False, {"get": True, "get-other": True, "set": False, "set-other": False}),
+        ({"min_replicas": 1}, None, True, {"get": True, "set": False}),
+        ({}, 0, True, {"get": True, "get-other": True, "set": True, "set-other": True}),
+        # proxy mode: whatever is forwarded (another shard's key; any read on a replica) is not
+        ({"routing": "proxy"}, None, True, {"get": True, "get-other": False, "set": True}),
+        ({"routing": "proxy"}, None, True, {"set-other": False, "delete-other": False}),
+        ({"routing": "proxy"}, 0, True, {"get": False, "set": True, "set-other": False}),
+    ],
+)
+def test_only_requests_that_never_wait_are_inline(tmp_path, settings, replica, deferred, expected):
+    from distribkv.http.app import inline_requests
+
+    node = open_node(tmp_path, replica, **settings)
+    inline = inline_requests(node, deferred_writes=deferred)
+    requests = {
+        "get": ("GET", "/get", OWN),
+        "get-other": ("GET", "/get", OTHER),
+        "set": ("PUT", "/set", OWN),
+        "set-other": ("PUT", "/set", OTHER),
+        "delete-other": ("DELETE", "/delete", OTHER),
+    }
+    assert {name: inline(*requests[name]) for name in expected} == expected
+    # Never inline, whatever the mode: anything that may wait on other requests or the disk.
+    for method, path in [
+        ("GET", "/status"),
+        ("GET", "/digest"),
+        ("GET", "/purge"),
+        ("POST", "/batch"),
+        ("GET", "/replication/pull"),
+        ("POST", "/get"),
+        ("PATCH", "/set"),
+    ]:
+        assert not inline(method, path, OWN), (method, path)
+    assert inline("GET", "/healthz", "") and inline("GET", "/cluster", "")
+    node.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from xxhash import xxh3_128
@@ -112,6 +112,8 @@ class Node:
             self.replication.stop(timeout)
 
     def close(self) -> None:
+        if self.leader_log is not None:
+            self.leader_log.close()
         if self.store is not None:
             self.store.close()
 
@@ -148,18 +150,7 @@ class Node:
         A client's write (``client=True``) is refused with :class:`Moving` while a reshard
         fences its keys; the check runs under the log's write lock. Writes of the reshard
         itself and of ``purge`` pass ``client=False``."""
-        if self.leader_log is None:
-            raise RuntimeError(f"{self.name} is a replica; only leaders take writes")
-        guard = None
-        if client:
-            maps = self.maps
-            epoch = maps.epoch
-
-            def guard() -> None:
-                # Under the write lock: a move that started a moment ago counts.
-                maps.check_write([op.key for op in ops], epoch)
-
-        seq = self.leader_log.write(ops, guard=guard)
+        seq = self._leader_log().write(ops, guard=self._write_guard(ops) if client else None)
         needed = self.config.cluster.min_replicas
         if needed:
             timeout = self.config.cluster.min_replicas_timeout
@@ -170,6 +161,41 @@ class Node:
                     " replicated"
                 )
         return seq
+
+    @property
+    def defers_writes(self) -> bool:
+        """True if :meth:`write_later` can take a client's writes: a leader that needs no
+        replica's acknowledgement (``min_replicas = 0``) before it answers."""
+        return self.is_leader and not self.config.cluster.min_replicas
+
+    def write_later(
+        self, ops: Sequence[Op], done: Callable[[int, BaseException | None], None]
+    ) -> None:
+        """A client's :meth:`write` that returns at once; ``done(seq, None)`` follows once it
+        is applied (durably with ``sync``), or ``done(0, error)``, from another thread (or
+        from this one, for a write refused before it was queued). Only where
+        :attr:`defers_writes`."""
+        if not self.defers_writes:
+            raise RuntimeError(f"{self.name} cannot defer writes")
+        try:
+            self._leader_log().submit(ops, done, guard=self._write_guard(ops))
+        except Exception as exc:  # noqa: BLE001 - handed to the caller's answer
+            done(0, exc)
+
+    def _leader_log(self) -> LeaderLog:
+        if self.leader_log is None:
+            raise RuntimeError(f"{self.name} is a replica; only leaders take writes")
+        return self.leader_log
+
+    def _write_guard(self, ops: Sequence[Op]) -> Callable[[], None]:
+        maps = self.maps
+        epoch = maps.epoch
+
+        def guard() -> None:
+            # Under the write lock: a move that started a moment ago counts.
+            maps.check_write([op.key for op in ops], epoch)
+
+        return guard
 
     @property
     def readable(self) -> bool:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from distribkv import hookimpl
-from distribkv.http.api import Listen, ServerHandle, ServerSpec
+from distribkv.http.api import DEFER, Completion, Listen, ServerHandle, ServerSpec
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("distribkv.access")
@@ -121,6 +121,15 @@ class ServingWrapper:
                 )
                 return [b"node is stopping\n"]
             self.in_flight += 1
+        deferred: list[_Finishing] = []
+        server_defer = environ.get(DEFER)
+        if server_defer is not None:
+            # A deferred request stays in flight, and gets its log line, until it finishes.
+            def defer() -> _Finishing:
+                deferred.append(_Finishing(self, server_defer(), environ, started))
+                return deferred[0]
+
+            environ[DEFER] = defer
         try:
             body = self.app(environ, recording_start_response)
             # Falcon answers with a list of bytes; materialise anything lazier so the request
@@ -134,20 +143,40 @@ class ServingWrapper:
                         close()
             return body
         finally:
-            with self._lock:
-                self.in_flight -= 1
-            if self.access is not None:
-                self.access.add(
-                    environ.get("REMOTE_ADDR", "-"),
-                    environ.get("REQUEST_METHOD", "-"),
-                    environ.get("PATH_INFO", "-"),
-                    seen[0].split(" ", 1)[0] if seen else "-",
-                    (time.monotonic() - started) * 1000,
-                )
+            if not deferred:
+                self._done(environ, seen[0] if seen else "-", started)
+
+    def _done(self, environ: dict[str, Any], status: str, started: float) -> None:
+        with self._lock:
+            self.in_flight -= 1
+        if self.access is not None:
+            self.access.add(
+                environ.get("REMOTE_ADDR", "-"),
+                environ.get("REQUEST_METHOD", "-"),
+                environ.get("PATH_INFO", "-"),
+                status.split(" ", 1)[0],
+                (time.monotonic() - started) * 1000,
+            )
 
     def close(self) -> None:
         if self.access is not None:
             self.access.close()
+
+
+class _Finishing:
+    """A deferred request's completion, as the application sees it: finishing it also ends
+    the request for the wrapper (in-flight count, access log)."""
+
+    __slots__ = ("environ", "inner", "started", "wrapper")
+
+    def __init__(self, wrapper: ServingWrapper, inner: Completion, environ, started: float):
+        self.wrapper, self.inner, self.environ, self.started = wrapper, inner, environ, started
+
+    def finish(self, status: str, headers: list[tuple[str, str]], body: bytes) -> None:
+        try:
+            self.inner.finish(status, headers, body)
+        finally:
+            self.wrapper._done(self.environ, status, self.started)
 
 
 #: Responses up to this size go out with their headers in one piece (one send, one segment).

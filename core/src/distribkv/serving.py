@@ -42,7 +42,7 @@ def serve(node: Node, registry: PluginRegistry, *, announce=print) -> int:
                 # The largest body a node accepts: a batch, or one value plus room for headers.
                 max_request_body_size=max(server.max_batch_bytes, config.storage.max_value_size),
                 settings={"drain_timeout": server.drain_timeout},
-                inline=inline_requests(node),
+                inline=inline_requests(node, deferred_writes=spec.deferred),
             ),
         )
     except OSError as exc:

@@ -12,17 +12,34 @@ on the thread that parsed them instead of handing them to a worker thread: one t
 fewer per request, and no other Python thread contending for the GIL while they run. Everything
 else must go to one of ``threads`` worker threads, so a slow request (a replication long-poll, a
 durable write) never holds up the others.
+
+A server with ``ServerSpec.deferred`` lets the application finish a response later, from
+another thread: it puts a callable under ``environ[DEFER]``; an application that calls it gets a
+:class:`Completion`, returns at once (whatever it returns is ignored), and calls
+``completion.finish(status, headers, body)`` exactly once when the answer is known. The node
+defers its writes that way: a request thread queues the write and goes on, and the thread that
+applies the next group of writes (one fsync for all of them) answers every one of them. Writes
+that can be deferred are then ``inline`` too.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 
-__all__ = ["Listen", "ServerHandle", "ServerSpec"]
+__all__ = ["DEFER", "Completion", "Listen", "ServerHandle", "ServerSpec"]
+
+#: The WSGI environ key of a deferring server's ``defer() -> Completion``.
+DEFER = "distribkv.defer"
+
+
+class Completion(Protocol):
+    """The answer to a deferred request, sent by ``finish`` from any thread."""
+
+    def finish(self, status: str, headers: list[tuple[str, str]], body: bytes) -> None: ...
 
 
 @attrs.frozen
@@ -60,3 +77,5 @@ class ServerSpec:
     name: str
     create: Callable[[Callable[..., Any], Listen], ServerHandle]
     description: str
+    #: True if the server offers ``environ[DEFER]`` (see the module's docstring).
+    deferred: bool = False

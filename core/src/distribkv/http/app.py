@@ -28,37 +28,46 @@ def forwarding_pool(node) -> ConnectionPool:
     return ConnectionPool(server.forward_timeout, per_address=server.threads)
 
 
-def inline_requests(node):
-    """The node's requests that never wait, for ``Listen.inline``: health checks, the map, and
-    reads. A read waits for nothing in redirect mode (a key of another shard is a 307); in
-    proxy mode only a leader's read of its own key does (any other read is forwarded, and
-    forwarding waits on the network; a replica cannot tell from the request line whether the
-    client asked for a leader-only read)."""
+WRITE_METHODS = {"/set": ("GET", "PUT", "POST"), "/delete": ("GET", "POST", "DELETE")}
+
+
+def inline_requests(node, *, deferred_writes: bool = False):
+    """The node's requests that never wait, for ``Listen.inline``: health checks, the map,
+    reads, and (on a server that defers answers) writes.
+
+    A read waits for nothing in redirect mode (a key of another shard is a 307); in proxy mode
+    only a leader's read of its own key is inline (any other read is forwarded, and forwarding
+    waits on the network; a replica cannot tell from the request line whether the client asked
+    for a leader-only read). A write is inline where the node defers it (it is queued, and the
+    thread that applies it answers it) and on a replica (refused or redirected at once); in
+    proxy mode a write of another shard's key is forwarded, so it is not."""
     always = frozenset(("/healthz", "/cluster"))
-    if node.config.cluster.routing == "redirect":
-        reads = always | {"/get"}
-
-        def inline(method: str, path: str, query: str) -> bool:
-            return method == "GET" and path in reads
-
-        return inline
-
+    proxy = node.config.cluster.routing == "proxy"
     me = node.me.name
+    writes = deferred_writes and (node.defers_writes or not node.is_leader)
 
-    def inline_proxy(method: str, path: str, query: str) -> bool:
-        if method != "GET":
-            return False
-        if path != "/get":
-            return path in always
-        if not node.is_leader:
-            return False
+    def owned(query: str) -> bool:
         try:
             key = parse_query(query).get("key")
         except ApiError:
             return True  # answered 400 at once
         return not key or node.maps.route(key)[0].name == me
 
-    return inline_proxy
+    def inline(method: str, path: str, query: str) -> bool:
+        if path == "/get":
+            if method != "GET":
+                return False
+            if not proxy:
+                return True
+            return node.is_leader and owned(query)
+        methods = WRITE_METHODS.get(path)
+        if methods is not None:
+            if not writes or method not in methods:
+                return False
+            return not proxy or owned(query)
+        return method == "GET" and path in always
+
+    return inline
 
 
 def create_app(node, pool: ConnectionPool) -> falcon.App:

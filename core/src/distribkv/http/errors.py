@@ -58,49 +58,60 @@ class ApiError(falcon.HTTPError):
         return body
 
 
-def serialize_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:
+def _error_document(exc: falcon.HTTPError) -> dict:
     if isinstance(exc, ApiError):
-        body = exc.to_dict()
-    else:
-        body = {"error": exc.title}
-        if exc.description:
-            body["detail"] = exc.description
+        return exc.to_dict()
+    body = {"error": exc.title}
+    if exc.description:
+        body["detail"] = exc.description
+    return body
+
+
+def serialize_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:
     resp.content_type = falcon.MEDIA_JSON
-    resp.data = json.dumps(body).encode()
+    resp.data = json.dumps(_error_document(exc)).encode()
 
 
-def handle_storage_error(req, resp, exc: StorageError, params) -> None:
-    for cls, status, title in STORAGE_STATUS:
-        if isinstance(exc, cls):
-            if status == falcon.HTTP_500:
-                log.error("%s on %s %s: %s", title, req.method, req.path, exc)
-            raise ApiError(status, title, str(exc)) from exc
+def api_error(exc: Exception, method: str, path: str) -> falcon.HTTPError:
+    """The HTTP error a request answers for ``exc``: the one mapping, used by the application's
+    error handlers and by writes that finish after their request returned."""
+    if isinstance(exc, falcon.HTTPError):
+        return exc
+    if isinstance(exc, StorageError):
+        for cls, status, title in STORAGE_STATUS:
+            if isinstance(exc, cls):
+                if status == falcon.HTTP_500:
+                    log.error("%s on %s %s: %s", title, method, path, exc)
+                return ApiError(status, title, str(exc))
+    if isinstance(exc, NotReplicatedError):
+        return ApiError(falcon.HTTP_503, "not replicated", str(exc))
+    if isinstance(exc, Moving):
+        return ApiError(
+            falcon.HTTP_503,
+            "moving",
+            f"{exc}; the write was not applied",
+            headers={"Retry-After": "1"},
+        )
+    # Never echo an unexpected exception to the client; the log has it.
+    log.error("unexpected error on %s %s", method, path, exc_info=exc)
+    return ApiError(falcon.HTTP_500, "internal error", "see the node's log")
 
 
-def handle_not_replicated(req, resp, exc: NotReplicatedError, params) -> None:
-    raise ApiError(falcon.HTTP_503, "not replicated", str(exc)) from exc
+def error_response(exc: Exception, method: str, path: str) -> tuple[str, list, bytes]:
+    """``api_error(exc)`` as a WSGI status line, headers and the JSON body."""
+    error = api_error(exc, method, path)
+    body = json.dumps(_error_document(error)).encode()
+    headers = [(name, value) for name, value in (error.headers or {}).items()]
+    headers += [("Content-Type", falcon.MEDIA_JSON), ("Content-Length", str(len(body)))]
+    return error.status, headers, body
 
 
-def handle_moving(req, resp, exc: Moving, params) -> None:
-    raise ApiError(
-        falcon.HTTP_503,
-        "moving",
-        f"{exc}; the write was not applied",
-        headers={"Retry-After": "1"},
-    ) from exc
-
-
-def handle_unexpected(req, resp, exc: Exception, params) -> None:
+def _map_error(req, resp, exc: Exception, params) -> None:
     if isinstance(exc, falcon.HTTPError | falcon.HTTPStatus):
         raise exc
-    # Never echo an unexpected exception to the client; the log has it.
-    log.exception("unexpected error on %s %s", req.method, req.path)
-    raise ApiError(falcon.HTTP_500, "internal error", "see the node's log") from exc
+    raise api_error(exc, req.method, req.path) from exc
 
 
 def install(app: falcon.App) -> None:
     app.set_error_serializer(serialize_error)
-    app.add_error_handler(Exception, handle_unexpected)
-    app.add_error_handler(StorageError, handle_storage_error)
-    app.add_error_handler(NotReplicatedError, handle_not_replicated)
-    app.add_error_handler(Moving, handle_moving)
+    app.add_error_handler(Exception, _map_error)

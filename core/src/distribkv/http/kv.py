@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import falcon
 
-from distribkv.http.errors import ApiError
+from distribkv.http.api import DEFER
+from distribkv.http.errors import ApiError, error_response
 from distribkv.http.locate import Locator
 from distribkv.http.params import query_params, require_key
+from distribkv.storage.api import Delete, Namespace, Put
 
 OCTET_STREAM = "application/octet-stream"
 #: On reads served by a replica: how far it is behind its leader.
@@ -19,6 +21,31 @@ def written(resp: falcon.Response) -> None:
     the connection alive for the next request."""
     resp.status = falcon.HTTP_200
     resp.data = b""
+
+
+#: :func:`written` as a deferred answer sends it.
+WRITTEN = (falcon.HTTP_200, [("Content-Length", "0"), ("Content-Type", falcon.MEDIA_JSON)], b"")
+
+
+def write(node, req: falcon.Request, resp: falcon.Response, ops) -> None:
+    """Apply a client's write and answer 200 once it is applied. Where the server can finish
+    a response later and the node can defer writes, the request's thread only queues the
+    write: the thread that applies its group answers it."""
+    defer = req.env.get(DEFER)
+    if defer is None or not node.defers_writes:
+        node.write(ops)
+        written(resp)
+        return
+    completion = defer()
+    method, path = req.method, req.path
+
+    def done(seq: int, error: BaseException | None) -> None:
+        if error is None:
+            completion.finish(*WRITTEN)
+        else:
+            completion.finish(*error_response(error, method, path))
+
+    node.write_later(ops, done)
 
 
 class GetResource:
@@ -91,8 +118,7 @@ class SetResource:
             )
         if not self.locator.here(req, resp, key, write=True, body=body):
             return
-        self.node.set(key, value)
-        written(resp)
+        write(self.node, req, resp, [Put(Namespace.DATA, key, value)])
 
     def on_get(self, req, resp):
         self._set(req, resp, from_body=False)
@@ -113,8 +139,7 @@ class DeleteResource:
         key = require_key(query_params(req))
         if not self.locator.here(req, resp, key, write=True):
             return
-        self.node.delete(key)
-        written(resp)
+        write(self.node, req, resp, [Delete(Namespace.DATA, key)])
 
     on_post = on_get
     on_delete = on_get

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import struct
 import threading
 import time
@@ -83,15 +84,23 @@ def entry_op(op: int, key: bytes, value: bytes | None) -> Op:
 
 
 class _Pending:
-    """One write waiting in the group-commit queue."""
+    """One write in the group-commit queue. A waiting writer holds ``wake`` until it may go
+    on: its write is done, or it is the oldest queued one and leads the next group. A deferred
+    write has a ``callback`` instead, called with the write once it is done."""
 
-    __slots__ = ("done", "error", "ops", "seq")
+    __slots__ = ("callback", "done", "error", "ops", "seq", "wake")
 
-    def __init__(self, ops: Sequence[Op]):
+    def __init__(self, ops: Sequence[Op], callback: Callable[[_Pending], None] | None = None):
         self.ops = ops
         self.seq = 0
         self.done = False
-        self.error: Exception | None = None
+        self.error: BaseException | None = None
+        self.callback = callback
+        if callback is None:
+            self.wake = threading.Lock()
+            self.wake.acquire()
+        else:
+            self.wake = None
 
 
 class ReplicaProgress:
@@ -136,7 +145,16 @@ class LeaderLog:
         self._flushing = False
         self._enqueued = 0  # writes queued so far
         self._completed = 0  # of those, applied or failed (always a prefix: groups are FIFO)
+        self._seq_waiters = 0  # threads in committed_seq(), waiting on _flushed
         self._changed = threading.Condition(threading.Lock())
+        # Threads waiting on _changed for new entries: a write notifies only when there are
+        # some (they count themselves in before they look at last_seq, which a write sets
+        # before it looks at this count).
+        self._change_waiters = 0
+        # Deferred writes have no thread of their own to lead a group: a committer thread,
+        # started with the first one, leads when the oldest queued write is deferred.
+        self._committer: threading.Thread | None = None
+        self._commit_turns: queue.SimpleQueue = queue.SimpleQueue()
         self.progress = {name: ReplicaProgress(name) for name in replicas}
         #: Readers of the log that are not replicas (a reshard copying keys away): name ->
         #: (the oldest seq they still need, when the hold lapses). Not counted as replicas.
@@ -176,51 +194,122 @@ class LeaderLog:
     def write(self, ops: Sequence[Op], *, guard: Callable[[], None] | None = None) -> int:
         """Apply data ops with their log entries and the new seq atomically; return the seq.
 
-        Group commit: a write joins the queue; whichever writer finds no flush running takes
-        the whole queue and applies it as ONE storage apply (one fsync with ``sync``), in
-        queue order, while later writers queue up for the next one. Seqs are given at the
-        flush, so the log order is the apply order. A failed group apply is retried write by
-        write, so one bad write fails alone.
+        Group commit: a write joins the queue. A writer that finds no group being applied
+        leads: it takes the whole queue and applies it as ONE storage apply (one fsync with
+        ``sync``), in queue order, while later writers queue up. Then it wakes each writer of
+        its group, and hands the lead to the oldest queued writer, who applies the next group.
+        Each writer is woken once, by a lock of its own: no herd of threads wakes up to find
+        that only one of them may go on. Seqs are given at the apply, so the log order is the
+        apply order. A failed group apply is retried write by write, so one bad write fails
+        alone.
 
         ``guard`` runs under the queue lock first and may raise to refuse the write: a caller
         that changes what the guard checks and then reads :meth:`committed_seq` knows that
         every later write saw the change."""
         request = _Pending(ops)
+        if self._enqueue(request, guard):
+            request.wake.acquire()
+        if not request.done:
+            self._lead(request)
+        if request.error is not None:
+            raise request.error
+        return request.seq
+
+    def submit(
+        self,
+        ops: Sequence[Op],
+        callback: Callable[[int, BaseException | None], None],
+        *,
+        guard: Callable[[], None] | None = None,
+    ) -> None:
+        """:meth:`write` without waiting: ``callback(seq, None)`` once the write is applied
+        (durably with ``sync``), or ``callback(0, error)`` if it failed, from the thread that
+        applied its group. ``guard`` and the order are as for :meth:`write`; a guard's error
+        is raised here, and then nothing is queued."""
+        request = _Pending(ops, lambda done: callback(done.seq, done.error))
+        if not self._enqueue(request, guard):
+            self._commit_turns.put(True)
+
+    def _enqueue(self, request: _Pending, guard: Callable[[], None] | None) -> bool:
+        """Queue ``request``; True if a group is being applied (someone else leads next)."""
         with self._queue_lock:
             if guard is not None:
                 guard()
+            if request.callback is not None and self._committer is None:
+                self._committer = threading.Thread(
+                    target=self._commit_deferred, name="distribkv-commit", daemon=True
+                )
+                self._committer.start()
             self._queue.append(request)
             self._enqueued += 1
-            while not request.done:
-                if self._flushing:
-                    self._flushed.wait()
-                    continue
-                self._flushing = True
-                if self.group_commit:
-                    group, self._queue = self._queue, []
-                else:
-                    group = [self._queue.pop(0)]
-                self._queue_lock.release()
+            busy = self._flushing
+            self._flushing = True
+            return busy
+
+    def _commit_deferred(self) -> None:
+        """The committer thread: leads each group whose oldest write is a deferred one."""
+        while self._commit_turns.get():
+            try:
+                self._lead(None)
+            except BaseException:  # the group's writes got the error; go on
+                log.exception("applying a group of deferred writes failed")
+
+    def close(self) -> None:
+        """Stop the committer thread (once no deferred write is queued)."""
+        if self._committer is not None:
+            self._commit_turns.put(False)
+            self._committer.join(timeout=10)
+
+    def _lead(self, leader: _Pending | None) -> None:
+        """Apply the next group: the whole queue, or its oldest write without group commit.
+        ``leader`` is the oldest queued write, or None for the committer thread."""
+        with self._queue_lock:
+            if not self._queue:  # cannot happen: whoever leads, leads a queued write
+                self._flushing = False
+                return
+            if self.group_commit:
+                group, self._queue = self._queue, []
+            else:
+                group = [self._queue.pop(0)]
+        successor = None
+        try:
+            self._flush(group)
+        finally:
+            interrupted = [pending for pending in group if not pending.done]
+            if interrupted:
+                # Interrupted (not an error of the writes): the apply may or may not have
+                # happened; take the last seq from storage so no seq is reused.
                 try:
-                    self._flush(group)
+                    self.last_seq = read_seq(self.store, LAST_SEQ)
                 finally:
-                    interrupted = [pending for pending in group if not pending.done]
-                    if interrupted:
-                        # Interrupted (not an error of the writes): the apply may or may not
-                        # have happened; take the last seq from storage so no seq is reused.
-                        self.last_seq = read_seq(self.store, LAST_SEQ)
-                        for pending in interrupted:
-                            pending.error = RuntimeError("the write was interrupted")
-                            pending.done = True
-                    self._queue_lock.acquire()
+                    for pending in interrupted:
+                        pending.error = RuntimeError("the write was interrupted")
+                        pending.done = True
+            with self._queue_lock:
+                self._completed += len(group)
+                if self._queue:
+                    successor = self._queue[0]
+                else:
                     self._flushing = False
-                    self._completed += len(group)
+                if self._seq_waiters:
                     self._flushed.notify_all()
-        if request.error is not None:
-            raise request.error
-        with self._changed:
-            self._changed.notify_all()
-        return request.seq
+            if self._change_waiters:
+                with self._changed:
+                    self._changed.notify_all()
+            # The next group first: it applies while this one's writers are answered.
+            if successor is not None:
+                if successor.callback is None:
+                    successor.wake.release()
+                else:
+                    self._commit_turns.put(True)
+            for pending in group:
+                if pending.callback is not None:
+                    try:
+                        pending.callback(pending)
+                    except Exception:  # one answer's failure stays its own
+                        log.exception("finishing a deferred write failed")
+                elif pending is not leader:
+                    pending.wake.release()
 
     def _flush(self, group: list[_Pending]) -> None:
         try:
@@ -260,8 +349,12 @@ class LeaderLog:
         has a seq <= the answer and is readable in storage."""
         with self._queue_lock:
             target = self._enqueued
-            while self._completed < target:
-                self._flushed.wait()
+            self._seq_waiters += 1
+            try:
+                while self._completed < target:
+                    self._flushed.wait()
+            finally:
+                self._seq_waiters -= 1
             return self.last_seq
 
     # --- reading the log ------------------------------------------------------------------
@@ -285,11 +378,15 @@ class LeaderLog:
         """Block until the log has an entry after ``after`` (True) or ``timeout`` passes."""
         deadline = time.monotonic() + timeout
         with self._changed:
-            while self.last_seq <= after:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._changed.wait(remaining)
+            self._change_waiters += 1
+            try:
+                while self.last_seq <= after:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._changed.wait(remaining)
+            finally:
+                self._change_waiters -= 1
         return True
 
     # --- replica progress -----------------------------------------------------------------

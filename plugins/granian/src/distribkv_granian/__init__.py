@@ -42,7 +42,7 @@ from collections.abc import Callable
 from typing import Any
 
 from distribkv import hookimpl
-from distribkv.http.api import Listen, ServerHandle, ServerSpec
+from distribkv.http.api import DEFER, Listen, ServerHandle, ServerSpec
 from distribkv.server import ServingWrapper
 
 log = logging.getLogger(__name__)
@@ -85,16 +85,38 @@ def _never(method: str, path: str, query: str) -> bool:
 
 
 class _Request:
-    """A request on its way to a worker thread: its body is being read."""
+    """A request whose body is being read; then it is served inline or by a worker."""
 
-    __slots__ = ("chunks", "deadline", "finished", "size", "watcher")
+    __slots__ = ("chunks", "deadline", "finished", "inline", "size", "watcher")
 
-    def __init__(self, watcher, deadline: float):
+    def __init__(self, watcher, deadline: float, inline: bool):
         self.watcher = watcher
         self.deadline = deadline
+        self.inline = inline
         self.chunks: list[bytes] = []
         self.size = 0
         self.finished = False
+
+
+class _Exchange:
+    """One request's way back: the answer the application returns, or, if it deferred the
+    request (``environ[DEFER]``), the one it finishes later from another thread."""
+
+    __slots__ = ("deferred", "watcher")
+
+    def __init__(self, watcher):
+        self.watcher = watcher
+        self.deferred = False
+
+    def defer(self) -> _Exchange:
+        self.deferred = True
+        return self
+
+    def finish(self, status: str, headers: list[tuple[str, str]], body: bytes) -> None:
+        try:
+            self.watcher.proto.response_bytes(int(status[:3]), headers, body)
+        finally:
+            self.watcher.done()
 
 
 class GranianHandle(ServerHandle):
@@ -199,21 +221,27 @@ class GranianHandle(ServerHandle):
 
     def _respond(self, watcher, body: bytes) -> None:
         """Call the application and send its answer (in whichever thread runs this)."""
+        exchange = _Exchange(watcher)
         try:
             environ = self._environ(watcher.scope, body)
+            environ[DEFER] = exchange.defer
             started: list = []
 
             def start_response(status, headers, exc_info=None):
                 started[:] = (status, headers)
 
             chunks = self.wrapper(environ, start_response)
+            if exchange.deferred:
+                return  # answered by whoever finishes it
             status, headers = started
             watcher.proto.response_bytes(int(status[:3]), headers, b"".join(chunks))
         except Exception:  # the client gets a 500; the traceback goes to the log
             log.exception("serving %s %s failed", watcher.scope.method, watcher.scope.path)
-            self._plain(watcher, 500, b"internal error\n")
+            if not exchange.deferred:
+                self._plain(watcher, 500, b"internal error\n")
         finally:
-            watcher.done()  # sends a bare 500 if nothing was sent
+            if not exchange.deferred:
+                watcher.done()  # sends a bare 500 if nothing was sent
 
     @staticmethod
     def _plain(watcher, status: int, text: bytes) -> None:
@@ -222,17 +250,19 @@ class GranianHandle(ServerHandle):
         )
 
     def _dispatch(self, watcher) -> None:
-        """Every request, in granian's Python thread: served here, or handed to a worker."""
+        """Every request, in granian's Python thread: served here, or handed to a worker
+        (once its body is read, for both)."""
         try:
             scope = watcher.scope
-            if self.inline(scope.method, scope.path, scope.query_string):
-                self._respond(watcher, _EMPTY)
-                return
+            inline = self.inline(scope.method, scope.path, scope.query_string)
             headers = scope.headers
             length = headers.get("content-length")
             chunked = "chunked" in (headers.get("transfer-encoding") or "").lower()
-            if length is None and not chunked:
-                self._hand_over(watcher, _EMPTY)
+            if not chunked and (length is None or length == "0"):
+                if inline:
+                    self._respond(watcher, _EMPTY)
+                else:
+                    self._hand_over(watcher, _EMPTY)
                 return
             if length is not None and (not length.isdigit() or int(length) > self.max_body):
                 status, text = (
@@ -243,10 +273,7 @@ class GranianHandle(ServerHandle):
                 self._plain(watcher, status, text)
                 watcher.done()
                 return
-            if length == "0" and not chunked:
-                self._hand_over(watcher, _EMPTY)
-                return
-            request = _Request(watcher, time.monotonic() + self.listen.channel_timeout)
+            request = _Request(watcher, time.monotonic() + self.listen.channel_timeout, inline)
             with self._lock:
                 self._pending += 1
                 self._reading[id(request)] = request
@@ -298,7 +325,14 @@ class GranianHandle(ServerHandle):
                 return  # timed out meanwhile
             request.finished = True
             self._reading.pop(id(request), None)
-        self._work.put((request.watcher, body))
+        if not request.inline:
+            self._work.put((request.watcher, body))
+            return
+        try:
+            self._respond(request.watcher, body)
+        finally:
+            with self._lock:
+                self._pending -= 1
 
     def _finish_read(self, request: _Request, answer: tuple[int, bytes] | None) -> None:
         """End a body read that will not reach the application: ``answer`` it, or drop it."""
@@ -354,7 +388,11 @@ class GranianHandle(ServerHandle):
             # signal is set.
             self._worker.serve_str(self._scheduler, self._loop, self._signal)
             log.info("serving on %s:%s (granian)", self.listen.host, self.listen.port)
-            self._stopped.wait()
+            # Python runs signal handlers in the main thread only, and a signal may reach one of
+            # granian's threads instead: wake up now and then so a SIGTERM is never left
+            # waiting.
+            while not self._stopped.wait(0.2):
+                pass
         finally:
             for _ in self._threads:
                 self._work.put(None)
@@ -392,7 +430,8 @@ SPEC = ServerSpec(
     name="granian",
     create=GranianHandle,
     description="granian: Rust HTTP/1 server, one in-process worker; reads served inline,"
-    " other requests on worker threads (explicit bind, drain)",
+    " other requests on worker threads, deferred answers (explicit bind, drain)",
+    deferred=True,
 )
 
 
