@@ -2,13 +2,13 @@
 """Durable SET throughput with group commit against one fsync per write, in one run.
 
     python tools/bench_group_commit.py [--backend lmdb] [--server waitress] [--connections 16]
-                                       [--seconds 10]
+                                       [--seconds 10] [--rounds 3]
 
 Starts single-node clusters on the same disk: ``durability = "sync"`` with ``[storage]
 group_commit = true`` (the default), the same with ``false``, and ``durability = "async"`` (no
 fsync: the ceiling of the request path), and drives SET on each with wrk (random keys, 100-byte
-values), alternating twice. Prints requests per second and the ratios. Needs wrk (apt-get
-install wrk); run with the .venv that ``python3 launch.py`` makes.
+values), in interleaved rounds. Prints requests per second (the median of the rounds) and the
+ratios. Needs wrk (apt-get install wrk); run with the .venv that ``python3 launch.py`` makes.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import argparse
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,9 @@ def main() -> int:
     )
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds; the median is reported"
+    )
     parser.add_argument("--keys", type=int, default=10_000)
     parser.add_argument(
         "--dir", default=".", help="where the data directories go (a real disk; default: .)"
@@ -72,21 +76,21 @@ def main() -> int:
         for port in nodes.values():
             wait_healthy(f"http://{HOST}:{port}/healthz")
         results: dict[str, list[float]] = {mode: [] for mode in nodes}
-        for _ in range(2):
+        for _ in range(args.rounds):
             for mode, port in nodes.items():
                 rate = wrk(f"http://{HOST}:{port}", script, args.connections, args.seconds)
                 results[mode].append(rate)
                 print(f"{mode:6} {rate:10,.0f} SET/s", flush=True)
-        group = sum(results["group"]) / 2
-        single = sum(results["single"]) / 2
+        group = statistics.median(results["group"])
+        single = statistics.median(results["single"])
         print(
             f"\nbackend {args.backend}, server {args.server}, durability sync,"
             f" {args.connections} connections,"
-            f" {args.seconds}s x 2 each"
+            f" median of {args.rounds} interleaved rounds of {args.seconds}s each"
         )
         print(f"one fsync per write  {single:10,.0f} SET/s  1.00")
         print(f"group commit         {group:10,.0f} SET/s  {group / single:.2f}x")
-        no_sync = sum(results["async"]) / 2
+        no_sync = statistics.median(results["async"])
         print(
             f"durability async     {no_sync:10,.0f} SET/s  {no_sync / single:.2f}x"
             " (the request path's ceiling: no fsync at all)"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import http.client
+import io
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -257,4 +259,67 @@ def test_only_requests_that_never_wait_are_inline(tmp_path, settings, replica, d
     ]:
         assert not inline(method, path, OWN), (method, path)
     assert inline("GET", "/healthz", "") and inline("GET", "/cluster", "")
+    node.close()
+
+
+def _wsgi_call(app, method: str, query: str, headers: dict[str, str] | None = None):
+    environ = {
+        "REQUEST_METHOD": method,
+        "SCRIPT_NAME": "",
+        "PATH_INFO": "/get",
+        "QUERY_STRING": query,
+        "SERVER_NAME": "127.0.0.2",
+        "SERVER_PORT": "8080",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "127.0.0.1",
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(b""),
+        "wsgi.errors": sys.stderr,
+        "wsgi.version": (1, 0),
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": False,
+        "wsgi.run_once": False,
+        **{"HTTP_" + k.upper().replace("-", "_"): v for k, v in (headers or {}).items()},
+    }
+    seen = {}
+
+    def start_response(status, response_headers, exc_info=None):
+        seen["status"] = status
+        seen["headers"] = sorted((k.lower(), v) for k, v in response_headers)
+
+    body = b"".join(app(environ, start_response))
+    return seen["status"], seen["headers"], body
+
+
+@pytest.mark.parametrize("replica", [None, 0])
+def test_the_read_fast_path_answers_exactly_as_the_application_does(tmp_path, replica):
+    node = open_node(tmp_path, replica)
+    app = create_app(node, forwarding_pool(node))
+    falcon_calls = []
+    inner = app.app
+
+    def counting(environ, start_response):
+        falcon_calls.append(environ["QUERY_STRING"])
+        return inner(environ, start_response)
+
+    app.app = counting
+    node.store.put(b"USA", b"\x00\xff bytes&/%", sync=False)  # a key of shard s0
+    cases = [
+        ("GET", OWN, {}),  # stored, owned: the fast path
+        ("GET", "key=USA&extra=1", {}),
+        ("GET", "key=absent-key-0", {}),  # 404 from the application
+        ("GET", OTHER, {}),  # another shard's key: 307
+        ("GET", "key=", {}),  # 400
+        ("GET", "key=USA&key=USA", {}),  # 400: repeated
+        ("GET", OWN, {"X-Distribkv-Map": "not-this-map"}),  # 409
+        ("HEAD", OWN, {}),
+    ]
+    for method, query, headers in cases:
+        fast = _wsgi_call(app, method, query, headers)
+        slow = _wsgi_call(inner, method, query, headers)
+        assert fast == slow, (method, query, headers)
+    # A leader answers a stored key of its own without the application; a replica never does.
+    falcon_calls.clear()
+    assert _wsgi_call(app, "GET", OWN)[2] == b"\x00\xff bytes&/%"
+    assert falcon_calls == ([] if node.is_leader else [OWN])
     node.close()

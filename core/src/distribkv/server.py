@@ -56,12 +56,15 @@ class AccessLog:
     def flush(self) -> None:
         lines = []
         pending = self.pending
+        second, stamp = -1, ""
         for _ in range(len(pending)):  # what is there now: one bounded batch
             try:
                 at, remote, method, path, status, ms = pending.popleft()
             except IndexError:  # another flush (close) took it
                 break
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+            if int(at) != second:  # one strftime per second of lines, not one per line
+                second = int(at)
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
             lines.append(
                 f"{stamp},{int(at * 1000) % 1000:03d} INFO distribkv.access:"
                 f" {remote} {method} {path} {status} {ms:.1f}ms\n"
@@ -102,13 +105,7 @@ class ServingWrapper:
             self.refusing = True
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
-        started = time.monotonic()
-        seen: list[str] = []
-
-        def recording_start_response(status, headers, exc_info=None):
-            seen.append(status)
-            return start_response(status, headers, exc_info)
-
+        call = _Call(self, environ, start_response)
         with self._lock:
             if self.refusing:
                 start_response(
@@ -121,17 +118,12 @@ class ServingWrapper:
                 )
                 return [b"node is stopping\n"]
             self.in_flight += 1
-        deferred: list[_Finishing] = []
         server_defer = environ.get(DEFER)
         if server_defer is not None:
-            # A deferred request stays in flight, and gets its log line, until it finishes.
-            def defer() -> _Finishing:
-                deferred.append(_Finishing(self, server_defer(), environ, started))
-                return deferred[0]
-
-            environ[DEFER] = defer
+            call.server_defer = server_defer
+            environ[DEFER] = call.defer
         try:
-            body = self.app(environ, recording_start_response)
+            body = self.app(environ, call.start_response)
             # Falcon answers with a list of bytes; materialise anything lazier so the request
             # is finished (and counted as such) when this call returns.
             if not isinstance(body, list):
@@ -143,8 +135,8 @@ class ServingWrapper:
                         close()
             return body
         finally:
-            if not deferred:
-                self._done(environ, seen[0] if seen else "-", started)
+            if call.completion is None:
+                self._done(environ, call.status, call.started)
 
     def _done(self, environ: dict[str, Any], status: str, started: float) -> None:
         with self._lock:
@@ -163,18 +155,33 @@ class ServingWrapper:
             self.access.close()
 
 
-class _Finishing:
-    """A deferred request's completion, as the application sees it: finishing it also ends
-    the request for the wrapper (in-flight count, access log)."""
+class _Call:
+    """One request through the wrapper: it records the status for the access log, and, if the
+    application defers the request, is its completion: finishing it also ends the request for
+    the wrapper (in-flight count, access log)."""
 
-    __slots__ = ("environ", "inner", "started", "wrapper")
+    __slots__ = ("completion", "environ", "server_defer", "start", "started", "status", "wrapper")
 
-    def __init__(self, wrapper: ServingWrapper, inner: Completion, environ, started: float):
-        self.wrapper, self.inner, self.environ, self.started = wrapper, inner, environ, started
+    def __init__(self, wrapper: ServingWrapper, environ: dict[str, Any], start: Callable):
+        self.wrapper = wrapper
+        self.environ = environ
+        self.start = start
+        self.started = time.monotonic()
+        self.status = "-"
+        self.server_defer: Callable[[], Completion] | None = None
+        self.completion: Completion | None = None
+
+    def start_response(self, status, headers, exc_info=None):
+        self.status = status
+        return self.start(status, headers, exc_info)
+
+    def defer(self) -> _Call:
+        self.completion = self.server_defer()
+        return self
 
     def finish(self, status: str, headers: list[tuple[str, str]], body: bytes) -> None:
         try:
-            self.inner.finish(status, headers, body)
+            self.completion.finish(status, headers, body)
         finally:
             self.wrapper._done(self.environ, status, self.started)
 

@@ -7,10 +7,13 @@ import falcon
 from distribkv.http.api import DEFER
 from distribkv.http.errors import ApiError, error_response
 from distribkv.http.locate import Locator
-from distribkv.http.params import query_params, require_key
-from distribkv.storage.api import Delete, Namespace, Put
+from distribkv.http.params import parse_query, query_params, require_key
+from distribkv.http.routing import MAP_HEADER
+from distribkv.storage.api import MAX_KEY_SIZE, Delete, Namespace, Put
 
 OCTET_STREAM = "application/octet-stream"
+#: The map fingerprint header, as a WSGI environ key.
+MAP_ENVIRON = "HTTP_" + MAP_HEADER.upper().replace("-", "_")
 #: On reads served by a replica: how far it is behind its leader.
 LAG_ENTRIES_HEADER = "X-Distribkv-Lag-Entries"
 LAG_SECONDS_HEADER = "X-Distribkv-Lag-Seconds"
@@ -74,6 +77,41 @@ class GetResource:
             raise ApiError(falcon.HTTP_404, "not found", "no value is stored under this key")
         resp.content_type = OCTET_STREAM
         resp.data = value
+
+
+class FastReads:
+    """WSGI in front of the node's Falcon app: the most frequent request there is, a leader's
+    GET of a key it owns and holds, answered without Falcon's request machinery (half a GET's
+    cost in the node). Anything else goes to the Falcon app and :class:`GetResource`, the one
+    place where a read's rules live: an absent key, any error, a replica, another shard's key,
+    a reshard's routing, a request stamped with a map fingerprint."""
+
+    def __init__(self, node, app):
+        self.node = node
+        self.app = app
+        self.me = node.me.name
+
+    def __call__(self, environ, start_response):
+        node = self.node
+        if (
+            environ["PATH_INFO"] == "/get"
+            and environ["REQUEST_METHOD"] == "GET"
+            and node.is_leader
+            and MAP_ENVIRON not in environ
+        ):
+            try:
+                key = parse_query(environ.get("QUERY_STRING", "")).get("key")
+                if key and len(key) <= MAX_KEY_SIZE and node.maps.route(key)[0].name == self.me:
+                    value = node.get(key)
+                    if value is not None:
+                        start_response(
+                            "200 OK",
+                            [("Content-Type", OCTET_STREAM), ("Content-Length", str(len(value)))],
+                        )
+                        return [value]
+            except Exception:  # noqa: BLE001 - the app answers it, errors included
+                pass
+        return self.app(environ, start_response)
 
 
 class SetResource:

@@ -254,7 +254,11 @@ class GranianHandle(ServerHandle):
         (once its body is read, for both)."""
         try:
             scope = watcher.scope
-            inline = self.inline(scope.method, scope.path, scope.query_string)
+            method = scope.method
+            inline = self.inline(method, scope.path, scope.query_string)
+            if inline and method == "GET":
+                self._respond(watcher, _EMPTY)  # a read: whatever body it came with is unused
+                return
             headers = scope.headers
             length = headers.get("content-length")
             chunked = "chunked" in (headers.get("transfer-encoding") or "").lower()
