@@ -52,7 +52,15 @@ def distribkv_replication_transports() -> list[TransportSpec]:
 
 @hookspec
 def distribkv_http_servers() -> list[ServerSpec]:
-    """Return the HTTP servers this plugin provides (a list of ``ServerSpec``)."""
+    """Return the HTTP servers this plugin provides (a list of ``ServerSpec``).
+
+    ``spec.create(app, listen)`` makes a ``ServerHandle`` for the node's WSGI application:
+    ``run()`` serves on exactly ``listen.host:listen.port`` until ``stop()``, which drains.
+    ``listen.inline`` names the requests that never wait, which a server may serve on the
+    thread that parsed them; all others go to ``listen.threads`` worker threads. A server
+    with ``spec.deferred`` puts ``environ[distribkv.http.api.DEFER]`` in the environ so that
+    the application can finish an answer later, from another thread (see
+    ``distribkv.http.api``)."""
 
 
 @hookspec
