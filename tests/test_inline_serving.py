@@ -218,3 +218,36 @@ def test_granian_answers_408_to_a_body_that_never_arrives():
         assert running.echo.calls == 0
     finally:
         running.stop()
+
+
+def _holds_a_request(server: str, handle) -> bool:
+    """The server has a request of an open connection (waitress: a connection besides the
+    listener and the trigger; granian: a body being read or a request handed over)."""
+    if server == "granian":
+        return bool(handle._reading or handle._pending)
+    return len(handle.server._map) > 2
+
+
+def _wait(predicate, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_a_chunked_body_broken_off_never_reaches_the_application(served, server):
+    with socket.create_connection(("127.0.0.1", served.port), timeout=WAIT) as sock:
+        sock.sendall(
+            b"PUT /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+        )
+        _wait(lambda: _holds_a_request(server, served.handle), "the request never arrived")
+    _wait(lambda: not _holds_a_request(server, served.handle), "the broken request was kept")
+    assert served.echo.calls == 0
+    # The same body, finished, goes through.
+    with socket.create_connection(("127.0.0.1", served.port), timeout=WAIT) as sock:
+        sock.sendall(
+            b"PUT /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\n"
+        )
+        assert read_response(sock.makefile("rb")) == b"hello"
+    assert served.echo.calls == 1

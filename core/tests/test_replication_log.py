@@ -331,3 +331,37 @@ def test_a_bad_deferred_write_fails_alone(store):
     assert all(isinstance(answers[i][1], InvalidKeyError) for i in failed)
     assert sorted(seq for seq, error in answers.values() if error is None) == list(range(1, 29))
     leader.close()
+
+
+@pytest.mark.parametrize("group_commit", [True, False])
+def test_deferred_writes_queued_when_the_log_closes_are_still_applied_and_answered(
+    store, group_commit
+):
+    from distribkv.storage.errors import BackendClosedError
+
+    leader = LeaderLog(
+        SlowApplies(store), sync=True, replicas=[], retention=10**6, group_commit=group_commit
+    )
+    answers: list[tuple[int, object]] = []
+    answered = threading.Semaphore(0)
+
+    def done(seq, error):
+        answers.append((seq, error))
+        answered.release()
+
+    # A waiting writer keeps leading groups while deferred writes queue up behind it.
+    writer = threading.Thread(
+        target=lambda: [leader.write([put(b"w%d" % i, b"v")]) for i in range(30)]
+    )
+    writer.start()
+    for i in range(30):
+        leader.submit([put(b"d%d" % i, b"v")], done)
+    leader.close()
+    for _ in range(30):
+        assert answered.acquire(timeout=30), "a deferred write queued before close was lost"
+    writer.join(timeout=30)
+    assert [error for _, error in answers] == [None] * 30
+    assert all(store.get(b"d%d" % i) == b"v" for i in range(30))
+    assert leader.committed_seq() == 60
+    with pytest.raises(BackendClosedError):
+        leader.submit([put(b"late", b"v")], done)

@@ -23,6 +23,7 @@ import msgpack
 from xxhash import xxh3_64_intdigest
 
 from distribkv.storage.api import Delete, Namespace, Op, Put
+from distribkv.storage.errors import BackendClosedError
 from distribkv.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,10 @@ class LeaderLog:
         # started with the first one, leads when the oldest queued write is deferred.
         self._committer: threading.Thread | None = None
         self._commit_turns: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        # An interrupted apply may or may not have happened: the next one reads the last seq
+        # from storage before it gives out any.
+        self._seq_unknown = False
         self.progress = {name: ReplicaProgress(name) for name in replicas}
         #: Readers of the log that are not replicas (a reshard copying keys away): name ->
         #: (the oldest seq they still need, when the hold lapses). Not counted as replicas.
@@ -226,24 +231,29 @@ class LeaderLog:
         (durably with ``sync``), or ``callback(0, error)`` if it failed, from the thread that
         applied its group. ``guard`` and the order are as for :meth:`write`; a guard's error
         is raised here, and then nothing is queued."""
-        request = _Pending(ops, lambda done: callback(done.seq, done.error))
-        if not self._enqueue(request, guard):
-            self._commit_turns.put(True)
+        self._enqueue(_Pending(ops, lambda done: callback(done.seq, done.error)), guard)
 
     def _enqueue(self, request: _Pending, guard: Callable[[], None] | None) -> bool:
         """Queue ``request``; True if a group is being applied (someone else leads next)."""
         with self._queue_lock:
             if guard is not None:
                 guard()
-            if request.callback is not None and self._committer is None:
-                self._committer = threading.Thread(
-                    target=self._commit_deferred, name="distribkv-commit", daemon=True
-                )
-                self._committer.start()
+            if request.callback is not None:
+                if self._closed:
+                    raise BackendClosedError("the leader's log is closed; the write was not queued")
+                if self._committer is None:
+                    committer = threading.Thread(
+                        target=self._commit_deferred, name="distribkv-commit", daemon=True
+                    )
+                    committer.start()
+                    self._committer = committer
             self._queue.append(request)
             self._enqueued += 1
             busy = self._flushing
             self._flushing = True
+            if not busy and request.callback is not None:
+                # Under the lock, so that close() cannot slip its stop in before this turn.
+                self._commit_turns.put(True)
             return busy
 
     def _commit_deferred(self) -> None:
@@ -255,64 +265,85 @@ class LeaderLog:
                 log.exception("applying a group of deferred writes failed")
 
     def close(self) -> None:
-        """Stop the committer thread (once no deferred write is queued)."""
-        if self._committer is not None:
-            self._commit_turns.put(False)
-            self._committer.join(timeout=10)
+        """Stop the committer thread. Deferred writes queued after this are refused; any the
+        committer can no longer lead are led by whichever thread finishes the group before."""
+        with self._queue_lock:
+            self._closed = True
+            committer = self._committer
+            if committer is not None:
+                self._commit_turns.put(False)
+        if committer is not None:
+            committer.join(timeout=10)
 
     def _lead(self, leader: _Pending | None) -> None:
-        """Apply the next group: the whole queue, or its oldest write without group commit.
-        ``leader`` is the oldest queued write, or None for the committer thread."""
+        """Apply groups from the queue until the lead can be handed on: to a waiting writer,
+        or to the committer thread. ``leader`` is the oldest queued write, or None for the
+        committer thread."""
+        while self._lead_group(leader):
+            leader = None  # closed: no committer takes deferred writes any more
+
+    def _lead_group(self, leader: _Pending | None) -> bool:
+        """Apply one group: the whole queue, or its oldest write without group commit. True if
+        the caller must lead the next one itself (a deferred write, and no committer)."""
         with self._queue_lock:
             if not self._queue:  # cannot happen: whoever leads, leads a queued write
                 self._flushing = False
-                return
+                return False
             if self.group_commit:
                 group, self._queue = self._queue, []
             else:
                 group = [self._queue.pop(0)]
         successor = None
+        lead_next = False
         try:
             self._flush(group)
         finally:
-            interrupted = [pending for pending in group if not pending.done]
-            if interrupted:
-                # Interrupted (not an error of the writes): the apply may or may not have
-                # happened; take the last seq from storage so no seq is reused.
-                try:
-                    self.last_seq = read_seq(self.store, LAST_SEQ)
-                finally:
-                    for pending in interrupted:
-                        pending.error = RuntimeError("the write was interrupted")
-                        pending.done = True
-            with self._queue_lock:
-                self._completed += len(group)
-                if self._queue:
-                    successor = self._queue[0]
-                else:
-                    self._flushing = False
-                if self._seq_waiters:
-                    self._flushed.notify_all()
-            if self._change_waiters:
-                with self._changed:
-                    self._changed.notify_all()
-            # The next group first: it applies while this one's writers are answered.
-            if successor is not None:
-                if successor.callback is None:
+            try:
+                interrupted = [pending for pending in group if not pending.done]
+                for pending in interrupted:
+                    # Interrupted (not an error of the writes): the apply may or may not have
+                    # happened; the next flush takes the last seq from storage first, so no
+                    # seq is reused.
+                    pending.error = RuntimeError("the write was interrupted")
+                    pending.done = True
+                if interrupted:
+                    self._seq_unknown = True
+            finally:
+                # Whatever happened above, the group ends and the lead moves on.
+                with self._queue_lock:
+                    self._completed += len(group)
+                    if self._queue:
+                        successor = self._queue[0]
+                        if successor.callback is not None:
+                            if self._closed:
+                                lead_next = True
+                            else:
+                                self._commit_turns.put(True)  # under the lock: see _enqueue
+                    else:
+                        self._flushing = False
+                    if self._seq_waiters:
+                        self._flushed.notify_all()
+                # The next group first: it applies while this one's writers are answered.
+                if successor is not None and successor.callback is None:
                     successor.wake.release()
-                else:
-                    self._commit_turns.put(True)
-            for pending in group:
-                if pending.callback is not None:
-                    try:
-                        pending.callback(pending)
-                    except Exception:  # one answer's failure stays its own
-                        log.exception("finishing a deferred write failed")
-                elif pending is not leader:
-                    pending.wake.release()
+                for pending in group:
+                    if pending.callback is not None:
+                        try:
+                            pending.callback(pending)
+                        except BaseException:  # one answer's failure stays its own
+                            log.exception("finishing a deferred write failed")
+                    elif pending is not leader:
+                        pending.wake.release()
+                if self._change_waiters:
+                    with self._changed:
+                        self._changed.notify_all()
+        return lead_next
 
     def _flush(self, group: list[_Pending]) -> None:
         try:
+            if self._seq_unknown:
+                self.last_seq = read_seq(self.store, LAST_SEQ)
+                self._seq_unknown = False
             now_ms = int(time.time() * 1000)
             seq = self.last_seq
             batch: list[Op] = []

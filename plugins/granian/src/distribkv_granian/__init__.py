@@ -235,7 +235,7 @@ class GranianHandle(ServerHandle):
                 return  # answered by whoever finishes it
             status, headers = started
             watcher.proto.response_bytes(int(status[:3]), headers, b"".join(chunks))
-        except Exception:  # the client gets a 500; the traceback goes to the log
+        except BaseException:  # the client gets a 500; the traceback goes to the log
             log.exception("serving %s %s failed", watcher.scope.method, watcher.scope.path)
             if not exchange.deferred:
                 self._plain(watcher, 500, b"internal error\n")
@@ -252,6 +252,7 @@ class GranianHandle(ServerHandle):
     def _dispatch(self, watcher) -> None:
         """Every request, in granian's Python thread: served here, or handed to a worker
         (once its body is read, for both)."""
+        request = None
         try:
             scope = watcher.scope
             method = scope.method
@@ -288,9 +289,12 @@ class GranianHandle(ServerHandle):
                 # The length is known and within the limit: granian reads it all at once.
                 whole = watcher.proto()
                 whole.add_done_callback(lambda done: self._whole_body(request, done))
-        except Exception:  # never let an error escape into granian
+        except BaseException:  # never let an error escape into granian
             log.exception("dispatching a request failed")
-            watcher.done()
+            if request is not None:
+                self._finish_read(request, (500, b"internal error\n"))
+            else:
+                watcher.done()
 
     def _read_next(self, request: _Request) -> None:
         future = request.watcher.proto.__anext__()
@@ -313,7 +317,14 @@ class GranianHandle(ServerHandle):
             request.chunks.append(chunk)
             self._read_next(request)
             return
-        self._queue_read(request, b"".join(request.chunks))
+        # granian answers an empty piece both at the end of the body and for a body broken
+        # off (or a trailer): only after the end does asking again fail at once.
+        try:
+            request.watcher.proto.__anext__()
+        except StopAsyncIteration:
+            self._queue_read(request, b"".join(request.chunks))
+            return
+        self._finish_read(request, (400, b"request body broken off\n"))
 
     def _whole_body(self, request: _Request, future) -> None:
         try:
@@ -329,11 +340,15 @@ class GranianHandle(ServerHandle):
                 return  # timed out meanwhile
             request.finished = True
             self._reading.pop(id(request), None)
-        if not request.inline:
-            self._work.put((request.watcher, body))
+        watcher = request.watcher
+        scope = watcher.scope
+        # Asked again: while the body arrived, a reshard may have moved the key elsewhere, and
+        # a request that waits for another node must not hold up this thread.
+        if not (request.inline and self.inline(scope.method, scope.path, scope.query_string)):
+            self._work.put((watcher, body))
             return
         try:
-            self._respond(request.watcher, body)
+            self._respond(watcher, body)
         finally:
             with self._lock:
                 self._pending -= 1
@@ -366,6 +381,8 @@ class GranianHandle(ServerHandle):
             watcher, body = item
             try:
                 self._respond(watcher, body)
+            except BaseException:  # _respond answers its errors; a worker must not die of one
+                log.exception("a worker thread's request failed")
             finally:
                 with self._lock:
                     self._pending -= 1
