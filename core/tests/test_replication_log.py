@@ -136,7 +136,7 @@ def _concurrent_writes(leader, threads: int, writes: int, bad: set[int] = frozen
             key = b"x" * 600 if (t * writes + i) in bad else b"t%d-%d" % (t, i)
             try:
                 seqs[t, i] = leader.write([put(key, b"%d" % i)])
-            except Exception as exc:  # noqa: BLE001 - recorded and checked by the test
+            except BaseException as exc:  # noqa: BLE001 - recorded and checked by the test
                 errors[t, i] = exc
 
     workers = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
@@ -214,23 +214,8 @@ class InterruptOnce(SlowApplies):
 def test_an_interrupted_group_fails_its_writes_and_later_writes_reuse_no_seq(store):
     slow = InterruptOnce(store)
     leader = LeaderLog(slow, sync=True, replicas=[], retention=10**6)
-    outcomes: dict[tuple[int, int], object] = {}
-
-    def run(t: int) -> None:
-        for i in range(30):
-            try:
-                outcomes[t, i] = leader.write([put(b"t%d-%d" % (t, i), b"v")])
-            except BaseException as exc:  # noqa: BLE001 - recorded and checked by the test
-                outcomes[t, i] = exc
-
-    workers = [threading.Thread(target=run, args=(t,)) for t in range(8)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=60)
+    seqs, failed = _concurrent_writes(leader, threads=8, writes=30)
     assert slow.interrupted == 1
-    failed = {k: v for k, v in outcomes.items() if isinstance(v, BaseException)}
-    seqs = {k: v for k, v in outcomes.items() if isinstance(v, int)}
     assert 1 < len(failed) <= 8 and len(failed) + len(seqs) == 240
     # The leader of the interrupted group got the interruption, the rest of it an error.
     assert sum(isinstance(e, KeyboardInterrupt) for e in failed.values()) == 1

@@ -131,6 +131,11 @@ class Node:
     def owner_of(self, key: bytes) -> ShardInfo:
         return self.shard_map.owner_of(key)
 
+    def routes_here(self, key: bytes) -> bool:
+        """True if clients' requests for ``key`` belong to this node's shard now (by the map
+        the node routes with, which during a reshard is not yet the one it will serve)."""
+        return self.maps.route(key)[0].name == self.me.name
+
     def owns(self, key: bytes) -> bool:
         return self.shard_map.placement.shard_for(key) == self.me.idx
 

@@ -44,7 +44,6 @@ def inline_requests(node, *, deferred_writes: bool = False):
     proxy mode a write of another shard's key is forwarded, so it is not."""
     always = frozenset(("/healthz", "/cluster"))
     proxy = node.config.cluster.routing == "proxy"
-    me = node.me.name
     writes = deferred_writes and (node.defers_writes or not node.is_leader)
 
     def owned(query: str) -> bool:
@@ -52,7 +51,7 @@ def inline_requests(node, *, deferred_writes: bool = False):
             key = parse_query(query).get("key")
         except ApiError:
             return True  # answered 400 at once
-        return not key or node.maps.route(key)[0].name == me
+        return not key or node.routes_here(key)
 
     def inline(method: str, path: str, query: str) -> bool:
         if path == "/get":

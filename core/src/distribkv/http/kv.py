@@ -9,7 +9,7 @@ from distribkv.http.errors import ApiError, error_response
 from distribkv.http.locate import Locator
 from distribkv.http.params import parse_query, query_params, require_key
 from distribkv.http.routing import MAP_HEADER
-from distribkv.storage.api import MAX_KEY_SIZE, Delete, Namespace, Put
+from distribkv.storage.api import Delete, Namespace, Put
 
 OCTET_STREAM = "application/octet-stream"
 #: The map fingerprint header, as a WSGI environ key.
@@ -89,7 +89,6 @@ class FastReads:
     def __init__(self, node, app):
         self.node = node
         self.app = app
-        self.me = node.me.name
 
     def __call__(self, environ, start_response):
         node = self.node
@@ -100,17 +99,16 @@ class FastReads:
             and MAP_ENVIRON not in environ
         ):
             try:
-                key = parse_query(environ.get("QUERY_STRING", "")).get("key")
-                if key and len(key) <= MAX_KEY_SIZE and node.maps.route(key)[0].name == self.me:
-                    value = node.get(key)
-                    if value is not None:
-                        start_response(
-                            "200 OK",
-                            [("Content-Type", OCTET_STREAM), ("Content-Length", str(len(value)))],
-                        )
-                        return [value]
+                key = require_key(parse_query(environ.get("QUERY_STRING", "")))
+                value = node.get(key) if node.routes_here(key) else None
             except Exception:  # noqa: BLE001 - the app answers it, errors included
-                pass
+                value = None
+            if value is not None:
+                start_response(
+                    "200 OK",
+                    [("Content-Type", OCTET_STREAM), ("Content-Length", str(len(value)))],
+                )
+                return [value]
         return self.app(environ, start_response)
 
 
