@@ -277,13 +277,17 @@ def test_batch_in_msgpack_and_json(redirect_cluster):
 def test_each_request_writes_one_access_log_line(redirect_cluster):
     node = leaders(redirect_cluster)[0]
     call(node, "GET", "/nonexistent-path")
+    # The fast paths log too: a leader's write and read of a key it owns ("USA" is shard 0's).
+    assert call(node, "PUT", "/set?key=USA", body=b"v").status == 200
+    assert call(node, "GET", "/get?key=USA").status == 200
     log_file = redirect_cluster.config.parent / "data" / "logs" / "shard-0-leader.log"
     # Written in batches by a background thread, a moment later.
-    wait_until(
-        lambda: " GET /nonexistent-path 404 " in log_file.read_text(),
-        5,
-        message="the access-log line",
-    )
+    for line in (" GET /nonexistent-path 404 ", " PUT /set 200 ", " GET /get 200 "):
+        wait_until(
+            lambda line=line: line in log_file.read_text(),
+            5,
+            message=f"the access-log line {line.strip()!r}",
+        )
 
 
 # --- proxy routing ------------------------------------------------------------------------

@@ -193,6 +193,7 @@ min_replicas = {min_replicas}
 [storage]
 backend = "memory"
 data_dir = "{data}"
+max_value_size = {max_value_size}
 [[shards]]
 name = "s0"
 idx = 0
@@ -207,7 +208,13 @@ replicas = ["127.0.0.33:8080"]
 
 
 def open_node(tmp_path: Path, replica: int | None = None, **settings) -> Node:
-    values = {"routing": "redirect", "min_replicas": 0, "data": tmp_path / "data", **settings}
+    values = {
+        "routing": "redirect",
+        "min_replicas": 0,
+        "max_value_size": 16 * 1024 * 1024,
+        "data": tmp_path / "data",
+        **settings,
+    }
     path = tmp_path / "sharding.toml"
     path.write_text(TWO_SHARDS.format(**values))
     return Node(
@@ -262,33 +269,45 @@ def test_only_requests_that_never_wait_are_inline(tmp_path, settings, replica, d
     node.close()
 
 
-def _wsgi_call(app, method: str, query: str, headers: dict[str, str] | None = None):
+def _wsgi_call(
+    app,
+    method: str,
+    query: str,
+    headers: dict[str, str] | None = None,
+    *,
+    path: str = "/get",
+    body: bytes | None = None,
+    environ_extra: dict | None = None,
+):
     environ = {
         "REQUEST_METHOD": method,
         "SCRIPT_NAME": "",
-        "PATH_INFO": "/get",
+        "PATH_INFO": path,
         "QUERY_STRING": query,
         "SERVER_NAME": "127.0.0.2",
         "SERVER_PORT": "8080",
         "SERVER_PROTOCOL": "HTTP/1.1",
         "REMOTE_ADDR": "127.0.0.1",
         "wsgi.url_scheme": "http",
-        "wsgi.input": io.BytesIO(b""),
+        "wsgi.input": io.BytesIO(body or b""),
         "wsgi.errors": sys.stderr,
         "wsgi.version": (1, 0),
         "wsgi.multithread": True,
         "wsgi.multiprocess": False,
         "wsgi.run_once": False,
         **{"HTTP_" + k.upper().replace("-", "_"): v for k, v in (headers or {}).items()},
+        **(environ_extra or {}),
     }
+    if body is not None:
+        environ["CONTENT_LENGTH"] = str(len(body))
     seen = {}
 
     def start_response(status, response_headers, exc_info=None):
         seen["status"] = status
         seen["headers"] = sorted((k.lower(), v) for k, v in response_headers)
 
-    body = b"".join(app(environ, start_response))
-    return seen["status"], seen["headers"], body
+    answer = b"".join(app(environ, start_response))
+    return seen.get("status"), seen.get("headers"), answer
 
 
 @pytest.mark.parametrize("replica", [None, 0])
@@ -323,3 +342,141 @@ def test_the_read_fast_path_answers_exactly_as_the_application_does(tmp_path, re
     assert _wsgi_call(app, "GET", OWN)[2] == b"\x00\xff bytes&/%"
     assert falcon_calls == ([] if node.is_leader else [OWN])
     node.close()
+
+
+class Completions:
+    """A deferring server's side of ``environ[DEFER]``: the answers, as they are finished."""
+
+    def __init__(self):
+        self.answers: list = []
+        self.deferred = False
+        self.finished = threading.Event()
+
+    def defer(self):
+        self.deferred = True
+        return self
+
+    def finish(self, status, headers, body):
+        self.answers.append((status, sorted((k.lower(), v) for k, v in headers), body))
+        self.finished.set()
+
+
+def _set_answer(app, node, method, query, headers, body, deferred: bool):
+    """A /set's answer (deferred ones waited for, with a deadline) and what is stored after."""
+    from distribkv.http.api import DEFER
+
+    completions = Completions()
+    extra = {DEFER: completions.defer} if deferred else None
+    answer = _wsgi_call(app, method, query, headers, path="/set", body=body, environ_extra=extra)
+    if completions.deferred:  # what the application returned is ignored: the answer follows
+        assert completions.finished.wait(10), "a deferred write was never answered"
+        answer = completions.answers[0]
+    return answer, node.store.get(b"USA"), node.store.get(b"\xff\x00&/ k")
+
+
+@pytest.mark.parametrize(("replica", "deferred"), [(None, False), (None, True), (0, False)])
+def test_the_write_fast_path_answers_and_stores_exactly_as_the_application_does(
+    tmp_path, replica, deferred
+):
+    node = open_node(tmp_path, replica, max_value_size=8)
+    app = create_app(node, forwarding_pool(node))
+    falcon_calls = []
+    inner = app.app
+
+    def counting(environ, start_response):
+        falcon_calls.append((environ["REQUEST_METHOD"], environ["QUERY_STRING"]))
+        return inner(environ, start_response)
+
+    app.app = counting
+    cases = [
+        ("PUT", OWN, {}, b"\x00\xff &/%"),  # the fast path
+        ("POST", OWN, {}, b"v"),
+        ("GET", OWN + "&value=%FF%00", {}, None),
+        ("PUT", OWN + "&value=q", {}, b"body"),  # the parameter wins over the body
+        ("PUT", OWN, {}, b""),  # an empty value
+        ("PUT", "key=%FF%00%26%2F+k", {}, b"bytes"),  # a key with every awkward byte
+        ("GET", OWN, {}, None),  # 400: no value
+        ("PUT", OWN, {}, b"123456789"),  # 413: over max_value_size
+        ("GET", OWN + "&value=123456789", {}, None),  # 413
+        ("PUT", "key=", {}, b"v"),  # 400
+        ("PUT", OWN + "&key=USA", {}, b"v"),  # 400: repeated
+        ("PUT", OTHER, {}, b"v"),  # another shard's key: 307
+        ("PUT", OWN, {"X-Distribkv-Map": "not-this-map"}, b"v"),  # 409
+        ("DELETE", OWN, {}, None),  # 405
+    ]
+    for method, query, headers, body in cases:
+        for key in (b"USA", b"\xff\x00&/ k"):
+            node.store.delete(key, sync=False)
+        fast = _set_answer(app, node, method, query, headers, body, deferred)
+        for key in (b"USA", b"\xff\x00&/ k"):
+            node.store.delete(key, sync=False)
+        slow = _set_answer(inner, node, method, query, headers, body, deferred)
+        assert fast == slow, (method, query, headers, body)
+    # A leader applies a write of its own key without the application; a replica never does.
+    falcon_calls.clear()
+    answer, stored, _ = _set_answer(app, node, "PUT", OWN, {}, b"direct", deferred)
+    assert answer[0] == ("200 OK" if node.is_leader else "307 Temporary Redirect")
+    assert stored == (b"direct" if node.is_leader else None)
+    assert falcon_calls == ([] if node.is_leader else [("PUT", OWN)])
+    node.close()
+
+
+@pytest.mark.parametrize("replica", [None, 0])
+def test_direct_reads_answer_as_the_application_does_or_leave_the_request_to_it(tmp_path, replica):
+    node = open_node(tmp_path, replica)
+    app = create_app(node, forwarding_pool(node))
+    node.store.put(b"USA", b"\x00\xff bytes&/%", sync=False)
+    cases = [
+        ("/get", OWN, {}),  # stored, owned: answered directly by a leader
+        ("/get", "key=U%53A", {}),  # the same key, percent-encoded
+        ("/get", "key=USA&extra=1", {}),
+        ("/get", "key=absent-key-0", {}),  # 404 from the application
+        ("/get", OTHER, {}),  # another shard's key: 307
+        ("/get", "key=", {}),  # 400
+        ("/get", "key=USA&key=USA", {}),  # 400: repeated
+        ("/get", OWN, {"x-distribkv-map": "not-this-map"}),  # 409
+        ("/healthz", "", {}),
+        ("/set", OWN + "&value=v", {}),  # a GET /set is a write: never direct
+    ]
+    answered = []
+    for path, query, headers in cases:
+        direct = app.direct(path, query, headers.get)
+        if direct is None:
+            continue
+        answered.append((path, query))
+        status, direct_headers, body = direct
+        wsgi_status, wsgi_headers, wsgi_body = _wsgi_call(
+            app, "GET", query, {k.title(): v for k, v in headers.items()}, path=path
+        )
+        assert (str(status), body) == (wsgi_status[:3], wsgi_body), (path, query)
+        # The server adds Content-Length; every other header is the same.
+        assert sorted((k.lower(), v) for k, v in direct_headers) == [
+            h for h in wsgi_headers if h[0] != "content-length"
+        ]
+    expected = [("/get", OWN), ("/get", "key=U%53A"), ("/get", "key=USA&extra=1")]
+    assert answered == (expected if node.is_leader else [])
+    node.close()
+
+
+def test_a_direct_answer_is_counted_in_flight_and_never_given_once_refusing():
+    from distribkv.server import ServingWrapper
+
+    wrapper = ServingWrapper(lambda environ, start_response: [b""])
+    seen = []
+
+    def answer(path, query, header):
+        seen.append((path, query, header("x"), wrapper.in_flight))
+        return 200, [], b"value"
+
+    assert wrapper.direct(answer, "/get", "key=k", {"x": "1"}.get, "127.0.0.1") == (
+        200,
+        [],
+        b"value",
+    )
+    assert seen == [("/get", "key=k", "1", 1)]  # a drain waits for it
+    assert wrapper.in_flight == 0
+    wrapper.refuse()
+    # Refusing: no answer, so the server goes the application's way, which answers 503.
+    assert wrapper.direct(answer, "/get", "key=k", {}.get, "127.0.0.1") is None
+    assert len(seen) == 1
+    wrapper.close()

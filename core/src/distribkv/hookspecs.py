@@ -59,8 +59,9 @@ def distribkv_http_servers() -> list[ServerSpec]:
     ``listen.inline`` names the requests that never wait, which a server may serve on the
     thread that parsed them; all others go to ``listen.threads`` worker threads. A server
     with ``spec.deferred`` puts ``environ[distribkv.http.api.DEFER]`` in the environ so that
-    the application can finish an answer later, from another thread (see
-    ``distribkv.http.api``)."""
+    the application can finish an answer later, from another thread. A server may also call
+    ``listen.direct`` for a GET before it builds a WSGI environ, and send its answer if it
+    gives one (see ``distribkv.http.api``)."""
 
 
 @hookspec

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from distribkv import hookimpl
-from distribkv.http.api import DEFER, Completion, Listen, ServerHandle, ServerSpec
+from distribkv.http.api import DEFER, Completion, Direct, Listen, ServerHandle, ServerSpec
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("distribkv.access")
@@ -137,6 +137,26 @@ class ServingWrapper:
         finally:
             if call.completion is None:
                 self._done(environ, call.status, call.started)
+
+    def direct(self, answer: Direct, path: str, query: str, header, client: str):
+        """``answer(path, query, header)`` (``Listen.direct``), counted and logged like a
+        request through the wrapper: None if it gives no answer, or once refusing (the
+        application's way then answers)."""
+        started = time.monotonic()
+        with self._lock:
+            if self.refusing:
+                return None
+            self.in_flight += 1
+        try:
+            result = answer(path, query, header)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+        if result is not None and self.access is not None:
+            self.access.add(
+                client, "GET", path, str(result[0]), (time.monotonic() - started) * 1000
+            )
+        return result
 
     def _done(self, environ: dict[str, Any], status: str, started: float) -> None:
         with self._lock:

@@ -43,6 +43,7 @@ def serve(node: Node, registry: PluginRegistry, *, announce=print) -> int:
                 max_request_body_size=max(server.max_batch_bytes, config.storage.max_value_size),
                 settings={"drain_timeout": server.drain_timeout},
                 inline=inline_requests(node, deferred_writes=spec.deferred),
+                direct=app.direct,
             ),
         )
     except OSError as exc:

@@ -4,8 +4,10 @@ request path is measured against.
     python -m distribkv.bench.noop --server waitress --host 127.0.0.1 --port 8080 --threads 8
 
 It logs like a node (one access-log line per request to standard error), and its endpoint is
-served like the node's reads (``Listen.inline``: it never waits), so both carry the same
-per-request costs of the server and the serving wrapper; only the application differs.
+served like the node's reads: inline (``Listen.inline``: it never waits), answered without WSGI
+where the server can (``Listen.direct``, as the node's reads of stored keys are), else by a
+bare WSGI application (as the node's fast paths are). Both carry the same per-request costs of
+the server and the serving wrapper; only the read differs.
 """
 
 from __future__ import annotations
@@ -14,15 +16,28 @@ import argparse
 import logging
 import signal
 
-import falcon
-
 from distribkv.http.api import Listen
 from distribkv.plugins import load_plugins
 
+EMPTY_HEADERS = [("Content-Type", "application/octet-stream"), ("Content-Length", "0")]
+NOT_FOUND = b"not found\n"
+
 
 class Noop:
-    def on_get(self, req, resp):
-        resp.data = b""
+    """``GET /noop``: 200 with an empty body; anything else is a 404."""
+
+    def __call__(self, environ, start_response):
+        if environ["PATH_INFO"] == "/noop" and environ["REQUEST_METHOD"] == "GET":
+            start_response("200 OK", EMPTY_HEADERS)
+            return [b""]
+        start_response(
+            "404 Not Found",
+            [("Content-Type", "text/plain"), ("Content-Length", str(len(NOT_FOUND)))],
+        )
+        return [NOT_FOUND]
+
+    def direct(self, path: str, query: str, header) -> tuple[int, list, bytes] | None:
+        return (200, EMPTY_HEADERS, b"") if path == "/noop" else None
 
 
 def noop_is_inline(method: str, path: str, query: str) -> bool:
@@ -41,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    app = falcon.App()
-    app.add_route("/noop", Noop())
+    app = Noop()
     spec = load_plugins().http_server(args.server)
     handle = spec.create(
         app,
@@ -53,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             connection_limit=args.connection_limit,
             channel_timeout=args.channel_timeout,
             inline=noop_is_inline,
+            direct=app.direct,
         ),
     )
     for sig in (signal.SIGTERM, signal.SIGINT):

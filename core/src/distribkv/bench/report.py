@@ -148,7 +148,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["## Load test", "", load_test_line(results["load_test"]), ""]
     lines += [
         "Columns: `rate` is requests per second (keys per second for `batch-load`); `x no-op`"
-        " divides it by a no-op endpoint (a bare Falcon app) on the same server in the same run;"
+        " divides it by a no-op endpoint on the same server in the same run, served the way a"
+        " node's reads are (without WSGI where the server can, else by a bare WSGI app);"
         " `x /healthz` by the node's own cheapest route (same app, middleware and server), so it"
         " isolates what the operation itself costs; `x in-proc` by"
         " the same operations on the backend called in-process (one thread); latencies are"

@@ -20,6 +20,15 @@ another thread: it puts a callable under ``environ[DEFER]``; an application that
 defers its writes that way: a request thread queues the write and goes on, and the thread that
 applies the next group of writes (one fsync for all of them) answers every one of them. Writes
 that can be deferred are then ``inline`` too.
+
+``Listen.direct`` answers a GET without WSGI: ``direct(path, query, header)`` returns
+``(status, headers, body)`` (an ``int`` status) or None, and never waits (it answers only what
+it can answer at once). A server that uses it calls it for a GET, through
+:meth:`distribkv.server.ServingWrapper.direct`, before it builds an environ, on the thread that
+parsed the request; on None it serves the request through the application as usual. Building a
+WSGI environ costs as much as a read does; the node answers its most frequent request, a
+leader's read of a key it owns and holds, this way, and leaves every other request (an absent
+key, an error, a replica's read, another shard's key) to the application.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from typing import Any, Protocol
 
 import attrs
 
-__all__ = ["DEFER", "Completion", "Listen", "ServerHandle", "ServerSpec"]
+__all__ = ["DEFER", "Completion", "Direct", "Listen", "ServerHandle", "ServerSpec"]
 
 #: The WSGI environ key of a deferring server's ``defer() -> Completion``.
 DEFER = "distribkv.defer"
@@ -40,6 +49,14 @@ class Completion(Protocol):
     """The answer to a deferred request, sent by ``finish`` from any thread."""
 
     def finish(self, status: str, headers: list[tuple[str, str]], body: bytes) -> None: ...
+
+
+#: ``direct(path, query, header) -> (status, headers, body) | None`` (see the module's
+#: docstring): ``path`` is percent-decoded, ``query`` raw, ``header(name)`` a request header by
+#: its lower-case name, or None.
+Direct = Callable[
+    [str, str, Callable[[str], str | None]], tuple[int, list[tuple[str, str]], bytes] | None
+]
 
 
 @attrs.frozen
@@ -56,6 +73,9 @@ class Listen:
     #: ``inline(method, path, query) -> bool``: True for a request that never waits (see the
     #: module's docstring); ``path`` is percent-decoded, ``query`` raw. None: no request is.
     inline: Callable[[str, str, str], bool] | None = None
+    #: The answer to a GET without WSGI, for a server that can use it (see the module's
+    #: docstring); None: none.
+    direct: Direct | None = None
 
 
 class ServerHandle(abc.ABC):

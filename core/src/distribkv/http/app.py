@@ -1,5 +1,5 @@
-"""``create_app(node, pool)``: every route of a node, added in one place, behind the fast path
-for reads (``FastReads``)."""
+"""``create_app(node, pool)``: every route of a node, added in one place, behind the fast paths
+for reads and writes (``FastPaths``)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from distribkv.http.admin import (
 )
 from distribkv.http.batch import BatchResource
 from distribkv.http.errors import ApiError
-from distribkv.http.kv import DeleteResource, FastReads, GetResource, SetResource
+from distribkv.http.kv import DeleteResource, FastPaths, GetResource, SetResource
 from distribkv.http.locate import Locator, MapCheck
 from distribkv.http.params import parse_query
 from distribkv.http.routing import ConnectionPool
@@ -70,7 +70,7 @@ def inline_requests(node, *, deferred_writes: bool = False):
     return inline
 
 
-def create_app(node, pool: ConnectionPool) -> FastReads:
+def create_app(node, pool: ConnectionPool) -> FastPaths:
     locator = Locator(node, pool)
     app = falcon.App(middleware=[MapCheck(node)])
     app.req_options.strip_url_path_trailing_slash = True
@@ -98,4 +98,4 @@ def create_app(node, pool: ConnectionPool) -> FastReads:
             routes.append((path, resource))
     for path, resource in routes:
         app.add_route(path, resource)
-    return FastReads(node, app)
+    return FastPaths(node, app)

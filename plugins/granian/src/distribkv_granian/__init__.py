@@ -9,7 +9,9 @@ node process, and bridges it to the WSGI application itself:
 - Rust threads accept connections, parse HTTP and read request bodies;
 - granian's one Python thread serves the requests that ``Listen.inline`` names (the node's reads
   and health checks) right where it receives them, so a read never waits for a thread switch,
-  and no other Python thread contends for the GIL while reads run;
+  and no other Python thread contends for the GIL while reads run; a GET that
+  ``Listen.direct`` answers (a leader's read of a key it holds) is answered from granian's
+  request object, without a WSGI environ;
 - every other request (writes, replication long-polls, forwarded requests) goes to one of
   ``[server] threads`` worker threads once granian has read its body, so a slow one never holds
   up the reads.
@@ -130,6 +132,7 @@ class GranianHandle(ServerHandle):
         self.wrapper = app if isinstance(app, ServingWrapper) else ServingWrapper(app)
         self.drain_timeout = float(listen.settings.get("drain_timeout", 10.0))
         self.inline = listen.inline or _never
+        self.direct = listen.direct
         self.max_body = listen.max_request_body_size
         self._stopped = threading.Event()
         self._stopping = threading.Event()
@@ -256,7 +259,17 @@ class GranianHandle(ServerHandle):
         try:
             scope = watcher.scope
             method = scope.method
-            inline = self.inline(method, scope.path, scope.query_string)
+            path = scope.path
+            query = scope.query_string
+            if method == "GET" and self.direct is not None:
+                answer = self.wrapper.direct(
+                    self.direct, path, query, scope.headers.get, scope.client.rpartition(":")[0]
+                )
+                if answer is not None:
+                    watcher.proto.response_bytes(*answer)
+                    watcher.done()
+                    return
+            inline = self.inline(method, path, query)
             if inline and method == "GET":
                 self._respond(watcher, _EMPTY)  # a read: whatever body it came with is unused
                 return
