@@ -14,6 +14,9 @@ from distribkv.storage.api import Delete, Namespace, Put
 OCTET_STREAM = "application/octet-stream"
 #: The headers of a read answered through ``Listen.direct`` (the server adds Content-Length).
 DIRECT_HEADERS = [("content-type", OCTET_STREAM)]
+#: ``/healthz``'s answer, as :class:`distribkv.http.admin.HealthResource` gives it.
+HEALTHY = b"ok\n"
+HEALTHY_HEADERS = [("content-type", falcon.MEDIA_TEXT)]
 #: The map fingerprint header, as a WSGI environ key.
 MAP_ENVIRON = "HTTP_" + MAP_HEADER.upper().replace("-", "_")
 MAP_HEADER_LOWER = MAP_HEADER.lower()
@@ -92,14 +95,14 @@ class GetResource:
 
 class FastPaths:
     """WSGI in front of the node's Falcon app: the most frequent requests there are, a leader's
-    GET of a key it owns and holds and a leader's SET of a key it owns, served without Falcon's
-    request machinery (half a GET's cost in the node, two thirds of a SET's). Anything else goes
-    to the Falcon app and its resources, the one place where the rules of a read and a write
-    live: an absent key, a bad parameter, any error, a replica, another shard's key, a
-    reshard, a request stamped with a map fingerprint.
+    GET of a key it owns and holds, a leader's SET of a key it owns and health checks, served
+    without Falcon's request machinery (half a GET's cost in the node, two thirds of a SET's).
+    Anything else goes to the Falcon app and its resources, the one place where the rules of a
+    read and a write live: an absent key, a bad parameter, any error, a replica, another
+    shard's key, a reshard, a request stamped with a map fingerprint.
 
-    :meth:`direct` is the read's fast path for a server that answers without WSGI
-    (``Listen.direct``)."""
+    :meth:`direct` is the same for reads and health checks, for a server that answers without
+    WSGI (``Listen.direct``)."""
 
     def __init__(self, node, app):
         self.node = node
@@ -116,16 +119,23 @@ class FastPaths:
             return None
 
     def direct(self, path: str, query: str, header) -> tuple[int, list, bytes] | None:
-        if path != "/get" or not self.node.is_leader or header(MAP_HEADER_LOWER) is not None:
+        if header(MAP_HEADER_LOWER) is not None:
             return None
-        value = self._stored(query)
-        if value is None:
-            return None
-        return 200, DIRECT_HEADERS, value
+        if path == "/get":
+            value = self._stored(query) if self.node.is_leader else None
+            return None if value is None else (200, DIRECT_HEADERS, value)
+        if path == "/healthz":
+            return 200, HEALTHY_HEADERS, HEALTHY
+        return None
 
     def __call__(self, environ, start_response):
         path = environ["PATH_INFO"]
-        if self.node.is_leader and MAP_ENVIRON not in environ:
+        if MAP_ENVIRON in environ:
+            return self.app(environ, start_response)
+        if path == "/healthz" and environ["REQUEST_METHOD"] == "GET":
+            start_response("200 OK", [*HEALTHY_HEADERS, ("Content-Length", str(len(HEALTHY)))])
+            return [HEALTHY]
+        if self.node.is_leader:
             if path == "/get" and environ["REQUEST_METHOD"] == "GET":
                 value = self._stored(environ.get("QUERY_STRING", ""))
                 if value is not None:
