@@ -6,9 +6,11 @@ request environ, through the same serving wrapper, and timed (optionally under c
     python tools/profile_get.py [--backend lmdb] [--calls 50000] [--profile] [--profile-set]
 
 The server's own cost per request is what the two have in common; the difference is what the
-GET path adds, and what can be removed from it. The SET is deferred, as on a server that
-finishes answers later (granian): its own cost is what the request's thread spends; the cost
-until answered includes the committer thread that applies the writes in groups.
+GET path adds, and what can be removed from it. The GET is also timed the way granian serves
+it, through ``Listen.direct`` (no environ), alone and through the serving wrapper. The SET is
+deferred, as on a server that finishes answers later (granian): its own cost is what the
+request's thread spends; the cost until answered includes the committer thread that applies
+the writes in groups.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import cProfile
 import io
 import logging
+import os
 import pstats
 import sys
 import tempfile
@@ -103,6 +106,15 @@ def per_call(app, path: str, queries: list[str], calls: int, **request) -> float
     return (time.perf_counter() - started) / calls * 1e6
 
 
+def per_direct(direct, queries: list[str], calls: int) -> float:
+    header = {}.get
+    started = time.perf_counter()
+    for i in range(calls):
+        if direct("/get", queries[i % len(queries)], header) is None:
+            raise SystemExit("a direct GET gave no answer")
+    return (time.perf_counter() - started) / calls * 1e6
+
+
 def deferred_sets(app, queries: list[str], calls: int) -> tuple[float, float]:
     """PUT /set as a deferring server runs it: the request's own cost, and the cost per write
     until the committer thread has answered every one."""
@@ -129,7 +141,8 @@ def main() -> int:
     )
     args = parser.parse_args()
     # The node logs its access lines as it does when serving.
-    logging.basicConfig(level=logging.INFO, stream=open("/dev/null", "w"))
+    devnull = open(os.devnull, "w")
+    logging.basicConfig(level=logging.INFO, stream=devnull)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "sharding.toml"
         path.write_text(CONFIG.format(backend=args.backend, data=tmp))
@@ -137,20 +150,32 @@ def main() -> int:
         try:
             for i in range(args.keys):
                 node.set(b"bench-%d" % i, b"v" * 100)
-            app = ServingWrapper(create_app(node, forwarding_pool(node)))
+            node_app = create_app(node, forwarding_pool(node))
+            app = ServingWrapper(node_app)
             noop_app = falcon.App()
             noop_app.add_route("/noop", Noop())
             noop = ServingWrapper(noop_app)
+            for wrapper in (app, noop):
+                if wrapper.access is not None:  # lines formatted as when serving, not shown
+                    wrapper.access.stream = devnull
             queries = [f"key=bench-{i}" for i in range(args.keys)]
             for _ in range(2):  # warm, then measure
                 noop_us = per_call(noop, "/noop", [""], args.calls)
                 health_us = per_call(app, "/healthz", [""], args.calls)
                 get_us = per_call(app, "/get", queries, args.calls)
+                direct_us = per_direct(node_app.direct, queries, args.calls)
+                served_us = per_direct(
+                    lambda *request: app.direct(node_app.direct, *request, "127.0.0.1"),
+                    queries,
+                    args.calls,
+                )
                 set_us, set_total_us = deferred_sets(app, queries, args.calls)
             print(
-                f"bare no-op {noop_us:.1f} us/call, the node's /healthz {health_us:.1f} us,"
-                f" GET {get_us:.1f} us, deferred SET {set_us:.1f} us"
-                f" ({set_total_us:.1f} us per write until answered)"
+                f"bare Falcon no-op {noop_us:.1f} us/call, the node's /healthz {health_us:.1f} us,"
+                f" GET {get_us:.1f} us; a direct GET (Listen.direct) {direct_us:.1f} us,"
+                f" {served_us:.1f} us through the serving wrapper (in-flight count, access-log"
+                f" line); deferred SET {set_us:.1f} us ({set_total_us:.1f} us per write until"
+                " answered)"
             )
             if args.profile:
                 profiler = cProfile.Profile()
