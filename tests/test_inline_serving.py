@@ -251,3 +251,40 @@ def test_a_chunked_body_broken_off_never_reaches_the_application(served, server)
         )
         assert read_response(sock.makefile("rb")) == b"hello"
     assert served.echo.calls == 1
+
+
+def test_granian_answers_direct_reads_and_refuses_them_once_stopping():
+    pytest.importorskip("distribkv_granian")
+    calls = []
+
+    def direct(path, query, header):
+        calls.append((path, query, header("x-probe")))
+        if path == "/direct-broken":
+            raise RuntimeError("a direct answer failed")
+        if path != "/direct":
+            return None
+        return 200, [("content-type", "text/plain")], b"direct|" + query.encode()
+
+    served = Served("granian", direct=direct)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=WAIT)
+        conn.request("GET", "/direct?k=%FF", headers={"X-Probe": "1"})
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (200, b"direct|k=%FF")
+        assert response.getheader("content-length") == "12"
+        conn.close()
+        assert calls[-1] == ("/direct", "k=%FF", "1")
+        # None: the application answers (served inline, not by a worker).
+        status, body = served.get("/fast?i=7")
+        assert status == 200 and body.endswith(b"|7")
+        assert calls[-1][0] == "/fast"
+        # A failing direct answer is a 500, and the server goes on serving.
+        assert served.get("/direct-broken")[0] == 500
+        assert served.get("/direct")[0] == 200
+        # Once refusing (the node is closing) no direct answer is asked for: 503.
+        served.handle.wrapper.refuse()
+        before = len(calls)
+        assert served.get("/direct")[0] == 503
+        assert len(calls) == before
+    finally:
+        served.stop()

@@ -276,18 +276,30 @@ def test_batch_in_msgpack_and_json(redirect_cluster):
 
 def test_each_request_writes_one_access_log_line(redirect_cluster):
     node = leaders(redirect_cluster)[0]
+    log_file = redirect_cluster.config.parent / "data" / "logs" / "shard-0-leader.log"
+
+    def written(tag: str) -> str:
+        # Lines are written in order, in batches by a background thread: once a marker
+        # request's line is there, every line before it is too.
+        call(node, "GET", f"/access-log-marker-{tag}")
+        line = f" GET /access-log-marker-{tag} 404 "
+        wait_until(lambda: line in log_file.read_text(), 5, message=f"the line {line.strip()!r}")
+        return log_file.read_text()
+
+    lines = (
+        " GET /nonexistent-path 404 ",
+        " PUT /set 200 ",
+        " GET /get 200 ",
+        " GET /healthz 200 ",
+    )
+    before = written("before")
     call(node, "GET", "/nonexistent-path")
     # The fast paths log too: a leader's write and read of a key it owns ("USA" is shard 0's).
     assert call(node, "PUT", "/set?key=USA", body=b"v").status == 200
     assert call(node, "GET", "/get?key=USA").status == 200
-    log_file = redirect_cluster.config.parent / "data" / "logs" / "shard-0-leader.log"
-    # Written in batches by a background thread, a moment later.
-    for line in (" GET /nonexistent-path 404 ", " PUT /set 200 ", " GET /get 200 "):
-        wait_until(
-            lambda line=line: line in log_file.read_text(),
-            5,
-            message=f"the access-log line {line.strip()!r}",
-        )
+    assert call(node, "GET", "/healthz").status == 200
+    after = written("after")
+    assert [after.count(line) - before.count(line) for line in lines] == [1, 1, 1, 1]
 
 
 # --- proxy routing ------------------------------------------------------------------------

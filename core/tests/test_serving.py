@@ -364,12 +364,12 @@ class Completions:
         self.finished.set()
 
 
-def _set_answer(app, node, method, query, headers, body, deferred: bool):
+def _set_answer(app, node, method, query, headers, body, deferred: bool, environ=None):
     """A /set's answer (deferred ones waited for, with a deadline) and what is stored after."""
     from distribkv.http.api import DEFER
 
     completions = Completions()
-    extra = {DEFER: completions.defer} if deferred else None
+    extra = {**({DEFER: completions.defer} if deferred else {}), **(environ or {})}
     answer = _wsgi_call(app, method, query, headers, path="/set", body=body, environ_extra=extra)
     if completions.deferred:  # what the application returned is ignored: the answer follows
         assert completions.finished.wait(10), "a deferred write was never answered"
@@ -406,15 +406,17 @@ def test_the_write_fast_path_answers_and_stores_exactly_as_the_application_does(
         ("PUT", OTHER, {}, b"v"),  # another shard's key: 307
         ("PUT", OWN, {"X-Distribkv-Map": "not-this-map"}, b"v"),  # 409
         ("DELETE", OWN, {}, None),  # 405
+        ("PUT", OWN, {}, b"abc", {"CONTENT_LENGTH": "5"}),  # 400: the body is cut short
+        ("PUT", OWN, {}, b"abc", {"CONTENT_LENGTH": "\u00b3"}),  # 400: not a length
     ]
-    for method, query, headers, body in cases:
+    for method, query, headers, body, *environ in cases:
         for key in (b"USA", b"\xff\x00&/ k"):
             node.store.delete(key, sync=False)
-        fast = _set_answer(app, node, method, query, headers, body, deferred)
+        fast = _set_answer(app, node, method, query, headers, body, deferred, *environ)
         for key in (b"USA", b"\xff\x00&/ k"):
             node.store.delete(key, sync=False)
-        slow = _set_answer(inner, node, method, query, headers, body, deferred)
-        assert fast == slow, (method, query, headers, body)
+        slow = _set_answer(inner, node, method, query, headers, body, deferred, *environ)
+        assert fast == slow, (method, query, headers, body, environ)
     # A leader applies a write of its own key without the application; a replica never does.
     falcon_calls.clear()
     answer, stored, _ = _set_answer(app, node, "PUT", OWN, {}, b"direct", deferred)
@@ -448,8 +450,9 @@ def test_direct_reads_answer_as_the_application_does_or_leave_the_request_to_it(
             continue
         answered.append((path, query))
         status, direct_headers, body = direct
+        # Against the Falcon app itself, which the fast paths stand in for.
         wsgi_status, wsgi_headers, wsgi_body = _wsgi_call(
-            app, "GET", query, {k.title(): v for k, v in headers.items()}, path=path
+            app.app, "GET", query, {k.title(): v for k, v in headers.items()}, path=path
         )
         assert (str(status), body) == (wsgi_status[:3], wsgi_body), (path, query)
         # The server adds Content-Length; every other header is the same.
@@ -483,3 +486,34 @@ def test_a_direct_answer_is_counted_in_flight_and_never_given_once_refusing():
     assert wrapper.direct(answer, "/get", "key=k", {}.get, "127.0.0.1") is None
     assert len(seen) == 1
     wrapper.close()
+
+
+def test_a_deferred_fast_write_is_in_flight_until_it_is_answered(tmp_path):
+    from distribkv.http.api import DEFER
+    from distribkv.server import ServingWrapper
+
+    node = open_node(tmp_path)
+    wrapper = ServingWrapper(create_app(node, forwarding_pool(node)))
+    counted = []
+
+    class Counted(Completions):
+        def finish(self, status, headers, body):
+            counted.append(wrapper.in_flight)  # still counted while its answer is sent
+            super().finish(status, headers, body)
+
+    completions = Counted()
+    returned = _wsgi_call(
+        wrapper, "PUT", OWN, path="/set", body=b"v", environ_extra={DEFER: completions.defer}
+    )
+    assert returned == (None, None, b"")  # deferred: nothing started, nothing returned
+    assert completions.finished.wait(10), "the deferred write was never answered"
+    assert completions.answers[0][0] == "200 OK"
+    assert counted == [1]
+    assert node.store.get(b"USA") == b"v"
+    # The wrapper counts it until it is answered (the answer is sent before the count drops).
+    deadline = time.monotonic() + 10
+    while wrapper.in_flight and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert wrapper.in_flight == 0
+    wrapper.close()
+    node.close()

@@ -170,22 +170,15 @@ class FastPaths:
                 return None
             # Only a body whose length is known and within the limit; the app answers the rest.
             length = environ.get("CONTENT_LENGTH")
-            if not length or not length.isdigit() or int(length) > self.max_value:
+            if not length or not (length.isascii() and length.isdigit()):
                 return None
-            value = environ["wsgi.input"].read(int(length))
-            if len(value) != int(length):
-                return self._answer(
-                    start_response,
-                    error_response(
-                        ApiError(
-                            falcon.HTTP_400,
-                            "body cut short",
-                            f"the body is {len(value)} of its {length} bytes",
-                        ),
-                        method,
-                        "/set",
-                    ),
-                )
+            size = int(length)
+            if size > self.max_value:
+                return None
+            value = environ["wsgi.input"].read(size)
+            if len(value) != size:
+                error = body_cut_short(len(value), size)
+                return self._answer(start_response, error_response(error, method, "/set"))
         elif len(value) > self.max_value:
             return None
         try:
@@ -201,6 +194,13 @@ class FastPaths:
         status, headers, body = answer
         start_response(status, headers)
         return [body]
+
+
+def body_cut_short(received: int, length: int) -> ApiError:
+    """400 for a body that ended before its Content-Length: nothing of it is stored."""
+    return ApiError(
+        falcon.HTTP_400, "body cut short", f"the body is {received} of its {length} bytes"
+    )
 
 
 class SetResource:
@@ -222,6 +222,8 @@ class SetResource:
             raise ApiError(
                 falcon.HTTP_413, "value too large", f"the body exceeds {self.max_value} bytes"
             )
+        if length is not None and len(data) < length:
+            raise body_cut_short(len(data), length)
         return data
 
     def _set(self, req: falcon.Request, resp: falcon.Response, from_body: bool) -> None:

@@ -53,6 +53,8 @@ __all__ = ["SPEC", "GranianHandle"]
 
 #: How often pending request bodies are checked against ``channel_timeout``.
 BODY_CHECK_INTERVAL = 1.0
+#: How long requests already running when the node starts refusing may still take (seconds).
+REFUSE_GRACE = 1.0
 _EMPTY = b""
 
 
@@ -210,8 +212,11 @@ class GranianHandle(ServerHandle):
         environ["wsgi.url_scheme"] = scope.scheme
         environ["wsgi.input"] = io.BytesIO(body)
         for name, value in scope.headers.items():
-            if name == "content-length":
-                continue  # set from the body actually read, as waitress does
+            if name == "content-length" or "_" in name:
+                # Content-Length: set from the body actually read. A name with "_" would be
+                # taken for one with "-" (X_Distribkv_Map for X-Distribkv-Map, which
+                # Listen.direct looks up by its real name): dropped, as waitress drops it.
+                continue
             if name == "content-type":
                 environ["CONTENT_TYPE"] = value
                 continue
@@ -447,8 +452,8 @@ class GranianHandle(ServerHandle):
         return bool(self.wrapper.in_flight or self._pending)
 
     def _drain(self) -> None:
+        deadline = time.monotonic() + self.drain_timeout
         try:
-            deadline = time.monotonic() + self.drain_timeout
             while self._busy() and time.monotonic() < deadline:
                 time.sleep(0.02)
             if self._busy():
@@ -457,6 +462,12 @@ class GranianHandle(ServerHandle):
                 )
         finally:
             self.wrapper.refuse()
+            # A request that got past the wrapper just before it refused may still be running
+            # (under steady load there is always one): let it finish before the node closes its
+            # storage, for a moment more even when the drain timeout has passed.
+            grace = max(deadline, time.monotonic() + REFUSE_GRACE)
+            while self.wrapper.in_flight and time.monotonic() < grace:
+                time.sleep(0.005)
             self._stopped.set()
 
 
