@@ -310,18 +310,25 @@ def _wsgi_call(
     return seen.get("status"), seen.get("headers"), answer
 
 
+def _count_app_calls(app, record):
+    """Make the fast paths' Falcon app ``record(environ)`` of each request it gets; returns
+    the Falcon app itself."""
+    inner = app.app
+
+    def counting(environ, start_response):
+        record(environ)
+        return inner(environ, start_response)
+
+    app.app = counting
+    return inner
+
+
 @pytest.mark.parametrize("replica", [None, 0])
 def test_the_read_fast_path_answers_exactly_as_the_application_does(tmp_path, replica):
     node = open_node(tmp_path, replica)
     app = create_app(node, forwarding_pool(node))
     falcon_calls = []
-    inner = app.app
-
-    def counting(environ, start_response):
-        falcon_calls.append(environ["QUERY_STRING"])
-        return inner(environ, start_response)
-
-    app.app = counting
+    inner = _count_app_calls(app, lambda environ: falcon_calls.append(environ["QUERY_STRING"]))
     node.store.put(b"USA", b"\x00\xff bytes&/%", sync=False)  # a key of shard s0
     cases = [
         ("GET", OWN, {}),  # stored, owned: the fast path
@@ -384,13 +391,10 @@ def test_the_write_fast_path_answers_and_stores_exactly_as_the_application_does(
     node = open_node(tmp_path, replica, max_value_size=8)
     app = create_app(node, forwarding_pool(node))
     falcon_calls = []
-    inner = app.app
-
-    def counting(environ, start_response):
-        falcon_calls.append((environ["REQUEST_METHOD"], environ["QUERY_STRING"]))
-        return inner(environ, start_response)
-
-    app.app = counting
+    inner = _count_app_calls(
+        app,
+        lambda environ: falcon_calls.append((environ["REQUEST_METHOD"], environ["QUERY_STRING"])),
+    )
     cases = [
         ("PUT", OWN, {}, b"\x00\xff &/%"),  # the fast path
         ("POST", OWN, {}, b"v"),

@@ -26,13 +26,18 @@ def require_token(node, req: falcon.Request) -> None:
         )
 
 
+#: What ``/healthz`` answers.
+HEALTHY = b"ok\n"
+HEALTHY_TYPE = falcon.MEDIA_TEXT
+
+
 class HealthResource:
     """``/healthz``: "ok". ``FastPaths`` answers it the same way without Falcon; this is for a
     request stamped with a map fingerprint, which the map check answers first."""
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.content_type = falcon.MEDIA_TEXT
-        resp.data = b"ok\n"
+        resp.content_type = HEALTHY_TYPE
+        resp.data = HEALTHY
 
 
 class StatusResource:

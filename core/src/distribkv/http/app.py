@@ -16,7 +16,13 @@ from distribkv.http.admin import (
 )
 from distribkv.http.batch import BatchResource
 from distribkv.http.errors import ApiError
-from distribkv.http.kv import DeleteResource, FastPaths, GetResource, SetResource
+from distribkv.http.kv import (
+    SET_METHODS,
+    DeleteResource,
+    FastPaths,
+    GetResource,
+    SetResource,
+)
 from distribkv.http.locate import Locator, MapCheck
 from distribkv.http.params import parse_query
 from distribkv.http.routing import ConnectionPool
@@ -29,7 +35,7 @@ def forwarding_pool(node) -> ConnectionPool:
     return ConnectionPool(server.forward_timeout, per_address=server.threads)
 
 
-WRITE_METHODS = {"/set": ("GET", "PUT", "POST"), "/delete": ("GET", "POST", "DELETE")}
+WRITE_METHODS = {"/set": SET_METHODS, "/delete": frozenset(("GET", "POST", "DELETE"))}
 
 
 def inline_requests(node, *, deferred_writes: bool = False):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import falcon
 
+from distribkv.http.admin import HEALTHY, HEALTHY_TYPE
 from distribkv.http.api import DEFER
 from distribkv.http.errors import ApiError, error_response
 from distribkv.http.locate import Locator
@@ -12,11 +13,10 @@ from distribkv.http.routing import MAP_HEADER
 from distribkv.storage.api import Delete, Namespace, Put
 
 OCTET_STREAM = "application/octet-stream"
-#: The headers of a read answered through ``Listen.direct`` (the server adds Content-Length).
-DIRECT_HEADERS = [("content-type", OCTET_STREAM)]
+#: The headers of a read answered by the fast path (Content-Length is added to them).
+DIRECT_HEADERS = [("Content-Type", OCTET_STREAM)]
 #: ``/healthz``'s answer, as :class:`distribkv.http.admin.HealthResource` gives it.
-HEALTHY = b"ok\n"
-HEALTHY_HEADERS = [("content-type", falcon.MEDIA_TEXT)]
+HEALTHY_HEADERS = [("Content-Type", HEALTHY_TYPE)]
 #: The map fingerprint header, as a WSGI environ key.
 MAP_ENVIRON = "HTTP_" + MAP_HEADER.upper().replace("-", "_")
 MAP_HEADER_LOWER = MAP_HEADER.lower()
@@ -118,9 +118,9 @@ class FastPaths:
         except Exception:  # noqa: BLE001 - the app answers it, errors included
             return None
 
-    def direct(self, path: str, query: str, header) -> tuple[int, list, bytes] | None:
-        if header(MAP_HEADER_LOWER) is not None:
-            return None
+    def _read(self, path: str, query: str) -> tuple[int, list, bytes] | None:
+        """A GET's answer if it is a health check or a leader's read of a key it owns and
+        holds, else None (the app answers it). A map fingerprint was checked for already."""
         if path == "/get":
             value = self._stored(query) if self.node.is_leader else None
             return None if value is None else (200, DIRECT_HEADERS, value)
@@ -128,26 +128,25 @@ class FastPaths:
             return 200, HEALTHY_HEADERS, HEALTHY
         return None
 
+    def direct(self, path: str, query: str, header) -> tuple[int, list, bytes] | None:
+        if header(MAP_HEADER_LOWER) is not None:
+            return None
+        return self._read(path, query)
+
     def __call__(self, environ, start_response):
-        path = environ["PATH_INFO"]
         if MAP_ENVIRON in environ:
             return self.app(environ, start_response)
-        if path == "/healthz" and environ["REQUEST_METHOD"] == "GET":
-            start_response("200 OK", [*HEALTHY_HEADERS, ("Content-Length", str(len(HEALTHY)))])
-            return [HEALTHY]
-        if self.node.is_leader:
-            if path == "/get" and environ["REQUEST_METHOD"] == "GET":
-                value = self._stored(environ.get("QUERY_STRING", ""))
-                if value is not None:
-                    start_response(
-                        "200 OK",
-                        [("Content-Type", OCTET_STREAM), ("Content-Length", str(len(value)))],
-                    )
-                    return [value]
-            elif path == "/set":
-                answered = self._set(environ, start_response)
-                if answered is not None:
-                    return answered
+        path = environ["PATH_INFO"]
+        if environ["REQUEST_METHOD"] == "GET":
+            answer = self._read(path, environ.get("QUERY_STRING", ""))
+            if answer is not None:
+                _, headers, body = answer
+                start_response("200 OK", [*headers, ("Content-Length", str(len(body)))])
+                return [body]
+        if path == "/set" and self.node.is_leader:
+            answered = self._set(environ, start_response)
+            if answered is not None:
+                return answered
         return self.app(environ, start_response)
 
     def _set(self, environ, start_response) -> list[bytes] | None:
