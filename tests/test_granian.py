@@ -16,6 +16,7 @@ pytest.importorskip("distribkv_granian")
 from test_node import (  # noqa: F401
     test_a_key_set_through_any_node_is_read_through_any_node,
     test_a_replica_refuses_writes_and_points_to_its_leader,
+    test_a_request_routed_with_another_map_gets_409,
     test_a_value_over_the_limit_is_refused_before_the_body_is_read,
     test_a_wrong_shard_request_is_redirected_to_the_owner,
     test_bad_requests_get_real_status_codes_with_json,
