@@ -69,6 +69,7 @@ class Served:
         app.add_route("/slow", self.slow)
         app.add_route("/echo", self.echo)
         spec = load_plugins().http_server(server)
+        inline = listen.pop("inline", fast_is_inline)
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
@@ -78,7 +79,7 @@ class Served:
                 "127.0.0.1",
                 self.port,
                 threads=threads,
-                inline=fast_is_inline,
+                inline=inline,
                 settings={"drain_timeout": WAIT},
                 **listen,
             ),
@@ -253,34 +254,58 @@ def test_a_chunked_body_broken_off_never_reaches_the_application(served, server)
     assert served.echo.calls == 1
 
 
-def test_granian_answers_direct_reads_and_refuses_them_once_stopping():
+def test_granian_answers_direct_requests_and_refuses_them_once_stopping():
     pytest.importorskip("distribkv_granian")
-    calls = []
+    from distribkv.http.api import DEFERRED
 
-    def direct(path, query, header):
-        calls.append((path, query, header("x-probe")))
+    calls = []
+    finishers = []
+
+    def direct(method, path, query, header, body, defer):
+        calls.append((method, path, query, header("x-probe"), body))
         if path == "/direct-broken":
             raise RuntimeError("a direct answer failed")
+        if path == "/direct-later":  # answered from another thread, as the group commit does
+            completion = defer()
+            finisher = threading.Thread(
+                target=completion.finish,
+                args=("201 Created", [("content-type", "text/plain")], b"later|" + body),
+            )
+            finishers.append(finisher)
+            finisher.start()
+            return DEFERRED
         if path != "/direct":
             return None
         return 200, [("content-type", "text/plain")], b"direct|" + query.encode()
 
-    served = Served("granian", direct=direct)
+    def inline(method, path, query):
+        return fast_is_inline(method, path, query) or path.startswith("/direct")
+
+    served = Served("granian", direct=direct, inline=inline)
     try:
         conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=WAIT)
         conn.request("GET", "/direct?k=%FF", headers={"X-Probe": "1"})
         response = conn.getresponse()
         assert (response.status, response.read()) == (200, b"direct|k=%FF")
         assert response.getheader("content-length") == "12"
+        assert calls[-1] == ("GET", "/direct", "k=%FF", "1", b"")
+        # A deferred answer, to a request with a body (read whole first), on the same
+        # connection.
+        conn.request("PUT", "/direct-later", body=b"\x00\xffbody")
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (201, b"later|\x00\xffbody")
+        assert calls[-1] == ("PUT", "/direct-later", "", None, b"\x00\xffbody")
         conn.close()
-        assert calls[-1] == ("/direct", "k=%FF", "1")
+        for finisher in finishers:
+            finisher.join(WAIT)
         # None: the application answers (served inline, not by a worker).
         status, body = served.get("/fast?i=7")
         assert status == 200 and body.endswith(b"|7")
-        assert calls[-1][0] == "/fast"
+        assert calls[-1][1] == "/fast"
         # A failing direct answer is a 500, and the server goes on serving.
         assert served.get("/direct-broken")[0] == 500
         assert served.get("/direct")[0] == 200
+        _wait(lambda: served.handle.wrapper.in_flight == 0, "a direct request stayed counted")
         # Once refusing (the node is closing) no direct answer is asked for: 503.
         served.handle.wrapper.refuse()
         before = len(calls)

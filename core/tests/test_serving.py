@@ -384,6 +384,22 @@ def _set_answer(app, node, method, query, headers, body, deferred: bool, environ
     return answer, node.store.get(b"USA"), node.store.get(b"\xff\x00&/ k")
 
 
+def _direct_set_answer(app, node, method, query, headers, body):
+    """A /set through ``Listen.direct`` on a deferring server, as :func:`_set_answer` gives it,
+    or None if it is left to the application."""
+    from distribkv.http.api import DEFERRED
+
+    completions = Completions()
+    header = {k.lower(): v for k, v in headers.items()}.get
+    result = app.direct(method, "/set", query, header, body or b"", completions.defer)
+    if result is None:
+        assert not completions.deferred
+        return None
+    assert result is DEFERRED and completions.deferred
+    assert completions.finished.wait(10), "a deferred direct write was never answered"
+    return completions.answers[0], node.store.get(b"USA"), node.store.get(b"\xff\x00&/ k")
+
+
 @pytest.mark.parametrize(("replica", "deferred"), [(None, False), (None, True), (0, False)])
 def test_the_write_fast_path_answers_and_stores_exactly_as_the_application_does(
     tmp_path, replica, deferred
@@ -413,6 +429,7 @@ def test_the_write_fast_path_answers_and_stores_exactly_as_the_application_does(
         ("PUT", OWN, {}, b"abc", {"CONTENT_LENGTH": "5"}),  # 400: the body is cut short
         ("PUT", OWN, {}, b"abc", {"CONTENT_LENGTH": "\u00b3"}),  # 400: not a length
     ]
+    direct = []
     for method, query, headers, body, *environ in cases:
         for key in (b"USA", b"\xff\x00&/ k"):
             node.store.delete(key, sync=False)
@@ -421,6 +438,23 @@ def test_the_write_fast_path_answers_and_stores_exactly_as_the_application_does(
             node.store.delete(key, sync=False)
         slow = _set_answer(inner, node, method, query, headers, body, deferred, *environ)
         assert fast == slow, (method, query, headers, body, environ)
+        if deferred and not environ:  # a server hands Listen.direct the whole body
+            for key in (b"USA", b"\xff\x00&/ k"):
+                node.store.delete(key, sync=False)
+            answer = _direct_set_answer(app, node, method, query, headers, body)
+            if answer is not None:
+                assert answer == slow, (method, query, headers, body)
+                direct.append((method, query))
+    # Listen.direct takes exactly the plain writes, and only where they are deferred.
+    plain = [
+        ("PUT", OWN),
+        ("POST", OWN),
+        ("GET", OWN + "&value=%FF%00"),
+        ("PUT", OWN + "&value=q"),
+        ("PUT", OWN),
+        ("PUT", "key=%FF%00%26%2F+k"),
+    ]
+    assert direct == (plain if deferred else [])
     # A leader applies a write of its own key without the application; a replica never does.
     falcon_calls.clear()
     answer, stored, _ = _set_answer(app, node, "PUT", OWN, {}, b"direct", deferred)
@@ -445,11 +479,11 @@ def test_direct_reads_answer_as_the_application_does_or_leave_the_request_to_it(
         ("/get", "key=USA&key=USA", {}),  # 400: repeated
         ("/get", OWN, {"x-distribkv-map": "not-this-map"}),  # 409
         ("/healthz", "", {}),
-        ("/set", OWN + "&value=v", {}),  # a GET /set is a write: never direct
+        ("/set", OWN + "&value=v", {}),  # a write: direct only where it can be deferred
     ]
     answered = []
     for path, query, headers in cases:
-        direct = app.direct(path, query, headers.get)
+        direct = app.direct("GET", path, query, headers.get, b"", None)
         if direct is None:
             continue
         answered.append((path, query))
@@ -474,22 +508,52 @@ def test_a_direct_answer_is_counted_in_flight_and_never_given_once_refusing():
     wrapper = ServingWrapper(lambda environ, start_response: [b""])
     seen = []
 
-    def answer(path, query, header):
-        seen.append((path, query, header("x"), wrapper.in_flight))
+    def answer(method, path, query, header, body, defer):
+        seen.append((method, path, query, header("x"), body, wrapper.in_flight))
         return 200, [], b"value"
 
-    assert wrapper.direct(answer, "/get", "key=k", {"x": "1"}.get, "127.0.0.1") == (
-        200,
-        [],
-        b"value",
-    )
-    assert seen == [("/get", "key=k", "1", 1)]  # a drain waits for it
+    request = ("/get", "key=k", {"x": "1"}.get, b"", "127.0.0.1")
+    assert wrapper.direct(answer, "GET", *request) == (200, [], b"value")
+    assert seen == [("GET", "/get", "key=k", "1", b"", 1)]  # a drain waits for it
     assert wrapper.in_flight == 0
     wrapper.refuse()
     # Refusing: no answer, so the server goes the application's way, which answers 503.
-    assert wrapper.direct(answer, "/get", "key=k", {}.get, "127.0.0.1") is None
+    assert wrapper.direct(answer, "GET", *request) is None
     assert len(seen) == 1
     wrapper.close()
+
+
+def test_a_deferred_direct_answer_is_in_flight_until_its_completion_is_finished():
+    from distribkv.http.api import DEFERRED
+    from distribkv.server import ServingWrapper
+
+    wrapper = ServingWrapper(lambda environ, start_response: [b""])
+    server = Completions()
+    taken = []
+
+    def answer(method, path, query, header, body, defer):
+        taken.append(defer())
+        return DEFERRED
+
+    result = wrapper.direct(answer, "PUT", "/set", "key=k", {}.get, b"v", "127.0.0.1", server.defer)
+    assert result is DEFERRED and server.deferred
+    assert wrapper.in_flight == 1  # until it is answered
+    taken[0].finish("200 OK", [("Content-Length", "0")], b"")
+    assert server.answers == [("200 OK", [("content-length", "0")], b"")]
+    assert wrapper.in_flight == 0
+    # Nothing deferred, nothing answered: counted out at once.
+    assert wrapper.direct(lambda *request: None, "PUT", "/set", "", {}.get, b"", "-") is None
+    assert wrapper.in_flight == 0
+    wrapper.close()
+
+
+def test_a_direct_write_is_left_to_the_application_where_it_is_not_deferred(tmp_path):
+    node = open_node(tmp_path, min_replicas=1)  # it waits for a replica: never deferred
+    app = create_app(node, forwarding_pool(node))
+    completions = Completions()
+    assert app.direct("PUT", "/set", OWN, {}.get, b"v", completions.defer) is None
+    assert not completions.deferred and node.store.get(b"USA") is None
+    node.close()
 
 
 def test_a_deferred_fast_write_is_in_flight_until_it_is_answered(tmp_path):

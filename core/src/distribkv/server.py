@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from distribkv import hookimpl
-from distribkv.http.api import DEFER, Completion, Direct, Listen, ServerHandle, ServerSpec
+from distribkv.http.api import DEFER, DEFERRED, Completion, Direct, Listen, ServerHandle, ServerSpec
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("distribkv.access")
@@ -138,25 +138,40 @@ class ServingWrapper:
             if call.completion is None:
                 self._done(environ, call.status, call.started)
 
-    def direct(self, answer: Direct, path: str, query: str, header, client: str):
-        """``answer(path, query, header)`` (``Listen.direct``), counted and logged like a
-        request through the wrapper: None if it gives no answer, or once refusing (the
-        application's way then answers)."""
-        started = time.monotonic()
+    def direct(
+        self,
+        answer: Direct,
+        method: str,
+        path: str,
+        query: str,
+        header,
+        body: bytes,
+        client: str,
+        defer: Callable[[], Completion] | None = None,
+    ):
+        """``answer(method, path, query, header, body, defer)`` (``Listen.direct``), counted
+        and logged like a request through the wrapper: None if it gives no answer, or once
+        refusing (the application's way then answers). A deferred request is counted in flight
+        until its completion is finished."""
         with self._lock:
             if self.refusing:
                 return None
             self.in_flight += 1
+        call = _Call(self, {"REMOTE_ADDR": client, "REQUEST_METHOD": method, "PATH_INFO": path})
+        if defer is not None:
+            call.server_defer = defer
+            defer = call.defer
+        result = None
         try:
-            result = answer(path, query, header)
+            result = answer(method, path, query, header, body, defer)
+            return result
         finally:
-            with self._lock:
-                self.in_flight -= 1
-        if result is not None and self.access is not None:
-            self.access.add(
-                client, "GET", path, str(result[0]), (time.monotonic() - started) * 1000
-            )
-        return result
+            if call.completion is None:
+                if result is None or result is DEFERRED:  # DEFERRED: it did not defer after all
+                    with self._lock:
+                        self.in_flight -= 1
+                else:
+                    self._done(call.environ, str(result[0]), call.started)
 
     def _done(self, environ: dict[str, Any], status: str, started: float) -> None:
         with self._lock:
@@ -182,7 +197,9 @@ class _Call:
 
     __slots__ = ("completion", "environ", "server_defer", "start", "started", "status", "wrapper")
 
-    def __init__(self, wrapper: ServingWrapper, environ: dict[str, Any], start: Callable):
+    def __init__(
+        self, wrapper: ServingWrapper, environ: dict[str, Any], start: Callable | None = None
+    ):
         self.wrapper = wrapper
         self.environ = environ
         self.start = start

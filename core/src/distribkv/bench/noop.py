@@ -36,8 +36,8 @@ class Noop:
         )
         return [NOT_FOUND]
 
-    def direct(self, path: str, query: str, header) -> tuple[int, list, bytes] | None:
-        return (200, EMPTY_HEADERS, b"") if path == "/noop" else None
+    def direct(self, method, path, query, header, body, defer) -> tuple[int, list, bytes] | None:
+        return (200, EMPTY_HEADERS, b"") if path == "/noop" and method == "GET" else None
 
 
 def noop_is_inline(method: str, path: str, query: str) -> bool:

@@ -21,14 +21,17 @@ defers its writes that way: a request thread queues the write and goes on, and t
 applies the next group of writes (one fsync for all of them) answers every one of them. Writes
 that can be deferred are then ``inline`` too.
 
-``Listen.direct`` answers a GET without WSGI: ``direct(path, query, header)`` returns
-``(status, headers, body)`` (an ``int`` status) or None, and never waits (it answers only what
-it can answer at once). A server that uses it calls it for a GET, through
+``Listen.direct`` answers a request without WSGI: ``direct(method, path, query, header, body,
+defer)`` returns ``(status, headers, body)`` (an ``int`` status), None, or :data:`DEFERRED`, and
+never waits (it answers only what it can answer at once). A server that uses it calls it through
 :meth:`distribkv.server.ServingWrapper.direct`, before it builds an environ, on the thread that
-parsed the request; on None it serves the request through the application as usual. Building a
-WSGI environ costs as much as a read does; the node answers its most frequent request, a
-leader's read of a key it owns and holds, this way, and leaves every other request (an absent
-key, an error, a replica's read, another shard's key) to the application.
+parsed the request, with the whole body (``b""`` for a GET); on None it serves the request
+through the application as usual. ``defer`` is as ``environ[DEFER]`` is, or None where the server
+cannot finish a response later: a ``direct`` that calls it returns :data:`DEFERRED` and finishes
+the completion exactly once. Building a WSGI environ costs as much as a read does; the node
+answers its most frequent requests this way (a leader's read of a key it owns and holds, and
+its SET of a key it owns, deferred to the group commit) and leaves every other one (an absent
+key, an error, a replica, another shard's key, a reshard) to the application.
 """
 
 from __future__ import annotations
@@ -39,10 +42,21 @@ from typing import Any, Protocol
 
 import attrs
 
-__all__ = ["DEFER", "Completion", "Direct", "Listen", "ServerHandle", "ServerSpec"]
+__all__ = ["DEFER", "DEFERRED", "Completion", "Direct", "Listen", "ServerHandle", "ServerSpec"]
 
 #: The WSGI environ key of a deferring server's ``defer() -> Completion``.
 DEFER = "distribkv.defer"
+
+
+class _Deferred:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "DEFERRED"
+
+
+#: What ``Listen.direct`` returns once it has deferred the request (see the module's docstring).
+DEFERRED: Any = _Deferred()
 
 
 class Completion(Protocol):
@@ -51,11 +65,20 @@ class Completion(Protocol):
     def finish(self, status: str, headers: list[tuple[str, str]], body: bytes) -> None: ...
 
 
-#: ``direct(path, query, header) -> (status, headers, body) | None`` (see the module's
-#: docstring): ``path`` is percent-decoded, ``query`` raw, ``header(name)`` a request header by
-#: its lower-case name, or None.
+#: ``direct(method, path, query, header, body, defer) -> (status, headers, body) | None |
+#: DEFERRED`` (see the module's docstring): ``path`` is percent-decoded, ``query`` raw,
+#: ``header(name)`` a request header by its lower-case name, or None; ``defer() -> Completion``,
+#: or None.
 Direct = Callable[
-    [str, str, Callable[[str], str | None]], tuple[int, list[tuple[str, str]], bytes] | None
+    [
+        str,
+        str,
+        str,
+        Callable[[str], str | None],
+        bytes,
+        Callable[[], Completion] | None,
+    ],
+    tuple[int, list[tuple[str, str]], bytes] | None,
 ]
 
 
@@ -73,7 +96,7 @@ class Listen:
     #: ``inline(method, path, query) -> bool``: True for a request that never waits (see the
     #: module's docstring); ``path`` is percent-decoded, ``query`` raw. None: no request is.
     inline: Callable[[str, str, str], bool] | None = None
-    #: The answer to a GET without WSGI, for a server that can use it (see the module's
+    #: The answer to a request without WSGI, for a server that can use it (see the module's
     #: docstring); None: none.
     direct: Direct | None = None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import falcon
 
 from distribkv.http.admin import HEALTHY, HEALTHY_TYPE
-from distribkv.http.api import DEFER
+from distribkv.http.api import DEFER, DEFERRED, Completion
 from distribkv.http.errors import ApiError, error_response
 from distribkv.http.locate import Locator
 from distribkv.http.params import parse_query, query_key, query_params, require_key
@@ -52,8 +52,13 @@ def submit_write(node, environ, ops) -> bool:
     if defer is None or not node.defers_writes:
         node.write(ops)
         return True
-    completion = defer()
-    method, path = environ["REQUEST_METHOD"], environ["PATH_INFO"]
+    write_deferred(node, defer(), environ["REQUEST_METHOD"], environ["PATH_INFO"], ops)
+    return False
+
+
+def write_deferred(node, completion: Completion, method: str, path: str, ops) -> None:
+    """Queue a client's write; ``completion`` gets its answer from the thread that applies it
+    (or at once, for a write refused before it was queued)."""
 
     def done(seq: int, error: BaseException | None) -> None:
         if error is None:
@@ -62,7 +67,6 @@ def submit_write(node, environ, ops) -> bool:
             completion.finish(*error_response(error, method, path))
 
     node.write_later(ops, done)
-    return False
 
 
 class GetResource:
@@ -101,8 +105,8 @@ class FastPaths:
     read and a write live: an absent key, a bad parameter, any error, a replica, another
     shard's key, a reshard, a request stamped with a map fingerprint.
 
-    :meth:`direct` is the same for reads and health checks, for a server that answers without
-    WSGI (``Listen.direct``)."""
+    :meth:`direct` is the same without WSGI (``Listen.direct``), for a server that answers that
+    way; its SETs are only the deferred ones (the answer comes from the group commit)."""
 
     def __init__(self, node, app):
         self.node = node
@@ -128,10 +132,25 @@ class FastPaths:
             return 200, HEALTHY_HEADERS, HEALTHY
         return None
 
-    def direct(self, path: str, query: str, header) -> tuple[int, list, bytes] | None:
+    def direct(self, method: str, path: str, query: str, header, body: bytes, defer):
         if header(MAP_HEADER_LOWER) is not None:
             return None
-        return self._read(path, query)
+        if method == "GET":
+            answer = self._read(path, query)
+            if answer is not None:
+                return answer
+        if path != "/set" or defer is None or not self.node.defers_writes:
+            return None
+        plain = self._plain_set(method, query)
+        if plain is None:
+            return None
+        key, value = plain
+        if value is None:
+            if len(body) > self.max_value:
+                return None
+            value = body
+        write_deferred(self.node, defer(), method, "/set", [Put(Namespace.DATA, key, value)])
+        return DEFERRED
 
     def __call__(self, environ, start_response):
         if MAP_ENVIRON in environ:
@@ -143,21 +162,21 @@ class FastPaths:
                 _, headers, body = answer
                 start_response("200 OK", [*headers, ("Content-Length", str(len(body)))])
                 return [body]
-        if path == "/set" and self.node.is_leader:
+        if path == "/set":
             answered = self._set(environ, start_response)
             if answered is not None:
                 return answered
         return self.app(environ, start_response)
 
-    def _set(self, environ, start_response) -> list[bytes] | None:
-        """A leader's SET of a key it owns, with no reshard under way: applied here (or
-        deferred), or None before anything is read: the app answers it."""
+    def _plain_set(self, method: str, query: str) -> tuple[bytes, bytes | None] | None:
+        """A leader's SET of a key it owns with no reshard under way: its key, and its value if
+        the query has one (else it is the body's; a GET has none); None for any other (the app
+        answers it)."""
         node = self.node
-        method = environ["REQUEST_METHOD"]
-        if method not in SET_METHODS or node.maps.transition is not None:
+        if method not in SET_METHODS or not node.is_leader or node.maps.transition is not None:
             return None
         try:
-            params = parse_query(environ.get("QUERY_STRING", ""))
+            params = parse_query(query)
             key = require_key(params)
         except ApiError:
             return None
@@ -167,6 +186,19 @@ class FastPaths:
         if value is None:
             if method == "GET":
                 return None
+        elif len(value) > self.max_value:
+            return None
+        return key, value
+
+    def _set(self, environ, start_response) -> list[bytes] | None:
+        """:meth:`_plain_set`, applied here (or deferred), or None before anything is read:
+        the app answers it."""
+        method = environ["REQUEST_METHOD"]
+        plain = self._plain_set(method, environ.get("QUERY_STRING", ""))
+        if plain is None:
+            return None
+        key, value = plain
+        if value is None:
             # Only a body whose length is known and within the limit; the app answers the rest.
             length = environ.get("CONTENT_LENGTH")
             if not length or not (length.isascii() and length.isdigit()):
@@ -178,10 +210,8 @@ class FastPaths:
             if len(value) != size:
                 error = body_cut_short(len(value), size)
                 return self._answer(start_response, error_response(error, method, "/set"))
-        elif len(value) > self.max_value:
-            return None
         try:
-            applied = submit_write(node, environ, [Put(Namespace.DATA, key, value)])
+            applied = submit_write(self.node, environ, [Put(Namespace.DATA, key, value)])
         except Exception as exc:  # noqa: BLE001 - answered as the app answers it
             return self._answer(start_response, error_response(exc, method, "/set"))
         if not applied:

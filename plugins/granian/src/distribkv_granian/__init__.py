@@ -44,7 +44,7 @@ from collections.abc import Callable
 from typing import Any
 
 from distribkv import hookimpl
-from distribkv.http.api import DEFER, Listen, ServerHandle, ServerSpec
+from distribkv.http.api import DEFER, DEFERRED, Listen, ServerHandle, ServerSpec
 from distribkv.server import ServingWrapper
 
 log = logging.getLogger(__name__)
@@ -266,14 +266,8 @@ class GranianHandle(ServerHandle):
             method = scope.method
             path = scope.path
             query = scope.query_string
-            if method == "GET" and self.direct is not None:
-                answer = self.wrapper.direct(
-                    self.direct, path, query, scope.headers.get, scope.client.rpartition(":")[0]
-                )
-                if answer is not None:
-                    watcher.proto.response_bytes(*answer)
-                    watcher.done()
-                    return
+            if method == "GET" and self._answer_direct(watcher, scope, _EMPTY):
+                return
             inline = self.inline(method, path, query)
             if inline and method == "GET":
                 self._respond(watcher, _EMPTY)  # a read: whatever body it came with is unused
@@ -313,6 +307,27 @@ class GranianHandle(ServerHandle):
                 self._finish_read(request, (500, b"internal error\n"))
             else:
                 watcher.done()
+
+    def _answer_direct(self, watcher, scope, body: bytes) -> bool:
+        """True if ``Listen.direct`` answered the request (or deferred it)."""
+        if self.direct is None:
+            return False
+        answer = self.wrapper.direct(
+            self.direct,
+            scope.method,
+            scope.path,
+            scope.query_string,
+            scope.headers.get,
+            body,
+            scope.client.rpartition(":")[0],
+            _Exchange(watcher).defer,
+        )
+        if answer is None:
+            return False
+        if answer is not DEFERRED:
+            watcher.proto.response_bytes(*answer)
+            watcher.done()
+        return True
 
     def _read_next(self, request: _Request) -> None:
         future = request.watcher.proto.__anext__()
@@ -366,7 +381,15 @@ class GranianHandle(ServerHandle):
             self._work.put((watcher, body))
             return
         try:
-            self._respond(watcher, body)
+            try:
+                answered = self._answer_direct(watcher, scope, body)
+            except BaseException:  # the client gets a 500; the traceback goes to the log
+                log.exception("serving %s %s failed", scope.method, scope.path)
+                self._plain(watcher, 500, b"internal error\n")
+                watcher.done()
+                return
+            if not answered:
+                self._respond(watcher, body)
         finally:
             with self._lock:
                 self._pending -= 1
