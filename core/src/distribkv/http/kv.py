@@ -176,13 +176,16 @@ class FastPaths:
         if method not in SET_METHODS or not node.is_leader or node.maps.transition is not None:
             return None
         try:
-            params = parse_query(query)
-            key = require_key(params)
+            if "&" in query:
+                params = parse_query(query)
+                key = require_key(params)
+                value = params.get("value")
+            else:  # the key alone (PUT /set?key=k with the value as the body)
+                key, value = query_key(query), None
         except ApiError:
             return None
         if not node.routes_here(key):
             return None
-        value = params.get("value")
         if value is None:
             if method == "GET":
                 return None
