@@ -8,9 +8,9 @@ request environ, through the same serving wrapper, and timed (optionally under c
 The server's own cost per request is what the two have in common; the difference is what the
 GET path adds, and what can be removed from it. The GET is also timed the way granian serves
 it, through ``Listen.direct`` (no environ), alone and through the serving wrapper. The SET is
-deferred, as on a server that finishes answers later (granian): its own cost is what the
-request's thread spends; the cost until answered includes the committer thread that applies
-the writes in groups.
+deferred, as on a server that finishes answers later (granian), through WSGI and through
+``Listen.direct``: its own cost is what the request's thread spends; the cost until answered
+includes the committer thread that applies the writes in groups.
 """
 
 from __future__ import annotations
@@ -130,6 +130,26 @@ def deferred_sets(app, queries: list[str], calls: int) -> tuple[float, float]:
     return own, total
 
 
+def deferred_direct_sets(app, node_app, queries: list[str], calls: int) -> tuple[float, float]:
+    """:func:`deferred_sets` the way granian serves them, through ``Listen.direct`` and the
+    serving wrapper (no environ)."""
+    answers = Answers()
+    header = {}.get
+    value = b"v" * 100
+    started = time.perf_counter()
+    for i in range(calls):
+        query = queries[i % len(queries)]
+        app.direct(node_app.direct, "PUT", "/set", query, header, value, "-", answers.defer)
+    own = (time.perf_counter() - started) / calls * 1e6
+    deadline = time.monotonic() + 60
+    while answers.finished < calls and time.monotonic() < deadline:
+        time.sleep(0.001)
+    total = (time.perf_counter() - started) / calls * 1e6
+    if answers.statuses != {"200 OK": calls}:
+        raise SystemExit(f"deferred direct writes answered {answers.statuses}")
+    return own, total
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", default="lmdb")
@@ -172,12 +192,13 @@ def main() -> int:
                     args.calls,
                 )
                 set_us, set_total_us = deferred_sets(app, queries, args.calls)
+                dset_us, dset_total_us = deferred_direct_sets(app, node_app, queries, args.calls)
             print(
                 f"bare Falcon no-op {noop_us:.1f} us/call, the node's /healthz {health_us:.1f} us,"
                 f" GET {get_us:.1f} us; a direct GET (Listen.direct) {direct_us:.1f} us,"
                 f" {served_us:.1f} us through the serving wrapper (in-flight count, access-log"
                 f" line); deferred SET {set_us:.1f} us ({set_total_us:.1f} us per write until"
-                " answered)"
+                f" answered), {dset_us:.1f} us through Listen.direct ({dset_total_us:.1f} us)"
             )
             if args.profile:
                 profiler = cProfile.Profile()

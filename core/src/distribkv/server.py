@@ -157,32 +157,39 @@ class ServingWrapper:
             if self.refusing:
                 return None
             self.in_flight += 1
-        call = _Call(self, {"REMOTE_ADDR": client, "REQUEST_METHOD": method, "PATH_INFO": path})
+        started = time.monotonic()
+        call = None
         if defer is not None:
-            call.server_defer = defer
+            call = _DirectCall(self, defer, client, method, path, started)
             defer = call.defer
         result = None
         try:
             result = answer(method, path, query, header, body, defer)
             return result
         finally:
-            if call.completion is None:
+            if call is None or call.completion is None:
                 if result is None or result is DEFERRED:  # DEFERRED: it did not defer after all
                     with self._lock:
                         self.in_flight -= 1
                 else:
-                    self._done(call.environ, str(result[0]), call.started)
+                    self._finished(client, method, path, str(result[0]), started)
 
     def _done(self, environ: dict[str, Any], status: str, started: float) -> None:
+        self._finished(
+            environ.get("REMOTE_ADDR", "-"),
+            environ.get("REQUEST_METHOD", "-"),
+            environ.get("PATH_INFO", "-"),
+            status,
+            started,
+        )
+
+    def _finished(self, remote: str, method: str, path: str, status: str, started: float) -> None:
+        """A request ends: it is counted out and gets its access-log line."""
         with self._lock:
             self.in_flight -= 1
         if self.access is not None:
             self.access.add(
-                environ.get("REMOTE_ADDR", "-"),
-                environ.get("REQUEST_METHOD", "-"),
-                environ.get("PATH_INFO", "-"),
-                status.split(" ", 1)[0],
-                (time.monotonic() - started) * 1000,
+                remote, method, path, status.split(" ", 1)[0], (time.monotonic() - started) * 1000
             )
 
     def close(self) -> None:
@@ -197,9 +204,7 @@ class _Call:
 
     __slots__ = ("completion", "environ", "server_defer", "start", "started", "status", "wrapper")
 
-    def __init__(
-        self, wrapper: ServingWrapper, environ: dict[str, Any], start: Callable | None = None
-    ):
+    def __init__(self, wrapper: ServingWrapper, environ: dict[str, Any], start: Callable):
         self.wrapper = wrapper
         self.environ = environ
         self.start = start
@@ -221,6 +226,32 @@ class _Call:
             self.completion.finish(status, headers, body)
         finally:
             self.wrapper._done(self.environ, status, self.started)
+
+
+class _DirectCall:
+    """A request answered through :meth:`ServingWrapper.direct` that the application deferred:
+    finishing it also ends the request for the wrapper (in-flight count, access log)."""
+
+    __slots__ = ("client", "completion", "method", "path", "server_defer", "started", "wrapper")
+
+    def __init__(self, wrapper, server_defer, client: str, method: str, path: str, started):
+        self.wrapper = wrapper
+        self.server_defer = server_defer
+        self.client = client
+        self.method = method
+        self.path = path
+        self.started = started
+        self.completion: Completion | None = None
+
+    def defer(self) -> _DirectCall:
+        self.completion = self.server_defer()
+        return self
+
+    def finish(self, status: str, headers: list[tuple[str, str]], body: bytes) -> None:
+        try:
+            self.completion.finish(status, headers, body)
+        finally:
+            self.wrapper._finished(self.client, self.method, self.path, status, self.started)
 
 
 #: Responses up to this size go out with their headers in one piece (one send, one segment).
