@@ -60,8 +60,8 @@ def distribkv_http_servers() -> list[ServerSpec]:
     thread that parsed them; all others go to ``listen.threads`` worker threads. A server
     with ``spec.deferred`` puts ``environ[distribkv.http.api.DEFER]`` in the environ so that
     the application can finish an answer later, from another thread. A server may also call
-    ``listen.direct`` for a GET before it builds a WSGI environ, and send its answer if it
-    gives one (see ``distribkv.http.api``)."""
+    ``listen.direct`` for a request before it builds a WSGI environ, and send its answer if it
+    gives one, or let it finish the answer later (see ``distribkv.http.api``)."""
 
 
 @hookspec

@@ -7,14 +7,15 @@ storage engine, which one process must own. So this plugin runs one granian work
 node process, and bridges it to the WSGI application itself:
 
 - Rust threads accept connections, parse HTTP and read request bodies;
-- granian's one Python thread serves the requests that ``Listen.inline`` names (the node's reads
-  and health checks) right where it receives them, so a read never waits for a thread switch,
-  and no other Python thread contends for the GIL while reads run; a GET that
-  ``Listen.direct`` answers (a leader's read of a key it holds) is answered from granian's
-  request object, without a WSGI environ;
-- every other request (writes, replication long-polls, forwarded requests) goes to one of
-  ``[server] threads`` worker threads once granian has read its body, so a slow one never holds
-  up the reads.
+- granian's one Python thread serves the requests that ``Listen.inline`` names (the node's reads,
+  health checks and deferred writes) right where it receives them (a request with a body once
+  it is read), so a read never waits for a thread switch, and no other Python thread contends
+  for the GIL while reads run; a request that ``Listen.direct`` answers or defers (a leader's
+  read of a key it holds, its SET of a key it owns) is served from granian's request object,
+  without a WSGI environ;
+- every other request (writes that wait, replication long-polls, forwarded requests) goes to
+  one of ``[server] threads`` worker threads once granian has read its body, so a slow one
+  never holds up the reads.
 
 It uses granian's RSGI worker: a WSGI worker hands every request to a pool of Python threads,
 and each storage call, which lets go of the GIL, then hands it to another of them, which halves
