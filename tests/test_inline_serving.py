@@ -256,24 +256,30 @@ def test_a_chunked_body_broken_off_never_reaches_the_application(served, server)
 
 def test_granian_answers_direct_requests_and_refuses_them_once_stopping():
     pytest.importorskip("distribkv_granian")
-    from distribkv.http.api import DEFERRED
+    from distribkv.http.api import Later
 
     calls = []
     finishers = []
 
-    def direct(method, path, query, header, body, defer):
-        calls.append((method, path, query, header("x-probe"), body))
-        if path == "/direct-broken":
-            raise RuntimeError("a direct answer failed")
-        if path == "/direct-later":  # answered from another thread, as the group commit does
-            completion = defer()
+    class Later201(Later):
+        def __init__(self, body):
+            self.body = body
+
+        def start(self, completion):  # answered from another thread, as the group commit does
             finisher = threading.Thread(
                 target=completion.finish,
-                args=("201 Created", [("content-type", "text/plain")], b"later|" + body),
+                args=("201 Created", [("content-type", "text/plain")], b"later|" + self.body),
             )
             finishers.append(finisher)
             finisher.start()
-            return DEFERRED
+
+    def direct(method, path, query, header, body, can_defer):
+        calls.append((method, path, query, header("x-probe"), body))
+        assert can_defer  # granian finishes answers later
+        if path == "/direct-broken":
+            raise RuntimeError("a direct answer failed")
+        if path == "/direct-later":
+            return Later201(body)
         if path != "/direct":
             return None
         return 200, [("content-type", "text/plain")], b"direct|" + query.encode()

@@ -110,7 +110,7 @@ def per_direct(direct, queries: list[str], calls: int) -> float:
     header = {}.get
     started = time.perf_counter()
     for i in range(calls):
-        if direct("GET", "/get", queries[i % len(queries)], header, b"", None) is None:
+        if direct("GET", "/get", queries[i % len(queries)], header, b"", False) is None:
             raise SystemExit("a direct GET gave no answer")
     return (time.perf_counter() - started) / calls * 1e6
 
@@ -185,8 +185,8 @@ def main() -> int:
                 get_us = per_call(app, "/get", queries, args.calls)
                 direct_us = per_direct(node_app.direct, queries, args.calls)
                 served_us = per_direct(
-                    lambda method, path, query, header, body, defer: app.direct(
-                        node_app.direct, method, path, query, header, body, "127.0.0.1", defer
+                    lambda method, path, query, header, body, can_defer: app.direct(
+                        node_app.direct, method, path, query, header, body, "127.0.0.1"
                     ),
                     queries,
                     args.calls,

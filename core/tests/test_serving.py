@@ -387,15 +387,15 @@ def _set_answer(app, node, method, query, headers, body, deferred: bool, environ
 def _direct_set_answer(app, node, method, query, headers, body):
     """A /set through ``Listen.direct`` on a deferring server, as :func:`_set_answer` gives it,
     or None if it is left to the application."""
-    from distribkv.http.api import DEFERRED
+    from distribkv.http.api import Later
 
     completions = Completions()
     header = {k.lower(): v for k, v in headers.items()}.get
-    result = app.direct(method, "/set", query, header, body or b"", completions.defer)
+    result = app.direct(method, "/set", query, header, body or b"", True)
     if result is None:
-        assert not completions.deferred
         return None
-    assert result is DEFERRED and completions.deferred
+    assert isinstance(result, Later)
+    result.start(completions)
     assert completions.finished.wait(10), "a deferred direct write was never answered"
     return completions.answers[0], node.store.get(b"USA"), node.store.get(b"\xff\x00&/ k")
 
@@ -483,7 +483,7 @@ def test_direct_reads_answer_as_the_application_does_or_leave_the_request_to_it(
     ]
     answered = []
     for path, query, headers in cases:
-        direct = app.direct("GET", path, query, headers.get, b"", None)
+        direct = app.direct("GET", path, query, headers.get, b"", False)
         if direct is None:
             continue
         answered.append((path, query))
@@ -508,13 +508,13 @@ def test_a_direct_answer_is_counted_in_flight_and_never_given_once_refusing():
     wrapper = ServingWrapper(lambda environ, start_response: [b""])
     seen = []
 
-    def answer(method, path, query, header, body, defer):
-        seen.append((method, path, query, header("x"), body, wrapper.in_flight))
+    def answer(method, path, query, header, body, can_defer):
+        seen.append((method, path, query, header("x"), body, can_defer, wrapper.in_flight))
         return 200, [], b"value"
 
     request = ("/get", "key=k", {"x": "1"}.get, b"", "127.0.0.1")
     assert wrapper.direct(answer, "GET", *request) == (200, [], b"value")
-    assert seen == [("GET", "/get", "key=k", "1", b"", 1)]  # a drain waits for it
+    assert seen == [("GET", "/get", "key=k", "1", b"", False, 1)]  # a drain waits for it
     assert wrapper.in_flight == 0
     wrapper.refuse()
     # Refusing: no answer, so the server goes the application's way, which answers 503.
@@ -523,36 +523,38 @@ def test_a_direct_answer_is_counted_in_flight_and_never_given_once_refusing():
     wrapper.close()
 
 
-def test_a_deferred_direct_answer_is_in_flight_until_its_completion_is_finished():
-    from distribkv.http.api import DEFERRED
+def test_a_later_direct_answer_is_in_flight_until_its_completion_is_finished():
+    from distribkv.http.api import DEFERRED, Later
     from distribkv.server import ServingWrapper
 
     wrapper = ServingWrapper(lambda environ, start_response: [b""])
     server = Completions()
-    taken = []
+    started = []
 
-    def answer(method, path, query, header, body, defer):
-        taken.append(defer())
-        return DEFERRED
+    class Queued(Later):
+        def start(self, completion):
+            started.append((completion, wrapper.in_flight))
+
+    def answer(method, path, query, header, body, can_defer):
+        return Queued() if can_defer else None
 
     result = wrapper.direct(answer, "PUT", "/set", "key=k", {}.get, b"v", "127.0.0.1", server.defer)
-    assert result is DEFERRED and server.deferred
+    assert result is DEFERRED and server.deferred  # started at once, with the server's completion
+    assert [counted for _, counted in started] == [1]
     assert wrapper.in_flight == 1  # until it is answered
-    taken[0].finish("200 OK", [("Content-Length", "0")], b"")
+    started[0][0].finish("200 OK", [("Content-Length", "0")], b"")
     assert server.answers == [("200 OK", [("content-length", "0")], b"")]
     assert wrapper.in_flight == 0
-    # Nothing deferred, nothing answered: counted out at once.
-    assert wrapper.direct(lambda *request: None, "PUT", "/set", "", {}.get, b"", "-") is None
-    assert wrapper.in_flight == 0
+    # A server that cannot defer is never given one: the application's way answers.
+    assert wrapper.direct(answer, "PUT", "/set", "key=k", {}.get, b"v", "-") is None
+    assert wrapper.in_flight == 0 and len(started) == 1
     wrapper.close()
 
 
 def test_a_direct_write_is_left_to_the_application_where_it_is_not_deferred(tmp_path):
     node = open_node(tmp_path, min_replicas=1)  # it waits for a replica: never deferred
     app = create_app(node, forwarding_pool(node))
-    completions = Completions()
-    assert app.direct("PUT", "/set", OWN, {}.get, b"v", completions.defer) is None
-    assert not completions.deferred and node.store.get(b"USA") is None
+    assert app.direct("PUT", "/set", OWN, {}.get, b"v", True) is None
     node.close()
 
 

@@ -149,30 +149,37 @@ class ServingWrapper:
         client: str,
         defer: Callable[[], Completion] | None = None,
     ):
-        """``answer(method, path, query, header, body, defer)`` (``Listen.direct``), counted
-        and logged like a request through the wrapper: None if it gives no answer, or once
-        refusing (the application's way then answers). A deferred request is counted in flight
-        until its completion is finished."""
+        """``answer(method, path, query, header, body, can_defer)`` (``Listen.direct``),
+        counted and logged like a request through the wrapper: the answer to send, None if it
+        gives none or once refusing (the application's way then answers), or ``DEFERRED``: it
+        answers later, through ``defer()`` (the server's completion for this request, asked
+        for before this returns), and is counted in flight until then."""
         with self._lock:
             if self.refusing:
                 return None
             self.in_flight += 1
         started = time.monotonic()
-        call = None
-        if defer is not None:
-            call = _DirectCall(self, defer, client, method, path, started)
-            defer = call.defer
         result = None
         try:
-            result = answer(method, path, query, header, body, defer)
-            return result
+            result = answer(method, path, query, header, body, defer is not None)
         finally:
-            if call is None or call.completion is None:
-                if result is None or result is DEFERRED:  # DEFERRED: it did not defer after all
-                    with self._lock:
-                        self.in_flight -= 1
-                else:
-                    self._finished(client, method, path, str(result[0]), started)
+            if result is None:  # no answer, or it failed
+                with self._lock:
+                    self.in_flight -= 1
+        if result is None:
+            return None
+        if type(result) is tuple:
+            self._finished(client, method, path, str(result[0]), started)
+            return result
+        call = _DirectCall(self, client, method, path, started)
+        try:
+            call.completion = defer()
+        except BaseException:
+            with self._lock:
+                self.in_flight -= 1
+            raise
+        result.start(call)
+        return DEFERRED
 
     def _done(self, environ: dict[str, Any], status: str, started: float) -> None:
         self._finished(
@@ -229,23 +236,18 @@ class _Call:
 
 
 class _DirectCall:
-    """A request answered through :meth:`ServingWrapper.direct` that the application deferred:
-    finishing it also ends the request for the wrapper (in-flight count, access log)."""
+    """A request answered through :meth:`ServingWrapper.direct` later: finishing it also ends
+    the request for the wrapper (in-flight count, access log)."""
 
-    __slots__ = ("client", "completion", "method", "path", "server_defer", "started", "wrapper")
+    __slots__ = ("client", "completion", "method", "path", "started", "wrapper")
 
-    def __init__(self, wrapper, server_defer, client: str, method: str, path: str, started):
+    def __init__(self, wrapper, client: str, method: str, path: str, started: float):
         self.wrapper = wrapper
-        self.server_defer = server_defer
         self.client = client
         self.method = method
         self.path = path
         self.started = started
         self.completion: Completion | None = None
-
-    def defer(self) -> _DirectCall:
-        self.completion = self.server_defer()
-        return self
 
     def finish(self, status: str, headers: list[tuple[str, str]], body: bytes) -> None:
         try:

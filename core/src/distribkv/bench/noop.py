@@ -36,7 +36,7 @@ class Noop:
         )
         return [NOT_FOUND]
 
-    def direct(self, method, path, query, header, body, defer) -> tuple[int, list, bytes] | None:
+    def direct(self, method, path, query, header, body, can_defer) -> tuple | None:
         return (200, EMPTY_HEADERS, b"") if path == "/noop" and method == "GET" else None
 
 

@@ -22,16 +22,16 @@ applies the next group of writes (one fsync for all of them) answers every one o
 that can be deferred are then ``inline`` too.
 
 ``Listen.direct`` answers a request without WSGI: ``direct(method, path, query, header, body,
-defer)`` returns ``(status, headers, body)`` (an ``int`` status), None, or :data:`DEFERRED`, and
-never waits (it answers only what it can answer at once). A server that uses it calls it through
-:meth:`distribkv.server.ServingWrapper.direct`, before it builds an environ, on the thread that
-parsed the request, with the whole body (``b""`` for a GET); on None it serves the request
-through the application as usual. ``defer`` is as ``environ[DEFER]`` is, or None where the server
-cannot finish a response later: a ``direct`` that calls it returns :data:`DEFERRED` and finishes
-the completion exactly once. Building a WSGI environ costs as much as a read does; the node
-answers its most frequent requests this way (a leader's read of a key it owns and holds, and
-its SET of a key it owns, deferred to the group commit) and leaves every other one (an absent
-key, an error, a replica, another shard's key, a reshard) to the application.
+can_defer)`` returns ``(status, headers, body)`` (an ``int`` status), None, or a :class:`Later`,
+and never waits (it answers only what it can answer at once). A server that uses it calls it
+through :meth:`distribkv.server.ServingWrapper.direct`, before it builds an environ, on the
+thread that parsed the request, with the whole body (``b""`` for a GET); on None it serves the
+request through the application as usual. ``can_defer`` is true where the server can finish a
+response later, and only then may ``direct`` give a :class:`Later`, which the wrapper starts at
+once with the request's :class:`Completion`. Building a WSGI environ costs as much as a read
+does; the node answers its most frequent requests this way (a leader's read of a key it owns
+and holds, and its SET of a key it owns, queued for the group commit) and leaves every other
+one (an absent key, an error, a replica, another shard's key, a reshard) to the application.
 """
 
 from __future__ import annotations
@@ -42,7 +42,16 @@ from typing import Any, Protocol
 
 import attrs
 
-__all__ = ["DEFER", "DEFERRED", "Completion", "Direct", "Listen", "ServerHandle", "ServerSpec"]
+__all__ = [
+    "DEFER",
+    "DEFERRED",
+    "Completion",
+    "Direct",
+    "Later",
+    "Listen",
+    "ServerHandle",
+    "ServerSpec",
+]
 
 #: The WSGI environ key of a deferring server's ``defer() -> Completion``.
 DEFER = "distribkv.defer"
@@ -55,7 +64,8 @@ class _Deferred:
         return "DEFERRED"
 
 
-#: What ``Listen.direct`` returns once it has deferred the request (see the module's docstring).
+#: What :meth:`distribkv.server.ServingWrapper.direct` gives a server for a request that is
+#: answered later: nothing to send now (the request's completion sends it).
 DEFERRED: Any = _Deferred()
 
 
@@ -65,20 +75,24 @@ class Completion(Protocol):
     def finish(self, status: str, headers: list[tuple[str, str]], body: bytes) -> None: ...
 
 
-#: ``direct(method, path, query, header, body, defer) -> (status, headers, body) | None |
-#: DEFERRED`` (see the module's docstring): ``path`` is percent-decoded, ``query`` raw,
-#: ``header(name)`` a request header by its lower-case name, or None; ``defer() -> Completion``,
-#: or None.
+class Later(abc.ABC):
+    """A request that ``Listen.direct`` answers later (see the module's docstring)."""
+
+    __slots__ = ()
+
+    @abc.abstractmethod
+    def start(self, completion: Completion) -> None:
+        """Called once, at once, with the request's completion: queue the work and return.
+        Whoever finishes the work finishes ``completion``, exactly once, from any thread; an
+        error is answered through it too, never raised here."""
+
+
+#: ``direct(method, path, query, header, body, can_defer) -> (status, headers, body) | Later |
+#: None`` (see the module's docstring): ``path`` is percent-decoded, ``query`` raw,
+#: ``header(name)`` a request header by its lower-case name, or None.
 Direct = Callable[
-    [
-        str,
-        str,
-        str,
-        Callable[[str], str | None],
-        bytes,
-        Callable[[], Completion] | None,
-    ],
-    tuple[int, list[tuple[str, str]], bytes] | None,
+    [str, str, str, Callable[[str], str | None], bytes, bool],
+    tuple[int, list[tuple[str, str]], bytes] | Later | None,
 ]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import falcon
 
 from distribkv.http.admin import HEALTHY, HEALTHY_TYPE
-from distribkv.http.api import DEFER, DEFERRED, Completion
+from distribkv.http.api import DEFER, Completion, Later
 from distribkv.http.errors import ApiError, error_response
 from distribkv.http.locate import Locator
 from distribkv.http.params import parse_query, query_key, query_params, require_key
@@ -67,6 +67,21 @@ def write_deferred(node, completion: Completion, method: str, path: str, ops) ->
             completion.finish(*error_response(error, method, path))
 
     node.write_later(ops, done)
+
+
+class DeferredWrite(Later):
+    """A client's write that ``Listen.direct`` queues: answered once it is applied."""
+
+    __slots__ = ("method", "node", "ops", "path")
+
+    def __init__(self, node, method: str, path: str, ops):
+        self.node = node
+        self.method = method
+        self.path = path
+        self.ops = ops
+
+    def start(self, completion: Completion) -> None:
+        write_deferred(self.node, completion, self.method, self.path, self.ops)
 
 
 class GetResource:
@@ -132,14 +147,14 @@ class FastPaths:
             return 200, HEALTHY_HEADERS, HEALTHY
         return None
 
-    def direct(self, method: str, path: str, query: str, header, body: bytes, defer):
+    def direct(self, method: str, path: str, query: str, header, body: bytes, can_defer: bool):
         if header(MAP_HEADER_LOWER) is not None:
             return None
         if method == "GET":
             answer = self._read(path, query)
             if answer is not None:
                 return answer
-        if path != "/set" or defer is None or not self.node.defers_writes:
+        if path != "/set" or not can_defer or not self.node.defers_writes:
             return None
         plain = self._plain_set(method, query)
         if plain is None:
@@ -149,8 +164,7 @@ class FastPaths:
             if len(body) > self.max_value:
                 return None
             value = body
-        write_deferred(self.node, defer(), method, "/set", [Put(Namespace.DATA, key, value)])
-        return DEFERRED
+        return DeferredWrite(self.node, method, "/set", [Put(Namespace.DATA, key, value)])
 
     def __call__(self, environ, start_response):
         if MAP_ENVIRON in environ:

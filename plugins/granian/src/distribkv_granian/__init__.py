@@ -143,6 +143,8 @@ class GranianHandle(ServerHandle):
         self._pending = 0  # handed over to the workers (body reads included), not yet answered
         self._reading: dict[int, _Request] = {}  # bodies being read, for the timeout check
         self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._direct_watcher = None
+        self._defer_direct = self._defer_current  # bound once
         self._base_environ = {
             "SCRIPT_NAME": "",
             "SERVER_NAME": listen.host,
@@ -267,7 +269,7 @@ class GranianHandle(ServerHandle):
             method = scope.method
             path = scope.path
             query = scope.query_string
-            if method == "GET" and self._answer_direct(watcher, scope, _EMPTY):
+            if method == "GET" and self._answer_direct(watcher, scope, method, path, query, _EMPTY):
                 return
             inline = self.inline(method, path, query)
             if inline and method == "GET":
@@ -309,19 +311,21 @@ class GranianHandle(ServerHandle):
             else:
                 watcher.done()
 
-    def _answer_direct(self, watcher, scope, body: bytes) -> bool:
-        """True if ``Listen.direct`` answered the request (or deferred it)."""
+    def _answer_direct(self, watcher, scope, method: str, path: str, query: str, body) -> bool:
+        """True if ``Listen.direct`` answered the request (or deferred it). Only ever called in
+        granian's one Python thread, one request at a time."""
         if self.direct is None:
             return False
+        self._direct_watcher = watcher  # what _defer_direct defers: the request being asked
         answer = self.wrapper.direct(
             self.direct,
-            scope.method,
-            scope.path,
-            scope.query_string,
+            method,
+            path,
+            query,
             scope.headers.get,
             body,
             scope.client.rpartition(":")[0],
-            _Exchange(watcher).defer,
+            self._defer_direct,
         )
         if answer is None:
             return False
@@ -329,6 +333,12 @@ class GranianHandle(ServerHandle):
             watcher.proto.response_bytes(*answer)
             watcher.done()
         return True
+
+    def _defer_current(self) -> _Exchange:
+        """``defer`` for the request :meth:`_answer_direct` is asking about (the serving
+        wrapper calls it, if at all, before it returns): no object per request that is not
+        deferred."""
+        return _Exchange(self._direct_watcher).defer()
 
     def _read_next(self, request: _Request) -> None:
         future = request.watcher.proto.__anext__()
@@ -383,7 +393,9 @@ class GranianHandle(ServerHandle):
             return
         try:
             try:
-                answered = self._answer_direct(watcher, scope, body)
+                answered = self._answer_direct(
+                    watcher, scope, scope.method, scope.path, scope.query_string, body
+                )
             except BaseException:  # the client gets a 500; the traceback goes to the log
                 log.exception("serving %s %s failed", scope.method, scope.path)
                 self._plain(watcher, 500, b"internal error\n")
