@@ -260,16 +260,20 @@ def test_granian_answers_direct_requests_and_refuses_them_once_stopping():
 
     calls = []
     finishers = []
+    release = threading.Event()
 
     class Later201(Later):
         def __init__(self, body):
             self.body = body
 
         def start(self, completion):  # answered from another thread, as the group commit does
-            finisher = threading.Thread(
-                target=completion.finish,
-                args=("201 Created", [("content-type", "text/plain")], b"later|" + self.body),
-            )
+            def finish():
+                release.wait(WAIT)
+                completion.finish(
+                    "201 Created", [("content-type", "text/plain")], b"later|" + self.body
+                )
+
+            finisher = threading.Thread(target=finish)
             finishers.append(finisher)
             finisher.start()
 
@@ -298,9 +302,17 @@ def test_granian_answers_direct_requests_and_refuses_them_once_stopping():
         # A deferred answer, to a request with a body (read whole first), on the same
         # connection.
         conn.request("PUT", "/direct-later", body=b"\x00\xffbody")
+        wrapper = served.handle.wrapper
+        _wait(lambda: len(finishers) == 1, "the deferred request never started")
+        assert wrapper.in_flight == 1  # counted (so a drain waits) until it is answered
+        release.set()
         response = conn.getresponse()
         assert (response.status, response.read()) == (201, b"later|\x00\xffbody")
         assert calls[-1] == ("PUT", "/direct-later", "", None, b"\x00\xffbody")
+        # Answered once: the next request on the connection gets its own answer.
+        conn.request("GET", "/direct?again")
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (200, b"direct|again")
         conn.close()
         for finisher in finishers:
             finisher.join(WAIT)

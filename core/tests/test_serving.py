@@ -384,14 +384,14 @@ def _set_answer(app, node, method, query, headers, body, deferred: bool, environ
     return answer, node.store.get(b"USA"), node.store.get(b"\xff\x00&/ k")
 
 
-def _direct_set_answer(app, node, method, query, headers, body):
-    """A /set through ``Listen.direct`` on a deferring server, as :func:`_set_answer` gives it,
-    or None if it is left to the application."""
+def _direct_set_answer(app, node, method, query, headers, body, can_defer=True):
+    """A /set through ``Listen.direct``, as :func:`_set_answer` gives it, or None if it is
+    left to the application."""
     from distribkv.http.api import Later
 
     completions = Completions()
     header = {k.lower(): v for k, v in headers.items()}.get
-    result = app.direct(method, "/set", query, header, body or b"", True)
+    result = app.direct(method, "/set", query, header, body or b"", can_defer)
     if result is None:
         return None
     assert isinstance(result, Later)
@@ -438,14 +438,16 @@ def test_the_write_fast_path_answers_and_stores_exactly_as_the_application_does(
             node.store.delete(key, sync=False)
         slow = _set_answer(inner, node, method, query, headers, body, deferred, *environ)
         assert fast == slow, (method, query, headers, body, environ)
-        if deferred and not environ:  # a server hands Listen.direct the whole body
+        if not environ:  # a server hands Listen.direct the whole body
             for key in (b"USA", b"\xff\x00&/ k"):
                 node.store.delete(key, sync=False)
-            answer = _direct_set_answer(app, node, method, query, headers, body)
+            # A replica is asked as by a server that defers: it still takes none.
+            can_defer = deferred or not node.is_leader
+            answer = _direct_set_answer(app, node, method, query, headers, body, can_defer)
             if answer is not None:
                 assert answer == slow, (method, query, headers, body)
                 direct.append((method, query))
-    # Listen.direct takes exactly the plain writes, and only where they are deferred.
+    # Listen.direct takes exactly the plain writes, and only a leader's that it can defer.
     plain = [
         ("PUT", OWN),
         ("POST", OWN),
@@ -549,6 +551,77 @@ def test_a_later_direct_answer_is_in_flight_until_its_completion_is_finished():
     assert wrapper.direct(answer, "PUT", "/set", "key=k", {}.get, b"v", "-") is None
     assert wrapper.in_flight == 0 and len(started) == 1
     wrapper.close()
+
+
+def test_a_later_that_raises_is_counted_out_and_a_failed_send_ends_the_request():
+    from distribkv.http.api import DEFERRED, Later
+    from distribkv.server import ServingWrapper
+
+    wrapper = ServingWrapper(lambda environ, start_response: [b""])
+    server = Completions()
+    taken = []
+
+    class Broken(Later):
+        def start(self, completion):
+            taken.append(completion)
+            raise RuntimeError("start failed")
+
+    request = ("PUT", "/set", "key=k", {}.get, b"v", "127.0.0.1", server.defer)
+    with pytest.raises(RuntimeError):
+        wrapper.direct(lambda *args: Broken(), *request)
+    assert wrapper.in_flight == 0
+    taken[0].finish("200 OK", [], b"")  # too late: ignored, and not counted out again
+    assert server.answers == [] and wrapper.in_flight == 0
+
+    def broken(*args):
+        raise RuntimeError("direct failed")
+
+    with pytest.raises(RuntimeError):
+        wrapper.direct(broken, *request)
+    assert wrapper.in_flight == 0
+
+    class Unsendable(Completions):
+        def finish(self, status, headers, body):
+            raise OSError("the client is gone")
+
+    class AtOnce(Later):  # answered before start returns, as a refused write is
+        def start(self, completion):
+            completion.finish("503 Service Unavailable", [], b"")
+
+    gone = Unsendable()
+    result = wrapper.direct(lambda *args: AtOnce(), *request[:-1], gone.defer)
+    assert result is DEFERRED  # a failed send does not reach the server as an error
+    assert wrapper.in_flight == 0
+    wrapper.close()
+
+
+def test_a_direct_write_through_the_wrapper_is_counted_until_the_committer_answers(tmp_path):
+    from distribkv.http.api import DEFERRED
+    from distribkv.server import ServingWrapper
+
+    node = open_node(tmp_path)
+    node_app = create_app(node, forwarding_pool(node))
+    wrapper = ServingWrapper(node_app)
+    counted = []
+
+    class Counted(Completions):
+        def finish(self, status, headers, body):
+            counted.append((wrapper.in_flight, threading.current_thread().name))
+            super().finish(status, headers, body)
+
+    completions = Counted()
+    request = ("PUT", "/set", OWN, {}.get, b"\x00v", "127.0.0.1", completions.defer)
+    assert wrapper.direct(node_app.direct, *request) is DEFERRED
+    assert completions.finished.wait(10), "the direct write was never answered"
+    assert completions.answers[0][0] == "200 OK"
+    assert counted == [(1, "distribkv-commit")]  # answered by the committer, still counted
+    assert node.store.get(b"USA") == b"\x00v"
+    deadline = time.monotonic() + 10
+    while wrapper.in_flight and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert wrapper.in_flight == 0
+    wrapper.close()
+    node.close()
 
 
 def test_a_direct_write_is_left_to_the_application_where_it_is_not_deferred(tmp_path):

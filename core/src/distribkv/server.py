@@ -159,14 +159,14 @@ class ServingWrapper:
                 return None
             self.in_flight += 1
         started = time.monotonic()
-        result = None
         try:
             result = answer(method, path, query, header, body, defer is not None)
-        finally:
-            if result is None:  # no answer, or it failed
-                with self._lock:
-                    self.in_flight -= 1
+        except BaseException:  # the server answers 500; the line says it was not answered here
+            self._finished(client, method, path, "-", started)
+            raise
         if result is None:
+            with self._lock:
+                self.in_flight -= 1
             return None
         if type(result) is tuple:
             self._finished(client, method, path, str(result[0]), started)
@@ -174,11 +174,14 @@ class ServingWrapper:
         call = _DirectCall(self, client, method, path, started)
         try:
             call.completion = defer()
+            result.start(call)
         except BaseException:
-            with self._lock:
-                self.in_flight -= 1
+            # A Later must answer its errors through the completion; one that raised instead
+            # is counted out here, and a later finish of it is ignored.
+            if not call.done:
+                call.done = True
+                self._finished(client, method, path, "-", started)
             raise
-        result.start(call)
         return DEFERRED
 
     def _done(self, environ: dict[str, Any], status: str, started: float) -> None:
@@ -239,7 +242,7 @@ class _DirectCall:
     """A request answered through :meth:`ServingWrapper.direct` later: finishing it also ends
     the request for the wrapper (in-flight count, access log)."""
 
-    __slots__ = ("client", "completion", "method", "path", "started", "wrapper")
+    __slots__ = ("client", "completion", "done", "method", "path", "started", "wrapper")
 
     def __init__(self, wrapper, client: str, method: str, path: str, started: float):
         self.wrapper = wrapper
@@ -248,10 +251,18 @@ class _DirectCall:
         self.path = path
         self.started = started
         self.completion: Completion | None = None
+        self.done = False
 
     def finish(self, status: str, headers: list[tuple[str, str]], body: bytes) -> None:
+        """Send the answer (once: a second finish is ignored); never raises, so a write
+        answered at once (refused before it was queued) is never answered twice."""
+        if self.done:
+            return
+        self.done = True
         try:
             self.completion.finish(status, headers, body)
+        except Exception:  # the client may be gone; the request ends all the same
+            log.exception("sending the answer to %s %s failed", self.method, self.path)
         finally:
             self.wrapper._finished(self.client, self.method, self.path, status, self.started)
 
