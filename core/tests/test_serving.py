@@ -624,6 +624,21 @@ def test_a_direct_write_through_the_wrapper_is_counted_until_the_committer_answe
     node.close()
 
 
+def test_a_direct_write_is_left_to_the_application_while_a_reshard_is_under_way(tmp_path):
+    from distribkv.http.api import Later
+    from distribkv.transition import Transition
+
+    node = open_node(tmp_path)
+    app = create_app(node, forwarding_pool(node))
+    assert isinstance(app.direct("PUT", "/set", OWN, {}.get, b"v", True), Later)
+    # The app's locator and the write guard decide every write while keys move.
+    node.maps.transition = Transition("t1", node.maps.map, node.maps.map, "copy")
+    assert app.direct("PUT", "/set", OWN, {}.get, b"v", True) is None
+    assert app.direct("GET", "/set", OWN + "&value=v", {}.get, b"", True) is None
+    node.maps.transition = None
+    node.close()
+
+
 def test_a_direct_write_is_left_to_the_application_where_it_is_not_deferred(tmp_path):
     node = open_node(tmp_path, min_replicas=1)  # it waits for a replica: never deferred
     app = create_app(node, forwarding_pool(node))
