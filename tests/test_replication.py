@@ -342,7 +342,12 @@ def test_a_promoted_replica_continues_the_history_without_gaps(tmp_path, backend
         assert after["last_seq"] == before["last_seq"] + 10
         assert digest(shard.leader_address)["keys"] == 210
         for address in shard.replica_addresses:
-            status = json.loads(call(address, "GET", "/status").body)["replication"]
-            assert status["resyncs"] == 0 and status["applied_seq"] == after["last_seq"]
+
+            def status(address=address):
+                return json.loads(call(address, "GET", "/status").body)["replication"]
+
+            # A replica counts an entry as applied just after its data lands.
+            wait_until(lambda: status()["applied_seq"] == after["last_seq"], timeout=10)
+            assert status()["resyncs"] == 0
     finally:
         shard.stop_all()
