@@ -121,13 +121,18 @@ def deferred_sets(app, queries: list[str], calls: int) -> tuple[float, float]:
     answers = Answers()
     started = time.perf_counter()
     own = per_call(app, "/set", queries, calls, method="PUT", body=b"v" * 100, defer=answers.defer)
+    return own, until_answered(answers, calls, started, "deferred writes")
+
+
+def until_answered(answers: Answers, calls: int, started: float, what: str) -> float:
+    """Microseconds per write from ``started`` until all ``calls`` are answered (200 each)."""
     deadline = time.monotonic() + 60
     while answers.finished < calls and time.monotonic() < deadline:
         time.sleep(0.001)
     total = (time.perf_counter() - started) / calls * 1e6
     if answers.statuses != {"200 OK": calls}:
-        raise SystemExit(f"deferred writes answered {answers.statuses}")
-    return own, total
+        raise SystemExit(f"{what} answered {answers.statuses}")
+    return total
 
 
 def deferred_direct_sets(app, node_app, queries: list[str], calls: int) -> tuple[float, float]:
@@ -141,13 +146,7 @@ def deferred_direct_sets(app, node_app, queries: list[str], calls: int) -> tuple
         query = queries[i % len(queries)]
         app.direct(node_app.direct, "PUT", "/set", query, header, value, "-", answers.defer)
     own = (time.perf_counter() - started) / calls * 1e6
-    deadline = time.monotonic() + 60
-    while answers.finished < calls and time.monotonic() < deadline:
-        time.sleep(0.001)
-    total = (time.perf_counter() - started) / calls * 1e6
-    if answers.statuses != {"200 OK": calls}:
-        raise SystemExit(f"deferred direct writes answered {answers.statuses}")
-    return own, total
+    return own, until_answered(answers, calls, started, "deferred direct writes")
 
 
 def main() -> int:
