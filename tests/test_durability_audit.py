@@ -5,8 +5,9 @@ sending its 200, the node must have completed an fsync or fdatasync. With ``"asy
 control) no write is flushed before its answer.
 
 One client writes in sequence on one connection, so each request's receipt, flush and answer
-follow each other in the trace. Both servers are audited: waitress answers a write from the
-worker thread that applied it; granian answers it from whichever thread applied its group."""
+follow each other in the trace. Both servers are audited: each answers a write once the
+committer thread has applied its group (waitress from its I/O thread, which the committer
+hands the answer to; granian from the committer thread itself)."""
 
 from __future__ import annotations
 

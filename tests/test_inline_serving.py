@@ -12,7 +12,7 @@ import time
 import falcon
 import pytest
 
-from distribkv.http.api import Listen
+from distribkv.http.api import DEFER, Listen
 from distribkv.plugins import load_plugins
 
 SERVERS = {"waitress": "waitress-", "granian": "distribkv-worker-"}
@@ -44,17 +44,62 @@ class Echo:
         resp.data = req.bounded_stream.read()
 
 
+class Deferring:
+    """Answers later, from a thread of its own once released (as the group commit does), where
+    the server offers ``environ[DEFER]``; with ``?now`` it finishes before it returns (as a
+    write refused at once is). Whatever it answers itself is to be ignored."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.deferred = threading.Semaphore(0)
+        self.finishers: list[threading.Thread] = []
+
+    def on_put(self, req, resp):
+        body = req.bounded_stream.read()
+        text = b"later|" + body
+        answer = (
+            "201 Created",
+            [("Content-Type", "text/plain"), ("Content-Length", str(len(text)))],
+            text,
+        )
+        defer = req.env.get(DEFER)
+        if defer is None:  # served by a worker: answered here
+            resp.status, resp.data = falcon.HTTP_201, text
+            return
+        completion = defer()
+        resp.status, resp.data = falcon.HTTP_500, b"ignored"
+        if req.get_param("now"):
+            completion.finish(*answer)
+            return
+
+        def finish():
+            self.release.wait(WAIT)
+            completion.finish(*answer)
+
+        finisher = threading.Thread(target=finish)
+        self.finishers.append(finisher)
+        finisher.start()
+        self.deferred.release()
+
+
 def read_response(reader) -> bytes:
     """One HTTP/1.1 response with a Content-Length from ``reader``; its body (status 200)."""
+    status, body = read_response_any(reader)
+    assert status == 200, status
+    return body
+
+
+def read_response_any(reader) -> tuple[int, bytes]:
+    """One HTTP/1.1 response with a Content-Length from ``reader``: its status and body."""
     status = reader.readline()
-    assert status.startswith(b"HTTP/1.1 200"), status
+    assert status.startswith(b"HTTP/1.1 "), status
     length = None
     while (line := reader.readline()) not in (b"\r\n", b""):
         name, _, value = line.partition(b":")
         if name.strip().lower() == b"content-length":
             length = int(value)
     assert length is not None
-    return reader.read(length)
+    return int(status.split()[1]), reader.read(length)
 
 
 def fast_is_inline(method: str, path: str, query: str) -> bool:
@@ -63,8 +108,9 @@ def fast_is_inline(method: str, path: str, query: str) -> bool:
 
 class Served:
     def __init__(self, server: str, *, threads: int = 2, **listen):
-        self.slow, self.echo = Slow(), Echo()
+        self.slow, self.echo, self.later = Slow(), Echo(), Deferring()
         app = falcon.App()
+        app.add_route("/later", self.later)
         app.add_route("/fast", Fast())
         app.add_route("/slow", self.slow)
         app.add_route("/echo", self.echo)
@@ -106,6 +152,7 @@ class Served:
 
     def stop(self) -> None:
         self.slow.release.set()
+        self.later.release.set()
         self.handle.stop()
         self.runner.join(timeout=3 * WAIT)
         assert not self.runner.is_alive(), "run() did not return after stop()"
@@ -331,3 +378,92 @@ def test_granian_answers_direct_requests_and_refuses_them_once_stopping():
         assert len(calls) == before
     finally:
         served.stop()
+
+
+def later_is_inline(method: str, path: str, query: str) -> bool:
+    return fast_is_inline(method, path, query) or path == "/later"
+
+
+def test_a_deferred_answer_is_sent_once_in_order_and_counted_until_sent(server):
+    running = Served(server, inline=later_is_inline)
+    later = running.later
+    wrapper = running.handle.wrapper
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=WAIT)
+        conn.request("PUT", "/later", body=b"\x00\xffbody")
+        assert later.deferred.acquire(timeout=WAIT), "the request was never deferred"
+        assert wrapper.in_flight == 1  # counted (so a drain waits) until it is answered
+        # The thread that served it goes on with other connections meanwhile.
+        status, body = running.get("/fast?i=1")
+        assert status == 200 and body.endswith(b"|1")
+        later.release.set()
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (201, b"later|\x00\xffbody")
+        assert response.getheader("content-length") == "12"
+        # Answered once: the next request on the connection gets its own answer.
+        conn.request("GET", "/fast?i=2")
+        response = conn.getresponse()
+        assert response.status == 200 and response.read().endswith(b"|2")
+        # Finished before the application returned (a write refused at once): the same.
+        conn.request("PUT", "/later?now=1", body=b"now")
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (201, b"later|now")
+        conn.request("GET", "/fast?i=3")
+        response = conn.getresponse()
+        assert response.status == 200 and response.read().endswith(b"|3")
+        conn.close()
+        _wait(lambda: wrapper.in_flight == 0, "a deferred request stayed counted")
+        # Pipelined behind a deferred request, a request is answered after it.
+        later.release.clear()
+        raw = (
+            b"PUT /later HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na"
+            b"GET /fast?i=4 HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", running.port), timeout=WAIT) as sock:
+            sock.sendall(raw)
+            threading.Timer(0.2, later.release.set).start()
+            reader = sock.makefile("rb")
+            assert read_response_any(reader) == (201, b"later|a")
+            status, body = read_response_any(reader)
+            assert status == 200 and body.endswith(b"|4")
+        # HTTP/1.0 without keep-alive: the connection closes after the deferred answer.
+        later.release.set()
+        with socket.create_connection(("127.0.0.1", running.port), timeout=WAIT) as sock:
+            sock.sendall(b"PUT /later HTTP/1.0\r\nContent-Length: 3\r\n\r\nabc")
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+        assert received.split(b" ", 2)[1] == b"201" and received.endswith(b"\r\n\r\nlater|abc")
+        for finisher in later.finishers:
+            finisher.join(WAIT)
+        _wait(lambda: wrapper.in_flight == 0, "a deferred request stayed counted")
+    finally:
+        running.stop()
+
+
+def test_a_deferred_answer_to_a_client_that_left_ends_the_request(server):
+    running = Served(server, inline=later_is_inline)
+    later = running.later
+    wrapper = running.handle.wrapper
+    try:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=WAIT) as sock:
+            sock.sendall(b"PUT /later HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na")
+            assert later.deferred.acquire(timeout=WAIT), "the request was never deferred"
+        later.release.set()  # answered after the client went away
+        _wait(lambda: wrapper.in_flight == 0, "the request of a client that left stayed counted")
+        status, body = running.get("/fast?i=5")  # and the server goes on serving
+        assert status == 200 and body.endswith(b"|5")
+    finally:
+        running.stop()
+
+
+def test_waitress_stops_when_asked_while_its_thread_runs_deferred_answers():
+    # A signal handler runs in the serving thread, possibly while that thread runs the trigger's
+    # thunks (the deferred answers), which it does holding the trigger's lock.
+    running = Served("waitress")
+    try:
+        running.handle.server.trigger.pull_trigger(running.handle.stop)
+        running.runner.join(timeout=3 * WAIT)
+        assert not running.runner.is_alive(), "stop() from the serving thread never returned"
+    finally:
+        running.stop()

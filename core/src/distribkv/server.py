@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import functools
 import logging
 import sys
 import threading
@@ -127,12 +128,15 @@ class ServingWrapper:
             # Falcon answers with a list of bytes; materialise anything lazier so the request
             # is finished (and counted as such) when this call returns.
             if not isinstance(body, list):
+                produced = body
                 try:
-                    body = list(body)
+                    body = list(produced)
                 finally:
-                    close = getattr(body, "close", None)
+                    close = getattr(produced, "close", None)
                     if close is not None:
                         close()
+            if call.completion is not None:
+                return []  # deferred: its answer follows; what the application returned is not
             return body
         finally:
             if call.completion is None:
@@ -224,6 +228,8 @@ class _Call:
         self.completion: Completion | None = None
 
     def start_response(self, status, headers, exc_info=None):
+        if self.completion is not None:
+            return _ignore  # deferred: what the application answers itself is ignored
         self.status = status
         return self.start(status, headers, exc_info)
 
@@ -236,6 +242,10 @@ class _Call:
             self.completion.finish(status, headers, body)
         finally:
             self.wrapper._done(self.environ, status, self.started)
+
+
+def _ignore(data: bytes) -> None:
+    pass
 
 
 class _DirectCall:
@@ -272,7 +282,7 @@ ONE_WRITE_LIMIT = 64 * 1024
 
 
 def _channel_class():
-    """waitress's channel, with two changes.
+    """waitress's channel, with three changes.
 
     One piece: a task that hands the header and a small body to the socket buffer in one call.
     waitress appends them in two calls, and its I/O thread, woken by any other connection in
@@ -280,12 +290,55 @@ def _channel_class():
     cost a third of a small GET's throughput under load.
 
     Inline: a request the dispatcher marked (see :class:`_InlineDispatcher`) is served right
-    here in the I/O thread, once ``received`` has parsed it and let go of the channel's lock."""
+    here in the I/O thread, once ``received`` has parsed it and let go of the channel's lock.
+
+    Deferred: a request served inline may be answered later (``environ[DEFER]``, see
+    :mod:`distribkv.http.api`). The I/O thread then goes on with other connections; this one
+    reads nothing more until the answer is sent, so answers stay in request order. Whoever
+    finishes the answer writes it through the request's task (the same headers as any other
+    answer) and wakes the I/O thread to send it."""
     from waitress.channel import HTTPChannel
     from waitress.task import WSGITask
 
-    class OneWriteTask(WSGITask):
+    class NodeTask(WSGITask):
+        completion: _DeferredAnswer | None = None
+        answering = False  # writing the deferred answer (the application's own is ignored)
+
+        def __init__(self, channel, request):
+            super().__init__(channel, request)
+            self.can_defer = channel.serving_inline
+
+        def get_environment(self):
+            environ = super().get_environment()
+            if self.can_defer:
+                environ[DEFER] = self.defer
+            return environ
+
+        def defer(self) -> _DeferredAnswer:
+            self.channel.awaiting = True
+            self.completion = _DeferredAnswer(self)
+            return self.completion
+
+        def execute(self):
+            try:
+                super().execute()
+            except Exception:
+                if self.completion is None:
+                    raise  # waitress answers 500
+                # Deferred: the answer that follows is the only one the client may get.
+                log.exception(
+                    "serving %s %s failed after deferring it",
+                    self.request.command,
+                    self.request.path,
+                )
+
+        def finish(self):
+            if self.completion is None:  # a deferred answer is written when it is finished
+                super().finish()
+
         def write(self, data):
+            if self.completion is not None and not self.answering:
+                return  # what the application writes for a deferred request is ignored
             if (
                 self.complete
                 and not self.wrote_header
@@ -303,9 +356,29 @@ def _channel_class():
                 return
             super().write(data)
 
+        def answer(self, status: str, headers: list[tuple[str, str]], body: bytes) -> None:
+            """Write the deferred answer (in the I/O thread): the node's own answers are well
+            formed and carry a Content-Length, so start_response's checks are not needed."""
+            self.answering = True
+            self.status = status
+            self.complete = True
+            self.response_headers = list(headers)
+            self.content_length = None
+            for name, value in headers:
+                if name.lower() == "content-length":
+                    self.content_length = int(value)
+            if body:
+                self.write(body)
+            super().finish()
+
     class InlineChannel(HTTPChannel):
-        task_class = OneWriteTask
+        task_class = NodeTask
         inline_pending = False
+        serving_inline = False  # the I/O thread is serving this channel's request itself
+        awaiting = False  # a deferred answer is still to be written: read nothing more
+
+        def readable(self):
+            return not self.awaiting and super().readable()
 
         def received(self, data):
             result = super().received(data)
@@ -315,12 +388,59 @@ def _channel_class():
                 # waitress's service() blocks on a full output buffer when more requests are
                 # queued behind this one, and only the I/O thread empties that buffer.
                 if self.connected and len(self.requests) == 1 and not self.total_outbufs_len:
-                    self.service()
+                    self.serving_inline = True
+                    try:
+                        self.service()
+                    finally:
+                        self.serving_inline = False
                 elif self.requests:
                     self.server.task_dispatcher.dispatch(self)
             return result
 
+        def send_deferred(self, task: NodeTask, answer: tuple[str, list, bytes]) -> None:
+            """Write a deferred answer and read the next request (in the I/O thread, which
+            sends it next)."""
+            try:
+                if self.connected:  # else the client is gone: nothing to send it
+                    task.answer(*answer)
+            except Exception:  # the connection goes; the node goes on
+                if self.connected:
+                    log.exception(
+                        "sending the answer to %s %s failed",
+                        task.request.command,
+                        task.request.path,
+                    )
+                task.close_on_finish = True
+            if task.close_on_finish:
+                with self.requests_lock:
+                    self.close_when_flushed = True
+            self.last_activity = time.time()
+            self.awaiting = False
+
     return InlineChannel
+
+
+class _DeferredAnswer:
+    """The completion of a request that waitress serves inline and the application defers.
+    ``finish`` (any thread) hands the answer to the I/O thread, which alone touches the
+    request's channel and task: the one waitress hands it to, after it served the request."""
+
+    __slots__ = ("done", "task")
+
+    def __init__(self, task):
+        self.task = task
+        self.done = False
+
+    def finish(self, status: str, headers: list[tuple[str, str]], body: bytes) -> None:
+        if self.done:
+            return
+        self.done = True
+        channel = self.task.channel
+        send = functools.partial(channel.send_deferred, self.task, (status, headers, body))
+        try:
+            channel.server.trigger.pull_trigger(send)
+        except OSError:  # the server has closed: so has the connection
+            log.debug("the answer to %s came after the server closed", self.task.request.path)
 
 
 class _InlineDispatcher:
@@ -409,7 +529,9 @@ class WaitressHandle(ServerHandle):
         if self._stopping.is_set():
             return
         self._stopping.set()
-        self.server.trigger.pull_trigger(self._close_listener)
+        # Not from here: the serving thread runs the trigger's thunks (deferred answers among
+        # them) holding the trigger's lock, and a signal handler that waited for that lock in
+        # the same thread would wait forever.
         threading.Thread(target=self._drain, name="distribkv-drain", daemon=True).start()
 
     def _close_listener(self) -> None:
@@ -429,6 +551,10 @@ class WaitressHandle(ServerHandle):
 
     def _drain(self) -> None:
         try:
+            try:
+                self.server.trigger.pull_trigger(self._close_listener)
+            except OSError:  # the serving loop has ended: nothing to drain
+                return
             self._wait_idle()
         finally:
             # Whatever happened while waiting, the serving loop must end.
@@ -463,7 +589,9 @@ def _never(method: str, path: str, query: str) -> bool:
 SPEC = ServerSpec(
     name="waitress",
     create=WaitressHandle,
-    description="waitress: pure-Python threaded WSGI server (explicit bind, limits, drain)",
+    description="waitress: pure-Python threaded WSGI server (explicit bind, limits, drain,"
+    " deferred answers)",
+    deferred=True,
 )
 
 
