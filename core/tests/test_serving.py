@@ -154,6 +154,50 @@ def test_a_refusing_wrapper_answers_503_without_calling_the_application():
     assert body == [b"node is stopping\n"] and wrapper.in_flight == 0
 
 
+def test_the_wrapper_ignores_a_deferred_requests_own_answer_and_answers_a_failure_once():
+    from distribkv.http.api import DEFER
+    from distribkv.server import INTERNAL_ERROR, ServingWrapper
+
+    finished = []
+    deferred = []
+
+    class Completion:
+        def finish(self, status, headers, body):
+            finished.append((status, headers, body))
+
+    def app(environ, start_response):
+        deferred.append(environ[DEFER]())
+        if environ["PATH_INFO"] == "/fail":
+            raise RuntimeError("failed after deferring")
+        start_response("500 Internal Server Error", [("Content-Length", "7")])
+        return [b"ignored"]
+
+    wrapper = ServingWrapper(app)
+    started = []
+
+    def start_response(status, headers, exc_info=None):
+        started.append(status)
+
+    def environ(path):
+        return {"PATH_INFO": path, "REQUEST_METHOD": "PUT", DEFER: Completion}
+
+    # Deferred: what the application answers itself goes nowhere; the completion answers.
+    asked = environ("/later")
+    assert wrapper(asked, start_response) == [] and started == []
+    assert DEFER not in asked  # no reference cycle left from the environ to the request
+    assert wrapper.in_flight == 1
+    deferred[0].finish("200 OK", [("Content-Length", "0")], b"")
+    deferred[0].finish("200 OK", [("Content-Length", "0")], b"")  # once only
+    assert wrapper.in_flight == 0 and len(finished) == 1
+    # Deferred, then failed: nothing else can answer it, so the wrapper does, once.
+    with pytest.raises(RuntimeError, match="failed after deferring"):
+        wrapper(environ("/fail"), start_response)
+    assert finished[1] == INTERNAL_ERROR and wrapper.in_flight == 0
+    deferred[1].finish("200 OK", [("Content-Length", "0")], b"")  # too late: ignored
+    assert len(finished) == 2 and wrapper.in_flight == 0
+    wrapper.close()
+
+
 def test_waitress_hands_each_small_response_to_the_socket_in_one_piece(monkeypatch):
     """Header and body in one buffer append: the I/O thread can never send the header alone."""
     app = falcon.App()

@@ -180,9 +180,10 @@ class Node:
         is applied (durably with ``sync``), or ``done(0, error)``, from another thread (or
         from this one, for a write refused before it was queued). Only where
         :attr:`defers_writes`."""
-        if not self.defers_writes:
-            raise RuntimeError(f"{self.name} cannot defer writes")
         try:
+            # Checked again here: a leader that was just demoted answers the write an error.
+            if not self.defers_writes:
+                raise RuntimeError(f"{self.name} cannot defer writes")
             self._leader_log().submit(ops, done, guard=self._write_guard(ops))
         except Exception as exc:  # noqa: BLE001 - handed to the caller's answer
             done(0, exc)

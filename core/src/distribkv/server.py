@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import atexit
 import collections
-import functools
 import logging
+import os
 import sys
 import threading
 import time
@@ -138,7 +138,15 @@ class ServingWrapper:
             if call.completion is not None:
                 return []  # deferred: its answer follows; what the application returned is not
             return body
+        except BaseException:
+            if call.completion is not None:
+                # Deferred, then failed: nothing may answer it any more, so answer it here
+                # (a later finish is ignored).
+                call.finish(*INTERNAL_ERROR)
+            raise
         finally:
+            if server_defer is not None:
+                del environ[DEFER]  # it refers to the call: no reference cycle per request
             if call.completion is None:
                 self._done(environ, call.status, call.started)
 
@@ -216,7 +224,16 @@ class _Call:
     application defers the request, is its completion: finishing it also ends the request for
     the wrapper (in-flight count, access log)."""
 
-    __slots__ = ("completion", "environ", "server_defer", "start", "started", "status", "wrapper")
+    __slots__ = (
+        "completion",
+        "done",
+        "environ",
+        "server_defer",
+        "start",
+        "started",
+        "status",
+        "wrapper",
+    )
 
     def __init__(self, wrapper: ServingWrapper, environ: dict[str, Any], start: Callable):
         self.wrapper = wrapper
@@ -226,6 +243,7 @@ class _Call:
         self.status = "-"
         self.server_defer: Callable[[], Completion] | None = None
         self.completion: Completion | None = None
+        self.done = False
 
     def start_response(self, status, headers, exc_info=None):
         if self.completion is not None:
@@ -238,10 +256,20 @@ class _Call:
         return self
 
     def finish(self, status: str, headers: list[tuple[str, str]], body: bytes) -> None:
+        if self.done:  # once: a second finish would count the request out twice
+            return
+        self.done = True
         try:
             self.completion.finish(status, headers, body)
         finally:
             self.wrapper._done(self.environ, status, self.started)
+
+
+INTERNAL_ERROR = (
+    "500 Internal Server Error",
+    [("Content-Type", "text/plain"), ("Content-Length", "15")],
+    b"internal error\n",
+)
 
 
 def _ignore(data: bytes) -> None:
@@ -376,9 +404,16 @@ def _channel_class():
         inline_pending = False
         serving_inline = False  # the I/O thread is serving this channel's request itself
         awaiting = False  # a deferred answer is still to be written: read nothing more
+        continue_held = False  # a 100 Continue waits for that answer
 
         def readable(self):
             return not self.awaiting and super().readable()
+
+        def send_continue(self):
+            if self.awaiting:  # it would go out before the answer that is still to come
+                self.continue_held = True
+                return
+            super().send_continue()
 
         def received(self, data):
             result = super().received(data)
@@ -416,6 +451,10 @@ def _channel_class():
                     self.close_when_flushed = True
             self.last_activity = time.time()
             self.awaiting = False
+            if self.continue_held:
+                self.continue_held = False
+                if self.connected and not self.close_when_flushed:
+                    self.send_continue()
 
     return InlineChannel
 
@@ -436,11 +475,74 @@ class _DeferredAnswer:
             return
         self.done = True
         channel = self.task.channel
-        send = functools.partial(channel.send_deferred, self.task, (status, headers, body))
-        try:
-            channel.server.trigger.pull_trigger(send)
-        except OSError:  # the server has closed: so has the connection
-            log.debug("the answer to %s came after the server closed", self.task.request.path)
+        channel.server.deferred_answers.add(channel, self.task, (status, headers, body))
+
+
+def _answer_pipe_class():
+    from waitress import wasyncore
+
+    class AnswerPipe(wasyncore.file_dispatcher):
+        """Deferred answers on their way to waitress's I/O thread: a queue, and a pipe that
+        wakes the I/O thread when the queue stops being empty (one wake for a whole group of
+        answers). Not waitress's trigger: that runs its callbacks holding a lock that a
+        signal handler in the same thread may want."""
+
+        def __init__(self, map):
+            self._read_fd, self._write_fd = os.pipe()
+            os.set_blocking(self._write_fd, False)
+            super().__init__(self._read_fd, map=map)
+            self._lock = threading.Lock()
+            self._queued: list = []
+            self._closed = False
+
+        def readable(self):
+            return True
+
+        def writable(self):
+            return False
+
+        def handle_connect(self):
+            pass
+
+        def add(self, channel, task, answer) -> None:
+            with self._lock:
+                if self._closed:  # the server has closed its connections: nothing to send
+                    return
+                self._queued.append((channel, task, answer))
+                if len(self._queued) == 1:
+                    try:
+                        os.write(self._write_fd, b"x")
+                    except BlockingIOError:  # the pipe is full: the I/O thread is woken
+                        pass
+
+        @property
+        def pending(self) -> bool:
+            return bool(self._queued)
+
+        def handle_read(self):
+            try:
+                self.recv(4096)
+            except OSError:
+                pass
+            with self._lock:
+                queued, self._queued = self._queued, []
+            for channel, task, answer in queued:
+                channel.send_deferred(task, answer)
+
+        def handle_close(self):
+            self.close()
+
+        def close(self):
+            with self._lock:
+                if self._closed:
+                    return
+                self._closed = True
+                self._queued = []
+                os.close(self._write_fd)
+                os.close(self._read_fd)
+            super().close()
+
+    return AnswerPipe
 
 
 class _InlineDispatcher:
@@ -501,6 +603,9 @@ class WaitressHandle(ServerHandle):
             _dispatcher=self.dispatcher,
         )
         self.server.channel_class = _channel_class()
+        self.server.deferred_answers = _answer_pipe_class()(self.server._map)
+        self._maintenance = self.server.maintenance
+        self.server.maintenance = self._keep_awaiting_channels
         # A channel's service() wakes the I/O thread when it is done; served inline, the I/O
         # thread is awake already (and looks at every channel again right after).
         self._pull_trigger = self.server.pull_trigger
@@ -509,6 +614,15 @@ class WaitressHandle(ServerHandle):
     @property
     def port(self) -> int:
         return self.server.effective_port
+
+    def _keep_awaiting_channels(self, now: float) -> None:
+        """waitress's clean-up closes each channel with no request that has been quiet for
+        ``channel_timeout``; a channel waiting for a deferred answer is not idle (its request
+        is off waitress's list already)."""
+        for channel in list(self.server.active_channels.values()):
+            if getattr(channel, "awaiting", False):
+                channel.last_activity = now
+        self._maintenance(now)
 
     def _wake_io_thread(self) -> None:
         if threading.get_ident() != self.dispatcher.io_thread:
@@ -544,8 +658,14 @@ class WaitressHandle(ServerHandle):
     def _busy(self) -> bool:
         if self.wrapper.in_flight:
             return True
+        if self.server.deferred_answers.pending:
+            return True
         for channel in list(self.server._map.values()):
-            if getattr(channel, "requests", None) or getattr(channel, "total_outbufs_len", 0):
+            if (
+                getattr(channel, "requests", None)
+                or getattr(channel, "total_outbufs_len", 0)
+                or getattr(channel, "awaiting", False)  # its answer is on its way
+            ):
                 return True
         return False
 
