@@ -332,13 +332,9 @@ def _channel_class():
         completion: _DeferredAnswer | None = None
         answering = False  # writing the deferred answer (the application's own is ignored)
 
-        def __init__(self, channel, request):
-            super().__init__(channel, request)
-            self.can_defer = channel.serving_inline
-
         def get_environment(self):
             environ = super().get_environment()
-            if self.can_defer:
+            if self.channel.serving_inline:  # only the I/O thread may leave a request unanswered
                 environ[DEFER] = self.defer
             return environ
 
