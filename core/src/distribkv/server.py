@@ -323,8 +323,8 @@ def _channel_class():
     Deferred: a request served inline may be answered later (``environ[DEFER]``, see
     :mod:`distribkv.http.api`). The I/O thread then goes on with other connections; this one
     reads nothing more until the answer is sent, so answers stay in request order. Whoever
-    finishes the answer writes it through the request's task (the same headers as any other
-    answer) and wakes the I/O thread to send it."""
+    finishes the answer hands it to the I/O thread (:class:`_DeferredAnswer`), which writes it
+    through the request's task (the same headers as any other answer) and sends it."""
     from waitress.channel import HTTPChannel
     from waitress.task import WSGITask
 
