@@ -150,6 +150,13 @@ class Served:
         finally:
             conn.close()
 
+    def put_deferred(self, body: bytes) -> http.client.HTTPConnection:
+        """A connection whose PUT /later has been deferred (its answer not yet sent)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT)
+        conn.request("PUT", "/later", body=body)
+        assert self.later.deferred.acquire(timeout=WAIT), "the request was never deferred"
+        return conn
+
     def stop(self) -> None:
         self.slow.release.set()
         self.later.release.set()
@@ -389,9 +396,7 @@ def test_a_deferred_answer_is_sent_once_in_order_and_counted_until_sent(server):
     later = running.later
     wrapper = running.handle.wrapper
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=WAIT)
-        conn.request("PUT", "/later", body=b"\x00\xffbody")
-        assert later.deferred.acquire(timeout=WAIT), "the request was never deferred"
+        conn = running.put_deferred(b"\x00\xffbody")
         assert wrapper.in_flight == 1  # counted (so a drain waits) until it is answered
         # The thread that served it goes on with other connections meanwhile.
         status, body = running.get("/fast?i=1")
@@ -459,7 +464,7 @@ def test_a_deferred_answer_to_a_client_that_left_ends_the_request(server):
 
 def test_waitress_stops_when_asked_while_its_thread_runs_deferred_answers():
     # A signal handler runs in the serving thread, possibly while that thread runs the trigger's
-    # thunks (the deferred answers), which it does holding the trigger's lock.
+    # thunks, which it does holding the trigger's lock.
     running = Served("waitress")
     try:
         running.handle.server.trigger.pull_trigger(running.handle.stop)
@@ -473,9 +478,7 @@ def test_stop_sends_the_deferred_answers_still_to_come(server):
     running = Served(server, inline=later_is_inline)
     later = running.later
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=WAIT)
-        conn.request("PUT", "/later", body=b"last")
-        assert later.deferred.acquire(timeout=WAIT), "the request was never deferred"
+        conn = running.put_deferred(b"last")
         running.handle.stop()
         threading.Timer(0.3, later.release.set).start()
         response = conn.getresponse()
@@ -491,9 +494,7 @@ def test_a_deferred_answer_outlasting_the_channel_timeout_is_still_sent(server):
     running = Served(server, inline=later_is_inline, channel_timeout=1.0)
     later = running.later
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=WAIT)
-        conn.request("PUT", "/later", body=b"slow")
-        assert later.deferred.acquire(timeout=WAIT), "the request was never deferred"
+        conn = running.put_deferred(b"slow")
         # Past the timeout and the next clean-up (every second): a connection waiting for
         # its answer is not an idle one.
         time.sleep(2.5)

@@ -460,18 +460,15 @@ class _DeferredAnswer:
     ``finish`` (any thread) hands the answer to the I/O thread, which alone touches the
     request's channel and task: the one waitress hands it to, after it served the request."""
 
-    __slots__ = ("done", "task")
+    __slots__ = ("task",)
 
     def __init__(self, task):
         self.task = task
-        self.done = False
 
     def finish(self, status: str, headers: list[tuple[str, str]], body: bytes) -> None:
-        if self.done:
-            return
-        self.done = True
-        channel = self.task.channel
-        channel.server.deferred_answers.add(channel, self.task, (status, headers, body))
+        # Once: waitress always serves the node through the serving wrapper, whose call
+        # ignores a second finish.
+        self.task.channel.server.deferred_answers.add(self.task, (status, headers, body))
 
 
 def _answer_pipe_class():
@@ -500,11 +497,11 @@ def _answer_pipe_class():
         def handle_connect(self):
             pass
 
-        def add(self, channel, task, answer) -> None:
+        def add(self, task, answer) -> None:
             with self._lock:
                 if self._closed:  # the server has closed its connections: nothing to send
                     return
-                self._queued.append((channel, task, answer))
+                self._queued.append((task, answer))
                 if len(self._queued) == 1:
                     try:
                         os.write(self._write_fd, b"x")
@@ -522,8 +519,8 @@ def _answer_pipe_class():
                 pass
             with self._lock:
                 queued, self._queued = self._queued, []
-            for channel, task, answer in queued:
-                channel.send_deferred(task, answer)
+            for task, answer in queued:
+                task.channel.send_deferred(task, answer)
 
         def handle_close(self):
             self.close()
@@ -639,9 +636,9 @@ class WaitressHandle(ServerHandle):
         if self._stopping.is_set():
             return
         self._stopping.set()
-        # Not from here: the serving thread runs the trigger's thunks (deferred answers among
-        # them) holding the trigger's lock, and a signal handler that waited for that lock in
-        # the same thread would wait forever.
+        # Not from here: the serving thread runs the trigger's thunks holding the trigger's
+        # lock, and a signal handler that waited for that lock in the same thread (as pulling
+        # the trigger with a thunk does) would wait forever.
         threading.Thread(target=self._drain, name="distribkv-drain", daemon=True).start()
 
     def _close_listener(self) -> None:
