@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from cluster import Cluster, write_config
+from cluster import Cluster, call, wait_until, write_config
 
-from distribkv.client import Client, RequestError, Unavailable
+from distribkv.client import Client, RequestError, ServerError, Unavailable
+from distribkv.hashing.shardmap import ShardInfo, ShardMap
+from distribkv.plugins import load_plugins
 
 
 @pytest.fixture(scope="module")
@@ -58,16 +63,87 @@ def test_errors_are_typed(ring_cluster):
 
 
 def test_reads_from_replicas_are_served_by_replicas(ring_cluster):
+    replica = ring_cluster.address("shard-0", "replica-0")
+
+    def replica_readable() -> bool:
+        return json.loads(call(replica, "GET", "/status").body)["replication"]["readable"]
+
+    # A fresh replica reloads the leader's data first; until then it refers reads to the leader.
+    wait_until(replica_readable, 30, message=f"replica {replica} never became readable")
     with Client([ring_cluster.address("shard-1")], read_from_replicas=True) as client:
         keys = [b"r-%d" % i for i in range(60)]
         client.set_many({k: k for k in keys})
         # Replicas may lag a moment: every read eventually sees the write.
-        import time
+        wait_until(lambda: client.get_many(keys) == {k: k for k in keys}, 5)
+        assert client.get(keys[0]) == keys[0]
+        assert client.leader_fallbacks == 0
 
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and client.get_many(keys) != {k: k for k in keys}:
-            time.sleep(0.05)
-        assert client.get_many(keys) == {k: k for k in keys}
+
+class _StubNode(ThreadingHTTPServer):
+    """A node that publishes ``description`` at /cluster and answers everything else with
+    ``answer`` (status, JSON body)."""
+
+    daemon_threads = True
+
+    def __init__(self, host: str, answer: tuple[int, dict | bytes]):
+        self.description: dict = {}
+        self.answer = answer
+        self.paths: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _reply(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                outer.paths.append(self.path)
+                if self.path == "/cluster":
+                    status, body = 200, json.dumps(outer.description).encode()
+                else:
+                    status, payload = outer.answer
+                    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _reply
+
+        super().__init__((host, 0), Handler)
+        self.address = f"{host}:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def test_a_read_a_resyncing_replica_refuses_goes_to_the_leader():
+    leader = _StubNode("127.0.0.116", (200, b"from the leader"))
+    replica = _StubNode(
+        "127.0.0.117",
+        (503, {"error": "replica resyncing", "detail": "reloading", "leader": "x"}),
+    )
+    try:
+        registry = load_plugins()
+        shard_map = ShardMap(
+            [ShardInfo(0, "shard-0", leader.address, (replica.address,), 1.0)],
+            registry.hashing_scheme("modulo"),
+            {},
+        )
+        leader.description = replica.description = shard_map.describe()
+        with Client([replica.address], read_from_replicas=True, registry=registry) as client:
+            assert client.get(b"k") == b"from the leader"
+            assert client.leader_fallbacks == 1
+            assert [p for p in replica.paths if p != "/cluster"] == ["/get?key=k"]
+        # Another 503 is the replica's answer to give, not a reason to ask the leader.
+        replica.answer = (503, {"error": "overloaded", "detail": "busy"})
+        with Client([replica.address], read_from_replicas=True, registry=registry) as client:
+            with pytest.raises(ServerError):
+                client.get(b"k")
+            assert client.leader_fallbacks == 0
+    finally:
+        for stub in (leader, replica):
+            stub.shutdown()
+            stub.server_close()
 
 
 def test_after_the_map_changes_the_client_recovers_unnoticed(tmp_path, backend_name):

@@ -15,7 +15,8 @@ node and retries, so a changed layout is invisible to the caller. Redirects are 
 most ``max_redirects``) in case a node still knows better. Reads are retried with backoff on
 connection errors; writes are retried only when the request could not have been sent, or when
 a reshard answered 503 "moving" (the write was not applied; retried for up to ``move_wait``
-seconds).
+seconds). With ``read_from_replicas``, a read that meets a replica still reloading its data
+(503 "replica resyncing") is sent to the shard's leader instead.
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ class Client:
         #: Requests answered with a redirect or a map mismatch (0 while the map is current).
         self.redirects = 0
         self.map_refreshes = 0
+        #: Reads meant for a replica that went to the leader (the replica was resyncing).
+        self.leader_fallbacks = 0
         self.refresh_map()
 
     # --- the map --------------------------------------------------------------------------
@@ -177,11 +180,18 @@ class Client:
                 if refreshes > 1:
                     time.sleep(0.01 * refreshes)
                 continue
-            if status == 503 and _moving(data) and time.monotonic() < deadline:
+            if status == 503 and _error(data) == "moving" and time.monotonic() < deadline:
                 # A reshard fenced the key for a moment; the request was not applied.
                 attempt += 1
                 time.sleep(min(0.2, 0.01 * 2**attempt))
                 continue
+            if status == 503 and not write and _error(data) == "replica resyncing":
+                leader = self.map.owner_of(key).leader
+                if address != leader:
+                    # The replica's data is incomplete for now; its leader has it all.
+                    self.leader_fallbacks += 1
+                    address = leader
+                    continue
             if status in (307, 308) and redirects < self.max_redirects:
                 self.redirects += 1
                 redirects += 1
@@ -290,11 +300,12 @@ class Client:
         self.close()
 
 
-def _moving(data: bytes) -> bool:
+def _error(data: bytes) -> str | None:
+    """The ``error`` of a node's JSON error answer (None for any other body)."""
     try:
-        return json.loads(data).get("error") == "moving"
+        return json.loads(data).get("error")
     except (ValueError, AttributeError):
-        return False
+        return None
 
 
 def _q(key: bytes) -> str:
