@@ -350,3 +350,47 @@ def test_deferred_writes_queued_when_the_log_closes_are_still_applied_and_answer
     assert leader.committed_seq() == 60
     with pytest.raises(BackendClosedError):
         leader.submit([put(b"late", b"v")], done)
+
+
+def test_a_groups_entries_share_records_and_read_from_any_seq(store):
+    leader = LeaderLog(store, sync=False, replicas=[], retention=1000)
+    leader.write([put(b"first", b"0")])
+    ops = [put(b"k%d" % i, b"v%d" % i) if i % 5 else Delete(DATA, b"k%d" % i) for i in range(150)]
+    assert leader.write(ops) == 151
+    leader.write([put(b"last", b"x")])
+    with store.scan(LOG) as pairs:
+        records = [(raw_seq, len(raw)) for raw_seq, raw in pairs]
+    # One record for each single write, and 64 + 64 + 22 entries for the write of 150 ops.
+    assert [raw_seq for raw_seq, _ in records] == [seq_key(s) for s in (1, 65, 129, 151, 152)]
+    every = leader.entries_after(0, max_entries=1000, max_bytes=1 << 24)
+    assert [e[0] for e in every] == list(range(1, 153))
+    assert [(e[1], e[2], e[3]) for e in every[1:151]] == [
+        (1, op.key, op.value) if isinstance(op, Put) else (0, op.key, None) for op in ops
+    ]
+    for after in (0, 1, 2, 63, 64, 65, 66, 128, 150, 151):
+        assert leader.entries_after(after, max_entries=7, max_bytes=1 << 20) == every[after:][:7]
+    assert leader.entries_after(152, max_entries=7, max_bytes=1 << 20) == []
+    # Bounded in bytes too, and at least one entry.
+    assert len(leader.entries_after(10, max_entries=1000, max_bytes=1)) == 1
+    for seq in (1, 2, 64, 65, 66, 129, 150, 151, 152):
+        assert leader.check_at(seq) == entry_check(*every[seq - 1][1:]), seq
+    assert leader.check_at(153) is None
+    # With no replicas a trim removes every record.
+    assert leader.trim() == 152
+    assert leader.check_at(151) is None
+    leader.write([put(b"after", b"y")])
+    assert [e[0] for e in leader.entries_after(152, max_entries=10, max_bytes=1 << 20)] == [153]
+
+
+def test_a_trim_to_the_middle_of_a_record_keeps_the_rest_of_it(store):
+    leader = LeaderLog(store, sync=False, replicas=["r0"], retention=1000)
+    leader.write([put(b"k%d" % i, b"v") for i in range(100)])  # records end at 64 and 100
+    leader.acknowledge("r0", 70)
+    leader.trim()
+    assert leader.trimmed == 70
+    with store.scan(LOG) as pairs:
+        assert [raw_seq for raw_seq, _ in pairs] == [seq_key(100)]
+    assert [e[0] for e in leader.entries_after(70, max_entries=100, max_bytes=1 << 20)] == list(
+        range(71, 101)
+    )
+    assert leader.check_at(71) is not None

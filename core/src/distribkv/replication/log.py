@@ -1,8 +1,11 @@
 """The leader's replication log, and what every node keeps in its metadata.
 
 Every mutation on a leader gets the next sequence number. The data change, its log entry
-``seq -> (op, key, value, time)`` and the new last seq are written in ONE storage apply, so the
-log can never disagree with the data. A random history id, made when a data directory is
+``(op, key, value, time)`` and the new last seq are written in ONE storage apply, so the log
+can never disagree with the data. The entries of one group commit share log records (at most
+``RECORD_ENTRIES`` each), stored under the seq of their last entry: a record of one entry is
+the entry itself, a record of several is the list of them. A scan from seq N's key therefore
+starts at the record that holds N. A random history id, made when a data directory is
 created, tells replicas whether they follow the same history.
 
 Replication transports only move entries; this module owns the order, the progress of every
@@ -42,6 +45,8 @@ SNAPSHOT_SEQ = b"snapshot_seq"  # replica: consistent once applied >= this
 APPLIED_CHECK = b"applied_check"  # replica: entry_check of the entry at APPLIED
 
 OP_DELETE, OP_PUT = 0, 1
+#: Most entries in one log record (the entries of a group commit share records).
+RECORD_ENTRIES = 64
 
 
 def seq_key(seq: int) -> bytes:
@@ -62,10 +67,28 @@ def ensure_history(store: Store, *, sync: bool) -> str:
     return raw.decode()
 
 
-def encode_entry(op: Op, now_ms: int) -> bytes:
+def _entry_fields(op: Op, now_ms: int) -> list:
     if type(op) is Put:
-        return msgpack.packb([OP_PUT, op.key, op.value, now_ms], use_bin_type=True)
-    return msgpack.packb([OP_DELETE, op.key, None, now_ms], use_bin_type=True)
+        return [OP_PUT, op.key, op.value, now_ms]
+    return [OP_DELETE, op.key, None, now_ms]
+
+
+def encode_entry(op: Op, now_ms: int) -> bytes:
+    return msgpack.packb(_entry_fields(op, now_ms), use_bin_type=True)
+
+
+def encode_record(ops: Sequence[Op], now_ms: int) -> bytes:
+    """The log record of consecutive entries: one entry as itself, several as their list."""
+    if len(ops) == 1:
+        return encode_entry(ops[0], now_ms)
+    return msgpack.packb([_entry_fields(op, now_ms) for op in ops], use_bin_type=True)
+
+
+def decode_record(raw_seq: bytes, raw: bytes) -> tuple[int, list[list]]:
+    """(seq of the first entry, the entries as [op, key, value, ts]) of one log record."""
+    data = msgpack.unpackb(raw, raw=False)
+    entries = data if data and type(data[0]) is list else [data]
+    return _SEQ.unpack(raw_seq)[0] - len(entries) + 1, entries
 
 
 def entry_check(op: int, key: bytes, value: bytes | None, ts: int) -> int:
@@ -73,11 +96,6 @@ def entry_check(op: int, key: bytes, value: bytes | None, ts: int) -> int:
     compares it with its own entry at that seq, so a leader that lost a suffix of its log and
     reused those sequence numbers is noticed instead of silently diverging."""
     return xxh3_64_intdigest(msgpack.packb([op, key, value, ts], use_bin_type=True))
-
-
-def decode_entry(raw: bytes) -> tuple[int, bytes, bytes | None, int]:
-    op, key, value, ts = msgpack.unpackb(raw, raw=False)
-    return op, key, value, ts
 
 
 def entry_op(op: int, key: bytes, value: bytes | None) -> Op:
@@ -348,12 +366,18 @@ class LeaderLog:
             seq = self.last_seq
             batch: list[Op] = []
             seqs = []
+            record: list[Op] = []
             for request in group:
                 for op in request.ops:
                     seq += 1
                     batch.append(op)
-                    batch.append(Put(LOG, seq_key(seq), encode_entry(op, now_ms)))
+                    record.append(op)
+                    if len(record) == RECORD_ENTRIES:
+                        batch.append(Put(LOG, seq_key(seq), encode_record(record, now_ms)))
+                        record = []
                 seqs.append(seq)
+            if record:
+                batch.append(Put(LOG, seq_key(seq), encode_record(record, now_ms)))
             batch.append(Put(META, LAST_SEQ, seq_key(seq)))
             self.store.apply(batch, sync=self.sync)
         except Exception as exc:  # noqa: BLE001 - handed to the writer, which raises it
@@ -370,10 +394,18 @@ class LeaderLog:
             request.seq = last
             request.done = True
 
+    def entry_at(self, seq: int) -> list | None:
+        """The entry at ``seq`` as [op, key, value, ts], or None when it is not in the log."""
+        with self.store.scan(LOG, seq_key(seq), limit=1) as pairs:
+            for raw_seq, raw in pairs:
+                first, entries = decode_record(raw_seq, raw)
+                return entries[seq - first] if first <= seq else None
+        return None
+
     def check_at(self, seq: int) -> int | None:
         """entry_check of the entry at ``seq``, or None when it is not in the log."""
-        raw = self.store.get(seq_key(seq), LOG)
-        return None if raw is None else entry_check(*decode_entry(raw))
+        entry = self.entry_at(seq)
+        return None if entry is None else entry_check(*entry)
 
     def committed_seq(self) -> int:
         """The last seq, once every write queued before this call is applied: each of them
@@ -398,11 +430,14 @@ class LeaderLog:
         size = 0
         with self.store.scan(LOG, seq_key(after + 1), limit=max_entries) as pairs:
             for raw_seq, raw in pairs:
-                op, key, value, ts = decode_entry(raw)
-                size += len(key) + len(value or b"") + 24
-                if out and size > max_bytes:
-                    break
-                out.append((_SEQ.unpack(raw_seq)[0], op, key, value, ts))
+                first, entries = decode_record(raw_seq, raw)
+                for seq, (op, key, value, ts) in enumerate(entries, first):
+                    if seq <= after:
+                        continue  # the record began before the entries asked for
+                    size += len(key) + len(value or b"") + 24
+                    if out and (size > max_bytes or len(out) >= max_entries):
+                        return out
+                    out.append((seq, op, key, value, ts))
         return out
 
     def wait_for_entries(self, after: int, timeout: float) -> bool:
@@ -503,10 +538,10 @@ class LeaderLog:
             return None
         if acked >= self.last_seq:
             return 0.0
-        raw = self.store.get(seq_key(acked + 1), LOG)
-        if raw is None:
+        entry = self.entry_at(acked + 1)
+        if entry is None:
             return None
-        return max(0.0, time.time() - decode_entry(raw)[3] / 1000)
+        return max(0.0, time.time() - entry[3] / 1000)
 
     def status(self) -> dict:
         now = time.time()
