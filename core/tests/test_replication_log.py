@@ -14,6 +14,7 @@ from distribkv.replication.log import (
     LAST_SEQ,
     LeaderLog,
     apply_entries,
+    encode_record,
     entry_check,
     seq_key,
 )
@@ -394,3 +395,39 @@ def test_a_trim_to_the_middle_of_a_record_keeps_the_rest_of_it(store):
         range(71, 101)
     )
     assert leader.check_at(71) is not None
+
+
+def test_large_values_get_records_of_their_own(store):
+    leader = LeaderLog(store, sync=False, replicas=[], retention=1000)
+    big, medium = b"b" * 100_000, b"m" * 40_000
+    ops = [put(b"a", medium), put(b"b", medium), put(b"c", big), put(b"d", b"x"), put(b"e", b"y")]
+    assert leader.write(ops) == 5
+    with store.scan(LOG) as pairs:
+        # 40 KB + 40 KB would pass 64 KiB: a record each; the 100 KB value alone; then the rest.
+        assert [raw_seq for raw_seq, _ in pairs] == [seq_key(s) for s in (1, 2, 3, 5)]
+    assert [e[3] for e in leader.entries_after(0, max_entries=10, max_bytes=1 << 24)] == [
+        op.value for op in ops
+    ]
+
+
+def test_entries_are_handed_out_in_order_without_repeats_or_holes(store):
+    leader = LeaderLog(store, sync=False, replicas=["r0"], retention=1000)
+    for i in range(1, 11):
+        leader.write([put(b"k%d" % i, b"v%d" % i)])
+    # A record that overlaps the ones before it never makes a seq come twice.
+    overlapping = encode_record([put(b"k%d" % i, b"old") for i in (2, 3, 4)], 0)
+    store.apply([Put(LOG, seq_key(4), overlapping)], sync=False)
+    entries = leader.entries_after(0, max_entries=100, max_bytes=1 << 20)
+    assert [e[0] for e in entries] == list(range(1, 11))
+    # A hole stops the read before it instead of skipping a seq.
+    store.apply([Delete(LOG, seq_key(7))], sync=False)
+    assert [e[0] for e in leader.entries_after(0, max_entries=100, max_bytes=1 << 20)] == list(
+        range(1, 7)
+    )
+    # An entry that is trimmed is not in the log, even while its record is kept.
+    leader.write([put(b"k%d" % i, b"w") for i in range(11, 21)])  # one record: 11..20
+    leader.acknowledge("r0", 15)
+    leader.trim()
+    assert leader.trimmed == 15
+    assert leader.check_at(15) is None
+    assert leader.check_at(16) is not None
