@@ -180,12 +180,13 @@ class Client:
                 if refreshes > 1:
                     time.sleep(0.01 * refreshes)
                 continue
-            if status == 503 and _error(data) == "moving" and time.monotonic() < deadline:
+            error = _error(data) if status == 503 else None
+            if error == "moving" and time.monotonic() < deadline:
                 # A reshard fenced the key for a moment; the request was not applied.
                 attempt += 1
                 time.sleep(min(0.2, 0.01 * 2**attempt))
                 continue
-            if status == 503 and not write and _error(data) == "replica resyncing":
+            if error == "replica resyncing" and not write:
                 leader = self.map.owner_of(key).leader
                 if address != leader:
                     # The replica's data is incomplete for now; its leader has it all.

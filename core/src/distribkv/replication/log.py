@@ -77,15 +77,10 @@ def _entry_fields(op: Op, now_ms: int) -> list:
     return [OP_DELETE, op.key, None, now_ms]
 
 
-def encode_entry(op: Op, now_ms: int) -> bytes:
-    return msgpack.packb(_entry_fields(op, now_ms), use_bin_type=True)
-
-
 def encode_record(ops: Sequence[Op], now_ms: int) -> bytes:
     """The log record of consecutive entries: one entry as itself, several as their list."""
-    if len(ops) == 1:
-        return encode_entry(ops[0], now_ms)
-    return msgpack.packb([_entry_fields(op, now_ms) for op in ops], use_bin_type=True)
+    entries = [_entry_fields(op, now_ms) for op in ops]
+    return msgpack.packb(entries[0] if len(entries) == 1 else entries, use_bin_type=True)
 
 
 def decode_record(raw_seq: bytes, raw: bytes) -> tuple[int, list[list]]:
