@@ -431,3 +431,53 @@ def test_entries_are_handed_out_in_order_without_repeats_or_holes(store):
     assert leader.trimmed == 15
     assert leader.check_at(15) is None
     assert leader.check_at(16) is not None
+
+
+def test_a_trim_deletes_the_records_there_are_and_every_seq_only_before_start_up(
+    store, monkeypatch
+):
+    before = LeaderLog(store, sync=False, replicas=[], retention=1000)
+    for i in range(10):
+        before.write([put(b"old%d" % i, b"v")])  # records 1..10, then a restart
+    leader = LeaderLog(store, sync=False, replicas=[], retention=1000)
+    leader.write([put(b"k%d" % i, b"v") for i in range(20)])  # one record: 11..30
+    for i in range(5):
+        leader.write([put(b"s%d" % i, b"v")])  # records 31..35
+    applied = []
+    real_apply = store.apply
+
+    def spy(ops, *, sync):
+        applied.append(list(ops))
+        return real_apply(ops, sync=sync)
+
+    monkeypatch.setattr(store, "apply", spy)
+    monkeypatch.setattr("distribkv.replication.log.TRIM_BATCH", 4)
+    assert leader.trim() == 35
+    deleted = [op.key for ops in applied for op in ops if type(op) is Delete]
+    # Before start-up every seq's key, after it only the records' keys; 4 at most per apply.
+    assert deleted == [seq_key(s) for s in (*range(1, 11), 30, 31, 32, 33, 34, 35)]
+    assert all(len([op for op in ops if type(op) is Delete]) <= 4 for ops in applied)
+    floors = [op.value for ops in applied for op in ops if type(op) is Put]
+    assert floors == [seq_key(s) for s in (4, 8, 10, 33, 35)]
+    with store.scan(LOG) as pairs:
+        assert list(pairs) == []
+    assert leader.trimmed == 35 and leader.trim() == 0
+
+
+def test_records_of_an_interrupted_apply_are_trimmed_too(store, monkeypatch):
+    leader = LeaderLog(store, sync=False, replicas=[], retention=1000)
+    leader.write([put(b"a", b"1")])
+    real_apply = store.apply
+
+    def interrupted(ops, *, sync):
+        real_apply(ops, sync=sync)  # it happened, but the writer never learns it did
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store, "apply", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        leader.write([put(b"b", b"2")])
+    monkeypatch.setattr(store, "apply", real_apply)
+    assert leader.write([put(b"c", b"3")]) == 3  # the next write reads the last seq again
+    assert leader.trim() == 3
+    with store.scan(LOG) as pairs:
+        assert list(pairs) == []

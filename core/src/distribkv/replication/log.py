@@ -15,6 +15,7 @@ replica (for trimming and for ``min_replicas``) and the snapshot pages of a full
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -51,6 +52,8 @@ RECORD_ENTRIES = 64
 #: Most bytes of keys and values in one record of several entries (a larger entry has a
 #: record of its own).
 RECORD_BYTES = 64 * 1024
+#: Most log records one trim deletes in one storage apply.
+TRIM_BATCH = 1000
 
 
 def seq_key(seq: int) -> bytes:
@@ -155,6 +158,12 @@ class LeaderLog:
         self._adopt_followed_history()
         self.last_seq = read_seq(store, LAST_SEQ)
         self.trimmed = read_seq(store, TRIMMED)
+        # The keys of the log records written since start-up, oldest first, so that a trim
+        # deletes the records there are (one per group commit), not every seq. Below
+        # ``_unlisted_upto`` records may exist that are not listed (written before start-up, or
+        # by an interrupted apply): a trim deletes every seq there.
+        self._records: collections.deque[int] = collections.deque()
+        self._unlisted_upto = self.last_seq
         self.last_write_ms = int(time.time() * 1000)
         self.group_commit = group_commit
         self._queue_lock = threading.Lock()
@@ -360,11 +369,13 @@ class LeaderLog:
         try:
             if self._seq_unknown:
                 self.last_seq = read_seq(self.store, LAST_SEQ)
+                self._unlisted_upto = max(self._unlisted_upto, self.last_seq)
                 self._seq_unknown = False
             now_ms = int(time.time() * 1000)
             seq = self.last_seq
             batch: list[Op] = []
             seqs = []
+            records = []
             record: list[Op] = []
             record_bytes = 0
             for request in group:
@@ -374,6 +385,7 @@ class LeaderLog:
                         len(record) == RECORD_ENTRIES or record_bytes + size > RECORD_BYTES
                     ):
                         batch.append(Put(LOG, seq_key(seq), encode_record(record, now_ms)))
+                        records.append(seq)
                         record, record_bytes = [], 0
                     seq += 1
                     batch.append(op)
@@ -382,6 +394,7 @@ class LeaderLog:
                 seqs.append(seq)
             if record:
                 batch.append(Put(LOG, seq_key(seq), encode_record(record, now_ms)))
+                records.append(seq)
             batch.append(Put(META, LAST_SEQ, seq_key(seq)))
             self.store.apply(batch, sync=self.sync)
         except Exception as exc:  # noqa: BLE001 - handed to the writer, which raises it
@@ -392,6 +405,7 @@ class LeaderLog:
             for request in group:  # find the write that failed; the others go through
                 self._flush([request])
             return
+        self._records.extend(records)
         self.last_seq = seq
         self.last_write_ms = now_ms
         for request, last in zip(group, seqs, strict=True):
@@ -536,12 +550,25 @@ class LeaderLog:
         # make it start over forever.
         target = min([target, last, *resyncing])
         removed = 0
+        records = self._records
         while self.trimmed < target:
-            upto = min(target, self.trimmed + 1000)
             # Records are keyed by their last seq: this removes those that end at upto or before
-            # (one that straddles upto stays, for the entries after it). Deleting blindly reads
-            # no record, however large its values.
-            ops: list[Op] = [Delete(LOG, seq_key(s)) for s in range(self.trimmed + 1, upto + 1)]
+            # (one that straddles upto stays, for the entries after it), by key, so that it
+            # reads no record, however large its values.
+            unlisted = min(target, self._unlisted_upto)
+            if self.trimmed < unlisted:  # records not listed: every seq's key, in case
+                upto = min(unlisted, self.trimmed + TRIM_BATCH)
+                ops: list[Op] = [Delete(LOG, seq_key(s)) for s in range(self.trimmed + 1, upto + 1)]
+                while records and records[0] <= upto:
+                    records.popleft()  # deleted with the others
+            else:
+                upto, ops, deleted = target, [], self.trimmed
+                while records and records[0] <= target:
+                    if len(ops) == TRIM_BATCH:
+                        upto = deleted  # the rest in the next apply
+                        break
+                    deleted = records.popleft()
+                    ops.append(Delete(LOG, seq_key(deleted)))
             ops.append(Put(META, TRIMMED, seq_key(upto)))
             # Announce the new floor first, so a pull never finds a hole in what it was told.
             previous, self.trimmed = self.trimmed, upto

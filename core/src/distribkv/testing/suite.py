@@ -540,6 +540,37 @@ class TestDurability:
         else:
             assert syncs == [], f"async applies flushed: {syncs[:5]}"
 
+    def test_other_threads_run_while_a_synced_apply_waits_for_the_disk(self, store):
+        """A node serves every request from threads of one process: an engine that held the
+        GIL through its fsync would stop them all (reads too) for each durable write."""
+        needs_persistence(store)
+        count = 40
+        ran = 0
+        stop = threading.Event()
+
+        def other() -> None:
+            nonlocal ran
+            while not stop.is_set():
+                ran += 1
+                time.sleep(0)  # lets go of the GIL: the applying thread goes on when it can
+
+        interval = sys.getswitchinterval()
+        # No forced switches during the applies: the other thread runs only when the applying
+        # thread lets go of the GIL itself.
+        sys.setswitchinterval(60)
+        thread = threading.Thread(target=other, daemon=True)
+        try:
+            thread.start()
+            before = ran
+            for i in range(count):
+                store.apply([Put(DATA, b"k%d" % i, b"v" * 100)], sync=True)
+            during = ran - before
+        finally:
+            stop.set()
+            sys.setswitchinterval(interval)
+            thread.join(timeout=10)
+        assert during >= count // 2, f"another thread ran {during} times during {count} applies"
+
 
 class TestCorruption:
     def test_flipped_bytes_in_data_files_are_errors_never_wrong_values(
