@@ -60,11 +60,10 @@ class RocksDBEngine(StorageEngine):
             raise from_status(str(exc), f"opening RocksDB at {path}") from exc
         self._read = rocksdict.ReadOptions()
         self._read.set_verify_checksums(True)
-        self._write = {}
-        for sync in (False, True):
-            options = rocksdict.WriteOptions()
-            options.sync = sync
-            self._write[sync] = options
+        # Every write goes to the WAL unsynced; a synced apply then syncs the WAL (see apply).
+        self._write = rocksdict.WriteOptions()
+        self._write.sync = False
+        self._sync_failed: str | None = None
         self._gate = CallGate(f"the rocksdb backend at {path}")
 
     def _error(self, exc: Exception, doing: str) -> StorageError:
@@ -98,16 +97,27 @@ class RocksDBEngine(StorageEngine):
                     batch.put(op.key, op.value, handles[op.ns])
                 else:
                     batch.delete(op.key, handles[op.ns])
+            if self._sync_failed is not None:
+                raise StorageError(
+                    f"RocksDB at {self._path} takes no more writes: a WAL sync failed"
+                    f" ({self._sync_failed}); reopen it to recover what reached the disk"
+                )
             try:
                 # rocksdict holds the GIL for a whole write, its fsync included, which would
                 # stop every other thread of the node (reads too) for each synced write. Its
                 # flush_wal lets go of the GIL: a write then a WAL sync is as durable on
                 # return, and readable from the write on (a moment before it is durable).
-                self._db.write(batch, self._write[False])
-                if sync:
-                    self._db.flush_wal(True)
+                self._db.write(batch, self._write)
             except Exception as exc:
                 raise self._error(exc, "write") from exc
+            if sync:
+                try:
+                    self._db.flush_wal(True)
+                except Exception as exc:
+                    # The write is in the memtable but maybe not on disk: no later write may be
+                    # acknowledged as if the log before it were durable.
+                    self._sync_failed = str(exc)
+                    raise self._error(exc, "syncing the WAL") from exc
 
     def scan(self, ns, start=None, stop=None, *, limit=None) -> Scan:
         with self._gate:
