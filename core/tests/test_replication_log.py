@@ -20,7 +20,7 @@ from distribkv.replication.log import (
 )
 from distribkv.replication.logtransport import divergence
 from distribkv.storage.api import Delete, Namespace, Put
-from distribkv.storage.errors import InvalidKeyError
+from distribkv.storage.errors import InvalidKeyError, StorageFullError
 from distribkv.storage.store import open_store
 
 DATA, LOG, META = Namespace.DATA, Namespace.LOG, Namespace.META
@@ -481,3 +481,41 @@ def test_records_of_an_interrupted_apply_are_trimmed_too(store, monkeypatch):
     assert leader.trim() == 3
     with store.scan(LOG) as pairs:
         assert list(pairs) == []
+
+
+def test_a_failed_trim_deletes_nothing_and_the_next_one_does_it_all(store, monkeypatch):
+    leader = LeaderLog(store, sync=False, replicas=[], retention=1000)
+    for i in range(5):
+        leader.write([put(b"k%d" % i, b"v")])
+    real_apply = store.apply
+
+    def full(ops, *, sync):
+        raise StorageFullError("disk full")
+
+    monkeypatch.setattr(store, "apply", full)
+    with pytest.raises(StorageFullError):
+        leader.trim()
+    assert leader.trimmed == 0  # the floor went back: the records are all still there
+    assert [e[0] for e in leader.entries_after(0, max_entries=10, max_bytes=1 << 20)] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
+    monkeypatch.setattr(store, "apply", real_apply)
+    assert leader.trim() == 5
+    with store.scan(LOG) as pairs:
+        assert list(pairs) == []
+
+
+def test_entries_of_a_group_not_yet_applied_are_not_handed_out(store):
+    leader = LeaderLog(store, sync=False, replicas=["r0"], retention=1000)
+    leader.write([put(b"a", b"1"), put(b"b", b"2")])
+    # A group being applied: its record is readable before its apply returns (RocksDB: before
+    # its WAL sync), and last_seq does not count it yet.
+    store.apply(
+        [Put(LOG, seq_key(4), encode_record([put(b"c", b"3"), put(b"d", b"4")], 0))], sync=False
+    )
+    assert [e[0] for e in leader.entries_after(0, max_entries=10, max_bytes=1 << 20)] == [1, 2]
+    assert leader.entries_after(2, max_entries=10, max_bytes=1 << 20) == []

@@ -368,8 +368,10 @@ class LeaderLog:
     def _flush(self, group: list[_Pending]) -> None:
         try:
             if self._seq_unknown:
-                self.last_seq = read_seq(self.store, LAST_SEQ)
-                self._unlisted_upto = max(self._unlisted_upto, self.last_seq)
+                stored = read_seq(self.store, LAST_SEQ)
+                # Unlisted first: a trim that sees the new last seq must see this too.
+                self._unlisted_upto = max(self._unlisted_upto, stored)
+                self.last_seq = stored
                 self._seq_unknown = False
             now_ms = int(time.time() * 1000)
             seq = self.last_seq
@@ -446,10 +448,14 @@ class LeaderLog:
     def entries_after(
         self, after: int, *, max_entries: int, max_bytes: int
     ) -> list[tuple[int, int, bytes, bytes | None, int]]:
-        """Entries with seq > after, in order, bounded in count and bytes (at least one)."""
+        """Entries with seq > after, in order, bounded in count and bytes (at least one); only
+        applied ones (<= last_seq). A group's records can be readable before its apply returns
+        (RocksDB: before its WAL sync), and nothing is handed out before it is acknowledged."""
         out = []
         size = 0
-        with self.store.scan(LOG, seq_key(after + 1), limit=max_entries) as pairs:
+        # Every record of an applied group is keyed <= last_seq, every other one above it.
+        stop = seq_key(self.last_seq + 1)
+        with self.store.scan(LOG, seq_key(after + 1), stop, limit=max_entries) as pairs:
             last = after
             for raw_seq, raw in pairs:
                 first, entries = decode_record(raw_seq, raw)
@@ -572,7 +578,14 @@ class LeaderLog:
             ops.append(Put(META, TRIMMED, seq_key(upto)))
             # Announce the new floor first, so a pull never finds a hole in what it was told.
             previous, self.trimmed = self.trimmed, upto
-            self.store.apply(ops, sync=False)
+            try:
+                self.store.apply(ops, sync=False)
+            except BaseException:
+                # Nothing was deleted: the floor goes back, and the next trim deletes every seq's
+                # key up to upto (the records taken from the list above are still there).
+                self._unlisted_upto = max(self._unlisted_upto, upto)
+                self.trimmed = previous
+                raise
             removed += upto - previous
         return removed
 
