@@ -91,17 +91,17 @@ class RocksDBEngine(StorageEngine):
     def apply(self, ops: Iterable[Op], *, sync: bool) -> None:
         handles = self._handles
         with self._gate:
+            if self._sync_failed is not None:
+                raise StorageError(
+                    f"RocksDB at {self._path} takes no more writes: a WAL sync failed"
+                    f" ({self._sync_failed}); reopen it to recover what reached the disk"
+                )
             batch = rocksdict.WriteBatch(raw_mode=True)
             for op in ops:
                 if type(op) is Put:
                     batch.put(op.key, op.value, handles[op.ns])
                 else:
                     batch.delete(op.key, handles[op.ns])
-            if self._sync_failed is not None:
-                raise StorageError(
-                    f"RocksDB at {self._path} takes no more writes: a WAL sync failed"
-                    f" ({self._sync_failed}); reopen it to recover what reached the disk"
-                )
             try:
                 # rocksdict holds the GIL for a whole write, its fsync included, which would
                 # stop every other thread of the node (reads too) for each synced write. Its
