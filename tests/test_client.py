@@ -185,7 +185,17 @@ def test_the_command_line_uses_the_client(ring_cluster):
     missing = run("get", "cli key", "--node", node_a)
     assert missing.returncode == 1 and b"is not set" in missing.stderr
     assert run("set", "00ff", "0001", "--hex", "--node", node_a).returncode == 0
-    assert run("get", "00ff", "--hex", "--node", node_b).stdout == b"\x00\x01"
+    assert run("get", "00ff", "--hex", "--node", node_b).stdout == b"0001\n"
+    # Bad input is a one-line error naming what is wrong, not a traceback.
+    for args, named in (
+        (["set", "zz", "00", "--hex"], b"KEY 'zz' is not hexadecimal"),
+        (["set", "00", "0g", "--hex"], b"VALUE '0g' is not hexadecimal"),
+        (["get", "k", "--node", "127.0.0.2"], b"malformed address '127.0.0.2'"),
+        (["get", "k", "--node", "foo:bar"], b"malformed address 'foo:bar'"),
+    ):
+        bad = run(*args, *([] if "--node" in args else ["--node", node_a]))
+        assert bad.returncode == 2 and named in bad.stderr, bad.stderr
+        assert b"Traceback" not in bad.stderr
     # Arguments that are not UTF-8 are taken as the exact bytes given.
     assert run("set", b"raw \xff key", b"raw \xfe value", "--node", node_a).returncode == 0
     assert run("get", b"raw \xff key", "--node", node_b).stdout == b"raw \xfe value"

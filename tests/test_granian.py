@@ -14,7 +14,9 @@ pytest.importorskip("distribkv_granian")
 
 # The same tests as over waitress, collected again here with this module's clusters.
 from test_node import (  # noqa: F401
+    test_a_body_over_a_limit_is_refused_by_its_length_before_it_is_sent,
     test_a_key_set_through_any_node_is_read_through_any_node,
+    test_a_method_a_route_does_not_take_is_405_naming_the_allowed_ones,
     test_a_replica_refuses_writes_and_points_to_its_leader,
     test_a_request_routed_with_another_map_gets_409,
     test_a_value_over_the_limit_is_refused_before_the_body_is_read,

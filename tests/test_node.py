@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 import subprocess
 import sys
+import time
 
 import msgpack
 import pytest
@@ -153,7 +155,9 @@ def test_values_in_the_query_string_are_bytes_too(redirect_cluster):
         ("/get?key=a&key=b", 400, "bad request"),
         ("/get?key=never-written-USA", None, "not found"),
         ("/set?key=USA", 400, "missing value"),
-        ("/nowhere", 404, None),
+        ("/nowhere", 404, "not found"),
+        ("/get?key=%ZZ", 400, "bad request"),
+        ("/get?key=ab%", 400, "bad request"),
     ],
 )
 def test_bad_requests_get_real_status_codes_with_json(redirect_cluster, target, status, error):
@@ -164,12 +168,64 @@ def test_bad_requests_get_real_status_codes_with_json(redirect_cluster, target, 
         assert body["error"] == error
 
 
+def test_a_method_a_route_does_not_take_is_405_naming_the_allowed_ones(redirect_cluster):
+    response = call(leaders(redirect_cluster)[0], "PATCH", "/get?key=USA")
+    assert response.status == 405
+    body = json.loads(response.body)
+    assert body["error"] == "method not allowed"
+    assert "PATCH is not allowed on /get" in body["detail"] and "GET" in body["detail"]
+
+
 def test_a_value_over_the_limit_is_refused_before_the_body_is_read(redirect_cluster):
     node = leaders(redirect_cluster)[0]
     response = call(node, "PUT", "/set?key=USA", body=b"x" * 100_001)
     assert response.status == 413
     assert json.loads(response.body)["error"] == "value too large"
     assert call(node, "PUT", "/set?key=USA", body=b"x" * 100_000).status == 200
+
+
+def _headers_only(address: str, head: bytes) -> bytes:
+    """Send a request's headers and no body; what the node answers within 10 s (it must
+    answer without waiting for the body)."""
+    host, _, port = address.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head)
+        answer = b""
+        deadline = time.monotonic() + 10
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            if time.monotonic() > deadline:
+                break
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+
+
+@pytest.mark.parametrize(
+    ("target", "length", "error"),
+    [
+        ("/set?key=USA", 20_000_000, "value too large"),
+        ("/batch", 64 * 1024 * 1024 + 1, "batch too large"),
+        ("/set?key=USA", 70 * 1024 * 1024, "value too large"),
+        ("/anything", 70 * 1024 * 1024, "body too large"),
+    ],
+)
+def test_a_body_over_a_limit_is_refused_by_its_length_before_it_is_sent(
+    redirect_cluster, target, length, error
+):
+    node = leaders(redirect_cluster)[0]
+    answer = _headers_only(
+        node,
+        f"PUT {target} HTTP/1.1\r\nHost: {node}\r\nContent-Length: {length}\r\n"
+        "Expect: 100-continue\r\n\r\n".encode(),
+    )
+    # No 100 Continue first: the client is not asked for a body that would be refused.
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"application/json" in head.lower()
+    assert json.loads(body)["error"] == error
+    assert str(length).encode() in body or error == "body too large"
 
 
 def test_delete_removes_the_key(redirect_cluster):

@@ -268,10 +268,14 @@ def test_a_replica_refuses_writes_naming_its_leader(tmp_path, backend_name):
         response = call(shard.replica_addresses[0], "PUT", "/set?key=x", body=b"v")
         assert response.status == 307
         assert response.headers["location"] == f"http://{shard.leader_address}/set?key=x"
+        refused = json.loads(response.body)
+        assert refused["error"] == "not the leader"
+        assert "is a replica" in refused["detail"] and shard.leader_address in refused["detail"]
         leader_read = call(
             shard.replica_addresses[0], "GET", "/get?key=x", headers={"X-Distribkv-Read": "leader"}
         )
         assert leader_read.status == 307
+        assert json.loads(leader_read.body)["error"] == "not the leader"
     finally:
         shard.stop_all()
 

@@ -98,11 +98,11 @@ BAD = {
     ),
     "gap in idx": (
         shard("a", 0, "127.0.0.2:1") + shard("b", 2, "127.0.0.3:1"),
-        "key 'idx': indexes must be 0..1 with no gap (missing idx [1])",
+        "key 'idx': indexes must be 0..1 with no gap ('b' has idx 2; missing idx [1])",
     ),
     "duplicate name": (
         shard("a", 0, "127.0.0.2:1") + shard("a", 1, "127.0.0.3:1"),
-        "key 'name': duplicate name 'a'",
+        "[[shards]] entry 2 key 'name': duplicate name 'a'",
     ),
     "duplicate address": (
         shard("a", 0, "127.0.0.2:1") + shard("b", 1, "127.0.0.2:1"),
@@ -212,6 +212,20 @@ def test_check_command_prints_every_node(tmp_path, capsys):
     out = capsys.readouterr().out
     for text in ("127.0.0.2:8080", "127.0.0.23:8080", "replica-1", "ring", "memory"):
         assert text in out
+
+
+def test_check_refuses_what_serve_refuses_a_node_beyond_loopback_without_a_token(
+    tmp_path, capsys, monkeypatch
+):
+    # 192.0.2.0/24 is reserved for documentation: nothing is bound or contacted here.
+    path = write(tmp_path, GOOD.replace("127.0.0.23:8080", "192.0.2.23:8080"))
+    monkeypatch.delenv("DISTRIBKV_CLUSTER_TOKEN", raising=False)
+    monkeypatch.delenv("DISTRIBKV_CLUSTER_TOKEN_FILE", raising=False)
+    assert main(["check", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "192.0.2.23:8080, which is not a loopback address, and no cluster token" in err
+    monkeypatch.setenv("DISTRIBKV_CLUSTER_TOKEN", "t" * 32)
+    assert main(["check", "--config", str(path)]) == 0
 
 
 def test_a_missing_file_is_a_clear_error(tmp_path):

@@ -67,6 +67,19 @@ def test_unknown_backend_names_the_installed_ones_and_the_pip_command():
     )
 
 
+def test_a_misspelt_plugin_name_gets_a_suggestion_and_no_pip_command():
+    registry = load_plugins(disabled=())
+    installed = ", ".join(registry.names("storage"))
+    with pytest.raises(PluginNotFoundError) as info:
+        registry.storage_backend("memroy")
+    assert str(info.value) == (
+        f'backend "memroy" is not installed (installed: {installed}); did you mean "memory"?'
+    )
+    with pytest.raises(PluginNotFoundError) as info:
+        registry.hashing_scheme("rng")
+    assert 'did you mean "ring"?' in str(info.value) and "pip" not in str(info.value)
+
+
 def test_two_plugins_offering_one_name_are_rejected():
     class Twin:
         @hookimpl

@@ -96,13 +96,19 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate a cluster file and show its nodes and the plugins they would use."""
-    from distribkv.config import load_config
+    from distribkv.config import load_cluster_token, load_config, refuse_exposed
     from distribkv.plugins import load_plugins
 
     registry = load_plugins()
     config = load_config(args.config, registry)
     backend = registry.storage_backend(config.storage.backend)
     scheme = registry.hashing_scheme(config.cluster.hashing)
+    # What every node checks when it starts, so that a file that passes here also serves.
+    registry.replication_transport(config.cluster.replication)
+    registry.http_server(config.cluster.server)
+    token = load_cluster_token(os.environ)
+    for node in config.nodes():
+        refuse_exposed(config, node, token)
     print(f"cluster {config.path}: {len(config.shards)} shard(s), {len(config.nodes())} node(s)")
     print(
         f"  hashing {scheme.name} ({scheme.description}); routing {config.cluster.routing};"
@@ -149,12 +155,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_launch(args: argparse.Namespace) -> int:
     """Run every node of the cluster file as a child process."""
-    from distribkv.config import load_config
+    from distribkv.config import load_cluster_token, load_config, refuse_exposed
     from distribkv.plugins import load_plugins
     from distribkv.serving import Launcher, run_launcher
 
     registry = load_plugins()
     config = load_config(args.config, registry)
+    token = load_cluster_token(os.environ)
+    for node in config.nodes():
+        refuse_exposed(config, node, token)
     log_dir = Path(args.log_dir) if args.log_dir else None
     return run_launcher(
         Launcher(config, log_dir=log_dir), lambda rows: print(_table(rows, indent=""))
@@ -169,12 +178,27 @@ def _node_address(args: argparse.Namespace) -> str:
     return str(load_config(args.config).shards[0].address)
 
 
+def _argument_bytes(text: str, name: str, hexadecimal: bool) -> bytes:
+    if not hexadecimal:
+        return os.fsencode(text)
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise ValueError(f"{name} {text!r} is not hexadecimal (--hex): pairs of 0-9a-f") from None
+
+
 def cmd_kv(args: argparse.Namespace) -> int:
     """get / set / delete one key through the client (it routes to the owning shard)."""
     from distribkv.client import Client, ClientError
 
     # os.fsencode gives back the exact bytes of the command line, UTF-8 or not.
-    key = os.fsencode(args.key) if not args.hex else bytes.fromhex(args.key)
+    try:
+        key = _argument_bytes(args.key, "KEY", args.hex)
+        if args.command == "set" and args.value != "-":
+            given = _argument_bytes(args.value, "VALUE", args.hex)
+    except ValueError as exc:
+        print(f"distribkv: error: {exc}", file=sys.stderr)
+        return 2
     try:
         with Client([_node_address(args)], timeout=args.timeout) as client:
             if args.command == "get":
@@ -182,15 +206,14 @@ def cmd_kv(args: argparse.Namespace) -> int:
                 if value is None:
                     print(f"distribkv: {args.key!r} is not set", file=sys.stderr)
                     return 1
-                sys.stdout.buffer.write(value)
-                if sys.stdout.isatty():
-                    sys.stdout.write("\n")
-            elif args.command == "set":
-                if args.value == "-":
-                    value = sys.stdin.buffer.read()
+                if args.hex:
+                    print(value.hex())
                 else:
-                    value = os.fsencode(args.value) if not args.hex else bytes.fromhex(args.value)
-                client.set(key, value)
+                    sys.stdout.buffer.write(value)
+                    if sys.stdout.isatty():
+                        sys.stdout.write("\n")
+            elif args.command == "set":
+                client.set(key, sys.stdin.buffer.read() if args.value == "-" else given)
             else:
                 client.delete(key)
     except ClientError as exc:
@@ -233,6 +256,8 @@ def cmd_reshard(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from distribkv.config import address_argument
+
     parser = argparse.ArgumentParser(
         prog="distribkv",
         description=(
@@ -331,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
             "every moved range, switch every node to the new map, purge. Start the new "
             "shards' nodes first (distribkv serve --config NEW --shard NAME). Safe to rerun "
             "after a crash at any step: the nodes keep the state of the move. Exit status 1 "
-            "if the move could not finish (the message says what to do)."
+            "if the move could not finish (the message says what to do). When the cluster "
+            "has a token, give it the same way as to the nodes: DISTRIBKV_CLUSTER_TOKEN or "
+            "DISTRIBKV_CLUSTER_TOKEN_FILE (the reshard endpoints need it)."
         ),
     )
     reshard.add_argument(
@@ -376,9 +403,18 @@ def build_parser() -> argparse.ArgumentParser:
         kv.add_argument("key", metavar="KEY")
         if name == "set":
             kv.add_argument("value", metavar="VALUE")
-        kv.add_argument("--node", help="host:port of any node (default: the first shard's leader)")
+        kv.add_argument(
+            "--node",
+            metavar="HOST:PORT",
+            type=address_argument,
+            help="any node of the cluster (default: the first shard's leader of --config)",
+        )
         kv.add_argument("--config", default=DEFAULT_CONFIG, help="cluster file, to find a node")
-        kv.add_argument("--hex", action="store_true", help="KEY and VALUE are hexadecimal bytes")
+        kv.add_argument(
+            "--hex",
+            action="store_true",
+            help="KEY and VALUE are given in hexadecimal, and get prints the value in hexadecimal",
+        )
         kv.add_argument("--timeout", type=float, default=5.0, help="seconds per request (5)")
         kv.set_defaults(func=cmd_kv)
     return parser

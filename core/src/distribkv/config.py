@@ -224,26 +224,44 @@ class _Table:
             raise self.error(unknown[0], f"unknown key (known keys: {known})")
 
 
-def parse_address(table: _Table, key: str, text: Any) -> Address:
-    if not isinstance(text, str):
-        raise table.error(key, f"must be a string host:port, got {text!r}")
+def address_from_text(text: str) -> Address:
+    """``host:port`` (``[v6]:port``) as an Address; ValueError saying what is wrong."""
     host, sep, port_text = text.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     valid_port = port_text.isascii() and port_text.isdecimal() and 0 < int(port_text) < 65536
     if not sep or not host or not valid_port:
-        raise table.error(key, f"malformed address {text!r} (expected host:port, port 1-65535)")
+        raise ValueError(f"malformed address {text!r} (expected host:port, port 1-65535)")
     bracketed = text.startswith("[")
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
         if not _HOSTNAME.match(host):
-            raise table.error(key, f"malformed host in address {text!r}") from None
+            raise ValueError(f"malformed host in address {text!r}") from None
         return Address(host.lower(), int(port_text))
     if ip.version == 6 and not bracketed:
-        raise table.error(key, f"write an IPv6 address in brackets: [{host}]:{port_text}")
+        raise ValueError(f"write an IPv6 address in brackets: [{host}]:{port_text}")
     # The canonical form, so that two spellings of one address are seen as duplicates.
     return Address(ip.compressed, int(port_text))
+
+
+def address_argument(text: str) -> str:
+    """An argparse ``type`` for a command-line host:port: the address, or a clear error."""
+    import argparse
+
+    try:
+        return str(address_from_text(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def parse_address(table: _Table, key: str, text: Any) -> Address:
+    if not isinstance(text, str):
+        raise table.error(key, f"must be a string host:port, got {text!r}")
+    try:
+        return address_from_text(text)
+    except ValueError as exc:
+        raise table.error(key, str(exc)) from None
 
 
 def parse_config(text: str, path: Path) -> Config:
@@ -360,7 +378,7 @@ def _check_layout(path: Path, shards: list[ShardConfig]) -> None:
     seen_idx: dict[int, str] = {}
     seen_names: set[str] = set()
     seen_addresses: dict[Address, str] = {}
-    for shard in shards:
+    for number, shard in enumerate(shards, 1):
         if shard.idx in seen_idx:
             raise ConfigError(
                 f"{path}: [[shards]] ({shard.name!r}) key 'idx': duplicate idx {shard.idx}"
@@ -368,7 +386,10 @@ def _check_layout(path: Path, shards: list[ShardConfig]) -> None:
             )
         seen_idx[shard.idx] = shard.name
         if shard.name in seen_names:
-            raise ConfigError(f"{path}: [[shards]] key 'name': duplicate name {shard.name!r}")
+            raise ConfigError(
+                f"{path}: [[shards]] entry {number} key 'name': duplicate name {shard.name!r}"
+                f" (also the name of an earlier entry)"
+            )
         seen_names.add(shard.name)
         addresses = [("address", shard.address)]
         addresses += [(shard.replica_key, a) for a in shard.replicas]
@@ -383,7 +404,11 @@ def _check_layout(path: Path, shards: list[ShardConfig]) -> None:
     if set(seen_idx) != expected:
         missing = sorted(expected - set(seen_idx))
         extra = sorted(set(seen_idx) - expected)
-        detail = f"missing idx {missing}" if missing else f"idx {extra} out of range"
+        if extra:
+            owners = ", ".join(f"{seen_idx[idx]!r} has idx {idx}" for idx in extra)
+            detail = f"{owners}; missing idx {missing}" if missing else owners
+        else:
+            detail = f"missing idx {missing}"
         raise ConfigError(
             f"{path}: [[shards]] key 'idx': indexes must be 0..{len(shards) - 1} with no gap"
             f" ({detail})"
@@ -449,6 +474,16 @@ def load_config(path: str | Path, registry: PluginRegistry | None = None) -> Con
 
 TOKEN_ENV = "DISTRIBKV_CLUSTER_TOKEN"
 TOKEN_FILE_ENV = "DISTRIBKV_CLUSTER_TOKEN_FILE"
+
+
+def refuse_exposed(config: Config, node: NodeConfig, token: str | None) -> None:
+    """ConfigError if ``node`` would listen beyond loopback with no cluster token."""
+    if not node.address.is_loopback and token is None:
+        raise ConfigError(
+            f"{config.path}: node {node.shard.name}/{node.node_name} would listen on"
+            f" {node.address}, which is not a loopback address, and no cluster token is set"
+            f" ({TOKEN_ENV} or {TOKEN_FILE_ENV}): refusing to expose internal endpoints"
+        )
 
 
 def load_cluster_token(environ: Mapping[str, str]) -> str | None:

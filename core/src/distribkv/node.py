@@ -17,7 +17,7 @@ from pathlib import Path
 from xxhash import xxh3_128
 
 from distribkv import __version__
-from distribkv.config import Config, ConfigError, NodeConfig, load_cluster_token
+from distribkv.config import Config, NodeConfig, load_cluster_token, refuse_exposed
 from distribkv.hashing.shardmap import ShardInfo, ShardMap
 from distribkv.plugins import PluginRegistry
 from distribkv.replication.api import NotReplicatedError, ReplicationRole
@@ -62,12 +62,7 @@ class Node:
             self.data_dir = Path(data_dir) / shard / self.node_config.node_name
         self.sync = config.storage.durability == "sync"
         self.token = load_cluster_token(os.environ if environ is None else environ)
-        if not self.address.is_loopback and self.token is None:
-            raise ConfigError(
-                f"{config.path}: node {self.name} would listen on {self.address}, which is not a"
-                " loopback address, and no cluster token is set (DISTRIBKV_CLUSTER_TOKEN or"
-                " DISTRIBKV_CLUSTER_TOKEN_FILE): refusing to expose internal endpoints"
-            )
+        refuse_exposed(config, self.node_config, self.token)
         self.store: Store | None = None
         self.leader_log: LeaderLog | None = None
         self.replication: ReplicationRole | None = None

@@ -7,6 +7,7 @@ its configuration names that plugin. ``DISTRIBKV_DISABLE_PLUGINS=a,b`` blocks pl
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -38,6 +39,14 @@ KINDS: Mapping[str, tuple[str, str]] = {
     "hashing": ("distribkv_hashing_schemes", "hashing scheme"),
     "replication": ("distribkv_replication_transports", "replication transport"),
     "server": ("distribkv_http_servers", "server"),
+}
+
+#: The plugins that distribkv's own distributions provide, by kind (for "did you mean").
+_SHIPPED: Mapping[str, tuple[str, ...]] = {
+    "storage": ("leveldb", "lmdb", "rocksdb", "memory"),
+    "hashing": ("modulo", "ring"),
+    "replication": ("log", "queue"),
+    "server": ("waitress", "granian"),
 }
 
 #: Plugins whose distribution is not simply "distribkv-<name>".
@@ -153,7 +162,17 @@ class PluginRegistry:
                 raise PluginNotFoundError(
                     f'{label} "{name}" is installed but unavailable: {info.error}'
                 )
-        installed = ", ".join(self.names(kind)) or "none"
+        names = self.names(kind)
+        installed = ", ".join(names) or "none"
+        close = difflib.get_close_matches(name, [*names, *_SHIPPED[kind]], n=1, cutoff=0.7)
+        if close and close[0] != name:
+            # A misspelt name: no pip command for a distribution that does not exist.
+            hint = f'did you mean "{close[0]}"?'
+            if close[0] not in names:
+                hint += f" It is installed with: pip install {pip_name(close[0])}"
+            raise PluginNotFoundError(
+                f'{label} "{name}" is not installed (installed: {installed}); {hint}'
+            )
         raise PluginNotFoundError(
             f'{label} "{name}" is not installed (installed: {installed});'
             f" install it with: pip install {pip_name(name)}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import http
 import logging
 import os
 import sys
@@ -19,7 +20,17 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from distribkv import hookimpl
-from distribkv.http.api import DEFER, DEFERRED, Completion, Direct, Listen, ServerHandle, ServerSpec
+from distribkv.http.api import (
+    DEFER,
+    DEFERRED,
+    BodyCheck,
+    Completion,
+    Direct,
+    Listen,
+    ServerHandle,
+    ServerSpec,
+    error_answer,
+)
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("distribkv.access")
@@ -309,8 +320,8 @@ class _DirectCall:
 ONE_WRITE_LIMIT = 64 * 1024
 
 
-def _channel_class():
-    """waitress's channel, with three changes.
+def _channel_class(body_check: BodyCheck | None = None):
+    """waitress's channel, with four changes.
 
     One piece: a task that hands the header and a small body to the socket buffer in one call.
     waitress appends them in two calls, and its I/O thread, woken by any other connection in
@@ -324,9 +335,57 @@ def _channel_class():
     :mod:`distribkv.http.api`). The I/O thread then goes on with other connections; this one
     reads nothing more until the answer is sent, so answers stay in request order. Whoever
     finishes the answer hands it to the I/O thread (:class:`_DeferredAnswer`), which writes it
-    through the request's task (the same headers as any other answer) and sends it."""
+    through the request's task (the same headers as any other answer) and sends it.
+
+    Bodies: a request that ``body_check`` refuses by its Content-Length is answered at once,
+    before its body is read (no ``100 Continue``), and every error waitress answers itself (a
+    malformed request, a body over the limit) has the node's JSON form."""
     from waitress.channel import HTTPChannel
+    from waitress.parser import HTTPRequestParser
     from waitress.task import WSGITask
+    from waitress.utilities import Error, RequestEntityTooLarge
+
+    class NodeError(Error):
+        def __init__(self, code: int, error: str, detail: str):
+            super().__init__(detail)
+            self.code, self.error_name = code, error
+            self.reason = http.HTTPStatus(code).phrase
+
+        def to_response(self, ident=None):
+            status, headers, body = error_answer(self.code, self.error_name, self.body)
+            return f"{status} {self.reason}", headers, body
+
+    class NodeParser(HTTPRequestParser):
+        def received(self, data):
+            headers_were_in = self.headers_finished
+            consumed = super().received(data)
+            if self.headers_finished and not headers_were_in:
+                error = self.error
+                checkable = error is None or isinstance(error, RequestEntityTooLarge)
+                refusal = None
+                if checkable and body_check is not None and self.content_length > 0:
+                    # The application's own limit names what is too large (a value, a batch).
+                    refusal = body_check(self.command, self.path, self.content_length)
+                if refusal is not None:
+                    self.error = NodeError(*refusal)
+                    self.completed = True
+                elif isinstance(error, RequestEntityTooLarge):
+                    limit = self.adj.max_request_body_size - 1
+                    self.error = NodeError(
+                        413,
+                        "body too large",
+                        f"the body is {self.content_length} bytes; the limit is {limit}",
+                    )
+                if self.error is not None:
+                    self.expect_continue = False  # nothing is to be sent: no 100 Continue
+            error = self.error
+            if error is not None and not isinstance(error, NodeError):
+                if isinstance(error, RequestEntityTooLarge):  # a chunked body, as it came
+                    detail = f"the body exceeds {self.adj.max_request_body_size - 1} bytes"
+                    self.error = NodeError(413, "body too large", detail)
+                else:
+                    self.error = NodeError(error.code, error.reason.lower(), str(error.body))
+            return consumed
 
     class NodeTask(WSGITask):
         completion: _DeferredAnswer | None = None
@@ -397,6 +456,7 @@ def _channel_class():
 
     class InlineChannel(HTTPChannel):
         task_class = NodeTask
+        parser_class = NodeParser
         inline_pending = False
         serving_inline = False  # the I/O thread is serving this channel's request itself
         awaiting = False  # a deferred answer is still to be written: read nothing more
@@ -588,14 +648,16 @@ class WaitressHandle(ServerHandle):
             threads=listen.threads,
             connection_limit=listen.connection_limit,
             channel_timeout=listen.channel_timeout,
-            max_request_body_size=listen.max_request_body_size,
+            # waitress refuses a body of its max_request_body_size itself: one byte more, so
+            # that the limit is the one given.
+            max_request_body_size=listen.max_request_body_size + 1,
             cleanup_interval=min(30, max(1, int(listen.channel_timeout))),
             ident="distribkv",
             clear_untrusted_proxy_headers=True,
             expose_tracebacks=False,
             _dispatcher=self.dispatcher,
         )
-        self.server.channel_class = _channel_class()
+        self.server.channel_class = _channel_class(listen.body_check)
         self.server.deferred_answers = _answer_pipe_class()(self.server._map)
         self._maintenance = self.server.maintenance
         self.server.maintenance = self._keep_awaiting_channels

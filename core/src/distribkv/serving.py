@@ -22,7 +22,7 @@ READY_TIMEOUT = 60.0
 
 def serve(node: Node, registry: PluginRegistry, *, announce=print) -> int:
     """Open the node, serve until SIGTERM or SIGINT, then drain and close the backend."""
-    from distribkv.http.app import create_app, forwarding_pool, inline_requests
+    from distribkv.http.app import body_check, create_app, forwarding_pool, inline_requests
 
     config = node.config
     spec = registry.http_server(config.cluster.server)
@@ -44,6 +44,7 @@ def serve(node: Node, registry: PluginRegistry, *, announce=print) -> int:
                 settings={"drain_timeout": server.drain_timeout},
                 inline=inline_requests(node, deferred_writes=spec.deferred),
                 direct=app.direct,
+                body_check=body_check(node),
             ),
         )
     except OSError as exc:

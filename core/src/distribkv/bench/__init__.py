@@ -27,6 +27,7 @@ DESCRIPTION = __doc__.split("\n\n", 1)[1]
 
 def add_parser(sub) -> argparse.ArgumentParser:
     from distribkv.bench.runner import WORKLOADS
+    from distribkv.config import address_argument
 
     bench = sub.add_parser(
         "bench",
@@ -37,7 +38,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     bench.add_argument(
         "--quick",
         action="store_true",
-        help="the quick profile: 10,000 keys, 2 s per figure (under 5 minutes for 3 backends"
+        help="the quick profile: 10,000 keys, 2 s per figure (about 2.5 minutes for 3 backends"
         " x 2 servers on 2 cores); default is the full profile: 100,000 keys, 10 s per figure",
     )
     bench.add_argument(
@@ -89,6 +90,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     bench.add_argument(
         "--node",
         metavar="HOST:PORT",
+        type=address_argument,
         help="measure this running leader instead of starting nodes: its backend and server"
         " come from its /status; it receives bench-N keys of its own shard, and the load test's"
         " random keys go to every leader of its cluster",

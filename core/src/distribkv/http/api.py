@@ -32,11 +32,19 @@ once with the request's :class:`Completion`. Building a WSGI environ costs as mu
 does; the node answers its most frequent requests this way (a leader's read of a key it owns
 and holds, and its SET of a key it owns, queued for the group commit) and leaves every other
 one (an absent key, an error, a replica, another shard's key, a reshard) to the application.
+
+``Listen.body_check(method, path, length)`` is asked, once a request's headers are in and before
+its body is read, about a request with a Content-Length: it gives ``(status, error, detail)`` for
+a body the application would refuse (a value over ``max_value_size``), which the server answers
+at once without reading the body (no ``100 Continue``) and then closes the connection; or None.
+Errors a server answers itself (this one, a body over ``max_request_body_size``, a malformed
+request) have the node's form: :func:`error_answer`.
 """
 
 from __future__ import annotations
 
 import abc
+import json
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -45,12 +53,14 @@ import attrs
 __all__ = [
     "DEFER",
     "DEFERRED",
+    "BodyCheck",
     "Completion",
     "Direct",
     "Later",
     "Listen",
     "ServerHandle",
     "ServerSpec",
+    "error_answer",
 ]
 
 #: The WSGI environ key of a deferring server's ``defer() -> Completion``.
@@ -96,6 +106,18 @@ Direct = Callable[
 ]
 
 
+#: ``body_check(method, path, length) -> (status, error, detail) | None`` (see the module's
+#: docstring): ``path`` is percent-decoded, ``length`` the request's Content-Length.
+BodyCheck = Callable[[str, str, int], tuple[int, str, str] | None]
+
+
+def error_answer(status: int, error: str, detail: str) -> tuple[int, list[tuple[str, str]], bytes]:
+    """An error a server answers itself, as the node answers its errors: a JSON body
+    ``{"error": ..., "detail": ...}`` (the server adds its framing headers)."""
+    body = json.dumps({"error": error, "detail": detail}).encode()
+    return status, [("Content-Type", "application/json")], body
+
+
 @attrs.frozen
 class Listen:
     """Where and how to serve."""
@@ -113,6 +135,9 @@ class Listen:
     #: The answer to a request without WSGI, for a server that can use it (see the module's
     #: docstring); None: none.
     direct: Direct | None = None
+    #: Refuses a request by its Content-Length before its body is read (see the module's
+    #: docstring); None: only ``max_request_body_size`` does.
+    body_check: BodyCheck | None = None
 
 
 class ServerHandle(abc.ABC):

@@ -76,6 +76,23 @@ def inline_requests(node, *, deferred_writes: bool = False):
     return inline
 
 
+def body_check(node):
+    """``Listen.body_check``: a PUT/POST /set body over ``max_value_size`` and a /batch body
+    over ``max_batch_bytes`` are refused with 413 before they are read (the owner of the key
+    would refuse them too: every node has the cluster's limits)."""
+    max_value = node.config.storage.max_value_size
+    max_batch = node.config.server.max_batch_bytes
+
+    def check(method: str, path: str, length: int) -> tuple[int, str, str] | None:
+        if path == "/set" and method in ("PUT", "POST") and length > max_value:
+            return 413, "value too large", f"the body is {length} bytes; the limit is {max_value}"
+        if path == "/batch" and length > max_batch:
+            return 413, "batch too large", f"the body is {length} bytes; the limit is {max_batch}"
+        return None
+
+    return check
+
+
 def create_app(node, pool: ConnectionPool) -> FastPaths:
     locator = Locator(node, pool)
     app = falcon.App(middleware=[MapCheck(node)])

@@ -68,8 +68,19 @@ def _error_document(exc: falcon.HTTPError) -> dict:
 
 
 def serialize_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:
+    document = _error_document(exc)
+    if "detail" not in document:
+        # Falcon's own errors (no route, a method the route has not) carry only a title.
+        if exc.status == falcon.HTTP_405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            document = {
+                "error": "method not allowed",
+                "detail": f"{req.method} is not allowed on {req.path}; allowed: {allowed}",
+            }
+        elif exc.status == falcon.HTTP_404:
+            document = {"error": "not found", "detail": f"no endpoint {req.path}"}
     resp.content_type = falcon.MEDIA_JSON
-    resp.data = json.dumps(_error_document(exc)).encode()
+    resp.data = json.dumps(document).encode()
 
 
 def api_error(exc: Exception, method: str, path: str) -> falcon.HTTPError:

@@ -9,6 +9,7 @@ parameter is percent-decoded to bytes (``+`` is a space, as in HTML forms and Go
 
 from __future__ import annotations
 
+import re
 from urllib.parse import unquote_to_bytes
 
 import falcon
@@ -43,7 +44,19 @@ def parse_query(raw: str) -> dict[str, bytes]:
 def _decode(raw: bytes) -> bytes:
     if b"%" not in raw and b"+" not in raw:
         return raw  # nothing to decode (the common case for plain keys)
+    bad = _BAD_ESCAPE.search(raw)
+    if bad is not None:
+        # Taken literally, "%ZZ" would name another key than the client meant.
+        raise ApiError(
+            falcon.HTTP_400,
+            "bad request",
+            f"malformed percent-escape {bad.group().decode('latin-1')!r} in the query: '%' must"
+            " be followed by two hexadecimal digits (send a literal '%' as %25)",
+        )
     return unquote_to_bytes(raw.replace(b"+", b" "))
+
+
+_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2}).{0,2}", re.DOTALL)
 
 
 def query_key(raw: str) -> bytes:

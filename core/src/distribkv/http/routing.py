@@ -98,13 +98,23 @@ def raw_target(req: falcon.Request) -> str:
     return req.env.get("PATH_INFO", "/") + (f"?{query}" if query else "")
 
 
-def redirect(resp: falcon.Response, req: falcon.Request, owner: ShardInfo, address: str) -> None:
+def redirect(
+    resp: falcon.Response,
+    req: falcon.Request,
+    owner: ShardInfo,
+    address: str,
+    *,
+    error: str = "wrong shard",
+    detail: str | None = None,
+) -> None:
     """307 keeps the method and the body (a 301/302 may turn a PUT into a GET)."""
     resp.status = falcon.HTTP_307
     resp.set_header("Location", f"http://{address}{raw_target(req)}")
     resp.set_header(SHARD_HEADER, owner.name)
     resp.content_type = falcon.MEDIA_JSON
-    resp.media = {"error": "wrong shard", "detail": f"shard {owner.name!r} at {address} owns it"}
+    if detail is None:
+        detail = f"shard {owner.name!r} at {address} owns it"
+    resp.media = {"error": error, "detail": detail}
 
 
 def misdirected(owner: ShardInfo, me: str) -> ApiError:

@@ -45,7 +45,7 @@ from collections.abc import Callable
 from typing import Any
 
 from distribkv import hookimpl
-from distribkv.http.api import DEFER, DEFERRED, Listen, ServerHandle, ServerSpec
+from distribkv.http.api import DEFER, DEFERRED, Listen, ServerHandle, ServerSpec, error_answer
 from distribkv.server import ServingWrapper
 
 log = logging.getLogger(__name__)
@@ -249,16 +249,16 @@ class GranianHandle(ServerHandle):
         except BaseException:  # the client gets a 500; the traceback goes to the log
             log.exception("serving %s %s failed", watcher.scope.method, watcher.scope.path)
             if not exchange.deferred:
-                self._plain(watcher, 500, b"internal error\n")
+                self._error(watcher, 500, "internal error", "see the node's log")
         finally:
             if not exchange.deferred:
                 watcher.done()  # sends a bare 500 if nothing was sent
 
     @staticmethod
-    def _plain(watcher, status: int, text: bytes) -> None:
-        watcher.proto.response_bytes(
-            status, [("content-type", "text/plain"), ("connection", "close")], text
-        )
+    def _error(watcher, status: int, error: str, detail: str) -> None:
+        """An error answered here, in the node's JSON form; the connection closes."""
+        status, headers, body = error_answer(status, error, detail)
+        watcher.proto.response_bytes(status, [*headers, ("connection", "close")], body)
 
     def _dispatch(self, watcher) -> None:
         """Every request, in granian's Python thread: served here, or handed to a worker
@@ -284,15 +284,12 @@ class GranianHandle(ServerHandle):
                 else:
                     self._hand_over(watcher, _EMPTY)
                 return
-            if length is not None and (not length.isdigit() or int(length) > self.max_body):
-                status, text = (
-                    (413, b"request body too large\n")
-                    if length.isdigit()
-                    else (400, b"bad Content-Length\n")
-                )
-                self._plain(watcher, status, text)
-                watcher.done()
-                return
+            if length is not None:
+                refusal = self._refusal(method, path, length)
+                if refusal is not None:
+                    self._error(watcher, *refusal)
+                    watcher.done()
+                    return
             request = _Request(watcher, time.monotonic() + self.listen.channel_timeout, inline)
             with self._lock:
                 self._pending += 1
@@ -307,9 +304,25 @@ class GranianHandle(ServerHandle):
         except BaseException:  # never let an error escape into granian
             log.exception("dispatching a request failed")
             if request is not None:
-                self._finish_read(request, (500, b"internal error\n"))
+                self._finish_read(request, (500, "internal error", "see the node's log"))
             else:
                 watcher.done()
+
+    def _refusal(self, method: str, path: str, length: str) -> tuple[int, str, str] | None:
+        """The error for a request by its Content-Length, answered before any of its body is
+        read (so hyper sends no 100 Continue), or None to read the body."""
+        if not (length.isascii() and length.isdigit()):
+            return 400, "bad request", f"malformed Content-Length {length!r}"
+        size = int(length)
+        check = self.listen.body_check
+        refusal = None if check is None else check(method, path, size)
+        if refusal is None and size > self.max_body:
+            refusal = (
+                413,
+                "body too large",
+                f"the body is {size} bytes; the limit is {self.max_body}",
+            )
+        return refusal
 
     def _answer_direct(self, watcher, scope, method: str, path: str, query: str, body) -> bool:
         """True if ``Listen.direct`` answered the request (or deferred it). Only ever called in
@@ -356,7 +369,10 @@ class GranianHandle(ServerHandle):
         if chunk:
             request.size += len(chunk)
             if request.size > self.max_body:
-                self._finish_read(request, (413, b"request body too large\n"))
+                self._finish_read(
+                    request,
+                    (413, "body too large", f"the body exceeds {self.max_body} bytes"),
+                )
                 return
             request.chunks.append(chunk)
             self._read_next(request)
@@ -368,7 +384,7 @@ class GranianHandle(ServerHandle):
         except StopAsyncIteration:
             self._queue_read(request, b"".join(request.chunks))
             return
-        self._finish_read(request, (400, b"request body broken off\n"))
+        self._finish_read(request, (400, "body cut short", "the request body was broken off"))
 
     def _whole_body(self, request: _Request, future) -> None:
         try:
@@ -398,7 +414,7 @@ class GranianHandle(ServerHandle):
                 )
             except BaseException:  # the client gets a 500; the traceback goes to the log
                 log.exception("serving %s %s failed", scope.method, scope.path)
-                self._plain(watcher, 500, b"internal error\n")
+                self._error(watcher, 500, "internal error", "see the node's log")
                 watcher.done()
                 return
             if not answered:
@@ -407,7 +423,7 @@ class GranianHandle(ServerHandle):
             with self._lock:
                 self._pending -= 1
 
-    def _finish_read(self, request: _Request, answer: tuple[int, bytes] | None) -> None:
+    def _finish_read(self, request: _Request, answer: tuple[int, str, str] | None) -> None:
         """End a body read that will not reach the application: ``answer`` it, or drop it."""
         with self._lock:
             if request.finished:
@@ -417,7 +433,7 @@ class GranianHandle(ServerHandle):
             self._pending -= 1
         if answer is not None:
             try:
-                self._plain(request.watcher, *answer)
+                self._error(request.watcher, *answer)
             except Exception:  # noqa: BLE001 - the connection may be gone
                 pass
         request.watcher.done()
@@ -447,7 +463,14 @@ class GranianHandle(ServerHandle):
             with self._lock:
                 late = [r for r in self._reading.values() if r.deadline < now]
             for request in late:
-                self._finish_read(request, (408, b"request body not received in time\n"))
+                self._finish_read(
+                    request,
+                    (
+                        408,
+                        "request timeout",
+                        "the request body did not arrive within channel_timeout",
+                    ),
+                )
 
     # --- lifecycle ------------------------------------------------------------------------
 
