@@ -19,7 +19,7 @@ from test_node import (  # noqa: F401
     test_a_method_a_route_does_not_take_is_405_naming_the_allowed_ones,
     test_a_replica_refuses_writes_and_points_to_its_leader,
     test_a_request_routed_with_another_map_gets_409,
-    test_a_value_over_the_limit_is_refused_before_the_body_is_read,
+    test_a_value_over_the_limit_is_refused_with_413_whether_sent_at_once_or_not,
     test_a_wrong_shard_request_is_redirected_to_the_owner,
     test_bad_requests_get_real_status_codes_with_json,
     test_batch_in_msgpack_and_json,

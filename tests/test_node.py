@@ -176,9 +176,14 @@ def test_a_method_a_route_does_not_take_is_405_naming_the_allowed_ones(redirect_
     assert "PATCH is not allowed on /get" in body["detail"] and "GET" in body["detail"]
 
 
-def test_a_value_over_the_limit_is_refused_before_the_body_is_read(redirect_cluster):
+def test_a_value_over_the_limit_is_refused_with_413_whether_sent_at_once_or_not(redirect_cluster):
     node = leaders(redirect_cluster)[0]
     response = call(node, "PUT", "/set?key=USA", body=b"x" * 100_001)
+    assert response.status == 413
+    assert json.loads(response.body)["error"] == "value too large"
+    # A client that sends a large body at once (no Expect: 100-continue) gets its answer, not a
+    # connection closed under it.
+    response = call(node, "PUT", "/set?key=USA", body=b"x" * 20_000_000)
     assert response.status == 413
     assert json.loads(response.body)["error"] == "value too large"
     assert call(node, "PUT", "/set?key=USA", body=b"x" * 100_000).status == 200

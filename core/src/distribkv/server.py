@@ -337,12 +337,12 @@ def _channel_class(body_check: BodyCheck | None = None):
     finishes the answer hands it to the I/O thread (:class:`_DeferredAnswer`), which writes it
     through the request's task (the same headers as any other answer) and sends it.
 
-    Bodies: a request that ``body_check`` refuses by its Content-Length is answered at once,
-    before its body is read (no ``100 Continue``), and every error waitress answers itself (a
-    malformed request, a body over the limit) has the node's JSON form."""
+    Bodies: a request that waits for a ``100 Continue`` and that ``body_check`` refuses by its
+    Content-Length is answered at once, before its body is sent, and every error waitress
+    answers itself (a malformed request, a body over the limit) has the node's JSON form."""
     from waitress.channel import HTTPChannel
     from waitress.parser import HTTPRequestParser
-    from waitress.task import WSGITask
+    from waitress.task import ErrorTask, WSGITask
     from waitress.utilities import Error, RequestEntityTooLarge
 
     class NodeError(Error):
@@ -361,7 +361,12 @@ def _channel_class(body_check: BodyCheck | None = None):
             consumed = super().received(data)
             if self.headers_finished and not headers_were_in:
                 error = self.error
-                checkable = error is None or isinstance(error, RequestEntityTooLarge)
+                # Only a client that waits for a 100 Continue is answered before its body: one
+                # that is sending it would find the connection closed under it (a reset, and no
+                # answer), so its body is read and the application answers.
+                checkable = (error is None and self.expect_continue) or isinstance(
+                    error, RequestEntityTooLarge
+                )
                 refusal = None
                 if checkable and body_check is not None and self.content_length > 0:
                     # The application's own limit names what is too large (a value, a batch).
@@ -378,14 +383,21 @@ def _channel_class(body_check: BodyCheck | None = None):
                     )
                 if self.error is not None:
                     self.expect_continue = False  # nothing is to be sent: no 100 Continue
-            error = self.error
-            if error is not None and not isinstance(error, NodeError):
-                if isinstance(error, RequestEntityTooLarge):  # a chunked body, as it came
-                    detail = f"the body exceeds {self.adj.max_request_body_size - 1} bytes"
-                    self.error = NodeError(413, "body too large", detail)
-                else:
-                    self.error = NodeError(error.code, error.reason.lower(), str(error.body))
             return consumed
+
+    class NodeErrorTask(ErrorTask):
+        """Every error waitress answers itself, in the node's JSON form."""
+
+        def execute(self):
+            error = self.request.error
+            if not isinstance(error, NodeError):
+                if isinstance(error, RequestEntityTooLarge):  # a chunked body, as it came
+                    limit = self.channel.server.adj.max_request_body_size - 1
+                    error = NodeError(413, "body too large", f"the body exceeds {limit} bytes")
+                else:
+                    error = NodeError(error.code, error.reason.lower(), str(error.body))
+                self.request.error = error
+            super().execute()
 
     class NodeTask(WSGITask):
         completion: _DeferredAnswer | None = None
@@ -456,6 +468,7 @@ def _channel_class(body_check: BodyCheck | None = None):
 
     class InlineChannel(HTTPChannel):
         task_class = NodeTask
+        error_task_class = NodeErrorTask
         parser_class = NodeParser
         inline_pending = False
         serving_inline = False  # the I/O thread is serving this channel's request itself

@@ -34,9 +34,11 @@ and holds, and its SET of a key it owns, queued for the group commit) and leaves
 one (an absent key, an error, a replica, another shard's key, a reshard) to the application.
 
 ``Listen.body_check(method, path, length)`` is asked, once a request's headers are in and before
-its body is read, about a request with a Content-Length: it gives ``(status, error, detail)`` for
-a body the application would refuse (a value over ``max_value_size``), which the server answers
-at once without reading the body (no ``100 Continue``) and then closes the connection; or None.
+its body is read, about a request with a Content-Length that waits for a ``100 Continue``: it
+gives ``(status, error, detail)`` for a body the application would refuse (a value over
+``max_value_size``), which the server answers at once without asking for the body, and then
+closes the connection; or None. (A client that sends its body without waiting would find the
+connection closed under it, with no answer: its body is read, and the application answers.)
 Errors a server answers itself (this one, a body over ``max_request_body_size``, a malformed
 request) have the node's form: :func:`error_answer`.
 """

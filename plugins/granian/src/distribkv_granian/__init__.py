@@ -285,7 +285,7 @@ class GranianHandle(ServerHandle):
                     self._hand_over(watcher, _EMPTY)
                 return
             if length is not None:
-                refusal = self._refusal(method, path, length)
+                refusal = self._refusal(method, path, length, headers.get("expect"))
                 if refusal is not None:
                     self._error(watcher, *refusal)
                     watcher.done()
@@ -308,14 +308,20 @@ class GranianHandle(ServerHandle):
             else:
                 watcher.done()
 
-    def _refusal(self, method: str, path: str, length: str) -> tuple[int, str, str] | None:
+    def _refusal(
+        self, method: str, path: str, length: str, expect: str | None
+    ) -> tuple[int, str, str] | None:
         """The error for a request by its Content-Length, answered before any of its body is
-        read (so hyper sends no 100 Continue), or None to read the body."""
+        read (so hyper sends no 100 Continue), or None to read the body. ``body_check`` is
+        asked only for a client that waits for a 100 Continue: one that is sending its body
+        would find the connection closed under it (a reset, and no answer), so its body is read
+        and the application answers."""
         if not (length.isascii() and length.isdigit()):
             return 400, "bad request", f"malformed Content-Length {length!r}"
         size = int(length)
         check = self.listen.body_check
-        refusal = None if check is None else check(method, path, size)
+        waits = size > self.max_body or (expect is not None and expect.lower() == "100-continue")
+        refusal = check(method, path, size) if check is not None and waits else None
         if refusal is None and size > self.max_body:
             refusal = (
                 413,
