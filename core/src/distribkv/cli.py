@@ -94,9 +94,18 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_exposed_nodes(config) -> None:
+    """What each node checks when it starts, for every node of the file at once."""
+    from distribkv.config import load_cluster_token, refuse_exposed
+
+    token = load_cluster_token(os.environ)
+    for node in config.nodes():
+        refuse_exposed(config, node, token)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate a cluster file and show its nodes and the plugins they would use."""
-    from distribkv.config import load_cluster_token, load_config, refuse_exposed
+    from distribkv.config import load_config
     from distribkv.plugins import load_plugins
 
     registry = load_plugins()
@@ -106,9 +115,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     # What every node checks when it starts, so that a file that passes here also serves.
     registry.replication_transport(config.cluster.replication)
     registry.http_server(config.cluster.server)
-    token = load_cluster_token(os.environ)
-    for node in config.nodes():
-        refuse_exposed(config, node, token)
+    _refuse_exposed_nodes(config)
     print(f"cluster {config.path}: {len(config.shards)} shard(s), {len(config.nodes())} node(s)")
     print(
         f"  hashing {scheme.name} ({scheme.description}); routing {config.cluster.routing};"
@@ -155,15 +162,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_launch(args: argparse.Namespace) -> int:
     """Run every node of the cluster file as a child process."""
-    from distribkv.config import load_cluster_token, load_config, refuse_exposed
+    from distribkv.config import load_config
     from distribkv.plugins import load_plugins
     from distribkv.serving import Launcher, run_launcher
 
     registry = load_plugins()
     config = load_config(args.config, registry)
-    token = load_cluster_token(os.environ)
-    for node in config.nodes():
-        refuse_exposed(config, node, token)
+    _refuse_exposed_nodes(config)
     log_dir = Path(args.log_dir) if args.log_dir else None
     return run_launcher(
         Launcher(config, log_dir=log_dir), lambda rows: print(_table(rows, indent=""))

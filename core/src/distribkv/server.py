@@ -29,6 +29,7 @@ from distribkv.http.api import (
     Listen,
     ServerHandle,
     ServerSpec,
+    body_too_large,
     error_answer,
 )
 
@@ -363,24 +364,20 @@ def _channel_class(body_check: BodyCheck | None = None):
                 error = self.error
                 # Only a client that waits for a 100 Continue is answered before its body: one
                 # that is sending it would find the connection closed under it (a reset, and no
-                # answer), so its body is read and the application answers.
-                checkable = (error is None and self.expect_continue) or isinstance(
-                    error, RequestEntityTooLarge
-                )
-                refusal = None
-                if checkable and body_check is not None and self.content_length > 0:
-                    # The application's own limit names what is too large (a value, a batch).
-                    refusal = body_check(self.command, self.path, self.content_length)
-                if refusal is not None:
-                    self.error = NodeError(*refusal)
-                    self.completed = True
-                elif isinstance(error, RequestEntityTooLarge):
-                    limit = self.adj.max_request_body_size - 1
-                    self.error = NodeError(
-                        413,
-                        "body too large",
-                        f"the body is {self.content_length} bytes; the limit is {limit}",
+                # answer), so its body is read and the application answers. A body over
+                # waitress's own limit is refused anyway: the application's limit names it.
+                if (
+                    body_check is not None
+                    and self.content_length > 0
+                    and (
+                        (error is None and self.expect_continue)
+                        or isinstance(error, RequestEntityTooLarge)
                     )
+                ):
+                    refusal = body_check(self.command, self.path, self.content_length)
+                    if refusal is not None:
+                        self.error = NodeError(*refusal)
+                        self.completed = True
                 if self.error is not None:
                     self.expect_continue = False  # nothing is to be sent: no 100 Continue
             return consumed
@@ -389,14 +386,15 @@ def _channel_class(body_check: BodyCheck | None = None):
         """Every error waitress answers itself, in the node's JSON form."""
 
         def execute(self):
-            error = self.request.error
+            request = self.request
+            error = request.error
             if not isinstance(error, NodeError):
-                if isinstance(error, RequestEntityTooLarge):  # a chunked body, as it came
+                if isinstance(error, RequestEntityTooLarge):
+                    length = None if request.chunked else request.content_length
                     limit = self.channel.server.adj.max_request_body_size - 1
-                    error = NodeError(413, "body too large", f"the body exceeds {limit} bytes")
+                    request.error = NodeError(*body_too_large(length, limit))
                 else:
-                    error = NodeError(error.code, error.reason.lower(), str(error.body))
-                self.request.error = error
+                    request.error = NodeError(error.code, error.reason.lower(), str(error.body))
             super().execute()
 
     class NodeTask(WSGITask):

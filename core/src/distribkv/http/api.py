@@ -62,6 +62,7 @@ __all__ = [
     "Listen",
     "ServerHandle",
     "ServerSpec",
+    "body_too_large",
     "error_answer",
 ]
 
@@ -118,6 +119,13 @@ def error_answer(status: int, error: str, detail: str) -> tuple[int, list[tuple[
     ``{"error": ..., "detail": ...}`` (the server adds its framing headers)."""
     body = json.dumps({"error": error, "detail": detail}).encode()
     return status, [("Content-Type", "application/json")], body
+
+
+def body_too_large(length: int | None, limit: int) -> tuple[int, str, str]:
+    """The 413 for a body over ``max_request_body_size`` (``length`` None: a chunked body)."""
+    if length is None:
+        return 413, "body too large", f"the body exceeds {limit} bytes"
+    return 413, "body too large", f"the body is {length} bytes; the limit is {limit}"
 
 
 @attrs.frozen

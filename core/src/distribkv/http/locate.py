@@ -55,19 +55,15 @@ class Locator:
             raise routing.misdirected(owner, node.name)
         # Another shard's key, a write to a replica (redirect mode) or a leader-only read.
         if self.mode == "redirect":
+            error, detail = "wrong shard", None
             if owner.name == me.name:  # a write to this replica, or a read for the leader
                 what = "a write" if write else f"a read with {READ_HEADER}: leader"
-                routing.redirect(
-                    resp,
-                    req,
-                    owner,
-                    owner.leader,
-                    error="not the leader",
-                    detail=f"{node.name} is a replica of shard {owner.name!r}; {what} goes to"
-                    f" its leader at {owner.leader}",
+                error = "not the leader"
+                detail = (
+                    f"{node.name} is a replica of shard {owner.name!r}; {what} goes to its"
+                    f" leader at {owner.leader}"
                 )
-            else:
-                routing.redirect(resp, req, owner, owner.leader)
+            routing.redirect(resp, req, owner, owner.leader, error=error, detail=detail)
         else:
             routing.forward(
                 self.pool,

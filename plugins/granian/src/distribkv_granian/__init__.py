@@ -45,7 +45,15 @@ from collections.abc import Callable
 from typing import Any
 
 from distribkv import hookimpl
-from distribkv.http.api import DEFER, DEFERRED, Listen, ServerHandle, ServerSpec, error_answer
+from distribkv.http.api import (
+    DEFER,
+    DEFERRED,
+    Listen,
+    ServerHandle,
+    ServerSpec,
+    body_too_large,
+    error_answer,
+)
 from distribkv.server import ServingWrapper
 
 log = logging.getLogger(__name__)
@@ -285,7 +293,7 @@ class GranianHandle(ServerHandle):
                     self._hand_over(watcher, _EMPTY)
                 return
             if length is not None:
-                refusal = self._refusal(method, path, length, headers.get("expect"))
+                refusal = self._refusal(method, path, length, headers)
                 if refusal is not None:
                     self._error(watcher, *refusal)
                     watcher.done()
@@ -308,26 +316,21 @@ class GranianHandle(ServerHandle):
             else:
                 watcher.done()
 
-    def _refusal(
-        self, method: str, path: str, length: str, expect: str | None
-    ) -> tuple[int, str, str] | None:
+    def _refusal(self, method: str, path: str, length: str, headers) -> tuple[int, str, str] | None:
         """The error for a request by its Content-Length, answered before any of its body is
-        read (so hyper sends no 100 Continue), or None to read the body. ``body_check`` is
-        asked only for a client that waits for a 100 Continue: one that is sending its body
-        would find the connection closed under it (a reset, and no answer), so its body is read
-        and the application answers."""
+        read (so hyper sends no 100 Continue), or None to read the body. A refusal of
+        ``body_check`` is answered only to a client that waits for a 100 Continue: one that is
+        sending its body would find the connection closed under it (a reset, and no answer),
+        so its body is read and the application answers."""
         if not (length.isascii() and length.isdigit()):
             return 400, "bad request", f"malformed Content-Length {length!r}"
         size = int(length)
         check = self.listen.body_check
-        waits = size > self.max_body or (expect is not None and expect.lower() == "100-continue")
-        refusal = check(method, path, size) if check is not None and waits else None
-        if refusal is None and size > self.max_body:
-            refusal = (
-                413,
-                "body too large",
-                f"the body is {size} bytes; the limit is {self.max_body}",
-            )
+        refusal = None if check is None else check(method, path, size)
+        if size > self.max_body:
+            return refusal or body_too_large(size, self.max_body)
+        if refusal is not None and (headers.get("expect") or "").lower() != "100-continue":
+            return None
         return refusal
 
     def _answer_direct(self, watcher, scope, method: str, path: str, query: str, body) -> bool:
@@ -375,10 +378,7 @@ class GranianHandle(ServerHandle):
         if chunk:
             request.size += len(chunk)
             if request.size > self.max_body:
-                self._finish_read(
-                    request,
-                    (413, "body too large", f"the body exceeds {self.max_body} bytes"),
-                )
+                self._finish_read(request, body_too_large(None, self.max_body))
                 return
             request.chunks.append(chunk)
             self._read_next(request)
