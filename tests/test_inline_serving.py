@@ -310,34 +310,26 @@ def test_a_chunked_body_broken_off_never_reaches_the_application(served, server)
 
 def test_granian_answers_direct_requests_and_refuses_them_once_stopping():
     pytest.importorskip("distribkv_granian")
-    from distribkv.http.api import Later
+    from distribkv.http.api import DEFERRED
 
     calls = []
     finishers = []
     release = threading.Event()
 
-    class Later201(Later):
-        def __init__(self, body):
-            self.body = body
+    def finish_later(completion, body):  # answered from another thread, as the group commit
+        release.wait(WAIT)
+        completion.finish("201 Created", [("content-type", "text/plain")], b"later|" + body)
 
-        def start(self, completion):  # answered from another thread, as the group commit does
-            def finish():
-                release.wait(WAIT)
-                completion.finish(
-                    "201 Created", [("content-type", "text/plain")], b"later|" + self.body
-                )
-
-            finisher = threading.Thread(target=finish)
-            finishers.append(finisher)
-            finisher.start()
-
-    def direct(method, path, query, header, body, can_defer):
+    def direct(method, path, query, header, body, defer):
         calls.append((method, path, query, header("x-probe"), body))
-        assert can_defer  # granian finishes answers later
         if path == "/direct-broken":
             raise RuntimeError("a direct answer failed")
         if path == "/direct-later":
-            return Later201(body)
+            assert defer is not None  # granian finishes answers later
+            finisher = threading.Thread(target=finish_later, args=(defer(), body))
+            finishers.append(finisher)
+            finisher.start()
+            return DEFERRED
         if path != "/direct":
             return None
         return 200, [("content-type", "text/plain")], b"direct|" + query.encode()

@@ -27,7 +27,7 @@ HOST = "127.0.0.2"
 NOOP_SERVER = """
 import signal, sys, falcon
 from distribkv.http.api import Listen
-from distribkv.server import WaitressHandle
+from distribkv.servers.waitress import WaitressHandle
 
 class Noop:
     def on_get(self, req, resp):

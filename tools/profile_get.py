@@ -31,10 +31,10 @@ import falcon
 
 from distribkv.config import parse_config
 from distribkv.http.api import DEFER
-from distribkv.http.app import create_app, forwarding_pool
+from distribkv.http.app import create_app
+from distribkv.http.wrapper import ServingWrapper
 from distribkv.node import Node
 from distribkv.plugins import load_plugins
-from distribkv.server import ServingWrapper
 
 CONFIG = """
 [storage]
@@ -169,7 +169,7 @@ def main() -> int:
         try:
             for i in range(args.keys):
                 node.set(b"bench-%d" % i, b"v" * 100)
-            node_app = create_app(node, forwarding_pool(node))
+            node_app = create_app(node)
             app = ServingWrapper(node_app)
             noop_app = falcon.App()
             noop_app.add_route("/noop", Noop())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import io
+import json
 import os
 import sys
 import threading
@@ -16,10 +17,10 @@ import pytest
 
 from distribkv.config import ConfigError, load_cluster_token, parse_config
 from distribkv.http.api import Listen
-from distribkv.http.app import create_app, forwarding_pool
+from distribkv.http.app import create_app
 from distribkv.node import Node
 from distribkv.plugins import load_plugins
-from distribkv.server import WaitressHandle
+from distribkv.servers.waitress import WaitressHandle
 
 CONFIG = """
 [storage]
@@ -105,7 +106,7 @@ def test_token_files_must_be_private(tmp_path):
 
 def test_purge_requires_the_token_when_one_is_set(tmp_path):
     node = node_for(tmp_path, "127.0.0.2:8080", {"DISTRIBKV_CLUSTER_TOKEN": "t" * 20}).open()
-    client = falcon.testing.TestClient(create_app(node, forwarding_pool(node)))
+    client = falcon.testing.TestClient(create_app(node))
     assert client.simulate_get("/purge").status_code == 401
     assert client.simulate_get("/purge", headers={"X-Distribkv-Token": "x" * 20}).status_code == 401
     ok = client.simulate_get("/purge", headers={"X-Distribkv-Token": "t" * 20})
@@ -117,7 +118,7 @@ def test_purge_requires_the_token_when_one_is_set(tmp_path):
 
 def test_unexpected_errors_are_500_without_details(tmp_path, monkeypatch):
     node = node_for(tmp_path, "127.0.0.2:8080").open()
-    client = falcon.testing.TestClient(create_app(node, forwarding_pool(node)))
+    client = falcon.testing.TestClient(create_app(node))
 
     def explode(key):
         raise RuntimeError("secret internals")
@@ -131,7 +132,7 @@ def test_unexpected_errors_are_500_without_details(tmp_path, monkeypatch):
 
 
 def test_a_refusing_wrapper_answers_503_without_calling_the_application():
-    from distribkv.server import ServingWrapper
+    from distribkv.http.wrapper import ServingWrapper
 
     calls = []
 
@@ -151,12 +152,12 @@ def test_a_refusing_wrapper_answers_503_without_calling_the_application():
     wrapper.close()
     assert calls == ["/get"]
     assert statuses == ["200 OK", "503 Service Unavailable"]
-    assert body == [b"node is stopping\n"] and wrapper.in_flight == 0
+    assert json.loads(b"".join(body))["error"] == "stopping" and wrapper.in_flight == 0
 
 
 def test_the_wrapper_ignores_a_deferred_requests_own_answer_and_answers_a_failure_once():
     from distribkv.http.api import DEFER
-    from distribkv.server import INTERNAL_ERROR, ServingWrapper
+    from distribkv.http.wrapper import INTERNAL_ERROR, ServingWrapper
 
     finished = []
     deferred = []
@@ -286,7 +287,7 @@ OWN, OTHER = "key=USA", "key=Soviet"
     ],
 )
 def test_only_requests_that_never_wait_are_inline(tmp_path, settings, replica, deferred, expected):
-    from distribkv.http.app import inline_requests
+    from distribkv.http.kv import inline_requests
 
     node = open_node(tmp_path, replica, **settings)
     inline = inline_requests(node, deferred_writes=deferred)
@@ -370,7 +371,7 @@ def _count_app_calls(app, record):
 @pytest.mark.parametrize("replica", [None, 0])
 def test_the_read_fast_path_answers_exactly_as_the_application_does(tmp_path, replica):
     node = open_node(tmp_path, replica)
-    app = create_app(node, forwarding_pool(node))
+    app = create_app(node)
     falcon_calls = []
     inner = _count_app_calls(app, lambda environ: falcon_calls.append(environ["QUERY_STRING"]))
     node.store.put(b"USA", b"\x00\xff bytes&/%", sync=False)  # a key of shard s0
@@ -391,10 +392,12 @@ def test_the_read_fast_path_answers_exactly_as_the_application_does(tmp_path, re
     for headers in ({}, {"X-Distribkv-Map": "not-this-map"}):  # 200; 409
         fast = _wsgi_call(app, "GET", "", headers, path="/healthz")
         assert fast == _wsgi_call(inner, "GET", "", headers, path="/healthz"), headers
-    # A leader answers a stored key of its own without the application; a replica never does.
+    # Leader or replica, a read is answered without the Falcon application.
     falcon_calls.clear()
     assert _wsgi_call(app, "GET", OWN)[2] == b"\x00\xff bytes&/%"
-    assert falcon_calls == ([] if node.is_leader else [OWN])
+    node.store.delete(b"USA", sync=False)
+    assert _wsgi_call(app, "GET", OWN)[0] == "404 Not Found"  # a miss, read once
+    assert falcon_calls == []
     node.close()
 
 
@@ -431,17 +434,21 @@ def _set_answer(app, node, method, query, headers, body, deferred: bool, environ
 def _direct_set_answer(app, node, method, query, headers, body, can_defer=True):
     """A /set through ``Listen.direct``, as :func:`_set_answer` gives it, or None if it is
     left to the application."""
-    from distribkv.http.api import Later
+    from distribkv.http.api import DEFERRED, as_wsgi
 
     completions = Completions()
     header = {k.lower(): v for k, v in headers.items()}.get
-    result = app.direct(method, "/set", query, header, body or b"", can_defer)
+    defer = completions.defer if can_defer else None
+    result = app.direct(method, "/set", query, header, body or b"", defer)
     if result is None:
         return None
-    assert isinstance(result, Later)
-    result.start(completions)
-    assert completions.finished.wait(10), "a deferred direct write was never answered"
-    return completions.answers[0], node.store.get(b"USA"), node.store.get(b"\xff\x00&/ k")
+    if result is DEFERRED:
+        assert completions.finished.wait(10), "a deferred direct write was never answered"
+        answer = completions.answers[0]
+    else:  # answered at once: as a server sends it
+        status, direct_headers, direct_body = as_wsgi(result)
+        answer = (status, sorted((k.lower(), v) for k, v in direct_headers), direct_body)
+    return answer, node.store.get(b"USA"), node.store.get(b"\xff\x00&/ k")
 
 
 @pytest.mark.parametrize(("replica", "deferred"), [(None, False), (None, True), (0, False)])
@@ -449,7 +456,7 @@ def test_the_write_fast_path_answers_and_stores_exactly_as_the_application_does(
     tmp_path, replica, deferred
 ):
     node = open_node(tmp_path, replica, max_value_size=8)
-    app = create_app(node, forwarding_pool(node))
+    app = create_app(node)
     falcon_calls = []
     inner = _count_app_calls(
         app,
@@ -473,7 +480,7 @@ def test_the_write_fast_path_answers_and_stores_exactly_as_the_application_does(
         ("PUT", OWN, {}, b"abc", {"CONTENT_LENGTH": "5"}),  # 400: the body is cut short
         ("PUT", OWN, {}, b"abc", {"CONTENT_LENGTH": "\u00b3"}),  # 400: not a length
     ]
-    direct = []
+    left = []
     for method, query, headers, body, *environ in cases:
         for key in (b"USA", b"\xff\x00&/ k"):
             node.store.delete(key, sync=False)
@@ -485,13 +492,13 @@ def test_the_write_fast_path_answers_and_stores_exactly_as_the_application_does(
         if not environ:  # a server hands Listen.direct the whole body
             for key in (b"USA", b"\xff\x00&/ k"):
                 node.store.delete(key, sync=False)
-            # A replica is asked as by a server that defers: it still takes none.
-            can_defer = deferred or not node.is_leader
-            answer = _direct_set_answer(app, node, method, query, headers, body, can_defer)
-            if answer is not None:
+            answer = _direct_set_answer(app, node, method, query, headers, body, deferred)
+            if answer is None:
+                left.append((method, query))
+            else:
                 assert answer == slow, (method, query, headers, body)
-                direct.append((method, query))
-    # Listen.direct takes exactly the plain writes, and only a leader's that it can defer.
+    # Listen.direct answers every /set, at once or deferred, but a leader's plain write where
+    # the server cannot defer it (it would wait for the disk) and a method /set does not take.
     plain = [
         ("PUT", OWN),
         ("POST", OWN),
@@ -500,20 +507,21 @@ def test_the_write_fast_path_answers_and_stores_exactly_as_the_application_does(
         ("PUT", OWN),
         ("PUT", "key=%FF%00%26%2F+k"),
     ]
-    assert direct == (plain if deferred else [])
-    # A leader applies a write of its own key without the application; a replica never does.
+    assert left == (plain if node.is_leader and not deferred else []) + [("DELETE", OWN)]
+    # A leader applies a write of its own key without the Falcon application; a replica
+    # redirects it without it too.
     falcon_calls.clear()
     answer, stored, _ = _set_answer(app, node, "PUT", OWN, {}, b"direct", deferred)
     assert answer[0] == ("200 OK" if node.is_leader else "307 Temporary Redirect")
     assert stored == (b"direct" if node.is_leader else None)
-    assert falcon_calls == ([] if node.is_leader else [("PUT", OWN)])
+    assert falcon_calls == []
     node.close()
 
 
 @pytest.mark.parametrize("replica", [None, 0])
 def test_direct_reads_answer_as_the_application_does_or_leave_the_request_to_it(tmp_path, replica):
     node = open_node(tmp_path, replica)
-    app = create_app(node, forwarding_pool(node))
+    app = create_app(node)
     node.store.put(b"USA", b"\x00\xff bytes&/%", sync=False)
     cases = [
         ("/get", OWN, {}),  # stored, owned: answered directly by a leader
@@ -529,7 +537,7 @@ def test_direct_reads_answer_as_the_application_does_or_leave_the_request_to_it(
     ]
     answered = []
     for path, query, headers in cases:
-        direct = app.direct("GET", path, query, headers.get, b"", False)
+        direct = app.direct("GET", path, query, headers.get, b"", None)
         if direct is None:
             continue
         answered.append((path, query))
@@ -543,24 +551,26 @@ def test_direct_reads_answer_as_the_application_does_or_leave_the_request_to_it(
         assert sorted((k.lower(), v) for k, v in direct_headers) == [
             h for h in wsgi_headers if h[0] != "content-length"
         ]
-    expected = [("/get", OWN), ("/get", "key=U%53A"), ("/get", "key=USA&extra=1")]
-    assert answered == (expected if node.is_leader else []) + [("/healthz", "")]
+    # Every read, found or not, here or elsewhere, and a replica's refusal of a write; not a
+    # leader's write, which cannot be deferred here (no completion was offered).
+    reads = [(path, query) for path, query, _ in cases if path != "/set"]
+    assert answered == reads + ([] if node.is_leader else [("/set", OWN + "&value=v")])
     node.close()
 
 
 def test_a_direct_answer_is_counted_in_flight_and_never_given_once_refusing():
-    from distribkv.server import ServingWrapper
+    from distribkv.http.wrapper import ServingWrapper
 
     wrapper = ServingWrapper(lambda environ, start_response: [b""])
     seen = []
 
-    def answer(method, path, query, header, body, can_defer):
-        seen.append((method, path, query, header("x"), body, can_defer, wrapper.in_flight))
+    def answer(method, path, query, header, body, defer):
+        seen.append((method, path, query, header("x"), body, defer, wrapper.in_flight))
         return 200, [], b"value"
 
     request = ("/get", "key=k", {"x": "1"}.get, b"", "127.0.0.1")
     assert wrapper.direct(answer, "GET", *request) == (200, [], b"value")
-    assert seen == [("GET", "/get", "key=k", "1", b"", False, 1)]  # a drain waits for it
+    assert seen == [("GET", "/get", "key=k", "1", b"", None, 1)]  # a drain waits for it
     assert wrapper.in_flight == 0
     wrapper.refuse()
     # Refusing: no answer, so the server goes the application's way, which answers 503.
@@ -569,58 +579,59 @@ def test_a_direct_answer_is_counted_in_flight_and_never_given_once_refusing():
     wrapper.close()
 
 
-def test_a_later_direct_answer_is_in_flight_until_its_completion_is_finished():
-    from distribkv.http.api import DEFERRED, Later
-    from distribkv.server import ServingWrapper
+def test_a_deferred_direct_answer_is_in_flight_until_its_completion_is_finished():
+    from distribkv.http.api import DEFERRED
+    from distribkv.http.wrapper import ServingWrapper
 
     wrapper = ServingWrapper(lambda environ, start_response: [b""])
     server = Completions()
     started = []
 
-    class Queued(Later):
-        def start(self, completion):
-            started.append((completion, wrapper.in_flight))
-
-    def answer(method, path, query, header, body, can_defer):
-        return Queued() if can_defer else None
+    def answer(method, path, query, header, body, defer):
+        if defer is None:
+            return None
+        started.append((defer(), wrapper.in_flight))  # queued, to be finished elsewhere
+        return DEFERRED
 
     result = wrapper.direct(answer, "PUT", "/set", "key=k", {}.get, b"v", "127.0.0.1", server.defer)
-    assert result is DEFERRED and server.deferred  # started at once, with the server's completion
+    assert result is DEFERRED and server.deferred  # the server's completion was taken
     assert [counted for _, counted in started] == [1]
     assert wrapper.in_flight == 1  # until it is answered
     started[0][0].finish("200 OK", [("Content-Length", "0")], b"")
     assert server.answers == [("200 OK", [("content-length", "0")], b"")]
     assert wrapper.in_flight == 0
-    # A server that cannot defer is never given one: the application's way answers.
+    # A server that cannot defer offers no completion: the application's way answers.
     assert wrapper.direct(answer, "PUT", "/set", "key=k", {}.get, b"v", "-") is None
     assert wrapper.in_flight == 0 and len(started) == 1
     wrapper.close()
 
 
-def test_a_later_that_raises_is_counted_out_and_a_failed_send_ends_the_request():
-    from distribkv.http.api import DEFERRED, Later
-    from distribkv.server import ServingWrapper
+def test_a_direct_answer_that_fails_is_answered_once_and_counted_out():
+    from distribkv.http.api import DEFERRED
+    from distribkv.http.wrapper import INTERNAL_ERROR, ServingWrapper
 
     wrapper = ServingWrapper(lambda environ, start_response: [b""])
     server = Completions()
     taken = []
 
-    class Broken(Later):
-        def start(self, completion):
-            taken.append(completion)
-            raise RuntimeError("start failed")
+    def fails_after_deferring(method, path, query, header, body, defer):
+        taken.append(defer())
+        raise RuntimeError("failed after deferring")
 
     request = ("PUT", "/set", "key=k", {}.get, b"v", "127.0.0.1", server.defer)
-    with pytest.raises(RuntimeError):
-        wrapper.direct(lambda *args: Broken(), *request)
+    # Deferred, then failed: only its completion may answer it, once, with a 500.
+    assert wrapper.direct(fails_after_deferring, *request) is DEFERRED
+    assert server.answers == [
+        (INTERNAL_ERROR[0], sorted((k.lower(), v) for k, v in INTERNAL_ERROR[1]), INTERNAL_ERROR[2])
+    ]
     assert wrapper.in_flight == 0
     taken[0].finish("200 OK", [], b"")  # too late: ignored, and not counted out again
-    assert server.answers == [] and wrapper.in_flight == 0
+    assert len(server.answers) == 1 and wrapper.in_flight == 0
 
     def broken(*args):
         raise RuntimeError("direct failed")
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError):  # not deferred: the server answers 500
         wrapper.direct(broken, *request)
     assert wrapper.in_flight == 0
 
@@ -628,12 +639,12 @@ def test_a_later_that_raises_is_counted_out_and_a_failed_send_ends_the_request()
         def finish(self, status, headers, body):
             raise OSError("the client is gone")
 
-    class AtOnce(Later):  # answered before start returns, as a refused write is
-        def start(self, completion):
-            completion.finish("503 Service Unavailable", [], b"")
+    def at_once(method, path, query, header, body, defer):  # as a refused write is answered
+        defer().finish("503 Service Unavailable", [], b"")
+        return DEFERRED
 
     gone = Unsendable()
-    result = wrapper.direct(lambda *args: AtOnce(), *request[:-1], gone.defer)
+    result = wrapper.direct(at_once, *request[:-1], gone.defer)
     assert result is DEFERRED  # a failed send does not reach the server as an error
     assert wrapper.in_flight == 0
     wrapper.close()
@@ -641,10 +652,10 @@ def test_a_later_that_raises_is_counted_out_and_a_failed_send_ends_the_request()
 
 def test_a_direct_write_through_the_wrapper_is_counted_until_the_committer_answers(tmp_path):
     from distribkv.http.api import DEFERRED
-    from distribkv.server import ServingWrapper
+    from distribkv.http.wrapper import ServingWrapper
 
     node = open_node(tmp_path)
-    node_app = create_app(node, forwarding_pool(node))
+    node_app = create_app(node)
     wrapper = ServingWrapper(node_app)
     counted = []
 
@@ -668,34 +679,38 @@ def test_a_direct_write_through_the_wrapper_is_counted_until_the_committer_answe
     node.close()
 
 
-def test_a_direct_write_is_left_to_the_application_while_a_reshard_is_under_way(tmp_path):
-    from distribkv.http.api import Later
+def test_a_write_of_a_key_a_reshard_fenced_is_refused_the_same_way_on_every_path(
+    tmp_path, monkeypatch
+):
     from distribkv.transition import Transition
 
     node = open_node(tmp_path)
-    app = create_app(node, forwarding_pool(node))
-    assert isinstance(app.direct("PUT", "/set", OWN, {}.get, b"v", True), Later)
-    # The app's locator and the write guard decide every write while keys move.
-    node.maps.transition = Transition("t1", node.maps.map, node.maps.map, "copy")
-    assert app.direct("PUT", "/set", OWN, {}.get, b"v", True) is None
-    assert app.direct("GET", "/set", OWN + "&value=v", {}.get, b"", True) is None
+    app = create_app(node)
+    node.maps.transition = Transition("t1", node.maps.map, node.maps.map, "fence")
+    monkeypatch.setattr(node.maps, "verdict", lambda key: "out")  # the key leaves this shard
+    status, _, body = app.direct("PUT", "/set", OWN, {}.get, b"v", Completions().defer)
+    wsgi_status, wsgi_headers, wsgi_body = _wsgi_call(app.app, "PUT", OWN, path="/set", body=b"v")
+    assert (str(status), body) == (wsgi_status[:3], wsgi_body)
+    assert status == 503 and json.loads(body)["error"] == "moving"
+    assert ("retry-after", "1") in wsgi_headers
+    assert node.store.get(b"USA") is None
     node.maps.transition = None
     node.close()
 
 
 def test_a_direct_write_is_left_to_the_application_where_it_is_not_deferred(tmp_path):
     node = open_node(tmp_path, min_replicas=1)  # it waits for a replica: never deferred
-    app = create_app(node, forwarding_pool(node))
-    assert app.direct("PUT", "/set", OWN, {}.get, b"v", True) is None
+    app = create_app(node)
+    assert app.direct("PUT", "/set", OWN, {}.get, b"v", Completions().defer) is None
     node.close()
 
 
 def test_a_deferred_fast_write_is_in_flight_until_it_is_answered(tmp_path):
     from distribkv.http.api import DEFER
-    from distribkv.server import ServingWrapper
+    from distribkv.http.wrapper import ServingWrapper
 
     node = open_node(tmp_path)
-    wrapper = ServingWrapper(create_app(node, forwarding_pool(node)))
+    wrapper = ServingWrapper(create_app(node))
     counted = []
 
     class Counted(Completions):

@@ -143,9 +143,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run one node in the foreground."""
     from distribkv.config import load_config
+    from distribkv.launcher import serve
     from distribkv.node import Node
     from distribkv.plugins import load_plugins
-    from distribkv.serving import serve
 
     registry = load_plugins()
     config = load_config(args.config, registry)
@@ -163,8 +163,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_launch(args: argparse.Namespace) -> int:
     """Run every node of the cluster file as a child process."""
     from distribkv.config import load_config
+    from distribkv.launcher import Launcher, run_launcher
     from distribkv.plugins import load_plugins
-    from distribkv.serving import Launcher, run_launcher
 
     registry = load_plugins()
     config = load_config(args.config, registry)

@@ -21,7 +21,6 @@ seconds). With ``read_from_replicas``, a read that meets a replica still reloadi
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import threading
@@ -33,12 +32,12 @@ from urllib.parse import quote_from_bytes, urlsplit
 import msgpack
 
 from distribkv.hashing.shardmap import ShardMap
-from distribkv.http.routing import MAP_HEADER, ConnectionPool
+from distribkv.httpclient import HttpClient, RequestFailed, Response, Retry
 from distribkv.plugins import PluginRegistry, load_plugins
+from distribkv.protocol import MAP_HEADER, MSGPACK
 
 log = logging.getLogger(__name__)
 
-MSGPACK = "application/msgpack"
 BATCH_OPS = 1000
 #: How many times one request may fetch the map again after a 409 (a reshard switches the nodes
 #: one by one, so a request can meet an old and a new map in a row).
@@ -69,6 +68,10 @@ class Unavailable(ClientError):
     """No node could be reached in time."""
 
 
+class NotANode(ClientError):
+    """An address answered, but not as a distribkv node does (another server listens there)."""
+
+
 class Client:
     def __init__(
         self,
@@ -91,7 +94,11 @@ class Client:
         self.retries = retries
         self.move_wait = move_wait
         self.registry = registry or load_plugins()
-        self.pool = ConnectionPool(timeout, per_address=pool_size)
+        self.http = HttpClient(timeout, per_address=pool_size)
+        # Reads are tried again after any connection error; writes only when the connection
+        # was refused (nothing was sent), since one that reached the node may have applied.
+        self._read_retry = Retry(attempts=retries, after_send=True, first=0.1, most=2.0)
+        self._write_retry = Retry(attempts=retries, after_send=False, first=0.1, most=2.0)
         self._executor = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="dkv")
         self._lock = threading.Lock()
         self.map: ShardMap | None = None
@@ -112,16 +119,22 @@ class Client:
             candidates += sorted(self.map.addresses())
         for address in dict.fromkeys(candidates):
             try:
-                status, _, body = self.pool.request(address, "GET", "/cluster", None, {})
-            except OSError as exc:
-                errors.append(f"{address}: {exc}")
+                response = self.http.request(address, "GET", "/cluster")
+            except RequestFailed as exc:
+                errors.append(str(exc))
                 continue
-            if status != 200:
-                errors.append(f"{address}: HTTP {status}")
+            if response.status != 200:
+                errors.append(f"{address}: HTTP {response.status}")
                 continue
-            data = json.loads(body)
-            scheme = self.registry.hashing_scheme(data["hashing"])
-            fresh = ShardMap.from_description(data, scheme)
+            try:
+                data = json.loads(response.body)
+                scheme = self.registry.hashing_scheme(data["hashing"])
+                fresh = ShardMap.from_description(data, scheme)
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise NotANode(
+                    f"{address} answered /cluster, but not with a distribkv shard map"
+                    f" ({type(exc).__name__}: {exc}); is it a distribkv node?"
+                ) from None
             if fresh.fingerprint != data["fingerprint"]:
                 raise ClientError(
                     f"{address} publishes map {data['fingerprint']} but it hashes to"
@@ -156,20 +169,16 @@ class Client:
         address = self._address(key, write=write)
         redirects = 0
         deadline = time.monotonic() + self.move_wait
+        retry = self._write_retry if write else self._read_retry
         while True:
             sent_headers = {MAP_HEADER: self.map.fingerprint, **(headers or {})}
             try:
-                status, response_headers, data = self.pool.request(
-                    address, method, target, body, sent_headers
+                response = self.http.request(
+                    address, method, target, body, sent_headers, retry=retry
                 )
-            except (ConnectionRefusedError, OSError, http.client.HTTPException) as exc:
-                # A refused connection sent nothing: safe to retry for writes too.
-                safe = not write or isinstance(exc, ConnectionRefusedError)
-                attempt += 1
-                if not safe or attempt > self.retries:
-                    raise Unavailable(f"{method} {target[:80]} at {address}: {exc}") from exc
-                time.sleep(min(2.0, 0.05 * 2**attempt))
-                continue
+            except RequestFailed as exc:
+                raise Unavailable(str(exc)) from exc
+            status, data = response.status, response.body
             if status == 409 and refreshes < MAX_MAP_REFRESHES:
                 # The node has another map: take it from that node (it is the newer one
                 # during a reshard), then route again.
@@ -180,7 +189,7 @@ class Client:
                 if refreshes > 1:
                     time.sleep(0.01 * refreshes)
                 continue
-            error = _error(data) if status == 503 else None
+            error = response.error() if status == 503 else None
             if error == "moving" and time.monotonic() < deadline:
                 # A reshard fenced the key for a moment; the request was not applied.
                 attempt += 1
@@ -196,7 +205,7 @@ class Client:
             if status in (307, 308) and redirects < self.max_redirects:
                 self.redirects += 1
                 redirects += 1
-                location = urlsplit(dict((k.lower(), v) for k, v in response_headers)["location"])
+                location = urlsplit(response.header("location") or "")
                 address = location.netloc
                 target = location.path + (f"?{location.query}" if location.query else "")
                 continue
@@ -269,7 +278,7 @@ class Client:
                 misplaced.extend(chunk)
                 return
             self._check(status, data, f"batch of {len(chunk)} ops")
-            for i, value in zip(chunk, msgpack.unpackb(data, raw=False)["results"], strict=True):
+            for i, value in zip(chunk, _batch_results(data, len(chunk)), strict=True):
                 results[i] = value
 
         for future in [self._executor.submit(run, chunk) for chunk in chunks]:
@@ -292,7 +301,7 @@ class Client:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
-        self.pool.close()
+        self.http.close()
 
     def __enter__(self) -> Client:
         return self
@@ -301,16 +310,19 @@ class Client:
         self.close()
 
 
-def _error(data: bytes) -> str | None:
-    """The ``error`` of a node's JSON error answer (None for any other body)."""
+def _batch_results(data: bytes, count: int) -> list:
+    """The results of a /batch answer; NotANode for a body no node would answer."""
     try:
-        return json.loads(data).get("error")
-    except (ValueError, AttributeError):
-        return None
+        results = Response(200, [("Content-Type", MSGPACK)], data).document()["results"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise NotANode(f"a /batch answer that is not a node's ({exc})") from None
+    if not isinstance(results, list) or len(results) != count:
+        raise NotANode(f"a /batch answer whose results do not match its {count} ops")
+    return results
 
 
 def _q(key: bytes) -> str:
     return quote_from_bytes(key, safe="")
 
 
-__all__ = ["Client", "ClientError", "RequestError", "ServerError", "Unavailable"]
+__all__ = ["Client", "ClientError", "NotANode", "RequestError", "ServerError", "Unavailable"]

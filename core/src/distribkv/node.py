@@ -21,7 +21,8 @@ from distribkv.config import Config, NodeConfig, load_cluster_token, refuse_expo
 from distribkv.hashing.shardmap import ShardInfo, ShardMap
 from distribkv.plugins import PluginRegistry
 from distribkv.replication.api import NotReplicatedError, ReplicationRole
-from distribkv.replication.log import LeaderLog, ensure_history
+from distribkv.replication.leader import LeaderLog
+from distribkv.replication.records import ensure_history
 from distribkv.storage.api import Delete, Namespace, Op, Put
 from distribkv.storage.store import Store, open_store
 from distribkv.transition import MapState
@@ -150,11 +151,13 @@ class Node:
         A client's write (``client=True``) is refused with :class:`Moving` while a reshard
         fences its keys; the check runs under the log's write lock. Writes of the reshard
         itself and of ``purge`` pass ``client=False``."""
-        seq = self._leader_log().write(ops, guard=self._write_guard(ops) if client else None)
+        seq = self._leader_log().committer.write(
+            ops, guard=self._write_guard(ops) if client else None
+        )
         needed = self.config.cluster.min_replicas
         if needed:
             timeout = self.config.cluster.min_replicas_timeout
-            if not self.leader_log.wait_replicated(seq, needed, timeout):
+            if not self._leader_log().progress.wait_replicated(seq, needed, timeout):
                 raise NotReplicatedError(
                     f"the write (seq {seq}) is stored on the leader {self.name} but fewer than"
                     f" {needed} replica(s) applied it within {timeout:g}s; it may not be"
@@ -179,7 +182,7 @@ class Node:
             # Checked again here: a leader that was just demoted answers the write an error.
             if not self.defers_writes:
                 raise RuntimeError(f"{self.name} cannot defer writes")
-            self._leader_log().submit(ops, done, guard=self._write_guard(ops))
+            self._leader_log().committer.submit(ops, done, guard=self._write_guard(ops))
         except Exception as exc:  # noqa: BLE001 - handed to the caller's answer
             done(0, exc)
 

@@ -40,10 +40,10 @@ import msgpack
 
 from distribkv.config import Config
 from distribkv.hashing.shardmap import ShardMap
-from distribkv.http.routing import TOKEN_HEADER, ConnectionPool
+from distribkv.httpclient import HttpClient, RequestFailed
 from distribkv.plugins import PluginRegistry
+from distribkv.protocol import MSGPACK, TOKEN_HEADER
 
-MSGPACK = "application/msgpack"
 INGEST_OPS = 1000
 #: Catch-up rounds stop when the sources are this close to their last seq.
 CATCH_UP_SLACK = 500
@@ -119,7 +119,7 @@ class Reshard:
         self.id = f"{self.source.fingerprint}-{self.target.fingerprint}"
         self.out = out
         self.max_rate = max_rate
-        self.pool = ConnectionPool(timeout, per_address=8)
+        self.http = HttpClient(timeout, per_address=8)
         self.headers = {TOKEN_HEADER: token} if token else {}
         self._check_layouts()
 
@@ -176,16 +176,14 @@ class Reshard:
                 data = json.dumps(body).encode()
                 headers["Content-Type"] = "application/json"
         try:
-            status, response_headers, raw = self.pool.request(address, method, path, data, headers)
-        except OSError as exc:
+            response = self.http.request(address, method, path, data, headers)
+        except RequestFailed as exc:
             raise ReshardError(f"{method} {path.split('?')[0]} on {address}: {exc}") from None
-        content_type = dict((k.lower(), v) for k, v in response_headers).get("content-type", "")
-        if content_type.startswith(MSGPACK):
-            doc = msgpack.unpackb(raw, raw=False)
-        elif content_type.startswith("application/json"):
-            doc = json.loads(raw)
-        else:
-            doc = raw
+        status = response.status
+        try:
+            doc = response.document()
+        except ValueError:
+            doc = response.body
         if status not in ok:
             detail = doc.get("detail") or doc.get("error") if isinstance(doc, dict) else doc
             raise ReshardError(
@@ -508,4 +506,4 @@ class Reshard:
             self.say(f"  {shard} {role} ({address}): reshard {self.id} aborted")
 
     def close(self) -> None:
-        self.pool.close()
+        self.http.close()

@@ -8,7 +8,7 @@ import falcon.testing
 import pytest
 
 from distribkv.config import parse_config
-from distribkv.http.app import create_app, forwarding_pool
+from distribkv.http.app import create_app
 from distribkv.node import Node
 from distribkv.plugins import load_plugins
 
@@ -30,7 +30,7 @@ def leader(tmp_path):
     path = tmp_path / "sharding.toml"
     path.write_text(CONFIG)
     node = Node(parse_config(CONFIG, path), "s0", registry=load_plugins(), environ={}).open()
-    client = falcon.testing.TestClient(create_app(node, forwarding_pool(node)))
+    client = falcon.testing.TestClient(create_app(node))
     yield node, client
     node.close()
 

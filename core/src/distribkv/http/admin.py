@@ -7,7 +7,7 @@ import hmac
 import falcon
 
 from distribkv.http.errors import ApiError
-from distribkv.http.routing import TOKEN_HEADER
+from distribkv.protocol import TOKEN_HEADER
 
 
 def require_token(node, req: falcon.Request) -> None:
@@ -32,8 +32,8 @@ HEALTHY_TYPE = falcon.MEDIA_TEXT
 
 
 class HealthResource:
-    """``/healthz``: "ok". ``FastPaths`` answers it the same way without Falcon; this is for a
-    request stamped with a map fingerprint, which the map check answers first."""
+    """``/healthz``: "ok". The node's application answers it the same way without Falcon; this
+    is for a request stamped with a map fingerprint, which the map check answers first."""
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = HEALTHY_TYPE

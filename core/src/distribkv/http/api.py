@@ -22,16 +22,16 @@ applies the next group of writes (one fsync for all of them) answers every one o
 that can be deferred are then ``inline`` too.
 
 ``Listen.direct`` answers a request without WSGI: ``direct(method, path, query, header, body,
-can_defer)`` returns ``(status, headers, body)`` (an ``int`` status), None, or a :class:`Later`,
-and never waits (it answers only what it can answer at once). A server that uses it calls it
-through :meth:`distribkv.server.ServingWrapper.direct`, before it builds an environ, on the
-thread that parsed the request, with the whole body (``b""`` for a GET); on None it serves the
-request through the application as usual. ``can_defer`` is true where the server can finish a
-response later, and only then may ``direct`` give a :class:`Later`, which the wrapper starts at
-once with the request's :class:`Completion`. Building a WSGI environ costs as much as a read
-does; the node answers its most frequent requests this way (a leader's read of a key it owns
-and holds, and its SET of a key it owns, queued for the group commit) and leaves every other
-one (an absent key, an error, a replica, another shard's key, a reshard) to the application.
+defer)`` returns ``(status, headers, body)`` (an ``int`` status; the server adds
+Content-Length), ``DEFERRED``, or None, and never waits (it answers only what it can answer at
+once). A server that uses it calls it through :meth:`distribkv.http.wrapper.ServingWrapper.direct`,
+before it builds an environ, on the thread that parsed the request, with the whole body
+(``b""`` for a GET); on None it serves the request through the application as usual.
+``defer`` is None where the server cannot finish a response later; otherwise ``direct`` may
+call it once to get the request's :class:`Completion`, finish that later (from any thread),
+and give ``DEFERRED``. Building a WSGI environ costs as much as a read does; the node answers
+its key-value requests this way, and leaves to the application only those that wait (a
+forwarded request, a write that waits for replicas).
 
 ``Listen.body_check(method, path, length)`` is asked, once a request's headers are in and before
 its body is read, about a request with a Content-Length that waits for a ``100 Continue``: it
@@ -51,19 +51,23 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import attrs
+import falcon
 
 __all__ = [
     "DEFER",
     "DEFERRED",
+    "Answer",
     "BodyCheck",
     "Completion",
     "Direct",
-    "Later",
+    "Header",
     "Listen",
     "ServerHandle",
     "ServerSpec",
+    "as_wsgi",
     "body_too_large",
     "error_answer",
+    "status_line",
 ]
 
 #: The WSGI environ key of a deferring server's ``defer() -> Completion``.
@@ -77,7 +81,7 @@ class _Deferred:
         return "DEFERRED"
 
 
-#: What :meth:`distribkv.server.ServingWrapper.direct` gives a server for a request that is
+#: What :meth:`distribkv.http.wrapper.ServingWrapper.direct` gives a server for a request that is
 #: answered later: nothing to send now (the request's completion sends it).
 DEFERRED: Any = _Deferred()
 
@@ -88,24 +92,17 @@ class Completion(Protocol):
     def finish(self, status: str, headers: list[tuple[str, str]], body: bytes) -> None: ...
 
 
-class Later(abc.ABC):
-    """A request that ``Listen.direct`` answers later (see the module's docstring)."""
+#: An answer: an ``int`` status, the headers (without Content-Length) and the body.
+Answer = tuple[int, list[tuple[str, str]], bytes]
 
-    __slots__ = ()
+#: ``header(name) -> str | None``: a request header by its lower-case name.
+Header = Callable[[str], str | None]
 
-    @abc.abstractmethod
-    def start(self, completion: Completion) -> None:
-        """Called once, at once, with the request's completion: queue the work and return.
-        Whoever finishes the work finishes ``completion``, exactly once, from any thread; an
-        error is answered through it too, never raised here."""
-
-
-#: ``direct(method, path, query, header, body, can_defer) -> (status, headers, body) | Later |
-#: None`` (see the module's docstring): ``path`` is percent-decoded, ``query`` raw,
-#: ``header(name)`` a request header by its lower-case name, or None.
+#: ``direct(method, path, query, header, body, defer) -> Answer | DEFERRED | None`` (see the
+#: module's docstring): ``path`` is percent-decoded, ``query`` raw.
 Direct = Callable[
-    [str, str, str, Callable[[str], str | None], bytes, bool],
-    tuple[int, list[tuple[str, str]], bytes] | Later | None,
+    [str, str, str, Header, bytes, Callable[[], "Completion"] | None],
+    Any,
 ]
 
 
@@ -114,7 +111,27 @@ Direct = Callable[
 BodyCheck = Callable[[str, str, int], tuple[int, str, str] | None]
 
 
-def error_answer(status: int, error: str, detail: str) -> tuple[int, list[tuple[str, str]], bytes]:
+def status_line(code: int) -> str:
+    """The status line of ``code`` (``"413 Content Too Large"``): one reason phrase per code,
+    whichever way a request is answered."""
+    line = _STATUS_LINES.get(code)
+    if line is None:
+        # Falcon's table, which names codes as RFC 9110 does (the standard library still says
+        # "Request Entity Too Large" for 413), so the node's answers agree however they go out.
+        line = _STATUS_LINES[code] = falcon.code_to_http_status(code)
+    return line
+
+
+_STATUS_LINES: dict[int, str] = {}
+
+
+def as_wsgi(answer: Answer) -> tuple[str, list[tuple[str, str]], bytes]:
+    """``answer`` as WSGI gives it: a status line, and a Content-Length among the headers."""
+    status, headers, body = answer
+    return status_line(status), [*headers, ("Content-Length", str(len(body)))], body
+
+
+def error_answer(status: int, error: str, detail: str) -> Answer:
     """An error a server answers itself, as the node answers its errors: a JSON body
     ``{"error": ..., "detail": ...}`` (the server adds its framing headers)."""
     body = json.dumps({"error": error, "detail": detail}).encode()

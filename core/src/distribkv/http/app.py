@@ -1,7 +1,15 @@
-"""``create_app(node, pool)``: every route of a node, added in one place, behind the fast paths
-for reads and writes (``FastPaths``)."""
+"""The node's application: ``create_app(node)`` gives the WSGI callable every server serves.
+
+:class:`NodeApp` takes the key-value requests itself, straight to their decisions in
+:mod:`distribkv.http.kv` (with an environ, and without one as ``Listen.direct``), and hands
+every other request to the Falcon application, where each route has its resource; all routes
+are added in one place, :func:`create_app`.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import falcon
 
@@ -14,95 +22,134 @@ from distribkv.http.admin import (
     ResyncResource,
     StatusResource,
 )
+from distribkv.http.api import DEFER, DEFERRED, Completion, Header, status_line
 from distribkv.http.batch import BatchResource
-from distribkv.http.errors import ApiError
+from distribkv.http.errors import error_answer_for, error_response
 from distribkv.http.kv import (
+    DELETE_METHODS,
+    HEALTHY_ANSWER,
     SET_METHODS,
     DeleteResource,
-    FastPaths,
     GetResource,
+    KeyValue,
     SetResource,
+    WsgiBody,
 )
-from distribkv.http.locate import Locator, MapCheck
-from distribkv.http.params import parse_query
-from distribkv.http.routing import ConnectionPool
-from distribkv.replication.logtransport import SnapshotResource
+from distribkv.http.limits import Limits
+from distribkv.http.routing import Forwarder, MapCheck, Router
+from distribkv.protocol import MAP_HEADER
+from distribkv.replication.snapshot import SnapshotResource
+
+__all__ = ["NodeApp", "create_app", "environ_header"]
+
+#: The map fingerprint header, as a WSGI environ key.
+MAP_ENVIRON = "HTTP_" + MAP_HEADER.upper().replace("-", "_")
+
+_ENVIRON_KEYS = {"content-type": "CONTENT_TYPE", "content-length": "CONTENT_LENGTH"}
 
 
-def forwarding_pool(node) -> ConnectionPool:
-    """The keep-alive connections a node uses to forward requests (routing = "proxy")."""
-    server = node.config.server
-    return ConnectionPool(server.forward_timeout, per_address=server.threads)
+def environ_header(environ: dict[str, Any]) -> Header:
+    """``header(name)`` of a WSGI request, by the lower-case name."""
+    get = environ.get
+
+    def header(name: str) -> str | None:
+        key = _ENVIRON_KEYS.get(name)
+        if key is None:
+            key = _ENVIRON_KEYS[name] = "HTTP_" + name.upper().replace("-", "_")
+        return get(key)
+
+    return header
 
 
-WRITE_METHODS = {"/set": SET_METHODS, "/delete": frozenset(("GET", "POST", "DELETE"))}
+class NodeApp:
+    """The WSGI application of a node (see the module's docstring). :meth:`direct` is
+    ``Listen.direct``: the same decisions for a server that answers without an environ."""
 
+    def __init__(self, app: falcon.App, kv: KeyValue, forwarder: Forwarder):
+        self.app = app
+        self.kv = kv
+        self.forwarder = forwarder
 
-def inline_requests(node, *, deferred_writes: bool = False):
-    """The node's requests that never wait, for ``Listen.inline``: health checks, the map,
-    reads, and (on a server that defers answers) writes.
-
-    A read waits for nothing in redirect mode (a key of another shard is a 307); in proxy mode
-    only a leader's read of its own key is inline (any other read is forwarded, and forwarding
-    waits on the network; a replica cannot tell from the request line whether the client asked
-    for a leader-only read). A write is inline where the node defers it (it is queued, and the
-    thread that applies it answers it) and on a replica (refused or redirected at once); in
-    proxy mode a write of another shard's key is forwarded, so it is not."""
-    always = frozenset(("/healthz", "/cluster"))
-    proxy = node.config.cluster.routing == "proxy"
-    writes = deferred_writes and (node.defers_writes or not node.is_leader)
-
-    def owned(query: str) -> bool:
+    def __call__(self, environ: dict[str, Any], start_response: Callable) -> list[bytes]:
+        method = environ["REQUEST_METHOD"]
+        path = environ["PATH_INFO"]
+        kv = self.kv
         try:
-            key = parse_query(query).get("key")
-        except ApiError:
-            return True  # answered 400 at once
-        return not key or node.routes_here(key)
+            if path == "/get" and method == "GET":
+                answer = kv.get(environ.get("QUERY_STRING", ""), environ_header(environ))
+            elif path == "/set" and method in SET_METHODS:
+                answer = kv.set(
+                    method,
+                    environ.get("QUERY_STRING", ""),
+                    environ_header(environ),
+                    WsgiBody(environ),
+                    environ.get(DEFER),
+                )
+            elif path == "/delete" and method in DELETE_METHODS:
+                answer = kv.delete(
+                    method,
+                    environ.get("QUERY_STRING", ""),
+                    environ_header(environ),
+                    environ.get(DEFER),
+                )
+            elif path == "/healthz" and method == "GET" and MAP_ENVIRON not in environ:
+                answer = HEALTHY_ANSWER
+            else:
+                return self.app(environ, start_response)
+        except Exception as exc:  # noqa: BLE001 - answered by the one error mapping
+            status_text, headers, body = error_response(exc, method, path)
+            start_response(status_text, headers)
+            return [body]
+        if answer is DEFERRED:
+            return []  # answered by whoever finishes it
+        status, headers, body = answer
+        start_response(status_line(status), [*headers, ("Content-Length", str(len(body)))])
+        return [body]
 
-    def inline(method: str, path: str, query: str) -> bool:
-        if path == "/get":
-            if method != "GET":
-                return False
-            if not proxy:
-                return True
-            return node.is_leader and owned(query)
-        methods = WRITE_METHODS.get(path)
-        if methods is not None:
-            if not writes or method not in methods:
-                return False
-            return not proxy or owned(query)
-        return method == "GET" and path in always
-
-    return inline
-
-
-def body_check(node):
-    """``Listen.body_check``: a PUT/POST /set body over ``max_value_size`` and a /batch body
-    over ``max_batch_bytes`` are refused with 413 before they are read (the owner of the key
-    would refuse them too: every node has the cluster's limits)."""
-    max_value = node.config.storage.max_value_size
-    max_batch = node.config.server.max_batch_bytes
-
-    def check(method: str, path: str, length: int) -> tuple[int, str, str] | None:
-        if path == "/set" and method in ("PUT", "POST") and length > max_value:
-            return 413, "value too large", f"the body is {length} bytes; the limit is {max_value}"
-        if path == "/batch" and length > max_batch:
-            return 413, "batch too large", f"the body is {length} bytes; the limit is {max_batch}"
+    def direct(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        header: Header,
+        body: bytes,
+        defer: Callable[[], Completion] | None,
+    ) -> Any:
+        kv = self.kv
+        try:
+            if path == "/get":
+                return kv.get(query, header, may_block=False) if method == "GET" else None
+            if path == "/set":
+                if method not in SET_METHODS:
+                    return None
+                return kv.set(method, query, header, body, defer, may_block=False)
+            if path == "/delete":
+                if method not in DELETE_METHODS:
+                    return None
+                return kv.delete(method, query, header, defer, may_block=False)
+            if path == "/healthz" and method == "GET" and header(MAP_HEADER.lower()) is None:
+                return HEALTHY_ANSWER
+        except Exception as exc:  # noqa: BLE001 - answered by the one error mapping
+            return error_answer_for(exc, method, path)
         return None
 
-    return check
+    def close(self) -> None:
+        self.forwarder.close()
 
 
-def create_app(node, pool: ConnectionPool) -> FastPaths:
-    locator = Locator(node, pool)
+def create_app(node) -> NodeApp:
+    forwarder = Forwarder(node)
+    router = Router(node, forwarder)
+    limits = Limits.of(node)
+    kv = KeyValue(node, router, limits)
     app = falcon.App(middleware=[MapCheck(node)])
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
     routes = [
-        ("/get", GetResource(node, locator)),
-        ("/set", SetResource(node, locator)),
-        ("/delete", DeleteResource(node, locator)),
-        ("/batch", BatchResource(node, locator)),
+        ("/get", GetResource(kv)),
+        ("/set", SetResource(kv)),
+        ("/delete", DeleteResource(kv)),
+        ("/batch", BatchResource(node, router, limits)),
         ("/purge", PurgeResource(node)),
         ("/healthz", HealthResource()),
         ("/status", StatusResource(node)),
@@ -121,4 +168,4 @@ def create_app(node, pool: ConnectionPool) -> FastPaths:
             routes.append((path, resource))
     for path, resource in routes:
         app.add_route(path, resource)
-    return FastPaths(node, app)
+    return NodeApp(app, kv, forwarder)

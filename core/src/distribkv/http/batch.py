@@ -24,11 +24,13 @@ import falcon
 import msgpack
 
 from distribkv.http.errors import ApiError
-from distribkv.http.locate import Locator
+from distribkv.http.kv import check_readable, respond
+from distribkv.http.limits import Limits
 from distribkv.http.params import check_key
+from distribkv.http.routing import BLOCKS, Router
+from distribkv.protocol import MSGPACK
 from distribkv.storage.api import Delete, Namespace, Put
 
-MSGPACK = "application/msgpack"
 MAX_OPS = 10_000
 
 
@@ -37,29 +39,23 @@ def _bad(detail: str) -> ApiError:
 
 
 class BatchResource:
-    def __init__(self, node, locator: Locator):
+    def __init__(self, node, router: Router, limits: Limits):
         self.node = node
-        self.locator = locator
-        self.max_bytes = node.config.server.max_batch_bytes
-        self.max_value = node.config.storage.max_value_size
+        self.router = router
+        self.limits = limits
 
     def _read_body(self, req: falcon.Request) -> bytes:
-        if req.content_length is not None and req.content_length > self.max_bytes:
-            raise ApiError(
-                falcon.HTTP_413,
-                "batch too large",
-                f"the body is {req.content_length} bytes; the limit is {self.max_bytes}",
-            )
-        body = req.bounded_stream.read(self.max_bytes + 1)
-        if len(body) > self.max_bytes:
-            raise ApiError(falcon.HTTP_413, "batch too large", f"the limit is {self.max_bytes}")
+        if req.content_length is not None:
+            self.limits.batch(req.content_length)
+        body = req.bounded_stream.read(self.limits.max_batch + 1)
+        self.limits.batch(len(body), more=True)
         return body
 
     def _decode(self, req: falcon.Request, body: bytes):
         use_msgpack = (req.content_type or "").split(";")[0].strip() == MSGPACK
         try:
             if use_msgpack:
-                doc = msgpack.unpackb(body, raw=False, max_bin_len=self.max_bytes)
+                doc = msgpack.unpackb(body, raw=False, max_bin_len=self.limits.max_batch)
             else:
                 doc = json.loads(body)
         except (ValueError, msgpack.UnpackException) as exc:
@@ -93,18 +89,14 @@ class BatchResource:
             key = to_bytes(op[1], f"op {i} key")
             check_key(key, f"the key of op {i}")
             value = to_bytes(op[2], f"op {i} value") if op[0] == "set" else None
-            if value is not None and len(value) > self.max_value:
-                raise ApiError(
-                    falcon.HTTP_413,
-                    "value too large",
-                    f"op {i}: the value is {len(value)} bytes; the limit is {self.max_value}",
-                )
+            if value is not None:
+                self.limits.value(len(value), f"the value of op {i}")
             ops.append((op[0], key, value))
         if not ops:
             self._answer(resp, [], use_msgpack, b64)
             return
 
-        owners = {self.locator.owner(key)[0].name for _, key, _ in ops}
+        owners = {self.router.owner(key)[0].name for _, key, _ in ops}
         if len(owners) > 1:
             raise ApiError(
                 falcon.HTTP_421,
@@ -113,18 +105,25 @@ class BatchResource:
                 owners=sorted(owners),
             )
         writes = any(kind != "get" for kind, _, _ in ops)
-        if not self.locator.here(req, resp, ops[0][1], write=writes, body=body):
+        elsewhere = self.router.route(
+            ops[0][1],
+            write=writes,
+            method=req.method,
+            path="/batch",
+            query=req.env.get("QUERY_STRING", ""),
+            header=req.get_header,
+            body=body,
+            may_block=True,
+        )
+        if elsewhere is not None:
+            assert elsewhere is not BLOCKS  # a batch is never served where it may not wait
+            respond(resp, elsewhere)
             return
 
         get_keys = [key for kind, key, _ in ops if kind == "get"]
-        if get_keys and not self.node.readable:
-            raise ApiError(
-                falcon.HTTP_503,
-                "replica resyncing",
-                f"{self.node.name} is reloading its data; read from the leader"
-                f" {self.node.me.leader}",
-                leader=self.node.me.leader,
-            )
+        if get_keys:
+            for name, value in check_readable(self.node):
+                resp.set_header(name, value)
         values = iter(self.node.get_many(get_keys) if get_keys else [])
         mutations = [
             Put(Namespace.DATA, key, value) if kind == "set" else Delete(Namespace.DATA, key)

@@ -8,6 +8,7 @@ import logging
 
 import falcon
 
+from distribkv.http.api import Answer, as_wsgi
 from distribkv.replication.api import NotReplicatedError
 from distribkv.storage.errors import (
     BackendClosedError,
@@ -108,13 +109,19 @@ def api_error(exc: Exception, method: str, path: str) -> falcon.HTTPError:
     return ApiError(falcon.HTTP_500, "internal error", "see the node's log")
 
 
-def error_response(exc: Exception, method: str, path: str) -> tuple[str, list, bytes]:
-    """``api_error(exc)`` as a WSGI status line, headers and the JSON body."""
+def error_answer_for(exc: Exception, method: str, path: str) -> Answer:
+    """``api_error(exc)`` as an answer: its status, headers and the JSON body, exactly as the
+    application's error serializer writes them."""
     error = api_error(exc, method, path)
     body = json.dumps(_error_document(error)).encode()
     headers = [(name, value) for name, value in (error.headers or {}).items()]
-    headers += [("Content-Type", falcon.MEDIA_JSON), ("Content-Length", str(len(body)))]
-    return error.status, headers, body
+    headers.append(("Content-Type", falcon.MEDIA_JSON))
+    return error.status_code, headers, body
+
+
+def error_response(exc: Exception, method: str, path: str) -> tuple[str, list, bytes]:
+    """:func:`error_answer_for` as WSGI gives it (a status line, a Content-Length)."""
+    return as_wsgi(error_answer_for(exc, method, path))
 
 
 def _map_error(req, resp, exc: Exception, params) -> None:

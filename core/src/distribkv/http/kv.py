@@ -1,320 +1,331 @@
-"""The key-value resources: ``/get``, ``/set`` and ``/delete`` (seed-compatible)."""
+"""The key-value requests, ``/get``, ``/set`` and ``/delete``: one decision function each.
+
+:class:`KeyValue` decides a request whole: the map check, the key and the value limit, where
+the key is answered (:class:`~distribkv.http.routing.Router`: here, redirected, forwarded,
+refused), and the answer, or the deferral of a write to the group commit. Every way a request
+reaches the node calls it with what that way has at hand:
+
+- :class:`distribkv.http.app.NodeApp`, the WSGI application servers get, for a request with
+  an environ (``may_block``: it runs where ``Listen.inline`` said it may wait or not);
+- the same application's ``Listen.direct``, for a request without one (``may_block=False``:
+  it runs on the server's own thread, so a forward or a write that must wait is left to the
+  application, which the server then calls on a worker thread);
+- the Falcon resources below, which stand behind the application for what it does not take.
+
+The answers are ``(status, headers, body)`` with an ``int`` status and no Content-Length (see
+:mod:`distribkv.http.api`); errors are raised as :class:`~distribkv.http.errors.ApiError`
+and answered by the one mapping in :mod:`distribkv.http.errors`.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import falcon
 
 from distribkv.http.admin import HEALTHY, HEALTHY_TYPE
-from distribkv.http.api import DEFER, Completion, Later
+from distribkv.http.api import DEFER, DEFERRED, Answer, Completion, Header, as_wsgi, error_answer
 from distribkv.http.errors import ApiError, error_response
-from distribkv.http.locate import Locator
-from distribkv.http.params import parse_query, query_key, query_params, require_key
-from distribkv.http.routing import MAP_HEADER
-from distribkv.storage.api import Delete, Namespace, Put
+from distribkv.http.limits import Limits
+from distribkv.http.params import parse_query, query_key, require_key
+from distribkv.http.routing import BLOCKS, MAP, Router, check_map
+from distribkv.protocol import JSON, LAG_ENTRIES_HEADER, LAG_SECONDS_HEADER, OCTET_STREAM
+from distribkv.storage.api import Delete, Namespace, Op, Put
 
-OCTET_STREAM = "application/octet-stream"
-#: The headers of a read answered by the fast path (Content-Length is added to them).
-DIRECT_HEADERS = [("Content-Type", OCTET_STREAM)]
-#: ``/healthz``'s answer, as :class:`distribkv.http.admin.HealthResource` gives it.
-HEALTHY_HEADERS = [("Content-Type", HEALTHY_TYPE)]
-#: The map fingerprint header, as a WSGI environ key.
-MAP_ENVIRON = "HTTP_" + MAP_HEADER.upper().replace("-", "_")
-MAP_HEADER_LOWER = MAP_HEADER.lower()
-#: The methods of ``/set``, as :class:`SetResource` answers them.
+__all__ = [
+    "DELETE_METHODS",
+    "SET_METHODS",
+    "DeleteResource",
+    "GetResource",
+    "KeyValue",
+    "SetResource",
+    "WsgiBody",
+    "check_readable",
+    "inline_requests",
+    "respond",
+]
+
 SET_METHODS = frozenset(("GET", "PUT", "POST"))
-#: On reads served by a replica: how far it is behind its leader.
-LAG_ENTRIES_HEADER = "X-Distribkv-Lag-Entries"
-LAG_SECONDS_HEADER = "X-Distribkv-Lag-Seconds"
+DELETE_METHODS = frozenset(("GET", "POST", "DELETE"))
+
+_VALUE_HEADERS = [("Content-Type", OCTET_STREAM)]
+NOT_FOUND = error_answer(404, "not found", "no value is stored under this key")
+#: A write's answer: 200 with an empty body (unlike 204, it carries a Content-Length of 0, so
+#: every server keeps the connection alive for the next request).
+WRITTEN: Answer = (200, [("Content-Type", JSON)], b"")
+_WRITTEN_WSGI = as_wsgi(WRITTEN)
+HEALTHY_ANSWER: Answer = (200, [("Content-Type", HEALTHY_TYPE)], HEALTHY)
 
 
-def written(resp: falcon.Response) -> None:
-    """200 with an empty body: unlike 204, it carries a Content-Length of 0, so waitress keeps
-    the connection alive for the next request."""
-    resp.status = falcon.HTTP_200
-    resp.data = b""
+class Body(Protocol):
+    """A request body not read yet (a server that read it whole passes ``bytes`` instead)."""
+
+    def read(self, limits: Limits) -> bytes:
+        """The whole body; 413 past the value limit (by its length, before reading it)."""
+        ...
 
 
-#: :func:`written` as a deferred answer sends it.
-WRITTEN = (falcon.HTTP_200, [("Content-Length", "0"), ("Content-Type", falcon.MEDIA_JSON)], b"")
+class WsgiBody:
+    """The body of a WSGI request, read from ``wsgi.input``."""
+
+    __slots__ = ("environ",)
+
+    def __init__(self, environ: dict[str, Any]):
+        self.environ = environ
+
+    def read(self, limits: Limits) -> bytes:
+        environ = self.environ
+        stream = environ["wsgi.input"]
+        raw = environ.get("CONTENT_LENGTH")
+        if not raw:  # no length given: read up to the limit, and one byte more to tell
+            data = stream.read(limits.max_value + 1)
+            limits.value(len(data), "the body", more=True)
+            return data
+        if not (raw.isascii() and raw.isdigit()):
+            raise ApiError(falcon.HTTP_400, "bad request", f"malformed Content-Length {raw!r}")
+        length = int(raw)
+        limits.value(length, "the body")
+        data = stream.read(length)
+        if len(data) < length:
+            raise ApiError(
+                falcon.HTTP_400, "body cut short", f"the body is {len(data)} of its {length} bytes"
+            )
+        return data
 
 
-def write(node, req: falcon.Request, resp: falcon.Response, ops) -> None:
-    """Apply a client's write and answer 200 once it is applied (see :func:`submit_write`)."""
-    if submit_write(node, req.env, ops):
-        written(resp)
+class KeyValue:
+    """The decisions of the node's key-value requests (see the module's docstring).
 
+    Each gives an answer, ``DEFERRED`` (a write queued for the group commit, answered through
+    ``defer()``'s completion once applied), or None: only where ``may_block`` is false, for a
+    request that must wait (a forward, a write that is not deferred), which the caller leaves
+    to a thread that may."""
 
-def submit_write(node, environ, ops) -> bool:
-    """Apply a client's write: True once it is applied (the caller answers it), False if it is
-    deferred. Where the server can finish a response later and the node can defer writes, the
-    request's thread only queues the write: the thread that applies its group answers it."""
-    defer = environ.get(DEFER)
-    if defer is None or not node.defers_writes:
-        node.write(ops)
-        return True
-    write_deferred(node, defer(), environ["REQUEST_METHOD"], environ["PATH_INFO"], ops)
-    return False
-
-
-def write_deferred(node, completion: Completion, method: str, path: str, ops) -> None:
-    """Queue a client's write; ``completion`` gets its answer from the thread that applies it
-    (or at once, for a write refused before it was queued)."""
-
-    def done(seq: int, error: BaseException | None) -> None:
-        if error is None:
-            completion.finish(*WRITTEN)
-        else:
-            completion.finish(*error_response(error, method, path))
-
-    node.write_later(ops, done)
-
-
-class DeferredWrite(Later):
-    """A client's write that ``Listen.direct`` queues: answered once it is applied."""
-
-    __slots__ = ("method", "node", "ops", "path")
-
-    def __init__(self, node, method: str, path: str, ops):
+    def __init__(self, node, router: Router, limits: Limits):
         self.node = node
-        self.method = method
-        self.path = path
-        self.ops = ops
+        self.router = router
+        self.limits = limits
 
-    def start(self, completion: Completion) -> None:
-        write_deferred(self.node, completion, self.method, self.path, self.ops)
+    def get(self, query: str, header: Header, *, may_block: bool = True) -> Answer | None:
+        node = self.node
+        check_map(node.maps, header(MAP))
+        key = query_key(query)
+        elsewhere = self.router.route(
+            key,
+            write=False,
+            method="GET",
+            path="/get",
+            query=query,
+            header=header,
+            body=None,
+            may_block=may_block,
+        )
+        if elsewhere is not None:
+            return None if elsewhere is BLOCKS else elsewhere
+        if node.is_leader:
+            value = node.get(key)
+            return NOT_FOUND if value is None else (200, _VALUE_HEADERS, value)
+        lag = check_readable(node)
+        value = node.get(key)
+        status, headers, body = NOT_FOUND if value is None else (200, _VALUE_HEADERS, value)
+        return status, [*headers, *lag], body
+
+    def set(
+        self,
+        method: str,
+        query: str,
+        header: Header,
+        body: bytes | Body,
+        defer: Callable[[], Completion] | None,
+        *,
+        may_block: bool = True,
+    ) -> Any:
+        """``method`` is one of :data:`SET_METHODS`; a GET has its value in the query, a PUT
+        or POST in the query or else in ``body``."""
+        check_map(self.node.maps, header(MAP))
+        if "&" in query:
+            params = parse_query(query)
+            key = require_key(params)
+            value = params.get("value")
+        else:  # the key alone (PUT /set?key=k with the value as the body)
+            key, value = query_key(query), None
+        sent = None
+        if value is not None:
+            self.limits.value(len(value))
+        elif method == "GET":
+            raise ApiError(
+                falcon.HTTP_400,
+                "missing value",
+                "give the 'value' parameter, or PUT/POST the value as the body",
+            )
+        elif type(body) is bytes:
+            self.limits.value(len(body), "the body")
+            value = sent = body
+        else:
+            value = sent = body.read(self.limits)  # type: ignore[union-attr]
+        ops = [Put(Namespace.DATA, key, value)]
+        return self._write(key, ops, method, "/set", query, header, sent, defer, may_block)
+
+    def delete(
+        self,
+        method: str,
+        query: str,
+        header: Header,
+        defer: Callable[[], Completion] | None,
+        *,
+        may_block: bool = True,
+    ) -> Any:
+        """``method`` is one of :data:`DELETE_METHODS`."""
+        check_map(self.node.maps, header(MAP))
+        key = query_key(query)
+        ops = [Delete(Namespace.DATA, key)]
+        return self._write(key, ops, method, "/delete", query, header, None, defer, may_block)
+
+    def _write(
+        self,
+        key: bytes,
+        ops: Sequence[Op],
+        method: str,
+        path: str,
+        query: str,
+        header: Header,
+        body: bytes | None,
+        defer: Callable[[], Completion] | None,
+        may_block: bool,
+    ) -> Any:
+        elsewhere = self.router.route(
+            key,
+            write=True,
+            method=method,
+            path=path,
+            query=query,
+            header=header,
+            body=body,
+            may_block=may_block,
+        )
+        if elsewhere is not None:
+            return None if elsewhere is BLOCKS else elsewhere
+        node = self.node
+        if defer is not None and node.defers_writes:
+            # The request's thread only queues the write; the thread that applies its group
+            # (one fsync for all of them) answers it, or it is answered at once if refused.
+            completion = defer()
+
+            def done(seq: int, error: BaseException | None) -> None:
+                if error is None:
+                    completion.finish(*_WRITTEN_WSGI)
+                else:
+                    completion.finish(*error_response(error, method, path))
+
+            node.write_later(ops, done)
+            return DEFERRED
+        if not may_block:
+            return None
+        node.write(ops)
+        return WRITTEN
+
+
+def check_readable(node) -> list[tuple[str, str]]:
+    """On a replica: 503 while its data is incomplete (a resync is reloading it), else the
+    headers that say how far behind its leader it is. Nothing on a leader."""
+    lag = node.lag()
+    if lag is None:
+        return []
+    if not node.readable:
+        raise ApiError(
+            falcon.HTTP_503,
+            "replica resyncing",
+            f"{node.name} is reloading its data; read from the leader {node.me.leader}",
+            leader=node.me.leader,
+        )
+    return [(LAG_ENTRIES_HEADER, str(lag[0])), (LAG_SECONDS_HEADER, f"{lag[1]:.3f}")]
+
+
+def respond(resp: falcon.Response, answer: Any) -> None:
+    """Put a decision's answer into a Falcon response (nothing for a deferred one: the
+    serving wrapper ignores what the application answers itself then)."""
+    if answer is DEFERRED:
+        return
+    status, headers, body = answer
+    resp.status = status
+    for name, value in headers:
+        resp.set_header(name, value)
+    resp.data = body
 
 
 class GetResource:
-    def __init__(self, node, locator: Locator):
-        self.node = node
-        self.locator = locator
+    def __init__(self, kv: KeyValue):
+        self.kv = kv
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        key = require_key(query_params(req))
-        if not self.locator.here(req, resp, key, write=False):
-            return
-        node = self.node
-        lag = node.lag()
-        if lag is not None:
-            if not node.readable:
-                raise ApiError(
-                    falcon.HTTP_503,
-                    "replica resyncing",
-                    f"{node.name} is reloading its data; read from the leader {node.me.leader}",
-                    leader=node.me.leader,
-                )
-            resp.set_header(LAG_ENTRIES_HEADER, str(lag[0]))
-            resp.set_header(LAG_SECONDS_HEADER, f"{lag[1]:.3f}")
-        value = node.get(key)
-        if value is None:
-            raise ApiError(falcon.HTTP_404, "not found", "no value is stored under this key")
-        resp.content_type = OCTET_STREAM
-        resp.data = value
-
-
-class FastPaths:
-    """WSGI in front of the node's Falcon app: the most frequent requests there are, a leader's
-    GET of a key it owns and holds, a leader's SET of a key it owns and health checks, served
-    without Falcon's request machinery (half a GET's cost in the node, two thirds of a SET's).
-    Anything else goes to the Falcon app and its resources, the one place where the rules of a
-    read and a write live: an absent key, a bad parameter, any error, a replica, another
-    shard's key, a reshard, a request stamped with a map fingerprint.
-
-    :meth:`direct` is the same without WSGI (``Listen.direct``), for a server that answers that
-    way; its SETs are only the deferred ones (the answer comes from the group commit)."""
-
-    def __init__(self, node, app):
-        self.node = node
-        self.app = app
-        self.max_value = node.config.storage.max_value_size
-
-    def _stored(self, query: str) -> bytes | None:
-        """The value of a leader's read of a key it owns, or None: the app answers it."""
-        node = self.node
-        try:
-            key = query_key(query)
-            return node.get(key) if node.routes_here(key) else None
-        except Exception:  # noqa: BLE001 - the app answers it, errors included
-            return None
-
-    def _read(self, path: str, query: str) -> tuple[int, list, bytes] | None:
-        """A GET's answer if it is a health check or a leader's read of a key it owns and
-        holds, else None (the app answers it). A map fingerprint was checked for already."""
-        if path == "/get":
-            value = self._stored(query) if self.node.is_leader else None
-            return None if value is None else (200, DIRECT_HEADERS, value)
-        if path == "/healthz":
-            return 200, HEALTHY_HEADERS, HEALTHY
-        return None
-
-    def direct(self, method: str, path: str, query: str, header, body: bytes, can_defer: bool):
-        if header(MAP_HEADER_LOWER) is not None:
-            return None
-        if method == "GET":
-            answer = self._read(path, query)
-            if answer is not None:
-                return answer
-        if path != "/set" or not can_defer or not self.node.defers_writes:
-            return None
-        plain = self._plain_set(method, query)
-        if plain is None:
-            return None
-        key, value = plain
-        if value is None:
-            if len(body) > self.max_value:
-                return None
-            value = body
-        return DeferredWrite(self.node, method, "/set", [Put(Namespace.DATA, key, value)])
-
-    def __call__(self, environ, start_response):
-        if MAP_ENVIRON in environ:
-            return self.app(environ, start_response)
-        path = environ["PATH_INFO"]
-        if environ["REQUEST_METHOD"] == "GET":
-            answer = self._read(path, environ.get("QUERY_STRING", ""))
-            if answer is not None:
-                _, headers, body = answer
-                start_response("200 OK", [*headers, ("Content-Length", str(len(body)))])
-                return [body]
-        if path == "/set":
-            answered = self._set(environ, start_response)
-            if answered is not None:
-                return answered
-        return self.app(environ, start_response)
-
-    def _plain_set(self, method: str, query: str) -> tuple[bytes, bytes | None] | None:
-        """A leader's SET of a key it owns with no reshard under way: its key, and its value if
-        the query has one (else it is the body's; a GET has none); None for any other (the app
-        answers it)."""
-        node = self.node
-        if method not in SET_METHODS or not node.is_leader or node.maps.transition is not None:
-            return None
-        try:
-            if "&" in query:
-                params = parse_query(query)
-                key = require_key(params)
-                value = params.get("value")
-            else:  # the key alone (PUT /set?key=k with the value as the body)
-                key, value = query_key(query), None
-        except ApiError:
-            return None
-        if not node.routes_here(key):
-            return None
-        if value is None:
-            if method == "GET":
-                return None
-        elif len(value) > self.max_value:
-            return None
-        return key, value
-
-    def _set(self, environ, start_response) -> list[bytes] | None:
-        """:meth:`_plain_set`, applied here (or deferred), or None before anything is read:
-        the app answers it."""
-        method = environ["REQUEST_METHOD"]
-        plain = self._plain_set(method, environ.get("QUERY_STRING", ""))
-        if plain is None:
-            return None
-        key, value = plain
-        if value is None:
-            # Only a body whose length is known and within the limit; the app answers the rest.
-            length = environ.get("CONTENT_LENGTH")
-            if not length or not (length.isascii() and length.isdigit()):
-                return None
-            size = int(length)
-            if size > self.max_value:
-                return None
-            value = environ["wsgi.input"].read(size)
-            if len(value) != size:
-                error = body_cut_short(len(value), size)
-                return self._answer(start_response, error_response(error, method, "/set"))
-        try:
-            applied = submit_write(self.node, environ, [Put(Namespace.DATA, key, value)])
-        except Exception as exc:  # noqa: BLE001 - answered as the app answers it
-            return self._answer(start_response, error_response(exc, method, "/set"))
-        if not applied:
-            return []  # answered by the thread that applies it
-        return self._answer(start_response, WRITTEN)
-
-    @staticmethod
-    def _answer(start_response, answer: tuple[str, list, bytes]) -> list[bytes]:
-        status, headers, body = answer
-        start_response(status, headers)
-        return [body]
-
-
-def body_cut_short(received: int, length: int) -> ApiError:
-    """400 for a body that ended before its Content-Length: nothing of it is stored."""
-    return ApiError(
-        falcon.HTTP_400, "body cut short", f"the body is {received} of its {length} bytes"
-    )
+        respond(resp, self.kv.get(req.env.get("QUERY_STRING", ""), req.get_header))
 
 
 class SetResource:
-    def __init__(self, node, locator: Locator):
-        self.node = node
-        self.locator = locator
-        self.max_value = node.config.storage.max_value_size
+    def __init__(self, kv: KeyValue):
+        self.kv = kv
 
-    def _value_from_body(self, req: falcon.Request) -> bytes:
-        length = req.content_length
-        if length is not None and length > self.max_value:
-            raise ApiError(
-                falcon.HTTP_413,
-                "value too large",
-                f"the body is {length} bytes; the limit is {self.max_value}",
-            )
-        data = req.bounded_stream.read(self.max_value + 1)
-        if len(data) > self.max_value:
-            raise ApiError(
-                falcon.HTTP_413, "value too large", f"the body exceeds {self.max_value} bytes"
-            )
-        if length is not None and len(data) < length:
-            raise body_cut_short(len(data), length)
-        return data
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        env = req.env
+        answer = self.kv.set(
+            req.method, env.get("QUERY_STRING", ""), req.get_header, WsgiBody(env), env.get(DEFER)
+        )
+        respond(resp, answer)
 
-    def _set(self, req: falcon.Request, resp: falcon.Response, from_body: bool) -> None:
-        params = query_params(req)
-        key = require_key(params)
-        value = params.get("value")
-        body = None
-        if value is None:
-            if not from_body:
-                raise ApiError(
-                    falcon.HTTP_400,
-                    "missing value",
-                    "give the 'value' parameter, or PUT/POST the value as the body",
-                )
-            value = body = self._value_from_body(req)
-        elif len(value) > self.max_value:
-            raise ApiError(
-                falcon.HTTP_413,
-                "value too large",
-                f"the value is {len(value)} bytes; the limit is {self.max_value}",
-            )
-        if not self.locator.here(req, resp, key, write=True, body=body):
-            return
-        write(self.node, req, resp, [Put(Namespace.DATA, key, value)])
-
-    def on_get(self, req, resp):
-        self._set(req, resp, from_body=False)
-
-    def on_put(self, req, resp):
-        self._set(req, resp, from_body=True)
-
-    def on_post(self, req, resp):
-        self._set(req, resp, from_body=True)
+    on_put = on_post = on_get
 
 
 class DeleteResource:
-    def __init__(self, node, locator: Locator):
-        self.node = node
-        self.locator = locator
+    def __init__(self, kv: KeyValue):
+        self.kv = kv
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        key = require_key(query_params(req))
-        if not self.locator.here(req, resp, key, write=True):
-            return
-        write(self.node, req, resp, [Delete(Namespace.DATA, key)])
+        env = req.env
+        answer = self.kv.delete(
+            req.method, env.get("QUERY_STRING", ""), req.get_header, env.get(DEFER)
+        )
+        respond(resp, answer)
 
-    on_post = on_get
-    on_delete = on_get
+    on_post = on_delete = on_get
+
+
+_WRITE_METHODS = {"/set": SET_METHODS, "/delete": DELETE_METHODS}
+
+
+def inline_requests(node, *, deferred_writes: bool = False) -> Callable[[str, str, str], bool]:
+    """The node's requests that never wait, for ``Listen.inline``: health checks, the map,
+    reads, and (on a server that defers answers) writes.
+
+    A read waits for nothing in redirect mode (a key of another shard is a 307); in proxy mode
+    only a leader's read of its own key is inline (any other read is forwarded, and forwarding
+    waits on the network; a replica cannot tell from the request line whether the client asked
+    for a leader-only read). A write is inline where the node defers it (it is queued, and the
+    thread that applies it answers it) and on a replica (refused or redirected at once); in
+    proxy mode a write of another shard's key is forwarded, so it is not."""
+    always = frozenset(("/healthz", "/cluster"))
+    proxy = node.config.cluster.routing == "proxy"
+    writes = deferred_writes and (node.defers_writes or not node.is_leader)
+
+    def owned(query: str) -> bool:
+        try:
+            key = parse_query(query).get("key")
+        except ApiError:
+            return True  # answered 400 at once
+        return not key or node.routes_here(key)
+
+    def inline(method: str, path: str, query: str) -> bool:
+        if path == "/get":
+            if method != "GET":
+                return False
+            if not proxy:
+                return True
+            return node.is_leader and owned(query)
+        methods = _WRITE_METHODS.get(path)
+        if methods is not None:
+            if not writes or method not in methods:
+                return False
+            return not proxy or owned(query)
+        return method == "GET" and path in always
+
+    return inline

@@ -25,11 +25,13 @@ from xxhash import xxh3_128
 from distribkv.http.admin import require_token
 from distribkv.http.errors import ApiError
 from distribkv.http.params import query_params
-from distribkv.replication.log import entry_op
+from distribkv.protocol import MSGPACK
+from distribkv.replication.leader import leader_log_of
+from distribkv.replication.records import entry_op
+from distribkv.replication.snapshot import snapshot_page
 from distribkv.storage.api import Delete, Namespace
 from distribkv.transition import Transition, map_from_description
 
-MSGPACK = "application/msgpack"
 PAGE_KEYS = 1000
 PAGE_BYTES = 4 * 1024 * 1024
 MAX_LOG_ENTRIES = 5000
@@ -60,17 +62,6 @@ def _maps(node, data: dict):
     except (KeyError, TypeError, ValueError) as exc:
         raise ApiError(falcon.HTTP_400, "bad map", str(exc)) from None
     return source, target
-
-
-def _leader(node):
-    if not node.is_leader:
-        raise ApiError(
-            falcon.HTTP_403,
-            "not the leader",
-            f"{node.name} is a replica; ask the leader {node.me.leader}",
-            leader=node.me.leader,
-        )
-    return node.leader_log
 
 
 def _transition(node, transition_id: str | None) -> Transition:
@@ -167,7 +158,7 @@ class PrepareResource:
         answer = {"node": node.name, "state": state}
         if node.is_leader:
             # Read under the write lock: every write after this seq saw the new phase.
-            answer["seq"] = node.leader_log.committed_seq()
+            answer["seq"] = node.leader_log.committer.committed_seq()
         resp.media = answer
 
 
@@ -186,7 +177,7 @@ class CommitResource:
         except ValueError as exc:
             raise ApiError(falcon.HTTP_409, "cannot commit", str(exc)) from None
         if node.is_leader:
-            node.leader_log.release(f"reshard:{data['id']}")
+            node.leader_log.progress.release(f"reshard:{data['id']}")
         resp.media = {"node": node.name, "state": state, "fingerprint": node.shard_map.fingerprint}
 
 
@@ -203,7 +194,7 @@ class AbortResource:
         except ValueError as exc:
             raise ApiError(falcon.HTTP_409, "cannot abort", str(exc)) from None
         if node.is_leader:
-            node.leader_log.release(f"reshard:{data['id']}")
+            node.leader_log.progress.release(f"reshard:{data['id']}")
         resp.media = {"node": node.name, "state": state}
 
 
@@ -217,7 +208,7 @@ class CleanResource:
     def on_post(self, req, resp):
         node = self.node
         require_token(node, req)
-        _leader(node)
+        leader_log_of(node)
         transition = _copying(node, _json_body(req).get("id"))
         me = node.me.name
         deleted = 0
@@ -248,17 +239,17 @@ class ScanResource:
     def on_get(self, req, resp):
         node = self.node
         require_token(node, req)
-        leader = _leader(node)
+        leader = leader_log_of(node)
         params = query_params(req)
         transition = _transition(node, params.get("id", b"").decode())
         after = params.get("after")
         held = params.get("hold")
         if held is not None:
             # Renewed on every page: the copy needs the log from its first page's seq on.
-            leader.hold(_hold_name(transition), int(held), HOLD_TTL)
-        page = leader.snapshot_page(after, limit=PAGE_KEYS, max_bytes=PAGE_BYTES)
+            leader.progress.hold(_hold_name(transition), int(held), HOLD_TTL)
+        page = snapshot_page(leader, after, limit=PAGE_KEYS, max_bytes=PAGE_BYTES)
         if after is None:
-            leader.hold(_hold_name(transition), page["seq"], HOLD_TTL)
+            leader.progress.hold(_hold_name(transition), page["seq"], HOLD_TTL)
         me = node.me.name
         pairs = []
         for key, value in page["pairs"]:
@@ -286,7 +277,7 @@ class LogResource:
     def on_get(self, req, resp):
         node = self.node
         require_token(node, req)
-        leader = _leader(node)
+        leader = leader_log_of(node)
         params = query_params(req)
         transition = _transition(node, params.get("id", b"").decode())
         try:
@@ -294,14 +285,14 @@ class LogResource:
         except ValueError:
             raise ApiError(falcon.HTTP_400, "bad request", "'after' must be an integer") from None
         # Hold first, then look: a trim between the two cannot take what this read needs.
-        leader.hold(_hold_name(transition), after, HOLD_TTL)
-        committed = leader.committed_seq()
-        entries = leader.entries_after(after, max_entries=MAX_LOG_ENTRIES, max_bytes=PAGE_BYTES)
-        if after < leader.trimmed or (entries and entries[0][0] != after + 1):
+        leader.progress.hold(_hold_name(transition), after, HOLD_TTL)
+        committed = leader.committer.committed_seq()
+        entries = leader.log.entries_after(after, max_entries=MAX_LOG_ENTRIES, max_bytes=PAGE_BYTES)
+        if after < leader.log.trimmed or (entries and entries[0][0] != after + 1):
             raise ApiError(
                 falcon.HTTP_410,
                 "log trimmed",
-                f"entries after {after} are gone (kept: {leader.trimmed + 1}..); copy again",
+                f"entries after {after} are gone (kept: {leader.log.trimmed + 1}..); copy again",
             )
         me = node.me.name
         out = []
@@ -323,7 +314,7 @@ class IngestResource:
     def on_post(self, req, resp):
         node = self.node
         require_token(node, req)
-        _leader(node)
+        leader_log_of(node)
         try:
             data = msgpack.unpackb(req.bounded_stream.read(64 * 1024 * 1024), raw=False)
             _copying(node, data.get("id"))

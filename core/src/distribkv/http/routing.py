@@ -1,120 +1,189 @@
-"""Wrong-shard handling: redirect to the owner, or forward to it over pooled connections.
+"""Where a request for a key is answered: here, at its owner (redirect or forward), or nowhere.
 
-Targets only ever come from the node's own shard map; nothing in a request can choose where a
-node sends or redirects it. A forwarded request carries ``X-Distribkv-Hop``; a node that
-receives a forwarded request for a key it does not own answers 421 instead of forwarding again,
-so two nodes with different maps can never bounce a request between them.
+:meth:`Router.route` is the one rule, for ``/get``, ``/set``, ``/delete`` and ``/batch`` alike:
+
+- a client write of a key that a reshard has fenced: 503 ``moving`` (not applied; retry);
+- the key's shard is this node's: a leader answers; a replica answers reads (possibly stale)
+  unless the client asked for the leader (``X-Distribkv-Read: leader``), and sends writes to
+  its leader (307 with ``routing = "redirect"``, 403 naming it with ``"proxy"``);
+- another shard's key: 307 to its owner (``redirect``) or forwarded to it (``proxy``) over
+  pooled keep-alive connections with a timeout; the owner's status and body come back;
+- a forwarded request (``X-Distribkv-Hop``) for a key this node does not own: 421, never
+  forwarded again, so two nodes with different maps cannot bounce a request between them.
+
+Targets only ever come from the node's own shard map: nothing in a request chooses where a
+node sends or redirects it. :func:`check_map` answers 409 to a request routed with another
+map's fingerprint.
 """
 
 from __future__ import annotations
 
-import http.client
-import logging
-import queue
-import threading
+import json
+from typing import Any
 
 import falcon
 
 from distribkv.hashing.shardmap import ShardInfo
+from distribkv.http.api import Answer, Header
 from distribkv.http.errors import ApiError
+from distribkv.httpclient import HttpClient, RequestFailed
+from distribkv.protocol import (
+    HOP_HEADER,
+    JSON,
+    MAP_HEADER,
+    READ_HEADER,
+    SHARD_HEADER,
+    TOKEN_HEADER,
+)
 
-log = logging.getLogger(__name__)
+__all__ = ["BLOCKS", "Forwarder", "MapCheck", "Router", "check_map", "misdirected", "moving"]
 
-HOP_HEADER = "X-Distribkv-Hop"
-MAP_HEADER = "X-Distribkv-Map"
-SHARD_HEADER = "X-Distribkv-Shard"
-TOKEN_HEADER = "X-Distribkv-Token"
+#: Header names as ``Header`` lookups take them.
+MAP = MAP_HEADER.lower()
+HOP = HOP_HEADER.lower()
+READ = READ_HEADER.lower()
+TOKEN = TOKEN_HEADER.lower()
 
-# Response headers of the owner that are passed back to the client.
-_PASS_BACK = ("content-type", "x-distribkv-shard", "x-distribkv-leader", "location")
+#: Response headers of the owner that are passed back to the client (the shard header is the
+#: forwarding node's own).
+_PASS_BACK = frozenset(("content-type", "x-distribkv-leader", "location"))
 
 
-class ConnectionPool:
-    """Keep-alive HTTP connections per address, each call bounded by ``timeout`` seconds."""
+class _Blocks:
+    __slots__ = ()
 
-    def __init__(self, timeout: float, per_address: int = 16):
-        self.timeout = timeout
-        self.per_address = per_address
-        self._idle: dict[str, queue.LifoQueue] = {}
-        self._lock = threading.Lock()
+    def __repr__(self) -> str:
+        return "BLOCKS"
 
-    def _queue(self, address: str) -> queue.LifoQueue:
-        with self._lock:
-            q = self._idle.get(address)
-            if q is None:
-                q = self._idle[address] = queue.LifoQueue(self.per_address)
-            return q
 
-    def request(
-        self, address: str, method: str, target: str, body: bytes | None, headers: dict[str, str]
-    ) -> tuple[int, list[tuple[str, str]], bytes]:
-        """Send one request; retried once on a fresh connection if a pooled one was stale."""
-        idle = self._queue(address)
-        for attempt in (1, 2):
-            try:
-                conn = idle.get_nowait() if attempt == 1 else None
-            except queue.Empty:
-                conn = None
-            reused = conn is not None
-            if conn is None:
-                host, _, port = address.rpartition(":")
-                conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=self.timeout)
-            try:
-                conn.request(method, target, body=body, headers=headers)
-                response = conn.getresponse()
-                data = response.read()
-            except (ConnectionError, http.client.HTTPException) as exc:
-                conn.close()
-                if reused and attempt == 1 and not isinstance(exc, TimeoutError):
-                    continue  # the owner closed an idle keep-alive connection: try a new one
-                raise
-            except OSError:
-                conn.close()
-                raise
-            if response.will_close:
-                conn.close()
-            else:
-                try:
-                    idle.put_nowait(conn)
-                except queue.Full:
-                    conn.close()
-            return response.status, response.getheaders(), data
-        raise AssertionError("unreachable")
+#: What :meth:`Router.route` gives for a request that must be forwarded where the caller may
+#: not wait for the owner: the caller leaves the request to a thread that may.
+BLOCKS: Any = _Blocks()
+
+
+class Forwarder:
+    """Sends a request on to the key's owner and gives back the owner's answer."""
+
+    def __init__(self, node):
+        server = node.config.server
+        self.me = node.name
+        self.client = HttpClient(server.forward_timeout, per_address=server.threads)
+
+    def forward(
+        self,
+        owner: ShardInfo,
+        address: str,
+        fingerprint: str,
+        method: str,
+        target: str,
+        body: bytes | None,
+        header: Header,
+    ) -> Answer:
+        headers = {HOP_HEADER: self.me, MAP_HEADER: fingerprint}
+        content_type = header("content-type")
+        if content_type:
+            headers["Content-Type"] = content_type
+        token = header(TOKEN)
+        if token:
+            headers[TOKEN_HEADER] = token
+        try:
+            response = self.client.request(address, method, target, body, headers)
+        except RequestFailed as exc:
+            if exc.timed_out:
+                raise ApiError(
+                    falcon.HTTP_504, "owner timed out", f"shard {owner.name!r} at {address}: {exc}"
+                ) from exc
+            raise ApiError(
+                falcon.HTTP_502, "owner unreachable", f"shard {owner.name!r} at {address}: {exc}"
+            ) from exc
+        passed = [(name, value) for name, value in response.headers if name.lower() in _PASS_BACK]
+        passed.append((SHARD_HEADER, owner.name))
+        return response.status, passed, response.body
 
     def close(self) -> None:
-        with self._lock:
-            queues, self._idle = list(self._idle.values()), {}
-        for q in queues:
-            while True:
-                try:
-                    q.get_nowait().close()
-                except queue.Empty:
-                    break
+        self.client.close()
 
 
-def raw_target(req: falcon.Request) -> str:
-    """The request's path and raw query, exactly as received."""
-    query = req.env.get("QUERY_STRING", "")
-    return req.env.get("PATH_INFO", "/") + (f"?{query}" if query else "")
+class Router:
+    """Decides, per key, whether this node answers; otherwise it answers for the owner."""
+
+    def __init__(self, node, forwarder: Forwarder):
+        self.node = node
+        self.forwarder = forwarder
+        self.redirects = node.config.cluster.routing == "redirect"
+
+    def owner(self, key: bytes) -> tuple[ShardInfo, str]:
+        """The shard that answers for ``key`` now, and the map fingerprint to route it with."""
+        return self.node.maps.route(key)
+
+    def route(
+        self,
+        key: bytes,
+        *,
+        write: bool,
+        method: str,
+        path: str,
+        query: str,
+        header: Header,
+        body: bytes | None,
+        may_block: bool,
+    ) -> Answer | _Blocks | None:
+        """None if this node answers for ``key``; else the answer given for the owner (a
+        redirect, a forwarded answer), or :data:`BLOCKS` where forwarding would wait and
+        ``may_block`` is false. Raises the errors it answers (403, 421, 503 moving)."""
+        node = self.node
+        maps = node.maps
+        if write and maps.transition is not None and maps.verdict(key) is not None:
+            # A reshard fenced this key: nobody writes it until the new map is committed.
+            raise moving(node, key)
+        owner, fingerprint = maps.route(key)
+        me = node.me
+        if owner.name == me.name:
+            if node.is_leader:
+                return None
+            if not write and header(READ) != "leader":
+                return None  # a replica serves reads itself, possibly stale
+            if write and not self.redirects:
+                raise ApiError(
+                    falcon.HTTP_403,
+                    "read-only replica",
+                    f"{node.name} is a replica; write to the leader at {owner.leader}",
+                    leader=owner.leader,
+                )
+        elif header(HOP) is not None:
+            raise misdirected(owner, node.name)
+        # Another shard's key, a write to a replica (redirect mode) or a leader-only read.
+        target = f"{path}?{query}" if query else path
+        if self.redirects:
+            if owner.name == me.name:  # a write to this replica, or a read for the leader
+                what = "a write" if write else f"a read with {READ_HEADER}: leader"
+                return redirect(
+                    owner,
+                    target,
+                    "not the leader",
+                    f"{node.name} is a replica of shard {owner.name!r}; {what} goes to its"
+                    f" leader at {owner.leader}",
+                )
+            return redirect(
+                owner, target, "wrong shard", f"shard {owner.name!r} at {owner.leader} owns it"
+            )
+        if not may_block:
+            return BLOCKS
+        return self.forwarder.forward(
+            owner, owner.leader, fingerprint, method, target, body, header
+        )
 
 
-def redirect(
-    resp: falcon.Response,
-    req: falcon.Request,
-    owner: ShardInfo,
-    address: str,
-    *,
-    error: str = "wrong shard",
-    detail: str | None = None,
-) -> None:
-    """307 keeps the method and the body (a 301/302 may turn a PUT into a GET)."""
-    resp.status = falcon.HTTP_307
-    resp.set_header("Location", f"http://{address}{raw_target(req)}")
-    resp.set_header(SHARD_HEADER, owner.name)
-    resp.content_type = falcon.MEDIA_JSON
-    if detail is None:
-        detail = f"shard {owner.name!r} at {address} owns it"
-    resp.media = {"error": error, "detail": detail}
+def redirect(owner: ShardInfo, target: str, error: str, detail: str) -> Answer:
+    """307 to the shard's leader: it keeps the method and the body (a 301/302 may turn a PUT
+    into a GET)."""
+    body = json.dumps({"error": error, "detail": detail}).encode()
+    headers = [
+        ("Location", f"http://{owner.leader}{target}"),
+        (SHARD_HEADER, owner.name),
+        ("Content-Type", JSON),
+    ]
+    return 307, headers, body
 
 
 def misdirected(owner: ShardInfo, me: str) -> ApiError:
@@ -127,51 +196,44 @@ def misdirected(owner: ShardInfo, me: str) -> ApiError:
     )
 
 
-def forward(
-    pool: ConnectionPool,
-    req: falcon.Request,
-    resp: falcon.Response,
-    owner: ShardInfo,
-    address: str,
-    *,
-    body: bytes | None,
-    me: str,
-    fingerprint: str,
-) -> None:
-    headers = {HOP_HEADER: me, MAP_HEADER: fingerprint}
-    if req.content_type:
-        headers["Content-Type"] = req.content_type
-    token = req.get_header(TOKEN_HEADER)
-    if token:
-        headers[TOKEN_HEADER] = token
-    try:
-        status, response_headers, data = pool.request(
-            address, req.method, raw_target(req), body, headers
-        )
-    except TimeoutError as exc:
-        raise ApiError(
-            falcon.HTTP_504, "owner timed out", f"shard {owner.name!r} at {address}: {exc}"
-        ) from exc
-    except (OSError, http.client.HTTPException) as exc:
-        raise ApiError(
-            falcon.HTTP_502, "owner unreachable", f"shard {owner.name!r} at {address}: {exc}"
-        ) from exc
-    resp.status = status
-    for name, value in response_headers:
-        if name.lower() in _PASS_BACK:
-            resp.set_header(name, value)
-    resp.set_header(SHARD_HEADER, owner.name)
-    resp.data = data
+def moving(node, key: bytes) -> ApiError:
+    """503 for a write to a key that a reshard is moving: it was not applied; retry."""
+    transition = node.maps.transition
+    old, new = transition.owners(key) if transition is not None else ("?", "?")
+    return ApiError(
+        falcon.HTTP_503,
+        "moving",
+        f"the key is moving from shard {old} to {new} (reshard"
+        f" {transition.id if transition else '?'}); the write was not applied, retry shortly",
+        headers={"Retry-After": "1"},
+    )
 
 
-__all__ = [
-    "HOP_HEADER",
-    "MAP_HEADER",
-    "SHARD_HEADER",
-    "TOKEN_HEADER",
-    "ConnectionPool",
-    "forward",
-    "misdirected",
-    "raw_target",
-    "redirect",
-]
+def check_map(maps, theirs: str | None) -> None:
+    """409 for a request stamped with another map's fingerprint (a node in a fenced reshard
+    also accepts the target map's: it answers such requests for the keys it receives)."""
+    if theirs is None:
+        return
+    ours = maps.routing.fingerprint
+    if theirs == ours or theirs == maps.map.fingerprint:
+        return
+    transition = maps.transition
+    if transition is not None and transition.fenced and theirs == transition.target.fingerprint:
+        return
+    raise ApiError(
+        falcon.HTTP_409,
+        "shard map mismatch",
+        f"the request was routed with map {theirs}; this node has map {ours} (fetch /cluster)",
+        yours=theirs,
+        ours=ours,
+    )
+
+
+class MapCheck:
+    """Falcon middleware: :func:`check_map` for every route."""
+
+    def __init__(self, node):
+        self.node = node
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        check_map(self.node.maps, req.get_header(MAP_HEADER))

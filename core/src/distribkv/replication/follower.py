@@ -11,27 +11,29 @@ from __future__ import annotations
 
 import abc
 import logging
-import random
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
 
+from distribkv.httpclient import Backoff
 from distribkv.replication.api import ReplicationRole
-from distribkv.replication.log import (
+from distribkv.replication.records import (
     APPLIED,
     APPLIED_CHECK,
     FOLLOWS,
     RESYNC,
     SNAPSHOT_SEQ,
-    apply_entries,
+    Entry,
     entry_check,
+    entry_op,
     read_seq,
     seq_key,
 )
-from distribkv.storage.api import Delete, Namespace, Put
-from distribkv.storage.errors import BackendClosedError, StorageError
+from distribkv.storage.api import Delete, Namespace, Op, Put
+from distribkv.storage.errors import BackendClosedError
+from distribkv.storage.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,8 @@ class LeaderSource(abc.ABC):
 
     @abc.abstractmethod
     def snapshot_page(self, after_key: bytes | None) -> Mapping[str, Any]:
-        """``{"history", "seq", "pairs", "done"}`` (see LeaderLog.snapshot_page)."""
+        """``{"history", "seq", "pairs", "done"}`` (see
+        :func:`distribkv.replication.snapshot.snapshot_page`)."""
 
     def close(self) -> None:  # noqa: B027 - optional: most sources hold one connection
         """Release connections."""
@@ -152,7 +155,7 @@ class Follower(ReplicationRole):
     # --- the loop -----------------------------------------------------------------------
 
     def _run(self) -> None:
-        backoff = BACKOFF_MIN
+        backoff = Backoff(BACKOFF_MIN, BACKOFF_MAX)
         while not self._stop.is_set():
             if self.diverged is not None:
                 # Keep the data, keep serving reads; wait for an operator's resync request.
@@ -170,7 +173,7 @@ class Follower(ReplicationRole):
                 self._apply(pulled)
                 self.state = "following"
                 self.last_error = None
-                backoff = BACKOFF_MIN
+                backoff.reset()
             except ResyncNeeded as exc:
                 log.warning("%s: full resync needed: %s", self.node.name, exc)
                 self.needs_resync = True
@@ -184,17 +187,22 @@ class Follower(ReplicationRole):
                 )
             except BackendClosedError:
                 break
-            except (LeaderUnavailable, StorageError, ValueError, OSError) as exc:
+            except Exception as exc:
+                # A leader that cannot be reached answers LeaderUnavailable; anything else (a
+                # malformed answer, a storage error) is unexpected, and its traceback is logged.
                 self.state = "retrying"
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                log.info(
-                    "%s: replication paused (%s); retrying in %.2fs",
-                    self.node.name,
-                    self.last_error,
-                    backoff,
-                )
-                self._stop.wait(backoff * random.uniform(0.5, 1.5))
-                backoff = min(BACKOFF_MAX, backoff * 2)
+                wait = backoff.next()
+                if isinstance(exc, LeaderUnavailable):
+                    log.info(
+                        "%s: replication paused (%s); retrying in %.2fs",
+                        self.node.name,
+                        self.last_error,
+                        wait,
+                    )
+                else:
+                    log.exception("%s: replication failed; retrying in %.2fs", self.node.name, wait)
+                self._stop.wait(wait)
 
     def _apply(self, pulled: Pulled) -> None:
         self.leader_last = pulled.last_seq
@@ -261,43 +269,45 @@ class Follower(ReplicationRole):
         )
 
 
-class LeaderRole(ReplicationRole):
-    """The leader side every transport shares: trims the log in the background."""
+def apply_entries(
+    store: Store,
+    entries: Iterable[Entry],
+    applied: int,
+    *,
+    sync: bool,
+    extra: Sequence[Op] = (),
+) -> int:
+    """Apply replicated entries after ``applied`` with the new applied seq in one apply.
 
-    def __init__(self, node, *, interval: float = 1.0):
-        self.node = node
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name=f"distribkv-trim-{node.name}", daemon=True
-        )
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.node.leader_log.trim()
-            except BackendClosedError:
-                return
-            except StorageError as exc:
-                log.warning("%s: trimming the log failed: %s", self.node.name, exc)
-
-    def status(self) -> dict:
-        return self.node.leader_log.status()
+    Entries at or below ``applied`` are skipped, so a batch delivered twice changes nothing.
+    A gap (an entry after ``applied + 1`` with nothing in between) raises ValueError.
+    """
+    ops: list[Op] = list(extra)
+    seq = applied
+    check = None
+    for entry_seq, op, key, value, ts in entries:
+        if entry_seq <= seq:
+            continue
+        if entry_seq != seq + 1:
+            raise ValueError(f"gap in the replication log: expected seq {seq + 1}, got {entry_seq}")
+        ops.append(entry_op(op, key, value))
+        seq = entry_seq
+        check = (op, key, value, ts)
+    if seq == applied and not extra:
+        return applied
+    ops.append(Put(META, APPLIED, seq_key(seq)))
+    if check is not None:
+        ops.append(Put(META, APPLIED_CHECK, b"%d" % entry_check(*check)))
+    store.apply(ops, sync=sync)
+    return seq
 
 
 __all__ = [
     "Diverged",
     "Follower",
-    "LeaderRole",
     "LeaderSource",
     "LeaderUnavailable",
     "Pulled",
     "ResyncNeeded",
+    "apply_entries",
 ]

@@ -54,7 +54,7 @@ from distribkv.http.api import (
     body_too_large,
     error_answer,
 )
-from distribkv.server import ServingWrapper
+from distribkv.http.wrapper import ServingWrapper
 
 log = logging.getLogger(__name__)
 

@@ -25,13 +25,13 @@ from distribkv.replication.api import TransportSpec
 from distribkv.replication.follower import (
     Diverged,
     Follower,
-    LeaderRole,
     LeaderUnavailable,
     Pulled,
     ResyncNeeded,
 )
-from distribkv.replication.log import OP_PUT
-from distribkv.replication.logtransport import LogSource, divergence, leader_log_of
+from distribkv.replication.leader import LeaderLog, LeaderRole, leader_log_of
+from distribkv.replication.records import OP_PUT
+from distribkv.replication.source import HttpSource
 
 __version__ = "0.1.0"
 
@@ -58,17 +58,25 @@ class Cursors:
             self._at[replica] = seq
 
 
-class NextKeyResource:
+class _QueueResource:
     def __init__(self, node, cursors: Cursors):
         self.node = node
         self.cursors = cursors
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+    def _request(self, req: falcon.Request) -> tuple[LeaderLog, dict[str, bytes], str]:
+        """The leader's log, the parameters, and the replica the request is from."""
         require_token(self.node, req)
         leader = leader_log_of(self.node)
         params = query_params(req)
         # A seed replica does not name itself: its address keeps its progress apart.
         replica = params.get("replica", req.remote_addr.encode()).decode("utf-8", "replace")
+        return leader, params, replica
+
+
+class NextKeyResource(_QueueResource):
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        leader, params, replica = self._request(req)
+        log_store = leader.log
         history = params.get("history", b"").decode("ascii", "replace")
         try:
             wait = min(MAX_WAIT, int(params.get("wait_ms", b"0")) / 1000)
@@ -76,9 +84,9 @@ class NextKeyResource:
         except ValueError:
             raise falcon.HTTPBadRequest(description="after and wait_ms are integers") from None
         if after is None:
-            after = leader.trimmed  # a replica never seen: from the oldest kept change
-        problem = divergence(leader, history, after, params.get("check"))
-        if problem or after < leader.trimmed:
+            after = log_store.trimmed  # a replica never seen: from the oldest kept change
+        problem = leader.divergence(history, after, params.get("check"))
+        if problem or after < log_store.trimmed:
             resp.status = falcon.HTTP_409 if problem else falcon.HTTP_410
             resp.media = {
                 "Key": "",
@@ -89,17 +97,17 @@ class NextKeyResource:
             return
         self.cursors.set(replica, after)
         if history:
-            leader.acknowledge(replica, after)
+            leader.progress.acknowledge(replica, after)
         if wait:
-            leader.wait_for_entries(after, wait)
-        entries = leader.entries_after(after, max_entries=1, max_bytes=1)
+            log_store.wait_for_entries(after, wait)
+        entries = log_store.entries_after(after, max_entries=1, max_bytes=1)
         answer: dict[str, Any] = {
             "Key": "",
             "Value": "",
             "Err": None,
             "History": leader.history,
-            "Last": leader.last_seq,
-            "LastMs": leader.last_write_ms,
+            "Last": log_store.last_seq,
+            "LastMs": log_store.last_write_ms,
         }
         if entries:
             seq, op, key, value, ts = entries[0]
@@ -112,27 +120,20 @@ class NextKeyResource:
                     "KeyB64": _b64(key),
                     "ValueB64": _b64(value),
                     "Ts": ts,
-                    "Last": max(leader.last_seq, seq),
+                    "Last": max(log_store.last_seq, seq),
                 }
             )
         resp.content_type = falcon.MEDIA_JSON
         resp.data = json.dumps(answer).encode()
 
 
-class DeleteKeyResource:
-    def __init__(self, node, cursors: Cursors):
-        self.node = node
-        self.cursors = cursors
-
+class DeleteKeyResource(_QueueResource):
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        require_token(self.node, req)
-        leader = leader_log_of(self.node)
-        params = query_params(req)
-        replica = params.get("replica", req.remote_addr.encode()).decode("utf-8", "replace")
+        leader, params, replica = self._request(req)
         cursor = self.cursors.get(replica)
         if cursor is None:
-            cursor = leader.trimmed
-        entries = leader.entries_after(cursor, max_entries=1, max_bytes=1)
+            cursor = leader.log.trimmed
+        entries = leader.log.entries_after(cursor, max_entries=1, max_bytes=1)
         matches = False
         if entries:
             seq, _op, key, value, _ts = entries[0]
@@ -146,12 +147,12 @@ class DeleteKeyResource:
             resp.data = b"not the change this replica was given"
             return
         self.cursors.set(replica, seq)
-        leader.acknowledge(replica, seq)
+        leader.progress.acknowledge(replica, seq)
         resp.content_type = falcon.MEDIA_TEXT
         resp.data = b"ok"
 
 
-class QueueSource(LogSource):
+class QueueSource(HttpSource):
     """A replica that speaks the seeds' protocol (with the binary-safe extensions); it resyncs
     from the core's snapshot pages like a ``log`` replica."""
 
@@ -164,14 +165,12 @@ class QueueSource(LogSource):
         )
         if check is not None:
             target += f"&check={check}"
-        status, body = self.leader.get(target, timeout=wait + self.leader.timeout)
-        if status == 410:
+        response = self.fetch(target, timeout=wait + self.timeout)
+        if response.status == 410:
             raise ResyncNeeded("the leader no longer has this replica's next change")
-        if status == 409:
-            raise Diverged(json.loads(body).get("Err"))
-        if status != 200:
-            raise LeaderUnavailable(f"leader {self.leader.address} answered {status}")
-        doc = json.loads(body)
+        if response.status == 409:
+            raise Diverged(json.loads(response.body).get("Err"))
+        doc = self.document(response)
         if doc.get("Err"):
             raise LeaderUnavailable(f"leader error: {doc['Err']}")
         entries = []

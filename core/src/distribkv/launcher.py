@@ -1,8 +1,9 @@
-"""Running nodes: ``serve`` one node in this process, ``launch`` a whole cluster as children."""
+"""Running nodes as processes: :func:`serve` runs one node in this process (``distribkv
+serve``), :class:`Launcher` runs every node of a cluster file as a child process
+(``distribkv launch``)."""
 
 from __future__ import annotations
 
-import http.client
 import logging
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from distribkv.config import Config, ConfigError, NodeConfig
 from distribkv.http.api import Listen
+from distribkv.httpclient import HttpClient
 from distribkv.node import Node
 from distribkv.plugins import PluginRegistry
 
@@ -22,13 +24,13 @@ READY_TIMEOUT = 60.0
 
 def serve(node: Node, registry: PluginRegistry, *, announce=print) -> int:
     """Open the node, serve until SIGTERM or SIGINT, then drain and close the backend."""
-    from distribkv.http.app import body_check, create_app, forwarding_pool, inline_requests
+    from distribkv.http.app import create_app
+    from distribkv.http.kv import inline_requests
 
     config = node.config
     spec = registry.http_server(config.cluster.server)
     node.open()
-    pool = forwarding_pool(node)
-    app = create_app(node, pool)
+    app = create_app(node)
     server = config.server
     try:
         handle = spec.create(
@@ -44,11 +46,11 @@ def serve(node: Node, registry: PluginRegistry, *, announce=print) -> int:
                 settings={"drain_timeout": server.drain_timeout},
                 inline=inline_requests(node, deferred_writes=spec.deferred),
                 direct=app.direct,
-                body_check=body_check(node),
+                body_check=app.kv.limits.body_check,
             ),
         )
     except OSError as exc:
-        pool.close()
+        app.close()
         node.close()
         raise ConfigError(
             f"{config.path}: node {node.name} cannot serve on {node.address} with"
@@ -74,7 +76,7 @@ def serve(node: Node, registry: PluginRegistry, *, announce=print) -> int:
             hooks.distribkv_node_stopping(node=node)
         finally:
             node.stop_replication(timeout=server.drain_timeout)
-            pool.close()
+            app.close()
             node.close()
             for sig, old in previous.items():
                 signal.signal(sig, old)
@@ -83,15 +85,14 @@ def serve(node: Node, registry: PluginRegistry, *, announce=print) -> int:
 
 
 def healthy(address: str, timeout: float = 1.0) -> bool:
-    host, _, port = address.rpartition(":")
-    conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
+    """True if the node at ``address`` answers ``/healthz`` within ``timeout`` seconds."""
+    client = HttpClient(timeout, per_address=1)
     try:
-        conn.request("GET", "/healthz")
-        return conn.getresponse().status == 200
+        return client.request(address, "GET", "/healthz").status == 200
     except OSError:
         return False
     finally:
-        conn.close()
+        client.close()
 
 
 class Launcher:
@@ -216,7 +217,9 @@ def run_launcher(launcher: Launcher, print_table) -> int:
             print(f"distribkv: error: {exc}", file=sys.stderr)
             launcher.stop()
             return 1
+        # Each line flushed: a launcher whose output goes to a file shows its nodes at once.
         print_table(launcher.table())
+        sys.stdout.flush()
         print("all nodes are up; Ctrl-C stops them", flush=True)
         while not stop_requested:
             exited = launcher.first_exit()

@@ -1,0 +1,60 @@
+"""A replica's requests to its leader over HTTP, for the transports that speak HTTP.
+
+:class:`HttpSource` is the part of a :class:`~distribkv.replication.follower.LeaderSource`
+that every HTTP transport shares: one keep-alive connection to the leader through the shared
+client stack (:mod:`distribkv.httpclient`), the cluster token, a timeout on every call, and
+the snapshot pages of a full resync (a core endpoint). A transport adds ``pull``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote_from_bytes
+
+from distribkv.httpclient import HttpClient, RequestFailed, Response
+from distribkv.protocol import TOKEN_HEADER
+from distribkv.replication.follower import LeaderSource, LeaderUnavailable
+
+__all__ = ["HttpSource"]
+
+
+class HttpSource(LeaderSource):
+    def __init__(self, node):
+        self.replica = node.node_config.node_name
+        self.address = node.me.leader
+        self.timeout = node.config.server.forward_timeout
+        self.headers = {TOKEN_HEADER: node.token} if node.token else {}
+        self.client = HttpClient(self.timeout, per_address=1)
+
+    def fetch(self, target: str, timeout: float) -> Response:
+        """GET ``target`` from the leader; LeaderUnavailable if it cannot be reached."""
+        try:
+            return self.client.request(
+                self.address, "GET", target, None, self.headers, timeout=timeout
+            )
+        except RequestFailed as exc:
+            raise LeaderUnavailable(f"leader {self.address}: {exc}") from exc
+
+    def document(self, response: Response) -> Any:
+        """The leader's msgpack or JSON answer; LeaderUnavailable for anything else (an answer
+        that is not a node's, or an error)."""
+        try:
+            doc = response.document()
+        except ValueError as exc:
+            raise LeaderUnavailable(
+                f"leader {self.address} answered {response.status} with {exc}"
+            ) from None
+        if response.status != 200 or not isinstance(doc, dict):
+            raise LeaderUnavailable(
+                f"leader {self.address} answered {response.status}: {doc!r:.200}"
+            )
+        return doc
+
+    def snapshot_page(self, after_key: bytes | None) -> Any:
+        target = f"/replication/snapshot?replica={self.replica}"
+        if after_key is not None:
+            target += f"&after={quote_from_bytes(after_key, safe='')}"
+        return self.document(self.fetch(target, timeout=self.timeout * 4))
+
+    def close(self) -> None:
+        self.client.close()
