@@ -21,6 +21,7 @@ from distribkv import PROJECT
 if TYPE_CHECKING:
     from distribkv.hashing.api import HashingSpec
     from distribkv.http.api import ServerSpec
+    from distribkv.nodeview import NodeView
     from distribkv.replication.api import TransportSpec
     from distribkv.storage.api import BackendSpec
 
@@ -61,11 +62,12 @@ def distribkv_http_servers() -> list[ServerSpec]:
     with ``spec.deferred`` puts ``environ[distribkv.http.api.DEFER]`` in the environ so that
     the application can finish an answer later, from another thread. A server may also call
     ``listen.direct`` for a request before it builds a WSGI environ, and send its answer if it
-    gives one, or let it finish the answer later (see ``distribkv.http.api``)."""
+    gives one, or let it finish the answer later (see ``distribkv.http.api``). Wrap the
+    application in ``distribkv.http.wrapper.ServingWrapper`` for the drain and the access log."""
 
 
 @hookspec
-def distribkv_routes(node: Any) -> list[tuple[str, Any]]:
+def distribkv_routes(node: NodeView) -> list[tuple[str, Any]]:
     """Return extra ``(path, resource)`` pairs to mount on ``node``'s Falcon application.
 
     Called once while the application is built. A replication transport mounts its endpoints
@@ -74,7 +76,7 @@ def distribkv_routes(node: Any) -> list[tuple[str, Any]]:
 
 
 @hookspec(historic=True)
-def distribkv_node_started(node: Any) -> None:
+def distribkv_node_started(node: NodeView) -> None:
     """Called once when ``node`` has opened its storage and is about to serve.
 
     Historic: a plugin registered later still receives the call.
@@ -82,5 +84,5 @@ def distribkv_node_started(node: Any) -> None:
 
 
 @hookspec
-def distribkv_node_stopping(node: Any) -> None:
+def distribkv_node_stopping(node: NodeView) -> None:
     """Called once when ``node`` stops serving, before its storage is closed."""

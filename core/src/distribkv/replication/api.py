@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
+
+if TYPE_CHECKING:
+    from distribkv.nodeview import NodeView
 
 __all__ = ["NotReplicatedError", "ReplicationRole", "TransportSpec"]
 
@@ -44,6 +47,8 @@ class TransportSpec:
     """A replication transport offered by a plugin."""
 
     name: str
-    leader: Callable[[Any], ReplicationRole]
-    follower: Callable[[Any], ReplicationRole]
+    #: ``leader(node)``: the role a shard's leader runs (started with the node).
+    leader: Callable[[NodeView], ReplicationRole]
+    #: ``follower(node)``: the role a replica runs.
+    follower: Callable[[NodeView], ReplicationRole]
     description: str
