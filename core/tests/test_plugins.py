@@ -143,3 +143,21 @@ def test_a_plugin_whose_hook_raises_is_unavailable_not_fatal():
     assert "ImportError: libfoo.so" in failed.error
     with pytest.raises(PluginNotFoundError, match="installed but unavailable"):
         registry.storage_backend("exploding")
+
+
+def test_hooks_are_called_through_pluggy_so_its_tracing_shows_them():
+    lines: list[str] = []
+    registry = load_plugins(trace=lines.append)
+    traced = "".join(lines)
+    for hook in (
+        "distribkv_storage_backends",
+        "distribkv_hashing_schemes",
+        "distribkv_replication_transports",
+        "distribkv_http_servers",
+    ):
+        assert hook in traced, hook
+    assert "memory" in registry.names("storage")
+    # A hook the core calls later is traced too.
+    lines.clear()
+    registry.manager.hook.distribkv_node_stopping(node=None)
+    assert "distribkv_node_stopping" in "".join(lines)

@@ -558,10 +558,23 @@ def test_direct_reads_answer_as_the_application_does_or_leave_the_request_to_it(
     node.close()
 
 
-def test_a_direct_answer_is_counted_in_flight_and_never_given_once_refusing():
+@pytest.fixture
+def bare_wrapper():
+    """A serving wrapper around an application that is never called."""
     from distribkv.http.wrapper import ServingWrapper
 
     wrapper = ServingWrapper(lambda environ, start_response: [b""])
+    yield wrapper
+    wrapper.close()
+
+
+#: A write through ``Listen.direct``, from a server that offers ``server.defer``.
+def _direct_put(wrapper, answer, server):
+    return wrapper.direct(answer, "PUT", "/set", "key=k", {}.get, b"v", "127.0.0.1", server.defer)
+
+
+def test_a_direct_answer_is_counted_in_flight_and_never_given_once_refusing(bare_wrapper):
+    wrapper = bare_wrapper
     seen = []
 
     def answer(method, path, query, header, body, defer):
@@ -576,16 +589,12 @@ def test_a_direct_answer_is_counted_in_flight_and_never_given_once_refusing():
     # Refusing: no answer, so the server goes the application's way, which answers 503.
     assert wrapper.direct(answer, "GET", *request) is None
     assert len(seen) == 1
-    wrapper.close()
 
 
-def test_a_deferred_direct_answer_is_in_flight_until_its_completion_is_finished():
+def test_a_deferred_direct_answer_is_in_flight_until_its_completion_is_finished(bare_wrapper):
     from distribkv.http.api import DEFERRED
-    from distribkv.http.wrapper import ServingWrapper
 
-    wrapper = ServingWrapper(lambda environ, start_response: [b""])
-    server = Completions()
-    started = []
+    wrapper, server, started = bare_wrapper, Completions(), []
 
     def answer(method, path, query, header, body, defer):
         if defer is None:
@@ -593,8 +602,8 @@ def test_a_deferred_direct_answer_is_in_flight_until_its_completion_is_finished(
         started.append((defer(), wrapper.in_flight))  # queued, to be finished elsewhere
         return DEFERRED
 
-    result = wrapper.direct(answer, "PUT", "/set", "key=k", {}.get, b"v", "127.0.0.1", server.defer)
-    assert result is DEFERRED and server.deferred  # the server's completion was taken
+    assert _direct_put(wrapper, answer, server) is DEFERRED
+    assert server.deferred  # the server's completion was taken
     assert [counted for _, counted in started] == [1]
     assert wrapper.in_flight == 1  # until it is answered
     started[0][0].finish("200 OK", [("Content-Length", "0")], b"")
@@ -603,24 +612,20 @@ def test_a_deferred_direct_answer_is_in_flight_until_its_completion_is_finished(
     # A server that cannot defer offers no completion: the application's way answers.
     assert wrapper.direct(answer, "PUT", "/set", "key=k", {}.get, b"v", "-") is None
     assert wrapper.in_flight == 0 and len(started) == 1
-    wrapper.close()
 
 
-def test_a_direct_answer_that_fails_is_answered_once_and_counted_out():
+def test_a_direct_answer_that_fails_is_answered_once_and_counted_out(bare_wrapper):
     from distribkv.http.api import DEFERRED
-    from distribkv.http.wrapper import INTERNAL_ERROR, ServingWrapper
+    from distribkv.http.wrapper import INTERNAL_ERROR
 
-    wrapper = ServingWrapper(lambda environ, start_response: [b""])
-    server = Completions()
-    taken = []
+    wrapper, server, taken = bare_wrapper, Completions(), []
 
     def fails_after_deferring(method, path, query, header, body, defer):
         taken.append(defer())
         raise RuntimeError("failed after deferring")
 
-    request = ("PUT", "/set", "key=k", {}.get, b"v", "127.0.0.1", server.defer)
     # Deferred, then failed: only its completion may answer it, once, with a 500.
-    assert wrapper.direct(fails_after_deferring, *request) is DEFERRED
+    assert _direct_put(wrapper, fails_after_deferring, server) is DEFERRED
     assert server.answers == [
         (INTERNAL_ERROR[0], sorted((k.lower(), v) for k, v in INTERNAL_ERROR[1]), INTERNAL_ERROR[2])
     ]
@@ -632,7 +637,7 @@ def test_a_direct_answer_that_fails_is_answered_once_and_counted_out():
         raise RuntimeError("direct failed")
 
     with pytest.raises(RuntimeError):  # not deferred: the server answers 500
-        wrapper.direct(broken, *request)
+        _direct_put(wrapper, broken, server)
     assert wrapper.in_flight == 0
 
     class Unsendable(Completions):
@@ -643,15 +648,14 @@ def test_a_direct_answer_that_fails_is_answered_once_and_counted_out():
         defer().finish("503 Service Unavailable", [], b"")
         return DEFERRED
 
-    gone = Unsendable()
-    result = wrapper.direct(at_once, *request[:-1], gone.defer)
+    result = _direct_put(wrapper, at_once, Unsendable())
     assert result is DEFERRED  # a failed send does not reach the server as an error
     assert wrapper.in_flight == 0
-    wrapper.close()
 
 
-def test_a_direct_write_through_the_wrapper_is_counted_until_the_committer_answers(tmp_path):
-    from distribkv.http.api import DEFERRED
+@pytest.mark.parametrize("way", ["direct", "wsgi"])
+def test_a_deferred_write_is_counted_in_flight_until_the_committer_answers_it(tmp_path, way):
+    from distribkv.http.api import DEFER, DEFERRED
     from distribkv.http.wrapper import ServingWrapper
 
     node = open_node(tmp_path)
@@ -665,11 +669,17 @@ def test_a_direct_write_through_the_wrapper_is_counted_until_the_committer_answe
             super().finish(status, headers, body)
 
     completions = Counted()
-    request = ("PUT", "/set", OWN, {}.get, b"\x00v", "127.0.0.1", completions.defer)
-    assert wrapper.direct(node_app.direct, *request) is DEFERRED
-    assert completions.finished.wait(10), "the direct write was never answered"
+    if way == "direct":
+        request = ("PUT", "/set", OWN, {}.get, b"\x00v", "127.0.0.1", completions.defer)
+        assert wrapper.direct(node_app.direct, *request) is DEFERRED
+    else:
+        extra = {DEFER: completions.defer}
+        returned = _wsgi_call(wrapper, "PUT", OWN, path="/set", body=b"\x00v", environ_extra=extra)
+        assert returned == (None, None, b"")  # deferred: nothing started, nothing returned
+    assert completions.finished.wait(10), "the deferred write was never answered"
     assert completions.answers[0][0] == "200 OK"
-    assert counted == [(1, "distribkv-commit")]  # answered by the committer, still counted
+    # Answered by the committer, and still counted while its answer is sent.
+    assert counted == [(1, "distribkv-commit")]
     assert node.store.get(b"USA") == b"\x00v"
     deadline = time.monotonic() + 10
     while wrapper.in_flight and time.monotonic() < deadline:
@@ -702,35 +712,4 @@ def test_a_direct_write_is_left_to_the_application_where_it_is_not_deferred(tmp_
     node = open_node(tmp_path, min_replicas=1)  # it waits for a replica: never deferred
     app = create_app(node)
     assert app.direct("PUT", "/set", OWN, {}.get, b"v", Completions().defer) is None
-    node.close()
-
-
-def test_a_deferred_fast_write_is_in_flight_until_it_is_answered(tmp_path):
-    from distribkv.http.api import DEFER
-    from distribkv.http.wrapper import ServingWrapper
-
-    node = open_node(tmp_path)
-    wrapper = ServingWrapper(create_app(node))
-    counted = []
-
-    class Counted(Completions):
-        def finish(self, status, headers, body):
-            counted.append(wrapper.in_flight)  # still counted while its answer is sent
-            super().finish(status, headers, body)
-
-    completions = Counted()
-    returned = _wsgi_call(
-        wrapper, "PUT", OWN, path="/set", body=b"v", environ_extra={DEFER: completions.defer}
-    )
-    assert returned == (None, None, b"")  # deferred: nothing started, nothing returned
-    assert completions.finished.wait(10), "the deferred write was never answered"
-    assert completions.answers[0][0] == "200 OK"
-    assert counted == [1]
-    assert node.store.get(b"USA") == b"v"
-    # The wrapper counts it until it is answered (the answer is sent before the count drops).
-    deadline = time.monotonic() + 10
-    while wrapper.in_flight and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert wrapper.in_flight == 0
-    wrapper.close()
     node.close()

@@ -101,7 +101,7 @@ class Client:
         self._write_retry = Retry(attempts=retries, after_send=False, first=0.1, most=2.0)
         self._executor = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="dkv")
         self._lock = threading.Lock()
-        self.map: ShardMap | None = None
+        self._map: ShardMap | None = None
         #: Requests answered with a redirect or a map mismatch (0 while the map is current).
         self.redirects = 0
         self.map_refreshes = 0
@@ -111,12 +111,19 @@ class Client:
 
     # --- the map --------------------------------------------------------------------------
 
+    @property
+    def map(self) -> ShardMap:
+        """The shard map requests are routed by (fetched when the client is made)."""
+        if self._map is None:
+            raise ClientError("the client has no shard map yet")
+        return self._map
+
     def refresh_map(self, prefer: str | None = None) -> ShardMap:
         """Fetch ``/cluster`` from the first node that answers (``prefer`` first)."""
         errors = []
         candidates = ([prefer] if prefer else []) + list(self.seeds)
-        if self.map is not None:
-            candidates += sorted(self.map.addresses())
+        if self._map is not None:
+            candidates += sorted(self._map.addresses())
         for address in dict.fromkeys(candidates):
             try:
                 response = self.http.request(address, "GET", "/cluster")
@@ -141,7 +148,7 @@ class Client:
                     f" {fresh.fingerprint} here: the hashing plugins differ"
                 )
             with self._lock:
-                self.map = fresh
+                self._map = fresh
                 self.map_refreshes += 1
             return fresh
         raise Unavailable("no node answered /cluster: " + "; ".join(errors))

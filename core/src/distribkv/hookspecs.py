@@ -70,8 +70,9 @@ def distribkv_http_servers() -> list[ServerSpec]:
 def distribkv_routes(node: NodeView) -> list[tuple[str, Any]]:
     """Return extra ``(path, resource)`` pairs to mount on ``node``'s Falcon application.
 
-    Called once while the application is built. A replication transport mounts its endpoints
-    here; a path that is already taken is an error at start-up.
+    Called once while the application is built; a path that is already taken is an error at
+    start-up. (A replication transport gives its endpoints as ``TransportSpec.routes``
+    instead: they are mounted only in a cluster that selects it.)
     """
 
 

@@ -138,10 +138,17 @@ class Node:
     # --- data -----------------------------------------------------------------------------
 
     def get(self, key: bytes) -> bytes | None:
-        return self.store.get(key)
+        store = self.store
+        assert store is not None, "the node is not open"
+        return store.get(key)
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
-        return self.store.get_many(keys)
+        return self._opened().get_many(keys)
+
+    def _opened(self) -> Store:
+        if self.store is None:
+            raise RuntimeError(f"{self.name} is not open")
+        return self.store
 
     def write(self, ops: Sequence[Op], *, client: bool = True) -> int:
         """Apply data mutations atomically with their replication log entries (durably when
@@ -205,7 +212,7 @@ class Node:
     def readable(self) -> bool:
         """A replica in the middle of a full resync has incomplete data."""
         follower = self.replication
-        return self.is_leader or follower is None or getattr(follower, "readable", True)
+        return self.is_leader or follower is None or follower.readable
 
     def lag(self) -> tuple[int, float] | None:
         follower = self.replication
@@ -222,7 +229,7 @@ class Node:
         deleted = kept = 0
         start: bytes | None = None
         while True:
-            with self.store.scan(Namespace.DATA, start, limit=PURGE_CHUNK) as pairs:
+            with self._opened().scan(Namespace.DATA, start, limit=PURGE_CHUNK) as pairs:
                 keys = [key for key, _ in pairs]
             if not keys:
                 break
@@ -236,7 +243,7 @@ class Node:
         return {"deleted": deleted, "kept": kept}
 
     def status(self) -> dict:
-        stats = self.store.stats()
+        stats = self._opened().stats()
         return {
             "node": self.name,
             "shard": self.me.name,
@@ -262,7 +269,7 @@ class Node:
         """A digest of the whole data keyspace, to compare a replica with its leader."""
         hasher = xxh3_128()
         count = 0
-        with self.store.scan(Namespace.DATA) as pairs:
+        with self._opened().scan(Namespace.DATA) as pairs:
             for key, value in pairs:
                 hasher.update(len(key).to_bytes(4, "big") + key)
                 hasher.update(len(value).to_bytes(8, "big") + value)

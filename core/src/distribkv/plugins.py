@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from importlib import metadata
 from typing import Any
 
@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 DISABLE_ENV = "DISTRIBKV_DISABLE_PLUGINS"
+TRACE_ENV = "DISTRIBKV_TRACE_HOOKS"
 
 #: kind -> (hook name, what the kind is called in messages)
 KINDS: Mapping[str, tuple[str, str]] = {
@@ -119,7 +120,7 @@ class PluginRegistry:
                 if impl.plugin_name in broken:
                     continue
                 try:
-                    specs = list(impl.function() or [])
+                    specs = self._call_one(hook_name, impl.plugin)
                 except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop the rest
                     reason = f"{hook_name} raised {type(exc).__name__}: {exc}"
                     log.warning("plugin %r is unavailable: %s", impl.plugin_name, reason)
@@ -139,6 +140,18 @@ class PluginRegistry:
                             f" {info.name!r} ({info.distribution})"
                         )
                     self._by_kind[kind][spec.name] = Provided(kind, spec, info)
+
+    def _call_one(self, hook_name: str, plugin: object) -> list[Any]:
+        """The specs one plugin returns from ``hook_name``, called through pluggy's hook
+        caller (so that ``manager.trace`` and hook-call monitoring see it) restricted to that
+        plugin, so that the specs are known to be its own and its failure stays its own."""
+        manager = self.manager
+        others = [p for p in manager.get_plugins() if p is not plugin]
+        caller = manager.subset_hook_caller(hook_name, remove_plugins=others)
+        specs: list[Any] = []
+        for result in caller():
+            specs.extend(result or [])
+        return specs
 
     @property
     def failed(self) -> list[PluginInfo]:
@@ -191,6 +204,10 @@ class PluginRegistry:
         return self.select("server", name)
 
 
+def _log_trace(line: str) -> None:
+    log.debug("hook trace: %s", line.rstrip())
+
+
 def disabled_names(environ: Mapping[str, str] | None = None) -> set[str]:
     raw = (os.environ if environ is None else environ).get(DISABLE_ENV, "")
     return {part.strip() for part in raw.split(",") if part.strip()}
@@ -201,14 +218,22 @@ def load_plugins(
     disabled: Iterable[str] | None = None,
     extra: Mapping[str, object] | None = None,
     entry_points: Iterable[metadata.EntryPoint] | None = None,
+    trace: Callable[[str], object] | None = None,
 ) -> PluginRegistry:
     """Load every plugin of the group ``distribkv`` (plus ``extra`` objects, by name).
 
-    ``disabled`` defaults to the names in ``DISTRIBKV_DISABLE_PLUGINS``.
+    ``disabled`` defaults to the names in ``DISTRIBKV_DISABLE_PLUGINS``. ``trace`` receives
+    pluggy's trace of every hook call (``manager.trace``), from the first one on; with
+    ``DISTRIBKV_TRACE_HOOKS=1`` in the environment the trace goes to the debug log.
     """
     blocked = disabled_names() if disabled is None else set(disabled)
     manager = pluggy.PluginManager(PROJECT)
     manager.add_hookspecs(hookspecs)
+    if trace is None and os.environ.get(TRACE_ENV) == "1":
+        trace = _log_trace
+    if trace is not None:
+        manager.trace.root.setwriter(trace)
+        manager.enable_tracing()
     infos: list[PluginInfo] = []
     eps = metadata.entry_points(group=PROJECT) if entry_points is None else entry_points
     for ep in sorted(eps, key=lambda e: e.name):

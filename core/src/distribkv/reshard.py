@@ -333,9 +333,12 @@ class Reshard:
         progress.show(final=True)
         seqs = dict(firsts)
         for rounds in range(1, CATCH_UP_ROUNDS + 1):
-            results = self._for_nodes(
-                lambda a, start=dict(seqs): self.replay(a, start[a], None), leaders
-            )
+            start = dict(seqs)
+
+            def catch_up(address: str, start: dict[str, int] = start) -> tuple[int, int]:
+                return self.replay(address, start[address], None)
+
+            results = self._for_nodes(catch_up, leaders)
             seqs = {a: r[0] for a, r in results.items()}
             entries = sum(r[1] for r in results.values())
             self.say(f"  catch-up round {rounds}: {entries:,} log entries replayed")

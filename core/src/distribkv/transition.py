@@ -33,7 +33,7 @@ from typing import Any
 import attrs
 
 from distribkv.hashing.shardmap import ShardInfo, ShardMap
-from distribkv.storage.api import Delete, Namespace, Put
+from distribkv.storage.api import Delete, Namespace, Op, Put
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ class MapState:
                     " verified and may be read; rerun the reshard to commit"
                 )
             # A joining node stays joining: it routes by the old map until a commit.
-            ops = [Delete(META, TRANSITION_KEY)]
+            ops: list[Op] = [Delete(META, TRANSITION_KEY)]
             revert = self.joining_source is None and self.map.fingerprint != t.source.fingerprint
             if revert:
                 # Started with the new file during the move: keep serving the old map, also

@@ -84,7 +84,8 @@ class RocksDBEngine(StorageEngine):
                 return []
             try:
                 # A multi-get reads all keys at one sequence number.
-                return self._cf[ns].get(list(keys), None, self._read)
+                values: Any = self._cf[ns].get(list(keys), None, self._read)
+                return values
             except Exception as exc:
                 raise self._error(exc, "get_many") from exc
 

@@ -129,7 +129,7 @@ class Child:
 
 def _answers(url: str) -> bool:
     parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=1)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=1)
     try:
         conn.request("GET", parts.path)
         return conn.getresponse().status == 200

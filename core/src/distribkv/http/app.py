@@ -8,7 +8,7 @@ are added in one place, :func:`create_app`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import falcon
@@ -70,7 +70,7 @@ class NodeApp:
         self.kv = kv
         self.forwarder = forwarder
 
-    def __call__(self, environ: dict[str, Any], start_response: Callable) -> list[bytes]:
+    def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
         path = environ["PATH_INFO"]
         kv = self.kv
@@ -102,6 +102,7 @@ class NodeApp:
             return [body]
         if answer is DEFERRED:
             return []  # answered by whoever finishes it
+        assert answer is not None  # None only where the caller may not wait, not here
         status, headers, body = answer
         start_response(status_line(status), [*headers, ("Content-Length", str(len(body)))])
         return [body]
@@ -159,6 +160,9 @@ def create_app(node) -> NodeApp:
         ("/replication/resync", ResyncResource(node)),
         *reshard.routes(node),
     ]
+    transport = node.registry.replication_transport(node.config.cluster.replication)
+    if transport.routes is not None:
+        routes += transport.routes(node)
     taken = {path for path, _ in routes}
     for extra in node.registry.manager.hook.distribkv_routes(node=node):
         for path, resource in extra or []:

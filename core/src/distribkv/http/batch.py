@@ -27,9 +27,9 @@ from distribkv.http.errors import ApiError
 from distribkv.http.kv import check_readable, respond
 from distribkv.http.limits import Limits
 from distribkv.http.params import check_key
-from distribkv.http.routing import BLOCKS, Router
+from distribkv.http.routing import Blocks, Router
 from distribkv.protocol import MSGPACK
-from distribkv.storage.api import Delete, Namespace, Put
+from distribkv.storage.api import Delete, Namespace, Op, Put
 
 MAX_OPS = 10_000
 
@@ -105,18 +105,12 @@ class BatchResource:
                 owners=sorted(owners),
             )
         writes = any(kind != "get" for kind, _, _ in ops)
+        query = req.env.get("QUERY_STRING", "")
         elsewhere = self.router.route(
-            ops[0][1],
-            write=writes,
-            method=req.method,
-            path="/batch",
-            query=req.env.get("QUERY_STRING", ""),
-            header=req.get_header,
-            body=body,
-            may_block=True,
+            ops[0][1], writes, req.method, "/batch", query, req.get_header, body, True
         )
         if elsewhere is not None:
-            assert elsewhere is not BLOCKS  # a batch is never served where it may not wait
+            assert not isinstance(elsewhere, Blocks)  # a batch may always wait for its owner
             respond(resp, elsewhere)
             return
 
@@ -125,11 +119,13 @@ class BatchResource:
             for name, value in check_readable(self.node):
                 resp.set_header(name, value)
         values = iter(self.node.get_many(get_keys) if get_keys else [])
-        mutations = [
-            Put(Namespace.DATA, key, value) if kind == "set" else Delete(Namespace.DATA, key)
-            for kind, key, value in ops
-            if kind != "get"
-        ]
+        mutations: list[Op] = []
+        for kind, key, value in ops:
+            if kind == "set":
+                assert value is not None  # every set was given one above
+                mutations.append(Put(Namespace.DATA, key, value))
+            elif kind == "delete":
+                mutations.append(Delete(Namespace.DATA, key))
         if mutations:
             self.node.write(mutations)
         results = [next(values) if kind == "get" else True for kind, _, _ in ops]

@@ -73,7 +73,7 @@ def serialize_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTP
     if "detail" not in document:
         # Falcon's own errors (no route, a method the route has not) carry only a title.
         if exc.status == falcon.HTTP_405:
-            allowed = (exc.headers or {}).get("Allow", "")
+            allowed = dict(exc.headers or {}).get("Allow", "")
             document = {
                 "error": "method not allowed",
                 "detail": f"{req.method} is not allowed on {req.path}; allowed: {allowed}",
@@ -84,7 +84,7 @@ def serialize_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTP
     resp.data = json.dumps(document).encode()
 
 
-def api_error(exc: Exception, method: str, path: str) -> falcon.HTTPError:
+def api_error(exc: BaseException, method: str, path: str) -> falcon.HTTPError:
     """The HTTP error a request answers for ``exc``: the one mapping, used by the application's
     error handlers and by writes that finish after their request returned."""
     if isinstance(exc, falcon.HTTPError):
@@ -109,17 +109,17 @@ def api_error(exc: Exception, method: str, path: str) -> falcon.HTTPError:
     return ApiError(falcon.HTTP_500, "internal error", "see the node's log")
 
 
-def error_answer_for(exc: Exception, method: str, path: str) -> Answer:
+def error_answer_for(exc: BaseException, method: str, path: str) -> Answer:
     """``api_error(exc)`` as an answer: its status, headers and the JSON body, exactly as the
     application's error serializer writes them."""
     error = api_error(exc, method, path)
     body = json.dumps(_error_document(error)).encode()
-    headers = [(name, value) for name, value in (error.headers or {}).items()]
+    headers = list(dict(error.headers or {}).items())
     headers.append(("Content-Type", falcon.MEDIA_JSON))
     return error.status_code, headers, body
 
 
-def error_response(exc: Exception, method: str, path: str) -> tuple[str, list, bytes]:
+def error_response(exc: BaseException, method: str, path: str) -> tuple[str, list, bytes]:
     """:func:`error_answer_for` as WSGI gives it (a status line, a Content-Length)."""
     return as_wsgi(error_answer_for(exc, method, path))
 

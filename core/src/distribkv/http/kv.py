@@ -29,7 +29,7 @@ from distribkv.http.api import DEFER, DEFERRED, Answer, Completion, Header, as_w
 from distribkv.http.errors import ApiError, error_response
 from distribkv.http.limits import Limits
 from distribkv.http.params import parse_query, query_key, require_key
-from distribkv.http.routing import BLOCKS, MAP, Router, check_map
+from distribkv.http.routing import MAP, Blocks, Router, check_map
 from distribkv.protocol import JSON, LAG_ENTRIES_HEADER, LAG_SECONDS_HEADER, OCTET_STREAM
 from distribkv.storage.api import Delete, Namespace, Op, Put
 
@@ -111,18 +111,9 @@ class KeyValue:
         node = self.node
         check_map(node.maps, header(MAP))
         key = query_key(query)
-        elsewhere = self.router.route(
-            key,
-            write=False,
-            method="GET",
-            path="/get",
-            query=query,
-            header=header,
-            body=None,
-            may_block=may_block,
-        )
+        elsewhere = self.router.route(key, False, "GET", "/get", query, header, None, may_block)
         if elsewhere is not None:
-            return None if elsewhere is BLOCKS else elsewhere
+            return None if isinstance(elsewhere, Blocks) else elsewhere
         if node.is_leader:
             value = node.get(key)
             return NOT_FOUND if value is None else (200, _VALUE_HEADERS, value)
@@ -194,18 +185,9 @@ class KeyValue:
         defer: Callable[[], Completion] | None,
         may_block: bool,
     ) -> Any:
-        elsewhere = self.router.route(
-            key,
-            write=True,
-            method=method,
-            path=path,
-            query=query,
-            header=header,
-            body=body,
-            may_block=may_block,
-        )
+        elsewhere = self.router.route(key, True, method, path, query, header, body, may_block)
         if elsewhere is not None:
-            return None if elsewhere is BLOCKS else elsewhere
+            return None if isinstance(elsewhere, Blocks) else elsewhere
         node = self.node
         if defer is not None and node.defers_writes:
             # The request's thread only queues the write; the thread that applies its group
@@ -254,38 +236,35 @@ def respond(resp: falcon.Response, answer: Any) -> None:
     resp.data = body
 
 
-class GetResource:
+class _KeyValueResource:
+    """A Falcon resource that hands its requests to their decision (the methods a resource
+    has are the ones Falcon lets through; it answers 405 to the others)."""
+
     def __init__(self, kv: KeyValue):
         self.kv = kv
 
+
+def _query(req: falcon.Request) -> str:
+    return req.env.get("QUERY_STRING", "")
+
+
+class GetResource(_KeyValueResource):
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        respond(resp, self.kv.get(req.env.get("QUERY_STRING", ""), req.get_header))
+        respond(resp, self.kv.get(_query(req), req.get_header))
 
 
-class SetResource:
-    def __init__(self, kv: KeyValue):
-        self.kv = kv
-
+class SetResource(_KeyValueResource):
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        env = req.env
-        answer = self.kv.set(
-            req.method, env.get("QUERY_STRING", ""), req.get_header, WsgiBody(env), env.get(DEFER)
-        )
-        respond(resp, answer)
+        body, defer = WsgiBody(req.env), req.env.get(DEFER)
+        respond(resp, self.kv.set(req.method, _query(req), req.get_header, body, defer))
 
     on_put = on_post = on_get
 
 
-class DeleteResource:
-    def __init__(self, kv: KeyValue):
-        self.kv = kv
-
+class DeleteResource(_KeyValueResource):
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        env = req.env
-        answer = self.kv.delete(
-            req.method, env.get("QUERY_STRING", ""), req.get_header, env.get(DEFER)
-        )
-        respond(resp, answer)
+        defer = req.env.get(DEFER)
+        respond(resp, self.kv.delete(req.method, _query(req), req.get_header, defer))
 
     on_post = on_delete = on_get
 

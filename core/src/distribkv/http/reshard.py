@@ -24,9 +24,8 @@ from xxhash import xxh3_128
 
 from distribkv.http.admin import require_token
 from distribkv.http.errors import ApiError
-from distribkv.http.params import query_params
 from distribkv.protocol import MSGPACK
-from distribkv.replication.leader import leader_log_of
+from distribkv.replication.leader import LeaderLog, leader_log_of, leader_request
 from distribkv.replication.records import entry_op
 from distribkv.replication.snapshot import snapshot_page
 from distribkv.storage.api import Delete, Namespace
@@ -98,20 +97,27 @@ def _hold_name(transition: Transition) -> str:
     return f"reshard:{transition.id}"
 
 
-class StateResource:
+class _Endpoint:
+    """An endpoint of the reshard driver on one node (each needs the cluster token)."""
+
     def __init__(self, node):
         self.node = node
 
+    def _leader_move(self, req: falcon.Request) -> tuple[LeaderLog, dict[str, bytes], Transition]:
+        """A leader's endpoint of the move named by ``id``: its log, the parameters and the
+        move (401, 403 on a replica, 409 for another move)."""
+        leader, params = leader_request(self.node, req)
+        return leader, params, _transition(self.node, params.get("id", b"").decode())
+
+
+class StateResource(_Endpoint):
     def on_get(self, req, resp):
         require_token(self.node, req)
         resp.media = self.node.maps.describe()
 
 
-class PlanResource:
+class PlanResource(_Endpoint):
     """Count and digest, per move, the keys this node holds that change owner."""
-
-    def __init__(self, node):
-        self.node = node
 
     def on_post(self, req, resp):
         require_token(self.node, req)
@@ -141,10 +147,7 @@ class PlanResource:
         }
 
 
-class PrepareResource:
-    def __init__(self, node):
-        self.node = node
-
+class PrepareResource(_Endpoint):
     def on_post(self, req, resp):
         node = self.node
         require_token(node, req)
@@ -162,48 +165,52 @@ class PrepareResource:
         resp.media = answer
 
 
-class CommitResource:
-    def __init__(self, node):
-        self.node = node
+class _MapChange(_Endpoint):
+    """Commit or abort a move on this node (by the move's id); a leader then stops keeping its
+    log for the move."""
+
+    verb = ""
+
+    def change(self, data: dict) -> str:
+        raise NotImplementedError
+
+    def published(self) -> dict:
+        return {}
 
     def on_post(self, req, resp):
         node = self.node
         require_token(node, req)
         data = _json_body(req)
         try:
-            state = node.maps.commit(
-                str(_field(data, "id")), str(_field(data, "source")), str(_field(data, "target"))
-            )
+            state = self.change(data)
         except ValueError as exc:
-            raise ApiError(falcon.HTTP_409, "cannot commit", str(exc)) from None
+            raise ApiError(falcon.HTTP_409, f"cannot {self.verb}", str(exc)) from None
         if node.is_leader:
             node.leader_log.progress.release(f"reshard:{data['id']}")
-        resp.media = {"node": node.name, "state": state, "fingerprint": node.shard_map.fingerprint}
+        resp.media = {"node": node.name, "state": state, **self.published()}
 
 
-class AbortResource:
-    def __init__(self, node):
-        self.node = node
+class CommitResource(_MapChange):
+    verb = "commit"
 
-    def on_post(self, req, resp):
-        node = self.node
-        require_token(node, req)
-        data = _json_body(req)
-        try:
-            state = node.maps.abort(str(_field(data, "id")))
-        except ValueError as exc:
-            raise ApiError(falcon.HTTP_409, "cannot abort", str(exc)) from None
-        if node.is_leader:
-            node.leader_log.progress.release(f"reshard:{data['id']}")
-        resp.media = {"node": node.name, "state": state}
+    def change(self, data: dict) -> str:
+        ids = (str(_field(data, name)) for name in ("id", "source", "target"))
+        return self.node.maps.commit(*ids)
+
+    def published(self) -> dict:
+        return {"fingerprint": self.node.shard_map.fingerprint}
 
 
-class CleanResource:
+class AbortResource(_MapChange):
+    verb = "abort"
+
+    def change(self, data: dict) -> str:
+        return self.node.maps.abort(str(_field(data, "id")))
+
+
+class CleanResource(_Endpoint):
     """Delete this shard's stale copies of keys that will arrive (left by an earlier, unfinished
     move or a manual copy): the copy that follows must be the only source of them."""
-
-    def __init__(self, node):
-        self.node = node
 
     def on_post(self, req, resp):
         node = self.node
@@ -230,18 +237,12 @@ class CleanResource:
         resp.media = {"node": node.name, "deleted": deleted}
 
 
-class ScanResource:
+class ScanResource(_Endpoint):
     """One page of the keys leaving this shard, with the seq read before the page."""
-
-    def __init__(self, node):
-        self.node = node
 
     def on_get(self, req, resp):
         node = self.node
-        require_token(node, req)
-        leader = leader_log_of(node)
-        params = query_params(req)
-        transition = _transition(node, params.get("id", b"").decode())
+        leader, params, transition = self._leader_move(req)
         after = params.get("after")
         held = params.get("hold")
         if held is not None:
@@ -268,18 +269,12 @@ class ScanResource:
         )
 
 
-class LogResource:
+class LogResource(_Endpoint):
     """Log entries after a seq, of keys leaving this shard; ``last`` is the last seq read."""
-
-    def __init__(self, node):
-        self.node = node
 
     def on_get(self, req, resp):
         node = self.node
-        require_token(node, req)
-        leader = leader_log_of(node)
-        params = query_params(req)
-        transition = _transition(node, params.get("id", b"").decode())
+        leader, params, transition = self._leader_move(req)
         try:
             after = int(params.get("after", b""))
         except ValueError:
@@ -305,11 +300,8 @@ class LogResource:
         _pack(resp, {"entries": out, "last": last, "committed": committed})
 
 
-class IngestResource:
+class IngestResource(_Endpoint):
     """Apply keys copied from their old owner (bypasses ownership and the fence)."""
-
-    def __init__(self, node):
-        self.node = node
 
     def on_post(self, req, resp):
         node = self.node

@@ -19,7 +19,6 @@ map's fingerprint.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import falcon
 
@@ -36,7 +35,16 @@ from distribkv.protocol import (
     TOKEN_HEADER,
 )
 
-__all__ = ["BLOCKS", "Forwarder", "MapCheck", "Router", "check_map", "misdirected", "moving"]
+__all__ = [
+    "BLOCKS",
+    "Blocks",
+    "Forwarder",
+    "MapCheck",
+    "Router",
+    "check_map",
+    "misdirected",
+    "moving",
+]
 
 #: Header names as ``Header`` lookups take them.
 MAP = MAP_HEADER.lower()
@@ -49,7 +57,7 @@ TOKEN = TOKEN_HEADER.lower()
 _PASS_BACK = frozenset(("content-type", "x-distribkv-leader", "location"))
 
 
-class _Blocks:
+class Blocks:
     __slots__ = ()
 
     def __repr__(self) -> str:
@@ -58,7 +66,7 @@ class _Blocks:
 
 #: What :meth:`Router.route` gives for a request that must be forwarded where the caller may
 #: not wait for the owner: the caller leaves the request to a thread that may.
-BLOCKS: Any = _Blocks()
+BLOCKS = Blocks()
 
 
 class Forwarder:
@@ -119,7 +127,6 @@ class Router:
     def route(
         self,
         key: bytes,
-        *,
         write: bool,
         method: str,
         path: str,
@@ -127,7 +134,7 @@ class Router:
         header: Header,
         body: bytes | None,
         may_block: bool,
-    ) -> Answer | _Blocks | None:
+    ) -> Answer | Blocks | None:
         """None if this node answers for ``key``; else the answer given for the owner (a
         redirect, a forwarded answer), or :data:`BLOCKS` where forwarding would wait and
         ``may_block`` is false. Raises the errors it answers (403, 421, 503 moving)."""

@@ -53,16 +53,16 @@ class ServingWrapper:
         call = _Call(self, environ, start_response)
         with self._lock:
             if self.refusing:
-                status, headers, body = STOPPING
+                status, headers, stopping = STOPPING
                 start_response(status, [*headers, ("Connection", "close")])
-                return [body]
+                return [stopping]
             self.in_flight += 1
         server_defer = environ.get(DEFER)
         if server_defer is not None:
             call.server_defer = server_defer
             environ[DEFER] = call.defer
         try:
-            body = self.app(environ, call.start_response)
+            body: Iterable[bytes] = self.app(environ, call.start_response)
             # Falcon answers with a list of bytes; materialise anything lazier so the request
             # is finished (and counted as such) when this call returns.
             if not isinstance(body, list):

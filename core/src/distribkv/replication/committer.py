@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from distribkv.replication.logstore import LogStore
 from distribkv.storage.api import Op
@@ -38,11 +39,12 @@ class _Pending:
         self.done = False
         self.error: BaseException | None = None
         self.callback = callback
+        # A lock of its own for a writer that waits; none for a deferred write (the hot path
+        # makes no lock it does not need).
+        self.wake: Any = None
         if callback is None:
             self.wake = threading.Lock()
             self.wake.acquire()
-        else:
-            self.wake = None
 
 
 class GroupCommitter:

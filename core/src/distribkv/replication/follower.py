@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import abc
 import logging
-import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
 
 from distribkv.httpclient import Backoff
-from distribkv.replication.api import ReplicationRole
+from distribkv.replication.api import LoopRole
 from distribkv.replication.records import (
     APPLIED,
     APPLIED_CHECK,
@@ -82,8 +81,9 @@ class LeaderSource(abc.ABC):
         """Release connections."""
 
 
-class Follower(ReplicationRole):
+class Follower(LoopRole):
     def __init__(self, node, source: LeaderSource, *, wait: float = 2.0):
+        super().__init__(f"distribkv-follow-{node.name}")
         self.node = node
         self.store = node.store
         self.source = source
@@ -103,23 +103,11 @@ class Follower(ReplicationRole):
         self.leader_last_ms = 0
         self.applied_ms = 0
         self.resyncs = 0
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name=f"distribkv-follow-{node.name}", daemon=True
-        )
 
     # --- role -------------------------------------------------------------------------
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout)
-        if not self._thread.is_alive():
-            self.source.close()
+    def stopped(self) -> None:
+        self.source.close()
 
     @property
     def readable(self) -> bool:
@@ -150,25 +138,25 @@ class Follower(ReplicationRole):
         """Operator decision: drop this replica's data and reload it from the leader."""
         self.diverged = None
         self.needs_resync = True
-        self._wake.set()
+        self.wake.set()
 
     # --- the loop -----------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def run(self) -> None:
         backoff = Backoff(BACKOFF_MIN, BACKOFF_MAX)
-        while not self._stop.is_set():
+        while not self.stopping.is_set():
             if self.diverged is not None:
                 # Keep the data, keep serving reads; wait for an operator's resync request.
                 self.state = "diverged"
-                self._wake.wait(1.0)
-                self._wake.clear()
+                self.wake.wait(1.0)
+                self.wake.clear()
                 continue
             try:
                 if self.needs_resync:
                     self._resync()
                     continue
                 pulled = self.source.pull(self.applied, self.follows, self.wait, self.applied_check)
-                if self._stop.is_set():
+                if self.stopping.is_set():
                     break
                 self._apply(pulled)
                 self.state = "following"
@@ -202,7 +190,7 @@ class Follower(ReplicationRole):
                     )
                 else:
                     log.exception("%s: replication failed; retrying in %.2fs", self.node.name, wait)
-                self._stop.wait(wait)
+                self.stopping.wait(wait)
 
     def _apply(self, pulled: Pulled) -> None:
         self.leader_last = pulled.last_seq
@@ -222,7 +210,7 @@ class Follower(ReplicationRole):
         store.put(RESYNC, b"1", ns=META, sync=self.sync)
         self.needs_resync = True
         # Clear what this replica had; the snapshot replaces it.
-        while not self._stop.is_set():
+        while not self.stopping.is_set():
             with store.scan(DATA, limit=1000) as pairs:
                 keys = [key for key, _ in pairs]
             if not keys:
@@ -233,7 +221,7 @@ class Follower(ReplicationRole):
         last_seq = first_seq
         loaded = 0
         while True:
-            if self._stop.is_set():
+            if self.stopping.is_set():
                 return
             pairs = page["pairs"]
             if pairs:

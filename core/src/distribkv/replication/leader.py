@@ -11,14 +11,15 @@ through ``leader.log`` and reports replicas through ``leader.progress``.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
 
 import falcon
 
+from distribkv.http.admin import require_token
 from distribkv.http.errors import ApiError
+from distribkv.http.params import query_params
 from distribkv.httpclient import Backoff
-from distribkv.replication.api import ReplicationRole
+from distribkv.replication.api import LoopRole
 from distribkv.replication.committer import GroupCommitter
 from distribkv.replication.logstore import LogStore
 from distribkv.replication.progress import ProgressTracker
@@ -27,7 +28,7 @@ from distribkv.storage.store import Store
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LeaderLog", "LeaderRole", "leader_log_of"]
+__all__ = ["LeaderLog", "LeaderRole", "leader_log_of", "leader_request"]
 
 
 class LeaderLog:
@@ -89,6 +90,13 @@ class LeaderLog:
         self.committer.close()
 
 
+def leader_request(node, req: falcon.Request) -> tuple[LeaderLog, dict[str, bytes]]:
+    """For an internal endpoint only a leader answers: the cluster token checked (401), the
+    leader's log (403 on a replica), and the byte-exact query parameters."""
+    require_token(node, req)
+    return leader_log_of(node), query_params(req)
+
+
 def leader_log_of(node) -> LeaderLog:
     """The node's leader log, or 403 naming the leader for a request a replica cannot serve."""
     if not node.is_leader or node.leader_log is None:
@@ -101,29 +109,19 @@ def leader_log_of(node) -> LeaderLog:
     return node.leader_log
 
 
-class LeaderRole(ReplicationRole):
+class LeaderRole(LoopRole):
     """The leader side every transport shares: trims the log in the background."""
 
     def __init__(self, node, *, interval: float = 1.0):
+        super().__init__(f"distribkv-trim-{node.name}")
         self.node = node
         self.interval = interval
         self.last_error: str | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name=f"distribkv-trim-{node.name}", daemon=True
-        )
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
+    def run(self) -> None:
         backoff = Backoff(self.interval, 60.0)
         wait = self.interval
-        while not self._stop.wait(wait):
+        while not self.stopping.wait(wait):
             try:
                 self.node.leader_log.trim()
             except BackendClosedError:

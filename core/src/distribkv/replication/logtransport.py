@@ -13,19 +13,16 @@ Wire protocol (msgpack bodies; every endpoint needs the cluster token when one i
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import falcon
 import msgpack
 
 from distribkv import hookimpl
-from distribkv.http.admin import require_token
 from distribkv.http.errors import ApiError
-from distribkv.http.params import query_params
 from distribkv.protocol import MSGPACK
 from distribkv.replication.api import TransportSpec
 from distribkv.replication.follower import Diverged, Follower, Pulled, ResyncNeeded
-from distribkv.replication.leader import LeaderLog, LeaderRole, leader_log_of
+from distribkv.replication.leader import LeaderLog, LeaderRole, leader_request
 from distribkv.replication.source import HttpSource
 
 log = logging.getLogger(__name__)
@@ -52,10 +49,8 @@ class PullResource:
         self.node = node
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        require_token(self.node, req)
-        leader = leader_log_of(self.node)
+        leader, params = leader_request(self.node, req)
         log_store = leader.log
-        params = query_params(req)
         after = _int(params, "after")
         replica = params.get("replica", b"").decode("utf-8", "replace") or req.remote_addr
         history = params.get("history", b"").decode("ascii", "replace")
@@ -102,12 +97,7 @@ def refuse(resp: falcon.Response, leader: LeaderLog, status: str, error: str, de
 
 class LogSource(HttpSource):
     def pull(self, after: int, history: str | None, wait: float, check: int | None) -> Pulled:
-        target = (
-            f"/replication/pull?after={after}&replica={self.replica}"
-            f"&history={history or ''}&wait_ms={int(wait * 1000)}"
-        )
-        if check is not None:
-            target += f"&check={check}"
+        target = self.poll_target("/replication/pull", after, history, wait, check)
         response = self.fetch(target, timeout=wait + self.timeout)
         if response.status in (409, 410):
             try:
@@ -119,21 +109,14 @@ class LogSource(HttpSource):
         return Pulled(doc["history"], doc["last"], doc["last_ms"], doc["entries"])
 
 
-SPEC = TransportSpec(
-    name="log",
-    leader=LeaderRole,
-    follower=lambda node: Follower(node, LogSource(node)),
-    description="replicas long-poll batches of log entries; resync from snapshots (default)",
-)
-
-
 @hookimpl
 def distribkv_replication_transports() -> list[TransportSpec]:
-    return [SPEC]
-
-
-@hookimpl
-def distribkv_routes(node) -> list[tuple[str, Any]]:
-    if node.config.cluster.replication != "log":
-        return []
-    return [("/replication/pull", PullResource(node))]
+    return [
+        TransportSpec(
+            "log",
+            LeaderRole,
+            lambda node: Follower(node, LogSource(node)),
+            "replicas long-poll batches of log entries; resync from snapshots (default)",
+            routes=lambda node: [("/replication/pull", PullResource(node))],
+        )
+    ]

@@ -11,10 +11,8 @@ from __future__ import annotations
 import falcon
 import msgpack
 
-from distribkv.http.admin import require_token
-from distribkv.http.params import query_params
 from distribkv.protocol import MSGPACK
-from distribkv.replication.leader import LeaderLog, leader_log_of
+from distribkv.replication.leader import LeaderLog, leader_request
 from distribkv.storage.api import Namespace
 
 __all__ = ["PAGE_BYTES", "PAGE_KEYS", "SnapshotResource", "snapshot_page"]
@@ -55,9 +53,7 @@ class SnapshotResource:
         self.node = node
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        require_token(self.node, req)
-        leader = leader_log_of(self.node)
-        params = query_params(req)
+        leader, params = leader_request(self.node, req)
         after = params.get("after")
         page = snapshot_page(leader, after, limit=PAGE_KEYS, max_bytes=PAGE_BYTES)
         replica = params.get("replica", b"").decode("utf-8", "replace")

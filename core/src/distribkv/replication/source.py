@@ -26,6 +26,17 @@ class HttpSource(LeaderSource):
         self.headers = {TOKEN_HEADER: node.token} if node.token else {}
         self.client = HttpClient(self.timeout, per_address=1)
 
+    def poll_target(
+        self, path: str, after: int, history: str | None, wait: float, check: int | None
+    ) -> str:
+        """The target of a long poll for what follows ``after``: who asks, what it follows,
+        how long the leader may wait, and the check of its last entry (see follower.py)."""
+        target = (
+            f"{path}?after={after}&replica={self.replica}&history={history or ''}"
+            f"&wait_ms={int(wait * 1000)}"
+        )
+        return target if check is None else f"{target}&check={check}"
+
     def fetch(self, target: str, timeout: float) -> Response:
         """GET ``target`` from the leader; LeaderUnavailable if it cannot be reached."""
         try:

@@ -132,7 +132,7 @@ class Scan:
     __slots__ = ("__weakref__", "_aborted", "_items", "_lock", "_release")
 
     def __init__(self, items: Iterator[tuple[bytes, bytes]], release: Callable[[], None] | None):
-        self._items = items
+        self._items: Iterator[tuple[bytes, bytes]] | None = items
         self._release = release
         self._lock = threading.Lock()
         self._aborted: str | None = None

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -465,6 +466,7 @@ class TestDurability:
                 stdout=subprocess.PIPE,
                 env=_child_env(backend_settings),
             )
+            assert child.stdout is not None
             try:
                 ready = child.stdout.readline().split()
                 assert ready[:1] == [b"ready"], f"worker did not start: {ready!r}"
@@ -650,13 +652,13 @@ OP = st.one_of(st.builds(Put, NS, KEY, VALUE), st.builds(Delete, NS, KEY))
 class StorageModel(RuleBasedStateMachine):
     """Random operations against the backend and a dict, compared after every step."""
 
-    opener = None  # set per test
+    opener: Any = None  # set per test
     path: Path
 
     def __init__(self):
         super().__init__()
         self.model: dict[Namespace, dict[bytes, bytes]] = {ns: {} for ns in Namespace}
-        self.store = None
+        self.store: Any = None
 
     @initialize()
     def open(self):

@@ -34,6 +34,7 @@ Guarantees kept from the waitress plugin:
 
 from __future__ import annotations
 
+import importlib
 import io
 import logging
 import queue
@@ -58,7 +59,11 @@ from distribkv.http.wrapper import ServingWrapper
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SPEC", "GranianHandle"]
+__all__ = ["SPEC", "TESTED_GRANIAN", "GranianHandle"]
+
+#: The granian release series the bridge was written and tested against (its worker API is
+#: granian's internal one; the pin in this plugin's pyproject.toml says the same).
+TESTED_GRANIAN = "2.8"
 
 #: How often pending request bodies are checked against ``channel_timeout``.
 BODY_CHECK_INTERVAL = 1.0
@@ -135,10 +140,17 @@ class _Exchange:
 class GranianHandle(ServerHandle):
     def __init__(self, app: Callable[..., Any], listen: Listen):
         # Imported here: listing plugins or reading --help never loads the native module.
-        from granian._granian import CallbackScheduler, RSGIWorker, WorkerSignal
         from granian.http import HTTP1Settings
         from granian.net import SocketSpec
 
+        # granian's internal worker: its stubs describe an older signature than the release
+        # the plugin is pinned to, so it is used untyped.
+        native: Any = importlib.import_module("granian._granian")
+        CallbackScheduler, RSGIWorker, WorkerSignal = (
+            native.CallbackScheduler,
+            native.RSGIWorker,
+            native.WorkerSignal,
+        )
         self.listen = listen
         self.wrapper = app if isinstance(app, ServingWrapper) else ServingWrapper(app)
         self.drain_timeout = float(listen.settings.get("drain_timeout", 10.0))
@@ -170,13 +182,13 @@ class GranianHandle(ServerHandle):
         self._loop = _InlineLoop()
         handle = self
 
-        class Scheduler(CallbackScheduler):
+        class Scheduler(CallbackScheduler):  # type: ignore[misc, valid-type]
             # granian calls ``_schedule_fn(watcher)`` for every request, in its Python thread.
             __slots__ = ()
 
             def __init__(self, *args):
                 super().__init__()
-                self._schedule_fn = handle._dispatch
+                self._schedule_fn = handle._dispatch  # type: ignore[misc]
 
         def unused(*args):
             raise AssertionError("granian asked to run a coroutine; the bridge never makes one")
@@ -184,7 +196,7 @@ class GranianHandle(ServerHandle):
         self._scheduler = Scheduler(self._loop, unused, None, unused, unused)
         # channel_timeout bounds how long a connection may take to send its headers.
         http1 = HTTP1Settings(header_read_timeout=int(listen.channel_timeout * 1000))
-        no_tls = (False, None, None, None, "tls1.3", None, [], False)
+        no_tls: tuple[Any, ...] = (False, None, None, None, "tls1.3", None, [], False)
         self._worker = RSGIWorker(
             1,  # worker id
             (self._spec, None),  # socket
@@ -366,15 +378,20 @@ class GranianHandle(ServerHandle):
         future = request.watcher.proto.__anext__()
         future.add_done_callback(lambda done: self._body_chunk(request, done))
 
+    def _received(self, request: _Request, future) -> bytes | None:
+        """What a body read gave, or None once the read is dropped: the client went away or
+        sent a broken body."""
+        try:
+            return future.result()
+        except Exception:  # noqa: BLE001 - nothing to answer: the request ends here
+            self._finish_read(request, None)
+            return None
+
     def _body_chunk(self, request: _Request, future) -> None:
         """A piece of a request body arrived (in granian's Python thread)."""
-        try:
-            chunk = future.result()
-        except Exception:  # noqa: BLE001 - the client went away or sent a broken body
-            self._finish_read(request, None)
-            return
-        if request.finished:
-            return  # timed out meanwhile
+        chunk = self._received(request, future)
+        if chunk is None or request.finished:
+            return  # dropped, or timed out meanwhile
         if chunk:
             request.size += len(chunk)
             if request.size > self.max_body:
@@ -393,12 +410,9 @@ class GranianHandle(ServerHandle):
         self._finish_read(request, (400, "body cut short", "the request body was broken off"))
 
     def _whole_body(self, request: _Request, future) -> None:
-        try:
-            body = future.result()
-        except Exception:  # noqa: BLE001 - the client went away or sent a broken body
-            self._finish_read(request, None)
-            return
-        self._queue_read(request, body)
+        body = self._received(request, future)
+        if body is not None:
+            self._queue_read(request, body)
 
     def _queue_read(self, request: _Request, body: bytes) -> None:
         with self._lock:

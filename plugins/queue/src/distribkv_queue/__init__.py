@@ -19,8 +19,6 @@ from typing import Any
 import falcon
 
 from distribkv import hookimpl
-from distribkv.http.admin import require_token
-from distribkv.http.params import query_params
 from distribkv.replication.api import TransportSpec
 from distribkv.replication.follower import (
     Diverged,
@@ -29,7 +27,7 @@ from distribkv.replication.follower import (
     Pulled,
     ResyncNeeded,
 )
-from distribkv.replication.leader import LeaderLog, LeaderRole, leader_log_of
+from distribkv.replication.leader import LeaderLog, LeaderRole, leader_request
 from distribkv.replication.records import OP_PUT
 from distribkv.replication.source import HttpSource
 
@@ -65,9 +63,7 @@ class _QueueResource:
 
     def _request(self, req: falcon.Request) -> tuple[LeaderLog, dict[str, bytes], str]:
         """The leader's log, the parameters, and the replica the request is from."""
-        require_token(self.node, req)
-        leader = leader_log_of(self.node)
-        params = query_params(req)
+        leader, params = leader_request(self.node, req)
         # A seed replica does not name itself: its address keeps its progress apart.
         replica = params.get("replica", req.remote_addr.encode()).decode("utf-8", "replace")
         return leader, params, replica
@@ -159,12 +155,7 @@ class QueueSource(HttpSource):
     def pull(self, after: int, history: str | None, wait: float, check: int | None) -> Pulled:
         # ``after`` acknowledges the previous change, so this replica needs one round trip per
         # change; replicas of the seeds acknowledge with /delete-replication-key instead.
-        target = (
-            f"/next-replication-key?replica={self.replica}&after={after}"
-            f"&history={history or ''}&wait_ms={int(wait * 1000)}"
-        )
-        if check is not None:
-            target += f"&check={check}"
+        target = self.poll_target("/next-replication-key", after, history, wait, check)
         response = self.fetch(target, timeout=wait + self.timeout)
         if response.status == 410:
             raise ResyncNeeded("the leader no longer has this replica's next change")
@@ -181,25 +172,24 @@ class QueueSource(HttpSource):
         return Pulled(doc["History"], doc["Last"], doc["LastMs"], entries)
 
 
+def routes(node) -> list[tuple[str, Any]]:
+    """The seeds' two endpoints, sharing the replicas' cursors."""
+    cursors = Cursors()
+    return [
+        ("/next-replication-key", NextKeyResource(node, cursors)),
+        ("/delete-replication-key", DeleteKeyResource(node, cursors)),
+    ]
+
+
 SPEC = TransportSpec(
     name="queue",
     leader=LeaderRole,
     follower=lambda node: Follower(node, QueueSource(node)),
     description="the Go seeds' protocol, one change per round trip; per-replica, binary-safe",
+    routes=routes,
 )
 
 
 @hookimpl
 def distribkv_replication_transports() -> list[TransportSpec]:
     return [SPEC]
-
-
-@hookimpl
-def distribkv_routes(node) -> list[tuple[str, Any]]:
-    if node.config.cluster.replication != "queue":
-        return []
-    cursors = Cursors()
-    return [
-        ("/next-replication-key", NextKeyResource(node, cursors)),
-        ("/delete-replication-key", DeleteKeyResource(node, cursors)),
-    ]

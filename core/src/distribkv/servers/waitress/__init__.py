@@ -24,7 +24,7 @@ from distribkv.servers.waitress.channel import InlineDispatcher, answer_pipe_cla
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SPEC", "TESTED_WAITRESS", "WaitressHandle"]
+__all__ = ["TESTED_WAITRESS", "WaitressHandle"]
 
 #: The waitress releases the node's subclasses were tested against (see ``channel``).
 TESTED_WAITRESS = "3.0"
@@ -163,15 +163,14 @@ def _never(method: str, path: str, query: str) -> bool:
     return False
 
 
-SPEC = ServerSpec(
-    name="waitress",
-    create=WaitressHandle,
-    description="waitress: pure-Python threaded WSGI server (explicit bind, limits, drain,"
-    " deferred answers)",
-    deferred=True,
-)
-
-
 @hookimpl
 def distribkv_http_servers() -> list[ServerSpec]:
-    return [SPEC]
+    return [
+        ServerSpec(
+            "waitress",
+            WaitressHandle,
+            "waitress: pure-Python threaded WSGI server (explicit bind, limits, drain,"
+            " deferred answers)",
+            deferred=True,
+        )
+    ]

@@ -61,6 +61,10 @@ def channel_class(body_check: BodyCheck | None = None):
             return status_line(status), headers, body
 
     class NodeParser(HTTPRequestParser):
+        # waitress's own attributes, set by its parser.
+        error: Error | None
+        expect_continue: bool
+
         def received(self, data):
             headers_were_in = self.headers_finished
             consumed = super().received(data)
@@ -102,6 +106,7 @@ def channel_class(body_check: BodyCheck | None = None):
             super().execute()
 
     class NodeTask(WSGITask):
+        wrote_header: bool  # waitress's own
         completion: _DeferredAnswer | None = None
         answering = False  # writing the deferred answer (the application's own is ignored)
 

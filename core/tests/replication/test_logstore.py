@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from distribkv.plugins import load_plugins
 from distribkv.replication.logstore import LogStore
 from distribkv.replication.records import (
     APPLIED,
@@ -16,16 +15,8 @@ from distribkv.replication.records import (
 )
 from distribkv.storage.api import Delete, Namespace, Put
 from distribkv.storage.errors import StorageFullError
-from distribkv.storage.store import open_store
 
 DATA, LOG, META = Namespace.DATA, Namespace.LOG, Namespace.META
-
-
-@pytest.fixture
-def store(tmp_path):
-    store = open_store(load_plugins().storage_backend("memory"), tmp_path)
-    yield store
-    store.close()
 
 
 def put(key: bytes, value: bytes) -> Put:

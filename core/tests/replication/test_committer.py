@@ -7,21 +7,12 @@ import time
 
 import pytest
 
-from distribkv.plugins import load_plugins
 from distribkv.replication.committer import GroupCommitter
 from distribkv.replication.logstore import LogStore
 from distribkv.storage.api import Namespace, Put
 from distribkv.storage.errors import InvalidKeyError
-from distribkv.storage.store import open_store
 
 DATA, LOG, META = Namespace.DATA, Namespace.LOG, Namespace.META
-
-
-@pytest.fixture
-def store(tmp_path):
-    store = open_store(load_plugins().storage_backend("memory"), tmp_path)
-    yield store
-    store.close()
 
 
 def put(key: bytes, value: bytes) -> Put:
