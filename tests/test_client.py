@@ -199,3 +199,26 @@ def test_the_command_line_uses_the_client(ring_cluster):
     # Arguments that are not UTF-8 are taken as the exact bytes given.
     assert run("set", b"raw \xff key", b"raw \xfe value", "--node", node_a).returncode == 0
     assert run("get", b"raw \xff key", "--node", node_b).stdout == b"raw \xfe value"
+
+
+def test_an_address_that_is_not_a_node_is_a_clear_client_error():
+    from distribkv.client import NotANode
+
+    other = _StubNode("127.0.0.118", (200, b"hello"))
+    try:
+        # Its /cluster answer is not a shard map.
+        other.description = {"hello": "world"}
+        with pytest.raises(NotANode, match=r"not with a distribkv shard map.*node\?"):
+            Client([other.address])
+        # A server that publishes a map but answers a batch with something no node sends.
+        registry = load_plugins()
+        shard_map = ShardMap(
+            [ShardInfo(0, "shard-0", other.address, (), 1.0)], registry.hashing_scheme("modulo"), {}
+        )
+        other.description = shard_map.describe()
+        other.answer = (200, b"\x93\x01\x02\x03 trailing bytes")
+        with Client([other.address], registry=registry) as client:
+            with pytest.raises(NotANode, match="not a node's"):
+                client.get_many([b"a", b"b"])
+    finally:
+        other.shutdown()

@@ -6,6 +6,7 @@ import http.client
 import io
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -713,3 +714,46 @@ def test_a_direct_write_is_left_to_the_application_where_it_is_not_deferred(tmp_
     app = create_app(node)
     assert app.direct("PUT", "/set", OWN, {}.get, b"v", Completions().defer) is None
     node.close()
+
+
+def _status_line(port: int, raw: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(raw)
+        return sock.makefile("rb").readline().strip()
+
+
+def test_every_413_of_a_waitress_node_has_the_same_status_line(tmp_path):
+    node = open_node(tmp_path, max_value_size=8)
+    app = create_app(node)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    listen = Listen(
+        "127.0.0.1", port, max_request_body_size=64, body_check=app.kv.limits.body_check
+    )
+    handle = WaitressHandle(app, listen)
+    runner = threading.Thread(target=handle.run)
+    runner.start()
+    try:
+        lines = {
+            # Refused by its Content-Length before the body is sent (100 Continue awaited).
+            "early": _status_line(
+                port,
+                b"PUT /set?key=USA HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                b"Content-Length: 9\r\n\r\n",
+            ),
+            # Refused by the application: the value is in the query.
+            "application": _status_line(
+                port, b"GET /set?key=USA&value=123456789 HTTP/1.1\r\nHost: x\r\n\r\n"
+            ),
+            # Refused by waitress itself: over max_request_body_size.
+            "server": _status_line(
+                port, b"PUT /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 65\r\n\r\n" + b"x" * 65
+            ),
+        }
+    finally:
+        handle.stop()
+        runner.join(timeout=15)
+        app.close()
+        node.close()
+    assert set(lines.values()) == {b"HTTP/1.1 413 Content Too Large"}, lines
