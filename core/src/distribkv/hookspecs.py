@@ -8,6 +8,8 @@ rejects duplicate names and picks the one ``sharding.toml`` names.
 Hooks are called at start-up only, never per request or per key: resolve factories once, then
 call plain objects. The core always calls hooks with keyword arguments, so a spec may gain
 arguments later without breaking existing plugins.
+
+The plugin guide, docs/plugins.md, has a section with a runnable example for each hook.
 """
 
 from __future__ import annotations
