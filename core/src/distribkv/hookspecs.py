@@ -88,4 +88,5 @@ def distribkv_node_started(node: NodeView) -> None:
 
 @hookspec
 def distribkv_node_stopping(node: NodeView) -> None:
-    """Called once when ``node`` stops serving, before its storage is closed."""
+    """Called once when ``node`` stops serving, before its storage is closed; only for a node
+    whose ``distribkv_node_started`` call was made (not when start-up failed before it)."""

@@ -63,9 +63,11 @@ def serve(node: Node, registry: PluginRegistry, *, announce=print) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     hooks = registry.manager.hook
+    started = False
     try:
         node.start_replication()
         hooks.distribkv_node_started.call_historic(kwargs={"node": node})
+        started = True
         announce(
             f"node {node.name} ({node.role}, {node.backend_name}) serving on"
             f" http://{node.address} with {spec.name}",
@@ -73,7 +75,8 @@ def serve(node: Node, registry: PluginRegistry, *, announce=print) -> int:
         handle.run()
     finally:
         try:
-            hooks.distribkv_node_stopping(node=node)
+            if started:  # the plugins were told it started: tell them it stops
+                hooks.distribkv_node_stopping(node=node)
         finally:
             node.stop_replication(timeout=server.drain_timeout)
             app.close()
