@@ -178,9 +178,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     config = load_config(args.config, registry)
     _refuse_exposed_nodes(config)
     log_dir = Path(args.log_dir) if args.log_dir else None
-    return run_launcher(
-        Launcher(config, log_dir=log_dir), lambda rows: print(_table(rows, indent=""))
-    )
+    return run_launcher(Launcher(config, log_dir=log_dir), lambda rows: _table(rows, indent=""))
 
 
 def _node_address(args: argparse.Namespace) -> str:
