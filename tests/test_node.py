@@ -337,11 +337,30 @@ def test_batch_in_msgpack_and_json(redirect_cluster):
     )
     assert response.status == 200
     assert json.loads(response.body)["results"][0] == base64.b64encode(b"\x00v" + keys[0]).decode()
-    # One batch for two shards is refused.
+    # In JSON without base64, a stored value that is not UTF-8 comes back as {"base64": ...}.
+    text_keys = [
+        k for k in (f"batch-text-{i}" for i in range(40)) if owner_index(k.encode(), 2) == 0
+    ]
+    ops = [["set", text_keys[0], b"\xff\xfe"], ["set", text_keys[1], "caf\u00e9".encode()]]
+    response = call(
+        nodes[0],
+        "POST",
+        "/batch",
+        body=msgpack.packb({"ops": ops}),
+        headers={"Content-Type": "application/msgpack"},
+    )
+    assert response.status == 200, response
+    gets = {"ops": [["get", text_keys[0]], ["get", text_keys[1]], ["get", text_keys[2]]]}
+    response = call(nodes[0], "POST", "/batch", body=json.dumps(gets).encode(), follow=1)
+    assert response.status == 200, response
+    assert json.loads(response.body)["results"] == [{"base64": "//4="}, "caf\u00e9", None]
+    # One batch for two shards is refused, naming the owners.
     mixed = {"ops": [["get", "USA"], ["get", "Soviet"]]}
     response = call(nodes[0], "POST", "/batch", body=json.dumps(mixed).encode())
     assert response.status == 421
-    assert json.loads(response.body)["owners"] == ["shard-0", "shard-1"]
+    doc = json.loads(response.body)
+    assert doc["error"] == "batch spans shards"
+    assert doc["owners"] == ["shard-0", "shard-1"]
 
 
 def test_each_request_writes_one_access_log_line(redirect_cluster):
