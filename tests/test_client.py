@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
 import random
+import select
 import subprocess
 import sys
 import threading
+import time
+import tty
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -222,3 +227,74 @@ def test_an_address_that_is_not_a_node_is_a_clear_client_error():
                 client.get_many([b"a", b"b"])
     finally:
         other.shutdown()
+
+
+def run_on_a_terminal(args: list[str], timeout: float = 60.0) -> tuple[int, bytes]:
+    """Run ``python -m distribkv ARGS`` with its standard output on a pseudo-terminal; return
+    its exit status and every byte that reached the terminal. The terminal is raw (no
+    newline translation), so the bytes are exactly what the command wrote."""
+    master, slave = pty.openpty()
+    tty.setraw(slave)
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "distribkv", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=slave,
+            stderr=subprocess.PIPE,
+        )
+    finally:
+        os.close(slave)
+    received = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if not ready:
+                if process.poll() is not None:
+                    break
+                continue
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the command exited and closed the terminal
+                break
+            if not chunk:
+                break
+            received += chunk
+        else:
+            process.kill()
+            raise AssertionError(f"{args} did not finish within {timeout}s: {received!r}")
+        process.wait(timeout=timeout)
+    finally:
+        os.close(master)
+        process.stderr.close()
+    return process.returncode, received
+
+
+def test_get_adds_a_newline_on_a_terminal_only(ring_cluster):
+    node = ring_cluster.address("shard-1")
+    with Client([node]) as client:
+        client.set(b"tty key", b"tty value")
+        client.set(b"tty bytes", b"\x00\xff no newline")
+    # On a terminal the prompt comes back on a line of its own, as with redis-cli.
+    assert run_on_a_terminal(["get", "tty key", "--node", node]) == (0, b"tty value\n")
+    assert run_on_a_terminal(["get", "tty bytes", "--node", node]) == (
+        0,
+        b"\x00\xff no newline\n",
+    )
+    assert run_on_a_terminal(["get", "--hex", "747479206b6579", "--node", node])[1] == (
+        b"7474792076616c7565\n"
+    )
+    # A pipe gets the value exactly as stored, with nothing added (see `get --help`).
+    piped = subprocess.run(
+        [sys.executable, "-m", "distribkv", "get", "tty bytes", "--node", node],
+        capture_output=True,
+        timeout=60,
+    )
+    assert (piped.returncode, piped.stdout) == (0, b"\x00\xff no newline")
+    help_text = subprocess.run(
+        [sys.executable, "-m", "distribkv", "get", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    assert "On a terminal the value is followed by a newline" in " ".join(help_text.split())

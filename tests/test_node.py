@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -335,11 +337,30 @@ def test_batch_in_msgpack_and_json(redirect_cluster):
     )
     assert response.status == 200
     assert json.loads(response.body)["results"][0] == base64.b64encode(b"\x00v" + keys[0]).decode()
-    # One batch for two shards is refused.
+    # In JSON without base64, a stored value that is not UTF-8 comes back as {"base64": ...}.
+    text_keys = [
+        k for k in (f"batch-text-{i}" for i in range(40)) if owner_index(k.encode(), 2) == 0
+    ]
+    ops = [["set", text_keys[0], b"\xff\xfe"], ["set", text_keys[1], "caf\u00e9".encode()]]
+    response = call(
+        nodes[0],
+        "POST",
+        "/batch",
+        body=msgpack.packb({"ops": ops}),
+        headers={"Content-Type": "application/msgpack"},
+    )
+    assert response.status == 200, response
+    gets = {"ops": [["get", text_keys[0]], ["get", text_keys[1]], ["get", text_keys[2]]]}
+    response = call(nodes[0], "POST", "/batch", body=json.dumps(gets).encode(), follow=1)
+    assert response.status == 200, response
+    assert json.loads(response.body)["results"] == [{"base64": "//4="}, "caf\u00e9", None]
+    # One batch for two shards is refused, naming the owners.
     mixed = {"ops": [["get", "USA"], ["get", "Soviet"]]}
     response = call(nodes[0], "POST", "/batch", body=json.dumps(mixed).encode())
     assert response.status == 421
-    assert json.loads(response.body)["owners"] == ["shard-0", "shard-1"]
+    doc = json.loads(response.body)
+    assert doc["error"] == "batch spans shards"
+    assert doc["owners"] == ["shard-0", "shard-1"]
 
 
 def test_each_request_writes_one_access_log_line(redirect_cluster):
@@ -412,6 +433,57 @@ def test_ctrl_c_on_launch_stops_every_node(tmp_path, backend_name):
     assert cluster.stop() == 0
     assert [pid for pid in pids if alive(pid)] == []
     assert "all nodes stopped" in "".join(cluster.output)
+
+
+def test_launch_writes_its_table_to_a_file_while_it_runs(tmp_path, backend_name):
+    """Output to a file is not held back until exit: the table of nodes and PIDs is in the
+    file as soon as the nodes answer, and so is each later line."""
+    config = write_config(tmp_path, shards=2, replicas={1: 1}, backend=backend_name, hosts_from=40)
+    out_path, err_path = tmp_path / "launch.out", tmp_path / "launch.err"
+    # Python's own default for a file: block-buffered (PYTHONUNBUFFERED would hide that).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "distribkv", "launch", "--config", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            cwd=tmp_path,
+            env=env,
+        )
+
+    def lines() -> list[str]:
+        assert launcher.poll() is None, err_path.read_text()
+        return out_path.read_text().splitlines()
+
+    try:
+        # The header and a row per node, while the launcher runs.
+        wait_until(lambda: len(lines()) >= 4, 60, message="the table in the output file")
+        wait_until(lambda: "all nodes are up; Ctrl-C stops them" in lines(), 10)
+        header = lines()[0].split()
+        assert header == ["SHARD", "ROLE", "ADDRESS", "BACKEND", "PID", "LOG"]
+        rows = [dict(zip(header, line.split(), strict=True)) for line in lines()[1:4]]
+        assert [(r["SHARD"], r["ROLE"]) for r in rows] == [
+            ("shard-0", "leader"),
+            ("shard-1", "leader"),
+            ("shard-1", "replica-0"),
+        ]
+        pids = [int(r["PID"]) for r in rows]
+        assert all(alive(pid) for pid in pids)
+        for row in rows:
+            assert call(row["ADDRESS"], "GET", "/healthz").status == 200
+        launcher.send_signal(signal.SIGINT)
+        assert launcher.wait(timeout=60) == 0, err_path.read_text()
+    finally:
+        if launcher.poll() is None:  # a failed check: the launcher stops its nodes itself
+            launcher.send_signal(signal.SIGINT)
+            try:
+                launcher.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                launcher.kill()
+                launcher.wait(timeout=30)
+    assert out_path.read_text().splitlines()[-2:] == ["stopping all nodes ...", "all nodes stopped"]
+    assert [pid for pid in pids if alive(pid)] == []
 
 
 @pytest.mark.parametrize(

@@ -25,12 +25,14 @@ PRELOAD = 3000
 COPY_RATE = 500  # keys per second: about 2 s of copying for the ~1,000 keys that move
 
 
-def layouts(tmp_path, backend, *, hosts_from, source_hashing, target_hashing, add_shard):
+def layouts(
+    tmp_path, backend, *, hosts_from, source_hashing, target_hashing, add_shard, replicas=None
+):
     """The old and the new cluster file (same addresses; the new one may add shard-2)."""
     big = write_config(
         tmp_path,
         shards=3,
-        replicas={0: 1},
+        replicas=replicas or {0: 1},
         backend=backend,
         hashing=source_hashing,
         hosts_from=hosts_from,
@@ -376,6 +378,55 @@ def test_a_fenced_move_can_be_aborted_and_rerun(tmp_path, backend_name):
         with Client([seed]) as client:
             assert client.get_many(keys) == {k: b"after abort" for k in keys}
             assert len(client.map.shards) == 3
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def test_a_new_shard_publishes_the_old_map_from_the_first_step_until_the_commit(
+    tmp_path, backend_name
+):
+    source, target = layouts(
+        tmp_path,
+        backend_name,
+        hosts_from=230,
+        source_hashing="ring",
+        target_hashing="ring",
+        add_shard=True,
+        replicas={0: 1, 2: 1},
+    )
+    nodes, new_config = start_nodes(source, target)
+
+    def published(address: str) -> tuple[str, int]:
+        doc = json.loads(call(address, "GET", "/cluster").body)
+        status = json.loads(call(address, "GET", "/status").body)
+        assert status["fingerprint"] == doc["fingerprint"]
+        return doc["fingerprint"], len(doc["shards"])
+
+    try:
+        old_node = str(new_config.shards[0].address)
+        new_nodes = [str(new_config.shards[2].address), *map(str, new_config.shards[2].replicas)]
+        assert len(new_nodes) == 2
+        old_fp, old_count = published(old_node)
+        # Before any step of a reshard, a new shard's nodes know nothing but their own file:
+        # they publish the new map (a dry run changes nothing on any node).
+        with Client([old_node]) as client:
+            client.set_many({b"k%d" % i: b"v%d" % i for i in range(300)})
+        assert reshard(source, target, "--dry-run").returncode == 0
+        new_fp, new_count = published(new_nodes[0])
+        assert (old_count, new_count) == (2, 3) and old_fp != new_fp
+        assert published(new_nodes[1]) == (new_fp, 3)
+        # From the reshard's first step (copy) on, they publish the old map as every other
+        # node does, also when the reshard process dies there.
+        killed = reshard(source, target, kill_at="copy")
+        assert killed.returncode == -9, killed.stderr
+        for node in new_config.nodes():
+            assert published(str(node.address)) == (old_fp, 2), node
+        # The commit switches every node to the new map.
+        done = reshard(source, target)
+        assert done.returncode == 0, done.stderr
+        for node in new_config.nodes():
+            assert published(str(node.address)) == (new_fp, 3), node
     finally:
         for node in nodes:
             node.stop()

@@ -94,30 +94,45 @@ TWO = shard("a", 0, "127.0.0.2:1") + shard("b", 1, "127.0.0.3:1")
 BAD = {
     "duplicate idx": (
         shard("a", 0, "127.0.0.2:1") + shard("b", 0, "127.0.0.3:1"),
-        "[[shards]] ('b') key 'idx': duplicate idx 0",
+        "[[shards]] entry 2 ('b') key 'idx': duplicate idx 0 (also used by entry 1 ('a'))",
     ),
     "gap in idx": (
         shard("a", 0, "127.0.0.2:1") + shard("b", 2, "127.0.0.3:1"),
-        "key 'idx': indexes must be 0..1 with no gap ('b' has idx 2; missing idx [1])",
+        "[[shards]] key 'idx': indexes must be 0..1 with no gap"
+        " (entry 2 ('b') has idx 2; missing idx [1])",
     ),
     "duplicate name": (
         shard("a", 0, "127.0.0.2:1") + shard("a", 1, "127.0.0.3:1"),
-        "[[shards]] entry 2 key 'name': duplicate name 'a'",
+        "[[shards]] entry 2 ('a') key 'name': duplicate name 'a' (also the name of entry 1 ('a'))",
     ),
     "duplicate address": (
         shard("a", 0, "127.0.0.2:1") + shard("b", 1, "127.0.0.2:1"),
-        "key 'address': duplicate address 127.0.0.2:1",
+        "[[shards]] entry 2 ('b') key 'address': duplicate address 127.0.0.2:1"
+        " (also the 'address' of entry 1 ('a'))",
     ),
     "replica reuses an address": (
         shard("a", 0, "127.0.0.2:1", 'replica = "127.0.0.2:1"'),
-        "key 'replica': duplicate address 127.0.0.2:1",
+        "[[shards]] entry 1 ('a') key 'replica': duplicate address 127.0.0.2:1"
+        " (also the 'address' of entry 1 ('a'))",
     ),
     "malformed address": (shard("a", 0, "127.0.0.2"), "key 'address': malformed address"),
+    "malformed address in a later entry": (
+        shard("a", 0, "127.0.0.2:1") + shard("b", 1, "127.0.0.3"),
+        "[[shards]] entry 2 ('b') key 'address': malformed address '127.0.0.3'",
+    ),
+    "entry without a name": (
+        '[[shards]]\nidx = 0\naddress = "127.0.0.2:1"\n',
+        "[[shards]] entry 1 key 'name': needs a name",
+    ),
+    "entry that is not a table": (
+        'shards = [1]\n[storage]\nbackend = "memory"\n',
+        "[[shards]] entry 1: must be a table, got int",
+    ),
     "port out of range": (shard("a", 0, "127.0.0.2:70000"), "malformed address"),
     "bad host": (shard("a", 0, "bad host!:80"), "malformed host"),
     "unknown shard key": (
         shard("a", 0, "127.0.0.2:1", "colour = 1"),
-        "[[shards]] #1 ('a') key 'colour': unknown key",
+        "[[shards]] entry 1 ('a') key 'colour': unknown key",
     ),
     "unknown cluster key": (
         "[cluster]\nhashin = 'ring'\n" + TWO,

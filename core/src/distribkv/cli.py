@@ -16,6 +16,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = "sharding.toml"
 
+#: What ``distribkv get`` writes, as its help says it.
+GET_OUTPUT = (
+    "On a terminal the value is followed by a newline, as redis-cli prints it. To a pipe or a "
+    "file it is written exactly as stored, with nothing added, so 'distribkv get KEY > FILE' "
+    "saves the value byte for byte. With --hex the value is printed in hexadecimal and a "
+    "newline, wherever it goes."
+)
+
 KIND_TITLES = {
     "storage": "storage backends",
     "hashing": "hashing schemes",
@@ -170,9 +178,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     config = load_config(args.config, registry)
     _refuse_exposed_nodes(config)
     log_dir = Path(args.log_dir) if args.log_dir else None
-    return run_launcher(
-        Launcher(config, log_dir=log_dir), lambda rows: print(_table(rows, indent=""))
-    )
+    return run_launcher(Launcher(config, log_dir=log_dir), lambda rows: _table(rows, indent=""))
 
 
 def _node_address(args: argparse.Namespace) -> str:
@@ -211,12 +217,17 @@ def cmd_kv(args: argparse.Namespace) -> int:
                 if value is None:
                     print(f"distribkv: {args.key!r} is not set", file=sys.stderr)
                     return 1
+                out = sys.stdout.buffer
                 if args.hex:
-                    print(value.hex())
+                    out.write(value.hex().encode() + b"\n")
                 else:
-                    sys.stdout.buffer.write(value)
+                    out.write(value)
+                    # As redis-cli does, a terminal gets a newline after the value, so the
+                    # prompt starts on a line of its own; a pipe or a file gets exactly the
+                    # stored bytes (GET_OUTPUT says so in ``get --help``).
                     if sys.stdout.isatty():
-                        sys.stdout.write("\n")
+                        out.write(b"\n")
+                out.flush()
             elif args.command == "set":
                 client.set(key, sys.stdin.buffer.read() if args.value == "-" else given)
             else:
@@ -392,17 +403,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reshard.set_defaults(func=cmd_reshard)
 
-    for name, summary in (
-        ("get", "print the value of KEY (exit status 1 if absent)"),
-        ("set", "store VALUE under KEY ('-' reads the value from standard input)"),
-        ("delete", "delete KEY"),
+    for name, summary, more in (
+        ("get", "print the value of KEY (exit status 1 if absent)", " " + GET_OUTPUT),
+        ("set", "store VALUE under KEY ('-' reads the value from standard input)", ""),
+        ("delete", "delete KEY", ""),
     ):
         kv = sub.add_parser(
             name,
             help=summary,
             description=(
                 f"{summary[0].upper()}{summary[1:]}. Any node answers for any key: a wrong-shard "
-                "node redirects (followed here) or forwards the request."
+                f"node redirects (followed here) or forwards the request.{more}"
             ),
         )
         kv.add_argument("key", metavar="KEY")

@@ -342,11 +342,15 @@ def parse_config(text: str, path: Path) -> Config:
     return Config(path, cluster, storage, tuple(sorted(shards, key=lambda s: s.idx)), server)
 
 
+def _shard_entry(position: int, name: Any = None) -> str:
+    """How every message names a ``[[shards]]`` entry: its place in the file (from 1), and
+    its name when it has one: ``entry 2 ('shard-1')``."""
+    return f"entry {position} ({name!r})" if isinstance(name, str) else f"entry {position}"
+
+
 def _parse_shard(path: Path, position: int, entry: Any) -> ShardConfig:
-    label = f"[[shards]] #{position}"
-    if isinstance(entry, dict) and isinstance(entry.get("name"), str):
-        label += f" ({entry['name']!r})"
-    table = _Table(path, label, entry)
+    given = entry.get("name") if isinstance(entry, dict) else None
+    table = _Table(path, f"[[shards]] {_shard_entry(position, given)}", entry)
     name = table.get("name", str, None)
     if not name or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", name):
         raise table.error("name", f"needs a name of letters, digits, '_', '.', '-'; got {name!r}")
@@ -375,37 +379,40 @@ def _parse_shard(path: Path, position: int, entry: Any) -> ShardConfig:
 
 
 def _check_layout(path: Path, shards: list[ShardConfig]) -> None:
+    """``shards`` in the order of the file."""
     seen_idx: dict[int, str] = {}
-    seen_names: set[str] = set()
+    seen_names: dict[str, str] = {}
     seen_addresses: dict[Address, str] = {}
-    for number, shard in enumerate(shards, 1):
+    for position, shard in enumerate(shards, 1):
+        entry = _shard_entry(position, shard.name)
+        label = f"[[shards]] {entry}"
         if shard.idx in seen_idx:
             raise ConfigError(
-                f"{path}: [[shards]] ({shard.name!r}) key 'idx': duplicate idx {shard.idx}"
-                f" (also used by {seen_idx[shard.idx]!r})"
+                f"{path}: {label} key 'idx': duplicate idx {shard.idx}"
+                f" (also used by {seen_idx[shard.idx]})"
             )
-        seen_idx[shard.idx] = shard.name
+        seen_idx[shard.idx] = entry
         if shard.name in seen_names:
             raise ConfigError(
-                f"{path}: [[shards]] entry {number} key 'name': duplicate name {shard.name!r}"
-                f" (also the name of an earlier entry)"
+                f"{path}: {label} key 'name': duplicate name {shard.name!r}"
+                f" (also the name of {seen_names[shard.name]})"
             )
-        seen_names.add(shard.name)
+        seen_names[shard.name] = entry
         addresses = [("address", shard.address)]
         addresses += [(shard.replica_key, a) for a in shard.replicas]
         for key, address in addresses:
             if address in seen_addresses:
                 raise ConfigError(
-                    f"{path}: [[shards]] ({shard.name!r}) key {key!r}: duplicate address"
-                    f" {address} (also used by {seen_addresses[address]})"
+                    f"{path}: {label} key {key!r}: duplicate address {address}"
+                    f" (also {seen_addresses[address]})"
                 )
-            seen_addresses[address] = f"shard {shard.name!r}"
+            seen_addresses[address] = f"the {key!r} of {entry}"
     expected = set(range(len(shards)))
     if set(seen_idx) != expected:
         missing = sorted(expected - set(seen_idx))
         extra = sorted(set(seen_idx) - expected)
         if extra:
-            owners = ", ".join(f"{seen_idx[idx]!r} has idx {idx}" for idx in extra)
+            owners = ", ".join(f"{seen_idx[idx]} has idx {idx}" for idx in extra)
             detail = f"{owners}; missing idx {missing}" if missing else owners
         else:
             detail = f"missing idx {missing}"

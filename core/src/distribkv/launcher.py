@@ -205,7 +205,18 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-def run_launcher(launcher: Launcher, print_table) -> int:
+def _say(text: str, *, file=None) -> None:
+    """Print ``text`` line by line, each flushed at once: the launcher's output often goes to
+    a log file (block-buffered), where the nodes and their PIDs must show while they run."""
+    out = file or sys.stdout
+    for line in text.splitlines():
+        out.write(line + "\n")
+        out.flush()
+
+
+def run_launcher(launcher: Launcher, format_table) -> int:
+    """Start every node, print ``format_table(rows)`` once all answer, and run until a signal
+    (exit status 0) or until a node exits (1)."""
     stop_requested = []
 
     def on_signal(signum, frame):
@@ -217,18 +228,16 @@ def run_launcher(launcher: Launcher, print_table) -> int:
         try:
             launcher.wait_ready()
         except RuntimeError as exc:
-            print(f"distribkv: error: {exc}", file=sys.stderr)
+            _say(f"distribkv: error: {exc}", file=sys.stderr)
             launcher.stop()
             return 1
-        # Each line flushed: a launcher whose output goes to a file shows its nodes at once.
-        print_table(launcher.table())
-        sys.stdout.flush()
-        print("all nodes are up; Ctrl-C stops them", flush=True)
+        _say(format_table(launcher.table()))
+        _say("all nodes are up; Ctrl-C stops them")
         while not stop_requested:
             exited = launcher.first_exit()
             if exited is not None:
                 node, code, log_path = exited
-                print(
+                _say(
                     f"distribkv: error: node {node.shard.name}/{node.node_name} exited with"
                     f" status {code}; log: {log_path}\n{_tail(log_path)}",
                     file=sys.stderr,
@@ -236,9 +245,9 @@ def run_launcher(launcher: Launcher, print_table) -> int:
                 launcher.stop()
                 return 1
             time.sleep(0.2)
-        print("stopping all nodes ...", flush=True)
+        _say("stopping all nodes ...")
         launcher.stop()
-        print("all nodes stopped", flush=True)
+        _say("all nodes stopped")
         return 0
     finally:
         if launcher.children and any(c.poll() is None for _, c, _ in launcher.children):
