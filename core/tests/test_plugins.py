@@ -161,3 +161,17 @@ def test_hooks_are_called_through_pluggy_so_its_tracing_shows_them():
     lines.clear()
     registry.manager.hook.distribkv_node_stopping(node=None)
     assert "distribkv_node_stopping" in "".join(lines)
+
+
+def test_the_client_loads_no_web_framework_and_no_server():
+    # A program that only talks to a cluster imports the client and nothing of the node's
+    # serving side: no Falcon, no waitress.
+    code = (
+        "import sys, distribkv.client, distribkv.httpclient\n"
+        "loaded = sorted(m for m in ('falcon', 'waitress', 'granian') if m in sys.modules)\n"
+        "print(','.join(loaded))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == ""
