@@ -169,6 +169,7 @@ SPEC = ServerSpec(
     description="waitress: pure-Python threaded WSGI server (explicit bind, limits, drain,"
     " deferred answers)",
     deferred=True,
+    inline=True,
 )
 
 
