@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import pytest
 
@@ -127,5 +128,23 @@ def test_a_promoted_replica_continues_the_history_without_gaps(tmp_path, hosts, 
             # A replica counts an entry as applied just after its data lands.
             wait_until(lambda: status()["applied_seq"] == after["last_seq"], timeout=10)
             assert status()["resyncs"] == 0
+    finally:
+        shard.stop_all()
+
+
+def test_a_leader_stops_at_once_while_its_replicas_poll(tmp_path, hosts, backend_name):
+    """A replica waits for new entries in a long-poll (2 s) and polls again as soon as it has
+    its answer: a stopping leader answers the polls at once (503 to the later ones) instead
+    of draining behind them."""
+    shard = Shard(tmp_path, hosts, backend_name, "log", replicas=2).start_all()
+    try:
+        batch(shard.leader_address, [["set", b"k%d" % i, b"v"] for i in range(10)])
+        shard.converged(timeout=10)
+        started = time.monotonic()
+        assert shard.leader.stop() == 0
+        seconds = time.monotonic() - started
+        assert seconds < 1.5, f"the leader took {seconds:.1f}s to stop"
+        log = shard.leader.log_path.read_text()
+        assert "requests still running" not in log, log[-2000:]
     finally:
         shard.stop_all()

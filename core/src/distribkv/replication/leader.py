@@ -101,6 +101,13 @@ def leader_log_of(node) -> LeaderLog:
     return node.leader_log
 
 
+def refuse_if_stopping(node) -> None:
+    """503 for a replica's poll that reaches a stopping leader (the replica retries with
+    backoff): it would otherwise hold up the leader's drain."""
+    if node.leader_log.log.stopping:
+        raise ApiError(falcon.HTTP_503, "stopping", f"{node.name} is stopping; replication pauses")
+
+
 class LeaderRole(ReplicationRole):
     """The leader side every transport shares: trims the log in the background."""
 

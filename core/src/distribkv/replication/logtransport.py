@@ -25,7 +25,7 @@ from distribkv.http.params import query_params
 from distribkv.protocol import MSGPACK
 from distribkv.replication.api import TransportSpec
 from distribkv.replication.follower import Diverged, Follower, Pulled, ResyncNeeded
-from distribkv.replication.leader import LeaderLog, LeaderRole, leader_log_of
+from distribkv.replication.leader import LeaderLog, LeaderRole, leader_log_of, refuse_if_stopping
 from distribkv.replication.source import HttpSource
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class PullResource:
         require_token(self.node, req)
         leader = leader_log_of(self.node)
         log_store = leader.log
+        refuse_if_stopping(self.node)
         params = query_params(req)
         after = _int(params, "after")
         replica = params.get("replica", b"").decode("utf-8", "replace") or req.remote_addr

@@ -29,7 +29,7 @@ from distribkv.replication.follower import (
     Pulled,
     ResyncNeeded,
 )
-from distribkv.replication.leader import LeaderLog, LeaderRole, leader_log_of
+from distribkv.replication.leader import LeaderLog, LeaderRole, leader_log_of, refuse_if_stopping
 from distribkv.replication.records import OP_PUT
 from distribkv.replication.source import HttpSource
 
@@ -76,6 +76,7 @@ class _QueueResource:
 class NextKeyResource(_QueueResource):
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         leader, params, replica = self._request(req)
+        refuse_if_stopping(self.node)
         log_store = leader.log
         history = params.get("history", b"").decode("ascii", "replace")
         try:
