@@ -145,6 +145,17 @@ class IgnoresSync(Wrapper):
         self.inner.apply(ops, sync=False)
 
 
+class HoldsGilWhileSyncing(Wrapper):
+    """Flushes as a native call that kept the GIL would: no other thread runs meanwhile."""
+
+    def apply(self, ops, *, sync):
+        self.inner.apply(ops, sync=False)
+        if sync:
+            until = time.perf_counter() + 0.002
+            while time.perf_counter() < until:  # a busy wait never lets go of the GIL
+                pass
+
+
 def _memory_spec(name: str, wrap) -> BackendSpec:
     from distribkv.storage import memory
 
@@ -184,4 +195,6 @@ def __getattr__(name: str) -> BackendSpec:
         return _real_spec("split-apply", SplitApply)
     if name == "IGNORES_SYNC":
         return _real_spec("ignores-sync", IgnoresSync)
+    if name == "HOLDS_GIL_WHILE_SYNCING":
+        return _real_spec("holds-gil-while-syncing", HoldsGilWhileSyncing)
     raise AttributeError(name)

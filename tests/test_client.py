@@ -14,10 +14,11 @@ import pytest
 from distribkv.client import Client, RequestError, ServerError, Unavailable
 from distribkv.hashing.shardmap import ShardInfo, ShardMap
 from distribkv.plugins import load_plugins
+from distribkv.testing import cluster_fixture
 from distribkv.testing.cluster import Cluster, allocate_hosts, call, wait_until, write_config
 
 
-@pytest.fixture(scope="module")
+@cluster_fixture
 def ring_cluster(tmp_path_factory, backend_name):
     with allocate_hosts() as hosts:
         path = write_config(

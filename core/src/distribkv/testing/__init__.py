@@ -122,10 +122,36 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+#: The names of the fixtures made with :func:`cluster_fixture`.
+_CLUSTER_FIXTURES: set[str] = set()
+
+
+def cluster_fixture(function: Callable[..., Any]) -> Any:
+    """A module-scoped fixture that runs a cluster the module's tests share.
+
+    Under pytest-xdist with ``--dist loadgroup`` the tests of a module that use such fixtures
+    run on one worker, which starts each cluster once, instead of once on every worker that
+    gets one of them. Without xdist it is ``pytest.fixture(scope="module")``."""
+    _CLUSTER_FIXTURES.add(function.__name__)
+    return pytest.fixture(scope="module")(function)
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    # The suites group the tests that share a module's cluster for pytest-xdist's
-    # --dist loadgroup; declared here too, so that --strict-markers passes without xdist.
+    config.addinivalue_line(
+        "markers",
+        "serial: a timing measurement that needs the machine to itself; run these apart from"
+        " parallel workers (pytest -m serial, without -n)",
+    )
+    # Declared here too, so that --strict-markers passes where xdist is not installed.
     config.addinivalue_line("markers", "xdist_group(name): run the group on one xdist worker")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _CLUSTER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            module = item.nodeid.split("::", 1)[0]
+            item.add_marker(pytest.mark.xdist_group(f"{module}-clusters"))
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -46,6 +46,7 @@ from distribkv.hashing.modulo import fnv1_64
 from distribkv.http.api import DEFER, Listen, ServerSpec
 from distribkv.http.wrapper import ServingWrapper
 from distribkv.plugins import load_plugins
+from distribkv.testing import cluster_fixture
 from distribkv.testing.cluster import (
     Cluster,
     HostRange,
@@ -513,7 +514,7 @@ def test_a_100_continue_behind_a_deferred_answer_waits_for_it(server_spec, hosts
 # --- the node on this server: real clusters ------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@cluster_fixture
 def redirect_cluster(tmp_path_factory, backend_name, server_name) -> Iterator[Cluster]:
     """Two shards (modulo), shard-0 with one read-only replica; routing = redirect."""
     with allocate_hosts() as hosts:
@@ -532,7 +533,7 @@ def redirect_cluster(tmp_path_factory, backend_name, server_name) -> Iterator[Cl
         assert not [pid for pid in cluster.pids if alive(pid)]
 
 
-@pytest.fixture(scope="module")
+@cluster_fixture
 def proxy_cluster(tmp_path_factory, backend_name, server_name) -> Iterator[Cluster]:
     """Three shards (ring), shard-1 with one replica; routing = proxy."""
     with allocate_hosts() as hosts:
