@@ -13,9 +13,11 @@ pytest-xdist worker or in another pytest run on the same machine::
         with Cluster(path) as cluster:
             assert call(cluster.address("shard-0"), "GET", "/healthz").status == 200
 
-A module-scoped fixture holds a range of its own for as long as its cluster runs::
+A module's cluster holds a range of its own for as long as it runs
+(:func:`distribkv.testing.cluster_fixture` is a module-scoped fixture whose tests pytest-xdist's
+``--dist loadgroup`` keeps on one worker)::
 
-    @pytest.fixture(scope="module")
+    @cluster_fixture
     def cluster(tmp_path_factory):
         with allocate_hosts() as hosts:
             path = write_config(tmp_path_factory.mktemp("c"), hosts=hosts)
