@@ -146,7 +146,8 @@ class IgnoresSync(Wrapper):
 
 
 class HoldsGilWhileSyncing(Wrapper):
-    """Flushes as a native call that kept the GIL would: no other thread runs meanwhile."""
+    """Flushes as a native call that kept the GIL would: no other thread runs meanwhile. (Over
+    the memory engine, which never lets go of the GIL either: a real engine's write would.)"""
 
     def apply(self, ops, *, sync):
         self.inner.apply(ops, sync=False)
@@ -165,6 +166,23 @@ def _memory_spec(name: str, wrap) -> BackendSpec:
         return wrap(MemoryEngine(Path(path)))
 
     return BackendSpec(name, open_, f"broken: {name}", memory.CAPABILITIES)
+
+
+def _synced_memory_spec(name: str, wrap) -> BackendSpec:
+    """Over the memory engine, declared persistent: only for the suite's tests of how a sync
+    behaves in the process, never for what survives a restart."""
+    import attrs
+
+    from distribkv.storage import memory
+
+    capabilities = attrs.evolve(memory.CAPABILITIES, persistent=True)
+
+    def open_(path: Path, *, durability="sync", settings=None):
+        engine = wrap(MemoryEngine(Path(path)))
+        engine.capabilities = capabilities
+        return engine
+
+    return BackendSpec(name, open_, f"broken: {name}", capabilities)
 
 
 def _real_spec(name: str, wrap) -> BackendSpec:
@@ -187,6 +205,7 @@ LIVE_SCAN = _memory_spec("live-scan", LiveScan)
 IGNORES_LIMIT = _memory_spec("ignores-limit", IgnoresLimit)
 NATIVE_ERROR_AFTER_CLOSE = _memory_spec("native-error", NativeErrorAfterClose)
 CLOSE_TWICE_FAILS = _memory_spec("close-twice-fails", CloseTwiceFails)
+HOLDS_GIL_WHILE_SYNCING = _synced_memory_spec("holds-gil-while-syncing", HoldsGilWhileSyncing)
 
 
 def __getattr__(name: str) -> BackendSpec:
@@ -195,6 +214,4 @@ def __getattr__(name: str) -> BackendSpec:
         return _real_spec("split-apply", SplitApply)
     if name == "IGNORES_SYNC":
         return _real_spec("ignores-sync", IgnoresSync)
-    if name == "HOLDS_GIL_WHILE_SYNCING":
-        return _real_spec("holds-gil-while-syncing", HoldsGilWhileSyncing)
     raise AttributeError(name)
