@@ -145,6 +145,18 @@ class IgnoresSync(Wrapper):
         self.inner.apply(ops, sync=False)
 
 
+class HoldsGilWhileSyncing(Wrapper):
+    """Flushes as a native call that kept the GIL would: no other thread runs meanwhile. (Over
+    the memory engine, which never lets go of the GIL either: a real engine's write would.)"""
+
+    def apply(self, ops, *, sync):
+        self.inner.apply(ops, sync=False)
+        if sync:
+            until = time.perf_counter() + 0.002
+            while time.perf_counter() < until:  # a busy wait never lets go of the GIL
+                pass
+
+
 def _memory_spec(name: str, wrap) -> BackendSpec:
     from distribkv.storage import memory
 
@@ -154,6 +166,23 @@ def _memory_spec(name: str, wrap) -> BackendSpec:
         return wrap(MemoryEngine(Path(path)))
 
     return BackendSpec(name, open_, f"broken: {name}", memory.CAPABILITIES)
+
+
+def _synced_memory_spec(name: str, wrap) -> BackendSpec:
+    """Over the memory engine, declared persistent: only for the suite's tests of how a sync
+    behaves in the process, never for what survives a restart."""
+    import attrs
+
+    from distribkv.storage import memory
+
+    capabilities = attrs.evolve(memory.CAPABILITIES, persistent=True)
+
+    def open_(path: Path, *, durability="sync", settings=None):
+        engine = wrap(MemoryEngine(Path(path)))
+        engine.capabilities = capabilities
+        return engine
+
+    return BackendSpec(name, open_, f"broken: {name}", capabilities)
 
 
 def _real_spec(name: str, wrap) -> BackendSpec:
@@ -176,6 +205,7 @@ LIVE_SCAN = _memory_spec("live-scan", LiveScan)
 IGNORES_LIMIT = _memory_spec("ignores-limit", IgnoresLimit)
 NATIVE_ERROR_AFTER_CLOSE = _memory_spec("native-error", NativeErrorAfterClose)
 CLOSE_TWICE_FAILS = _memory_spec("close-twice-fails", CloseTwiceFails)
+HOLDS_GIL_WHILE_SYNCING = _synced_memory_spec("holds-gil-while-syncing", HoldsGilWhileSyncing)
 
 
 def __getattr__(name: str) -> BackendSpec:

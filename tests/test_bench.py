@@ -15,6 +15,7 @@ pytest.importorskip("hdrh")
 pytest.importorskip("matplotlib")
 
 from distribkv.bench.runner import WORKLOADS, ZipfPicker, load_test
+from distribkv.testing.cluster import Cluster, call, write_config
 
 # CI installs wrk (.ci/run), so there the test always runs.
 needs_wrk = pytest.mark.skipif(
@@ -23,7 +24,9 @@ needs_wrk = pytest.mark.skipif(
 
 
 @needs_wrk
-def test_bench_measures_every_workload_with_its_ratios_and_writes_its_files(tmp_path, backend_name):
+def test_bench_measures_every_workload_with_its_ratios_and_writes_its_files(
+    tmp_path, hosts, backend_name
+):
     if backend_name == "memory":
         pytest.skip("the benchmark compares persistent backends")
     out = tmp_path / "out"
@@ -43,7 +46,7 @@ def test_bench_measures_every_workload_with_its_ratios_and_writes_its_files(tmp_
             "--load-test-keys",
             "300",
             "--host",
-            "127.0.0.210",
+            hosts.host(),
             "--out",
             str(out),
             "--work-dir",
@@ -94,7 +97,7 @@ def test_the_zipfian_picker_favours_low_ranks_and_stays_in_range():
     assert hot > 0.3
 
 
-def test_the_load_test_reports_a_node_that_loses_writes(tmp_path):
+def test_the_load_test_reports_a_node_that_loses_writes(tmp_path, hosts):
     """The load test can fail: against a server that acknowledges and forgets, it counts."""
     import http.server
     import threading
@@ -114,11 +117,12 @@ def test_the_load_test_reports_a_node_that_loses_writes(tmp_path):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.211", 0), Forgetful)
+    host = hosts.host()
+    server = http.server.ThreadingHTTPServer((host, 0), Forgetful)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        address = f"127.0.0.211:{server.server_address[1]}"
+        address = f"{host}:{server.server_address[1]}"
         result = load_test([address], keys=50, concurrency=4, timeout=5)
     finally:
         server.shutdown()
@@ -127,10 +131,8 @@ def test_the_load_test_reports_a_node_that_loses_writes(tmp_path):
 
 
 @needs_wrk
-def test_bench_measures_a_running_leader_with_keys_of_its_own_shard(tmp_path, backend_name):
-    from cluster import Cluster, call, write_config
-
-    path = write_config(tmp_path, shards=2, backend=backend_name, hashing="ring", hosts_from=212)
+def test_bench_measures_a_running_leader_with_keys_of_its_own_shard(tmp_path, hosts, backend_name):
+    path = write_config(tmp_path, hosts=hosts, shards=2, backend=backend_name, hashing="ring")
     with Cluster(path) as cluster:
         leader = cluster.address("shard-1")
         pid = int(cluster.nodes["shard-1/leader"]["PID"])
@@ -154,7 +156,7 @@ def test_bench_measures_a_running_leader_with_keys_of_its_own_shard(tmp_path, ba
                 "--load-test-keys",
                 "100",
                 "--host",
-                "127.0.0.214",
+                hosts.host(),
                 "--out",
                 str(out),
                 "--work-dir",

@@ -15,27 +15,29 @@ import tty
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from cluster import Cluster, call, wait_until, write_config
 
 from distribkv.client import Client, RequestError, ServerError, Unavailable
 from distribkv.hashing.shardmap import ShardInfo, ShardMap
 from distribkv.plugins import load_plugins
+from distribkv.testing import cluster_fixture
+from distribkv.testing.cluster import Cluster, allocate_hosts, call, wait_until, write_config
 
 
-@pytest.fixture(scope="module")
+@cluster_fixture
 def ring_cluster(tmp_path_factory, backend_name):
-    path = write_config(
-        tmp_path_factory.mktemp("client"),
-        shards=3,
-        replicas={0: 1},
-        backend=backend_name,
-        hashing="ring",
-        hosts_from=110,
-        extra="max_value_size = 1000",
-    )
-    cluster = Cluster(path).start()
-    yield cluster
-    assert cluster.stop() == 0
+    with allocate_hosts() as hosts:
+        path = write_config(
+            tmp_path_factory.mktemp("client"),
+            hosts=hosts,
+            shards=3,
+            replicas={0: 1},
+            backend=backend_name,
+            hashing="ring",
+            extra="max_value_size = 1000",
+        )
+        cluster = Cluster(path).start()
+        yield cluster
+        assert cluster.stop() == 0
 
 
 def test_with_a_current_map_no_request_needs_a_redirect(ring_cluster):
@@ -121,10 +123,10 @@ class _StubNode(ThreadingHTTPServer):
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
 
-def test_a_read_a_resyncing_replica_refuses_goes_to_the_leader():
-    leader = _StubNode("127.0.0.116", (200, b"from the leader"))
+def test_a_read_a_resyncing_replica_refuses_goes_to_the_leader(hosts):
+    leader = _StubNode(hosts.host(), (200, b"from the leader"))
     replica = _StubNode(
-        "127.0.0.117",
+        hosts.host(),
         (503, {"error": "replica resyncing", "detail": "reloading", "leader": "x"}),
     )
     try:
@@ -151,9 +153,9 @@ def test_a_read_a_resyncing_replica_refuses_goes_to_the_leader():
             stub.server_close()
 
 
-def test_after_the_map_changes_the_client_recovers_unnoticed(tmp_path, backend_name):
+def test_after_the_map_changes_the_client_recovers_unnoticed(tmp_path, hosts, backend_name):
     three = write_config(
-        tmp_path, shards=3, backend=backend_name, hosts_from=120, file_name="three.toml"
+        tmp_path, hosts=hosts, shards=3, backend=backend_name, file_name="three.toml"
     )
     text = three.read_text()
     two = tmp_path / "two.toml"

@@ -20,7 +20,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cluster import NodeProcess, write_config
+
+from distribkv.testing.cluster import NodeProcess, node_addresses, write_config
 
 pytestmark = pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
 
@@ -74,14 +75,14 @@ def audit(trace: str) -> tuple[int, int, int]:
 @pytest.mark.parametrize("server", ["waitress", "granian"])
 @pytest.mark.parametrize("durability", ["sync", "async"])
 def test_a_sync_write_is_flushed_before_it_is_acknowledged(
-    tmp_path, backend_name, server, durability
+    tmp_path, hosts, backend_name, server, durability
 ):
     if server == "granian":
         pytest.importorskip("distribkv_granian")
-    path = write_config(tmp_path, shards=1, backend=backend_name, hosts_from=210)
-    text = path.read_text().replace('durability = "async"', f'durability = "{durability}"')
-    path.write_text(text.replace("[cluster]\n", f'[cluster]\nserver = "{server}"\n', 1))
-    address = text.split('address = "')[1].split('"')[0]
+    path = write_config(
+        tmp_path, hosts=hosts, shards=1, backend=backend_name, server=server, durability=durability
+    )
+    address = node_addresses(path)["shard-0/leader"]
     trace_path = tmp_path / "strace.txt"
     node = NodeProcess(
         path,

@@ -1,249 +1,28 @@
-"""Replication over real processes: replicas converge, survive kill -9 and resync."""
+"""Replication over real processes with the core's ``log`` transport, beyond the transport
+conformance suite (distribkv.testing.replication_suite, which core/tests and plugins/queue/tests
+run on both transports): min_replicas, replicas that refuse writes, a leader back with an empty
+disk, and a replica promoted to leader."""
 
 from __future__ import annotations
 
 import json
-import random
-import threading
+import shutil
+import time
 
-import msgpack
 import pytest
-from cluster import NodeProcess, call, q, wait_until, write_config
 
-TRANSPORTS = ["log", "queue"]
-
-
-def transport_or_skip(name: str) -> None:
-    from distribkv.plugins import load_plugins
-
-    if name not in load_plugins().names("replication"):
-        pytest.skip(f"replication transport {name!r} is not installed")
+from distribkv.testing.cluster import call, wait_until
+from distribkv.testing.replication_suite import Shard, batch, digest
 
 
-def digest(address: str) -> dict:
-    return json.loads(call(address, "GET", "/digest").body)
-
-
-def batch(address: str, ops: list) -> None:
-    response = call(
-        address,
-        "POST",
-        "/batch",
-        body=msgpack.packb({"ops": ops}),
-        headers={"Content-Type": "application/msgpack"},
-    )
-    assert response.status == 200, response
-
-
-def hostile_pairs(rng: random.Random, count: int) -> list[tuple[bytes, bytes]]:
-    """Keys and values with invalid UTF-8, NUL, %, &, / and spaces."""
-    pairs = []
-    for i in range(count):
-        key = b"k%05d" % i + rng.choice([b"", b"\xff\xfe", b"\x00", b" &/%FF", b"\xc3\x28"])
-        value = rng.randbytes(rng.randint(0, 64)) + rng.choice([b"", b"\x00\xff", b"\xed\xa0\x80"])
-        pairs.append((key, value))
-    return pairs
-
-
-class Shard:
-    """One leader and its replicas as separate `distribkv serve` processes."""
-
-    def __init__(
-        self,
-        tmp_path,
-        backend: str,
-        transport: str,
-        replicas: int = 2,
-        extra: str = "",
-        hosts_from: int = 40,
-    ):
-        extra = f'replication = "{transport}"\n' + extra
-        self.config = write_config(
-            tmp_path,
-            shards=1,
-            replicas={0: replicas},
-            backend=backend,
-            hosts_from=hosts_from,
-            extra="",
-        )
-        text = self.config.read_text().replace(
-            'routing = "redirect"', f'routing = "redirect"\n{extra}'
-        )
-        self.config.write_text(text)
-        cluster = json.loads(json.dumps(_addresses(self.config)))
-        self.leader_address = cluster["leader"]
-        self.replica_addresses = cluster["replicas"]
-        self.leader = NodeProcess(self.config, "shard-0")
-        self.replicas = [NodeProcess(self.config, "shard-0", i) for i in range(replicas)]
-
-    def start_all(self) -> Shard:
-        self.leader.start(self.leader_address)
-        for node, address in zip(self.replicas, self.replica_addresses, strict=True):
-            node.start(address)
-        return self
-
-    def stop_all(self) -> None:
-        for node in [*self.replicas, self.leader]:
-            node.stop()
-
-    def converged(self, timeout: float) -> float:
-        """Seconds until every replica's digest equals the leader's."""
-        return wait_until(
-            lambda: _same_digests(self),
-            timeout,
-            interval=0.1,
-            message=f"replicas of {self.leader_address} converge",
-        )
-
-
-def _same_digests(shard: Shard) -> bool:
-    want = digest(shard.leader_address)
-    for address in shard.replica_addresses:
-        got = digest(address)
-        if (got["keys"], got["digest"]) != (want["keys"], want["digest"]):
-            return False
-    return True
-
-
-def _addresses(config) -> dict:
-    import tomllib
-
-    data = tomllib.loads(config.read_text())
-    shard = data["shards"][0]
-    return {"leader": shard["address"], "replicas": shard.get("replicas", [])}
-
-
-def write_load(
-    address: str, pairs: list[tuple[bytes, bytes]], deletes: list[bytes], *, batched: bool = True
-) -> None:
-    """Sets, then deletes: half one per request and half in batches of 50 (all one per request
-    with ``batched=False``, as the seeds' clients write)."""
-    if not batched:
-        for key, value in pairs:
-            assert call(address, "PUT", f"/set?key={q(key)}", body=value).status == 200
-        for key in deletes:
-            assert call(address, "DELETE", f"/delete?key={q(key)}").status == 200
-        return
-    half = len(pairs) // 2
-    for key, value in pairs[:half]:
-        assert call(address, "PUT", f"/set?key={q(key)}", body=value).status == 200
-    rest = pairs[half:]
-    for i in range(0, len(rest), 50):
-        batch(address, [["set", k, v] for k, v in rest[i : i + 50]])
-    for i in range(0, len(deletes), 50):
-        batch(address, [["delete", k] for k in deletes[i : i + 50]])
-
-
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_replicas_converge_to_the_leaders_digest(tmp_path, backend_name, transport):
-    transport_or_skip(transport)
-    shard = Shard(tmp_path, backend_name, transport).start_all()
-    try:
-        rng = random.Random(transport)
-        pairs = hostile_pairs(rng, 10_000)
-        deletes = [k for k, _ in rng.sample(pairs, 1000)]
-        # The queue transport moves one change per round trip: a burst of batched writes
-        # builds a backlog it needs seconds to drain, so it gets the seeds' one-key requests.
-        write_load(shard.leader_address, pairs, deletes, batched=transport == "log")
-        seconds = shard.converged(timeout=5)
-        print(f"\n{transport}: replicas converged {seconds:.2f}s after the last write")
-        want = digest(shard.leader_address)
-        assert want["keys"] == 9000
-        # Byte-exact reads from a replica, with its lag.
-        replica = shard.replica_addresses[1]
-        for key, value in rng.sample(pairs, 50):
-            response = call(replica, "GET", f"/get?key={q(key)}")
-            expected = None if key in deletes else value
-            assert response.status == (404 if expected is None else 200)
-            if expected is not None:
-                assert response.body == expected
-            assert response.headers["x-distribkv-lag-entries"] == "0"
-    finally:
-        shard.stop_all()
-
-
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_kill_9_of_a_replica_and_of_the_leader_loses_nothing(tmp_path, backend_name, transport):
-    transport_or_skip(transport)
-    if backend_name == "memory":
-        pytest.skip("the memory backend keeps nothing across a restart")
-    shard = Shard(tmp_path, backend_name, transport, hosts_from=50).start_all()
-    try:
-        rng = random.Random(7)
-        pairs = hostile_pairs(rng, 3000)
-        writer = threading.Thread(target=write_load, args=(shard.leader_address, pairs, []))
-        writer.start()
-        wait_until(lambda: digest(shard.replica_addresses[0])["keys"] > 500, timeout=30)
-        shard.replicas[0].kill9()
-        writer.join(timeout=120)
-        shard.replicas[0].start(shard.replica_addresses[0])
-        shard.converged(timeout=10)
-        before = json.loads(call(shard.leader_address, "GET", "/status").body)["replication"]
-        # The leader dies mid-load; after its restart the same history goes on, gap-free.
-        more = [(b"after-%d" % i, b"v%d\xff" % i) for i in range(500)]
-        writer = threading.Thread(target=write_load, args=(shard.leader_address, more[:250], []))
-        writer.start()
-        writer.join(timeout=120)
-        shard.leader.kill9()
-        shard.leader.start(shard.leader_address)
-        write_load(shard.leader_address, more[250:], [k for k, _ in more[:10]])
-        shard.converged(timeout=10)
-        after = json.loads(call(shard.leader_address, "GET", "/status").body)["replication"]
-        assert after["history"] == before["history"]
-        assert after["last_seq"] == before["last_seq"] + 500 + 10
-        for address, resyncs in zip(shard.replica_addresses, (0, 1), strict=True):
-            status = json.loads(call(address, "GET", "/status").body)["replication"]
-            assert status["applied_seq"] == after["last_seq"]
-            # The killed replica resumed from its applied seq; the other one resynced only
-            # once, when it first started empty.
-            assert status["resyncs"] == resyncs, status
-    finally:
-        shard.stop_all()
-
-
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_an_empty_replica_after_a_trimmed_log_resyncs(tmp_path, backend_name, transport):
-    transport_or_skip(transport)
-    shard = Shard(
-        tmp_path, backend_name, transport, replicas=1, hosts_from=60, extra="log_retention = 1000\n"
-    )
-    shard.leader.start(shard.leader_address)
-    try:
-        pairs = hostile_pairs(random.Random(11), 10_000)
-        write_load(shard.leader_address, pairs[:2000], [])
-        for i in range(2000, 10_000, 100):
-            batch(shard.leader_address, [["set", k, v] for k, v in pairs[i : i + 100]])
-        wait_until(
-            lambda: (
-                json.loads(call(shard.leader_address, "GET", "/status").body)["replication"][
-                    "trimmed_seq"
-                ]
-                >= 9000
-            ),
-            timeout=10,
-            message="the leader trims its log to the retention",
-        )
-        shard.replicas[0].start(shard.replica_addresses[0])
-        shard.converged(timeout=30)
-
-        def replica_status():
-            return json.loads(call(shard.replica_addresses[0], "GET", "/status").body)
-
-        wait_until(lambda: replica_status()["replication"]["state"] == "following", timeout=10)
-        assert replica_status()["replication"]["resyncs"] == 1, replica_status()["replication"]
-        assert digest(shard.replica_addresses[0])["keys"] == 10_000
-    finally:
-        shard.stop_all()
-
-
-def test_min_replicas_waits_for_a_replica_and_fails_with_503(tmp_path, backend_name):
+def test_min_replicas_waits_for_a_replica_and_fails_with_503(tmp_path, hosts, backend_name):
     shard = Shard(
         tmp_path,
+        hosts,
         backend_name,
         "log",
         replicas=1,
-        hosts_from=70,
-        extra="min_replicas = 1\nmin_replicas_timeout = 1.0\n",
+        cluster_extra="min_replicas = 1\nmin_replicas_timeout = 1.0",
     ).start_all()
     try:
         assert call(shard.leader_address, "PUT", "/set?key=a", body=b"1").status == 200
@@ -262,8 +41,8 @@ def test_min_replicas_waits_for_a_replica_and_fails_with_503(tmp_path, backend_n
         shard.stop_all()
 
 
-def test_a_replica_refuses_writes_naming_its_leader(tmp_path, backend_name):
-    shard = Shard(tmp_path, backend_name, "log", replicas=1, hosts_from=80).start_all()
+def test_a_replica_refuses_writes_naming_its_leader(tmp_path, hosts, backend_name):
+    shard = Shard(tmp_path, hosts, backend_name, "log", replicas=1).start_all()
     try:
         response = call(shard.replica_addresses[0], "PUT", "/set?key=x", body=b"v")
         assert response.status == 307
@@ -281,15 +60,13 @@ def test_a_replica_refuses_writes_naming_its_leader(tmp_path, backend_name):
 
 
 def test_replicas_keep_their_data_when_the_leader_comes_back_with_an_empty_disk(
-    tmp_path, backend_name
+    tmp_path, hosts, backend_name
 ):
     """A leader that lost its disk starts a new history; its replicas hold the only copy of
     the old one, so they stop following and keep it until an operator asks for a resync."""
     if backend_name == "memory":
         pytest.skip("the memory backend keeps nothing across a restart")
-    import shutil
-
-    shard = Shard(tmp_path, backend_name, "log", replicas=1, hosts_from=90).start_all()
+    shard = Shard(tmp_path, hosts, backend_name, "log", replicas=1).start_all()
     replica = shard.replica_addresses[0]
     try:
         for i in range(0, 200, 50):
@@ -321,14 +98,12 @@ def test_replicas_keep_their_data_when_the_leader_comes_back_with_an_empty_disk(
         shard.stop_all()
 
 
-def test_a_promoted_replica_continues_the_history_without_gaps(tmp_path, backend_name):
+def test_a_promoted_replica_continues_the_history_without_gaps(tmp_path, hosts, backend_name):
     """Rebuilding a leader from its most advanced replica keeps every write the replica had,
     and the other replicas go on without a resync."""
     if backend_name == "memory":
         pytest.skip("the memory backend keeps nothing across a restart")
-    import shutil
-
-    shard = Shard(tmp_path, backend_name, "log", replicas=2, hosts_from=100).start_all()
+    shard = Shard(tmp_path, hosts, backend_name, "log", replicas=2).start_all()
     try:
         for i in range(0, 200, 50):
             batch(shard.leader_address, [["set", b"k-%d" % j, b"v"] for j in range(i, i + 50)])
@@ -353,5 +128,23 @@ def test_a_promoted_replica_continues_the_history_without_gaps(tmp_path, backend
             # A replica counts an entry as applied just after its data lands.
             wait_until(lambda: status()["applied_seq"] == after["last_seq"], timeout=10)
             assert status()["resyncs"] == 0
+    finally:
+        shard.stop_all()
+
+
+def test_a_leader_stops_at_once_while_its_replicas_poll(tmp_path, hosts, backend_name):
+    """A replica waits for new entries in a long-poll (2 s) and polls again as soon as it has
+    its answer: a stopping leader answers the polls at once (503 to the later ones) instead
+    of draining behind them."""
+    shard = Shard(tmp_path, hosts, backend_name, "log", replicas=2).start_all()
+    try:
+        batch(shard.leader_address, [["set", b"k%d" % i, b"v"] for i in range(10)])
+        shard.converged(timeout=10)
+        started = time.monotonic()
+        assert shard.leader.stop() == 0
+        seconds = time.monotonic() - started
+        assert seconds < 1.5, f"the leader took {seconds:.1f}s to stop"
+        log = shard.leader.log_path.read_text()
+        assert "requests still running" not in log, log[-2000:]
     finally:
         shard.stop_all()

@@ -12,30 +12,35 @@ import threading
 import time
 
 import pytest
-from cluster import NodeProcess, call, wait_until, write_config
 
 from distribkv.client import Client, ClientError
 from distribkv.config import load_config
 from distribkv.hashing.api import ShardSlot
 from distribkv.hashing.shardmap import ShardMap
 from distribkv.plugins import load_plugins
+from distribkv.testing.cluster import (
+    NodeProcess,
+    call,
+    node_addresses,
+    stop_all,
+    wait_until,
+    write_config,
+)
 
 WRITES_PER_SECOND = 200
 PRELOAD = 3000
 COPY_RATE = 500  # keys per second: about 2 s of copying for the ~1,000 keys that move
 
 
-def layouts(
-    tmp_path, backend, *, hosts_from, source_hashing, target_hashing, add_shard, replicas=None
-):
+def layouts(tmp_path, backend, *, hosts, source_hashing, target_hashing, add_shard, replicas=None):
     """The old and the new cluster file (same addresses; the new one may add shard-2)."""
     big = write_config(
         tmp_path,
+        hosts=hosts,
         shards=3,
         replicas=replicas or {0: 1},
         backend=backend,
         hashing=source_hashing,
-        hosts_from=hosts_from,
         file_name="full.toml",
     )
     text = big.read_text()
@@ -171,13 +176,15 @@ def start_nodes(source, target):
     """The old shards from the old file, the new shard's nodes from the new file."""
     old, new = load_config(source), load_config(target)
     nodes = []
-    for node in new.nodes():
-        in_old = any(s.name == node.shard.name for s in old.shards)
-        nodes.append(
-            NodeProcess(source if in_old else target, node.shard.name, node.replica).start(
-                str(node.address)
-            )
-        )
+    try:
+        for node in new.nodes():
+            in_old = any(s.name == node.shard.name for s in old.shards)
+            process = NodeProcess(source if in_old else target, node.shard.name, node.replica)
+            nodes.append(process)
+            process.start(str(node.address))
+    except BaseException:
+        stop_all(nodes)  # the ones that started
+        raise
     return nodes, new
 
 
@@ -185,7 +192,7 @@ def move(
     tmp_path,
     backend,
     *,
-    hosts_from,
+    hosts,
     source_hashing,
     target_hashing,
     add_shard,
@@ -195,7 +202,7 @@ def move(
     source, target = layouts(
         tmp_path,
         backend,
-        hosts_from=hosts_from,
+        hosts=hosts,
         source_hashing=source_hashing,
         target_hashing=target_hashing,
         add_shard=add_shard,
@@ -253,8 +260,7 @@ def move(
             after(nodes, source, target_fp, load.acked)
         return planned, done.stderr
     finally:
-        for node in nodes:
-            node.stop()
+        stop_all(nodes)
 
 
 def modulo_fraction(keys, old_shards, new_shards):
@@ -277,11 +283,11 @@ def restart_with_the_old_file(nodes, source, target_fp, acked):
         assert client.get_many(sample) == {k: acked[k] for k in sample}
 
 
-def test_ring_two_to_three_under_writes(tmp_path, backend_name, record_property):
+def test_ring_two_to_three_under_writes(tmp_path, hosts, backend_name, record_property):
     planned, output = move(
         tmp_path,
         backend_name,
-        hosts_from=130,
+        hosts=hosts,
         source_hashing="ring",
         target_hashing="ring",
         add_shard=True,
@@ -301,11 +307,11 @@ def test_ring_two_to_three_under_writes(tmp_path, backend_name, record_property)
 
 
 @pytest.mark.parametrize("step", ["copy", "fence", "verify", "switch", "commit", "purge"])
-def test_killed_at_any_step_a_rerun_completes(tmp_path, backend_name, step):
+def test_killed_at_any_step_a_rerun_completes(tmp_path, hosts, backend_name, step):
     move(
         tmp_path,
         backend_name,
-        hosts_from=140,
+        hosts=hosts,
         source_hashing="ring",
         target_hashing="ring",
         add_shard=True,
@@ -318,11 +324,11 @@ def test_killed_at_any_step_a_rerun_completes(tmp_path, backend_name, step):
     [("modulo", "modulo", True), ("modulo", "ring", False)],
     ids=["modulo-plus-one", "modulo-to-ring"],
 )
-def test_other_moves(tmp_path, backend_name, source_hashing, target_hashing, add_shard):
+def test_other_moves(tmp_path, hosts, backend_name, source_hashing, target_hashing, add_shard):
     planned, _ = move(
         tmp_path,
         backend_name,
-        hosts_from=150,
+        hosts=hosts,
         source_hashing=source_hashing,
         target_hashing=target_hashing,
         add_shard=add_shard,
@@ -332,11 +338,11 @@ def test_other_moves(tmp_path, backend_name, source_hashing, target_hashing, add
         assert planned["fraction"] > 0.5  # modulo moves about 2/3 of the keys
 
 
-def test_a_fenced_move_can_be_aborted_and_rerun(tmp_path, backend_name):
+def test_a_fenced_move_can_be_aborted_and_rerun(tmp_path, hosts, backend_name):
     source, target = layouts(
         tmp_path,
         backend_name,
-        hosts_from=160,
+        hosts=hosts,
         source_hashing="ring",
         target_hashing="ring",
         add_shard=True,
@@ -379,17 +385,16 @@ def test_a_fenced_move_can_be_aborted_and_rerun(tmp_path, backend_name):
             assert client.get_many(keys) == {k: b"after abort" for k in keys}
             assert len(client.map.shards) == 3
     finally:
-        for node in nodes:
-            node.stop()
+        stop_all(nodes)
 
 
 def test_a_new_shard_publishes_the_old_map_from_the_first_step_until_the_commit(
-    tmp_path, backend_name
+    tmp_path, hosts, backend_name
 ):
     source, target = layouts(
         tmp_path,
         backend_name,
-        hosts_from=230,
+        hosts=hosts,
         source_hashing="ring",
         target_hashing="ring",
         add_shard=True,
@@ -432,11 +437,11 @@ def test_a_new_shard_publishes_the_old_map_from_the_first_step_until_the_commit(
             node.stop()
 
 
-def test_refused_layouts_and_unreachable_nodes(tmp_path):
+def test_refused_layouts_and_unreachable_nodes(tmp_path, hosts):
     source, target = layouts(
         tmp_path,
         "memory",
-        hosts_from=170,
+        hosts=hosts,
         source_hashing="ring",
         target_hashing="ring",
         add_shard=True,
@@ -446,7 +451,8 @@ def test_refused_layouts_and_unreachable_nodes(tmp_path):
     shrink = reshard(target, source)
     assert shrink.returncode == 1 and "does not remove shards" in shrink.stderr
     moved = tmp_path / "moved.toml"
-    moved.write_text(target.read_text().replace("127.0.1.170", "127.0.2.170"))
+    replica = node_addresses(target)["shard-0/replica-0"]
+    moved.write_text(target.read_text().replace(replica, hosts.address()))
     nodes_moved = reshard(source, moved)
     assert nodes_moved.returncode == 1 and "moves keys, not nodes" in nodes_moved.stderr
     down = reshard(source, target)

@@ -8,6 +8,7 @@ import logging
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -59,6 +60,9 @@ def serve(node: Node, registry: PluginRegistry, *, announce=print) -> int:
 
     def on_signal(signum, frame):
         log.info("node %s: %s received, draining", node.name, signal.Signals(signum).name)
+        # Not in the handler: it runs in the serving thread, which may hold the lock that
+        # ending the replicas' long-polls takes.
+        threading.Thread(target=node.begin_stopping, name="distribkv-stopping", daemon=True).start()
         handle.stop()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -103,6 +103,12 @@ class Node:
         self.replication = transport.leader(self) if self.is_leader else transport.follower(self)
         self.replication.start()
 
+    def begin_stopping(self) -> None:
+        """The node is about to stop: a replica waiting in a long-poll gets its answer now, and
+        later polls are refused (503), so that replicas do not hold up the drain."""
+        if self.leader_log is not None:
+            self.leader_log.log.stop_waiting()
+
     def stop_replication(self, timeout: float) -> None:
         if self.replication is not None:
             self.replication.stop(timeout)

@@ -215,3 +215,19 @@ def test_entries_of_a_group_not_yet_applied_are_not_handed_out(store):
     )
     assert [e[0] for e in leader.entries_after(0, max_entries=10, max_bytes=1 << 20)] == [1, 2]
     assert leader.entries_after(2, max_entries=10, max_bytes=1 << 20) == []
+
+
+def test_a_stopping_node_ends_every_wait_for_entries_at_once(store):
+    import threading
+
+    log = LogStore(store, sync=False)
+    write(log, [put(b"k", b"v")])
+    assert log.wait_for_entries(0, timeout=10)  # an entry after 0: no wait
+    results: list[bool] = []
+    waiter = threading.Thread(target=lambda: results.append(log.wait_for_entries(1, 30)))
+    waiter.start()
+    log.stop_waiting()
+    waiter.join(timeout=10)
+    assert not waiter.is_alive() and results == [False]
+    assert log.stopping
+    assert log.wait_for_entries(1, timeout=30) is False  # returns at once from now on

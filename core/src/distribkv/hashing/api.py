@@ -51,10 +51,24 @@ class HashingSpec:
     """A hashing scheme offered by a plugin.
 
     ``create(shards, settings)`` gets the shards ordered by index and the ``[cluster.<name>]``
-    settings; it raises :class:`InvalidLayoutError` for settings or layouts it cannot place.
+    settings; it raises :class:`InvalidLayoutError` for settings or layouts it cannot place,
+    and for a setting it does not know.
+
+    What a scheme promises beyond a stable placement is declared, not assumed, and the hashing
+    conformance suite (``distribkv.testing.hashing_suite``) holds it to what it declares:
+
+    - ``balance``: with equal weights and the default settings, no shard's share of many random
+      keys differs from the fair share 1/N by more than this fraction of it (0.1: 10 %). None
+      promises only that every shard gets keys.
+    - ``consistent``: adding a shard to N moves keys only onto the new shard, so about
+      1/(N+1) of them (its share, within ``balance``); no key moves between the shards that
+      were there. False (``modulo``) promises nothing about what moves: FNV-1 mod N moves about
+      N/(N+1) of the keys.
     """
 
     name: str
     create: Callable[[Sequence[ShardSlot], Mapping[str, Any]], Placement]
     description: str
     settings_help: Mapping[str, str] = attrs.field(factory=dict)
+    balance: float | None = None
+    consistent: bool = False

@@ -60,6 +60,7 @@ SPEC = HashingSpec(
     name="modulo",
     create=create,
     description="FNV-1 64 mod shard count, as the Go original (adding a shard moves most keys)",
+    balance=0.05,
 )
 
 

@@ -188,3 +188,6 @@ class ServerSpec:
     description: str
     #: True if the server offers ``environ[DEFER]`` (see the module's docstring).
     deferred: bool = False
+    #: True if the server serves the requests ``Listen.inline`` names without a worker thread,
+    #: so that they are answered while every worker is busy (see the module's docstring).
+    inline: bool = False

@@ -92,9 +92,14 @@ class LeaderLog:
 
 def leader_request(node, req: falcon.Request) -> tuple[LeaderLog, dict[str, bytes]]:
     """For an internal endpoint only a leader answers: the cluster token checked (401), the
-    leader's log (403 on a replica), and the byte-exact query parameters."""
+    leader's log (403 on a replica; 503 once the node is stopping, so that a replica's poll
+    does not hold up its drain: the replica retries with backoff), and the byte-exact query
+    parameters."""
     require_token(node, req)
-    return leader_log_of(node), query_params(req)
+    leader = leader_log_of(node)
+    if leader.log.stopping:
+        raise ApiError(falcon.HTTP_503, "stopping", f"{node.name} is stopping; replication pauses")
+    return leader, query_params(req)
 
 
 def leader_log_of(node) -> LeaderLog:

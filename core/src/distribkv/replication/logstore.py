@@ -69,6 +69,7 @@ class LogStore:
         # count themselves in before they look at last_seq, which an append sets before
         # :meth:`announce` looks at this count).
         self._waiters = 0
+        self._stopping = False
 
     def _adopt_followed_history(self) -> None:
         """A replica's data directory started as a leader continues the history it followed:
@@ -196,20 +197,33 @@ class LogStore:
                     out.append((seq, op, key, value, ts))
         return out
 
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop_waiting` was called: the node is stopping."""
+        return self._stopping
+
+    def stop_waiting(self) -> None:
+        """The node is stopping: every :meth:`wait_for_entries` ends now, and later ones return
+        at once, so that no replica's long-poll holds up the node's drain."""
+        with self._appended:
+            self._stopping = True
+            self._appended.notify_all()
+
     def wait_for_entries(self, after: int, timeout: float) -> bool:
-        """Block until the log has an entry after ``after`` (True) or ``timeout`` passes."""
+        """Block until the log has an entry after ``after`` (True), ``timeout`` passes or the
+        node is stopping (False)."""
         deadline = time.monotonic() + timeout
         with self._appended:
             self._waiters += 1
             try:
-                while self.last_seq <= after:
+                while self.last_seq <= after and not self._stopping:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         return False
                     self._appended.wait(remaining)
             finally:
                 self._waiters -= 1
-        return True
+        return self.last_seq > after
 
     def lag_seconds(self, acked: int) -> float | None:
         """How old the oldest entry a replica at ``acked`` has not applied is (0 when caught

@@ -556,6 +556,7 @@ SPEC = ServerSpec(
     description="granian: Rust HTTP/1 server, one in-process worker; reads served inline,"
     " other requests on worker threads, deferred answers (explicit bind, drain)",
     deferred=True,
+    inline=True,
 )
 
 

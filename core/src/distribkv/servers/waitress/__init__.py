@@ -172,5 +172,6 @@ def distribkv_http_servers() -> list[ServerSpec]:
             "waitress: pure-Python threaded WSGI server (explicit bind, limits, drain,"
             " deferred answers)",
             deferred=True,
+            inline=True,
         )
     ]
