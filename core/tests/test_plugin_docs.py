@@ -394,7 +394,9 @@ def check_hashing_schemes(loaded: Loaded, tmp_path: Path, monkeypatch, caplog) -
         assert shard_map.owner_of(b"key-7").idx == placement.shard_for(b"key-7")
     for there in placements_in_fresh_processes(loaded.example.code):
         for name, shards in here.items():
-            assert there[name] == shards, f"{name} places keys differently in another process"
+            # Counted, not compared whole: a diff of 2,256 placements takes pytest minutes.
+            moved = sum(a != b for a, b in zip(there[name], shards, strict=True))
+            assert not moved, f"{name} places {moved} keys differently in another process"
 
 
 def check_replication_transports(loaded: Loaded, tmp_path: Path, monkeypatch, caplog) -> None:
@@ -616,7 +618,7 @@ def distribkv_hashing_schemes():
 
 def test_a_hashing_example_that_uses_pythons_hash_is_refused(tmp_path, monkeypatch, caplog):
     loaded = load_example("distribkv_hashing_schemes", Example(1, SALTED), monkeypatch)
-    with pytest.raises(AssertionError, match="salted places keys differently"):
+    with pytest.raises(AssertionError, match="salted places [0-9]+ keys differently"):
         check_hashing_schemes(loaded, tmp_path, monkeypatch, caplog)
 
 

@@ -105,21 +105,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=[],
         help="backend setting name=value (TOML value); repeatable",
     )
-    group.addoption(
-        "--distribkv-server",
-        default=os.environ.get(SERVER_ENV, "waitress"),
-        help=f"HTTP server plugin under test: installed name (env {SERVER_ENV})",
-    )
-    group.addoption(
-        "--distribkv-hashing",
-        default=os.environ.get(HASHING_ENV, "modulo"),
-        help=f"hashing scheme under test: installed name or module:attribute (env {HASHING_ENV})",
-    )
-    group.addoption(
-        "--distribkv-transport",
-        default=os.environ.get(TRANSPORT_ENV, "log"),
-        help=f"replication transport under test: installed name (env {TRANSPORT_ENV})",
-    )
+    for option, env, default, what in (
+        ("--distribkv-server", SERVER_ENV, "waitress", "HTTP server plugin: installed name"),
+        (
+            "--distribkv-hashing",
+            HASHING_ENV,
+            "modulo",
+            "hashing scheme: installed name or module:attribute",
+        ),
+        ("--distribkv-transport", TRANSPORT_ENV, "log", "replication transport: installed name"),
+    ):
+        group.addoption(
+            option, default=os.environ.get(env, default), help=f"{what} under test (env {env})"
+        )
 
 
 #: The names of the fixtures made with :func:`cluster_fixture`.

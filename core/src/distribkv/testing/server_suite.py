@@ -37,6 +37,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import falcon
 import msgpack
@@ -61,6 +62,7 @@ from distribkv.testing.cluster import (
 )
 
 __all__ = [
+    "deferring",
     "proxy_cluster",
     "redirect_cluster",
     "served",
@@ -433,41 +435,43 @@ def test_a_deferred_answer_is_sent_once_in_order_and_counted_until_sent(server_s
         running.stop()
 
 
-def test_a_deferred_answer_to_a_client_that_left_ends_the_request(server_spec, hosts):
+@pytest.fixture
+def deferring(server_spec, hosts):
+    """The server under test, serving /later inline and answering it later (a server that
+    cannot defer answers skips the test)."""
     needs_deferred(server_spec)
     running = Served(server_spec, hosts.host(), inline=later_is_inline)
-    later = running.later
-    try:
-        with running.connect() as sock:
-            sock.sendall(b"PUT /later HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na")
-            assert later.deferred.acquire(timeout=WAIT), "the request was never deferred"
-        later.release.set()  # answered after the client went away
-        poll(
-            lambda: running.wrapper.in_flight == 0,
-            "the request of a client that left stayed counted",
-        )
-        status, body = running.get("/fast?i=5")  # and the server goes on serving
-        assert status == 200 and body.endswith(b"|5")
-    finally:
-        running.stop()
+    yield running
+    running.stop()
 
 
-def test_stop_sends_the_deferred_answers_still_to_come(server_spec, hosts):
-    needs_deferred(server_spec)
-    running = Served(server_spec, hosts.host(), inline=later_is_inline)
+def test_a_deferred_answer_to_a_client_that_left_ends_the_request(deferring):
+    running = deferring
     later = running.later
-    try:
-        conn = running.put_deferred(b"last")
-        running.handle.stop()
-        # Released once the drain is under way: it must wait for this answer.
-        threading.Timer(0.3, later.release.set).start()
-        response = conn.getresponse()
-        assert (response.status, response.read()) == (201, b"later|last")
-        conn.close()
-        running.runner.join(timeout=3 * WAIT)
-        assert not running.runner.is_alive(), "run() did not return after the drain"
-    finally:
-        running.stop()
+    with running.connect() as sock:
+        sock.sendall(b"PUT /later HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na")
+        assert later.deferred.acquire(timeout=WAIT), "the request was never deferred"
+    later.release.set()  # answered after the client went away
+    poll(
+        lambda: running.wrapper.in_flight == 0,
+        "the request of a client that left stayed counted",
+    )
+    status, body = running.get("/fast?i=5")  # and the server goes on serving
+    assert status == 200 and body.endswith(b"|5")
+
+
+def test_stop_sends_the_deferred_answers_still_to_come(deferring):
+    running = deferring
+    later = running.later
+    conn = running.put_deferred(b"last")
+    running.handle.stop()
+    # Released once the drain is under way: it must wait for this answer.
+    threading.Timer(0.3, later.release.set).start()
+    response = conn.getresponse()
+    assert (response.status, response.read()) == (201, b"later|last")
+    conn.close()
+    running.runner.join(timeout=3 * WAIT)
+    assert not running.runner.is_alive(), "run() did not return after the drain"
 
 
 def test_a_deferred_answer_outlasting_the_channel_timeout_is_still_sent(server_spec, hosts):
@@ -487,45 +491,40 @@ def test_a_deferred_answer_outlasting_the_channel_timeout_is_still_sent(server_s
         running.stop()
 
 
-def test_a_100_continue_behind_a_deferred_answer_waits_for_it(server_spec, hosts):
-    needs_deferred(server_spec)
-    running = Served(server_spec, hosts.host(), inline=later_is_inline)
+def test_a_100_continue_behind_a_deferred_answer_waits_for_it(deferring):
+    running = deferring
     later = running.later
-    try:
-        with running.connect() as sock:
-            sock.sendall(
-                b"PUT /later HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na"
-                b"PUT /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
-                b"Content-Length: 3\r\n\r\n"
-            )
-            assert later.deferred.acquire(timeout=WAIT), "the request was never deferred"
-            # Released a moment later: a 100 sent before the deferred answer would be first.
-            threading.Timer(0.3, later.release.set).start()
-            reader = sock.makefile("rb")
-            assert read_response_any(reader) == (201, b"later|a")  # first, before any 100
-            assert reader.readline().startswith(b"HTTP/1.1 100")
-            assert reader.readline() == b"\r\n"
-            sock.sendall(b"abc")
-            assert read_response(reader) == b"abc"
-    finally:
-        running.stop()
+    with running.connect() as sock:
+        sock.sendall(
+            b"PUT /later HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na"
+            b"PUT /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 3\r\n\r\n"
+        )
+        assert later.deferred.acquire(timeout=WAIT), "the request was never deferred"
+        # Released a moment later: a 100 sent before the deferred answer would be first.
+        threading.Timer(0.3, later.release.set).start()
+        reader = sock.makefile("rb")
+        assert read_response_any(reader) == (201, b"later|a")  # first, before any 100
+        assert reader.readline().startswith(b"HTTP/1.1 100")
+        assert reader.readline() == b"\r\n"
+        sock.sendall(b"abc")
+        assert read_response(reader) == b"abc"
 
 
 # --- the node on this server: real clusters ------------------------------------------------
 
 
-@cluster_fixture
-def redirect_cluster(tmp_path_factory, backend_name, server_name) -> Iterator[Cluster]:
-    """Two shards (modulo), shard-0 with one read-only replica; routing = redirect."""
+#: The two clusters the module's tests share (write_config's arguments).
+REDIRECT_LAYOUT = {"shards": 2, "replicas": {0: 1}, "extra": "max_value_size = 100000"}
+PROXY_LAYOUT = {"shards": 3, "replicas": {1: 1}, "routing": "proxy", "hashing": "ring"}
+
+
+def _shared_cluster(factory, name: str, backend: str, server: str, layout: dict[str, Any]):
+    """A cluster of ``layout`` on hosts of its own, served by ``server``, stopped and checked
+    to leave no node behind at the end."""
     with allocate_hosts() as hosts:
         path = write_config(
-            tmp_path_factory.mktemp("redirect"),
-            hosts=hosts,
-            shards=2,
-            replicas={0: 1},
-            backend=backend_name,
-            server=server_name,
-            extra="max_value_size = 100000",
+            factory.mktemp(name), hosts=hosts, backend=backend, server=server, **layout
         )
         cluster = Cluster(path).start()
         yield cluster
@@ -534,22 +533,17 @@ def redirect_cluster(tmp_path_factory, backend_name, server_name) -> Iterator[Cl
 
 
 @cluster_fixture
+def redirect_cluster(tmp_path_factory, backend_name, server_name) -> Iterator[Cluster]:
+    """Two shards (modulo), shard-0 with one read-only replica; routing = redirect."""
+    yield from _shared_cluster(
+        tmp_path_factory, "redirect", backend_name, server_name, REDIRECT_LAYOUT
+    )
+
+
+@cluster_fixture
 def proxy_cluster(tmp_path_factory, backend_name, server_name) -> Iterator[Cluster]:
     """Three shards (ring), shard-1 with one replica; routing = proxy."""
-    with allocate_hosts() as hosts:
-        path = write_config(
-            tmp_path_factory.mktemp("proxy"),
-            hosts=hosts,
-            shards=3,
-            replicas={1: 1},
-            backend=backend_name,
-            server=server_name,
-            routing="proxy",
-            hashing="ring",
-        )
-        cluster = Cluster(path).start()
-        yield cluster
-        assert cluster.stop() == 0, "".join(cluster.output)
+    yield from _shared_cluster(tmp_path_factory, "proxy", backend_name, server_name, PROXY_LAYOUT)
 
 
 def leaders(cluster: Cluster) -> list[str]:
