@@ -618,7 +618,7 @@ def distribkv_hashing_schemes():
 
 def test_a_hashing_example_that_uses_pythons_hash_is_refused(tmp_path, monkeypatch, caplog):
     loaded = load_example("distribkv_hashing_schemes", Example(1, SALTED), monkeypatch)
-    with pytest.raises(AssertionError, match="salted places [0-9]+ keys differently"):
+    with pytest.raises(AssertionError, match=r"salted places [0-9]+ keys differently"):
         check_hashing_schemes(loaded, tmp_path, monkeypatch, caplog)
 
 
