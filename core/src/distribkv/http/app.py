@@ -104,7 +104,8 @@ class NodeApp:
             return []  # answered by whoever finishes it
         assert answer is not None  # None only where the caller may not wait, not here
         status, headers, body = answer
-        start_response(status_line(status), [*headers, ("Content-Length", str(len(body)))])
+        line = "200 OK" if status == 200 else status_line(status)
+        start_response(line, [*headers, ("Content-Length", str(len(body)))])
         return [body]
 
     def direct(

@@ -109,16 +109,24 @@ class KeyValue:
 
     def get(self, query: str, header: Header, *, may_block: bool = True) -> Answer | None:
         node = self.node
-        check_map(node.maps, header(MAP))
+        theirs = header(MAP)
+        if theirs is not None:
+            check_map(node.maps, theirs)
         key = query_key(query)
-        elsewhere = self.router.route(key, False, "GET", "/get", query, header, None, may_block)
-        if elsewhere is not None:
-            return None if isinstance(elsewhere, Blocks) else elsewhere
-        if node.is_leader:
-            value = node.get(key)
-            return NOT_FOUND if value is None else (200, _VALUE_HEADERS, value)
-        lag = check_readable(node)
+        router = self.router
+        if not router.leads(key):
+            elsewhere = router.route(key, False, "GET", "/get", query, header, None, may_block)
+            if elsewhere is not None:
+                return None if isinstance(elsewhere, Blocks) else elsewhere
+            if not node.is_leader:
+                return self._replica_read(key)
         value = node.get(key)
+        return NOT_FOUND if value is None else (200, _VALUE_HEADERS, value)
+
+    def _replica_read(self, key: bytes) -> Answer:
+        """A replica's read of its own shard's key: with its lag, or 503 while it resyncs."""
+        lag = check_readable(self.node)
+        value = self.node.get(key)
         status, headers, body = NOT_FOUND if value is None else (200, _VALUE_HEADERS, value)
         return status, [*headers, *lag], body
 
@@ -134,7 +142,9 @@ class KeyValue:
     ) -> Any:
         """``method`` is one of :data:`SET_METHODS`; a GET has its value in the query, a PUT
         or POST in the query or else in ``body``."""
-        check_map(self.node.maps, header(MAP))
+        theirs = header(MAP)
+        if theirs is not None:
+            check_map(self.node.maps, theirs)
         if "&" in query:
             params = parse_query(query)
             key = require_key(params)
@@ -168,7 +178,9 @@ class KeyValue:
         may_block: bool = True,
     ) -> Any:
         """``method`` is one of :data:`DELETE_METHODS`."""
-        check_map(self.node.maps, header(MAP))
+        theirs = header(MAP)
+        if theirs is not None:
+            check_map(self.node.maps, theirs)
         key = query_key(query)
         ops = [Delete(Namespace.DATA, key)]
         return self._write(key, ops, method, "/delete", query, header, None, defer, may_block)
@@ -185,9 +197,11 @@ class KeyValue:
         defer: Callable[[], Completion] | None,
         may_block: bool,
     ) -> Any:
-        elsewhere = self.router.route(key, True, method, path, query, header, body, may_block)
-        if elsewhere is not None:
-            return None if isinstance(elsewhere, Blocks) else elsewhere
+        router = self.router
+        if not router.leads(key):
+            elsewhere = router.route(key, True, method, path, query, header, body, may_block)
+            if elsewhere is not None:
+                return None if isinstance(elsewhere, Blocks) else elsewhere
         node = self.node
         if defer is not None and node.defers_writes:
             # The request's thread only queues the write; the thread that applies its group

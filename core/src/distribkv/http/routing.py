@@ -120,6 +120,16 @@ class Router:
         self.forwarder = forwarder
         self.redirects = node.config.cluster.routing == "redirect"
 
+    def leads(self, key: bytes) -> bool:
+        """True if this node is the leader of ``key``'s shard and no reshard is under way: the
+        common case, in which :meth:`route` gives None for reads and writes alike (asked first,
+        so that the common request pays for no more of the rules)."""
+        node = self.node
+        maps = node.maps
+        return (
+            maps.transition is None and node.is_leader and maps.route(key)[0].name == node.me.name
+        )
+
     def owner(self, key: bytes) -> tuple[ShardInfo, str]:
         """The shard that answers for ``key`` now, and the map fingerprint to route it with."""
         return self.node.maps.route(key)
