@@ -6,8 +6,11 @@ core/tests/test_conformance_waitress.py and plugins/granian/tests/test_conforman
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -31,6 +34,94 @@ def test_ctrl_c_on_launch_stops_every_node(tmp_path, hosts, backend_name):
     assert cluster.stop() == 0
     assert [pid for pid in pids if alive(pid)] == []
     assert "all nodes stopped" in "".join(cluster.output)
+
+
+def _pid(address: str) -> int | None:
+    """The PID that ``address`` reports in /status, or None while nothing answers there."""
+    try:
+        response = call(address, "GET", "/status", timeout=1.0)
+    except OSError:
+        return None
+    return json.loads(response.body)["pid"] if response.status == 200 else None
+
+
+def _kill_and_wait_for_restart(cluster: Cluster, victim: str, witness: str, key: bytes) -> float:
+    """kill -9 the node at ``victim``; until a new process answers there, GET ``key`` from
+    ``witness`` (another shard) and require every answer. Returns the seconds until then."""
+    old = _pid(victim)
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    killed = time.monotonic()
+    reads = 0
+    while time.monotonic() - killed < RESTART_DEADLINE:
+        response = call(witness, "GET", f"/get?key={q(key)}", timeout=2.0)
+        assert response.status == 200 and response.body == key, response
+        reads += 1
+        pid = _pid(victim)
+        if pid is not None and pid != old:
+            return time.monotonic() - killed
+        time.sleep(0.05)
+    raise AssertionError(
+        f"{victim} did not answer again within {RESTART_DEADLINE}s ({reads} reads of the"
+        f" other shard answered meanwhile):\n{cluster.text}"
+    )
+
+
+RESTART_DEADLINE = 10.0
+
+
+def test_launch_restarts_a_killed_node_while_the_other_shards_serve(tmp_path, hosts, backend_name):
+    config = write_config(tmp_path, hosts=hosts, shards=2, replicas={0: 1}, backend=backend_name)
+    keys = {
+        idx: next(b"k-%d" % i for i in range(100) if owner_index(b"k-%d" % i, 2) == idx)
+        for idx in range(2)
+    }
+    with Cluster(config) as cluster:
+        for idx, key in keys.items():
+            address = cluster.address(f"shard-{idx}")
+            assert call(address, "PUT", f"/set?key={q(key)}", body=key).status == 200
+        # A leader, then a replica; each time the other shard's leader is the witness.
+        for victim, witness, witness_key in [
+            (cluster.address("shard-1"), cluster.address("shard-0"), keys[0]),
+            (cluster.address("shard-0", "replica-0"), cluster.address("shard-1"), keys[1]),
+        ]:
+            if victim == cluster.address("shard-0", "replica-0") and backend_name == "memory":
+                # The restarted leader of shard-1 kept nothing: write the witness key again.
+                assert (
+                    call(witness, "PUT", f"/set?key={q(witness_key)}", body=witness_key).status
+                    == 200
+                )
+            seconds = _kill_and_wait_for_restart(cluster, victim, witness, witness_key)
+            assert seconds < RESTART_DEADLINE
+            response = call(victim, "GET", "/healthz")
+            assert response.status == 200, response
+        # The restarted replica catches up with its leader again.
+        replica = cluster.address("shard-0", "replica-0")
+        deadline = time.monotonic() + 10
+        while call(replica, "GET", f"/get?key={q(keys[0])}").status != 200:
+            assert time.monotonic() < deadline, "the restarted replica did not catch up"
+            time.sleep(0.05)
+        restarted = [_pid(cluster.address("shard-1")), _pid(replica)]
+        assert cluster.stop() == 0, cluster.text
+    assert cluster.text.count("restarting it in") == 2, cluster.text
+    assert [pid for pid in restarted if pid is not None and alive(pid)] == []
+
+
+def test_launch_leaves_a_crash_looping_node_down_and_serves_on(tmp_path, hosts, backend_name):
+    config = write_config(tmp_path, hosts=hosts, shards=2, backend=backend_name)
+    key = next(b"k-%d" % i for i in range(100) if owner_index(b"k-%d" % i, 2) == 0)
+    with Cluster(config, "--max-restarts", "1", "--restart-window", "120") as cluster:
+        witness, victim = cluster.address("shard-0"), cluster.address("shard-1")
+        assert call(witness, "PUT", f"/set?key={q(key)}", body=key).status == 200
+        _kill_and_wait_for_restart(cluster, victim, witness, key)
+        pid = _pid(victim)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        line = cluster.wait_for_output("so it stays down", timeout=10)
+        assert "shard-1/leader" in line and "2 times within 120s" in line
+        assert call(witness, "GET", f"/get?key={q(key)}").body == key
+        assert cluster.process is not None and cluster.process.poll() is None
+        assert cluster.stop() == 0, cluster.text
 
 
 @pytest.mark.parametrize(

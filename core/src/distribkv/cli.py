@@ -32,6 +32,26 @@ KIND_TITLES = {
 }
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
 def _table(rows: list[list[str]], indent: str = "  ") -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
@@ -178,7 +198,13 @@ def cmd_launch(args: argparse.Namespace) -> int:
     config = load_config(args.config, registry)
     _refuse_exposed_nodes(config)
     log_dir = Path(args.log_dir) if args.log_dir else None
-    return run_launcher(Launcher(config, log_dir=log_dir), lambda rows: _table(rows, indent=""))
+    launcher = Launcher(
+        config,
+        log_dir=log_dir,
+        max_restarts=args.max_restarts,
+        restart_window=args.restart_window,
+    )
+    return run_launcher(launcher, lambda rows: _table(rows, indent=""))
 
 
 def _node_address(args: argparse.Namespace) -> str:
@@ -347,14 +373,31 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Start every node of the cluster file (leaders and replicas) as child processes, "
             "wait until each answers /healthz, and print where each listens with its PID and "
-            "log file. Ctrl-C or SIGTERM stops them all (each drains its in-flight requests) "
-            "and exits 0; if a node dies, the others are stopped and the exit status is 1."
+            "log file. A node that exits on its own is restarted after a backoff (0.5 s, "
+            "doubling up to 10 s) while the others serve on; one that exits more than "
+            "--max-restarts times within --restart-window seconds is left down with a "
+            "message. Ctrl-C or SIGTERM stops them all (each drains its in-flight requests) "
+            "and exits 0; the exit status is 1 if a node fails to start or every node is down."
         ),
     )
     launch.add_argument(
         "--config", default=DEFAULT_CONFIG, help="cluster file (default: %(default)s)"
     )
     launch.add_argument("--log-dir", help="where node logs go (default: <data_dir>/logs)")
+    launch.add_argument(
+        "--max-restarts",
+        type=_non_negative_int,
+        default=5,
+        help="restarts of one node within --restart-window before it is left down"
+        " (default: %(default)s; 0 never restarts)",
+    )
+    launch.add_argument(
+        "--restart-window",
+        type=_positive_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="the window over which a node's exits are counted (default: %(default)s)",
+    )
     launch.set_defaults(func=cmd_launch)
 
     from distribkv.bench import add_parser as add_bench_parser

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from distribkv.config import Config, ConfigError, NodeConfig
@@ -21,6 +23,8 @@ from distribkv.plugins import PluginRegistry
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 60.0
+RESTART_BACKOFF = 0.5  # seconds before the first restart of a node that exited
+RESTART_BACKOFF_MAX = 10.0
 
 
 def serve(node: Node, registry: PluginRegistry, *, announce=print) -> int:
@@ -102,104 +106,173 @@ def healthy(address: str, timeout: float = 1.0) -> bool:
         client.close()
 
 
+@dataclass
+class Child:
+    """One node process of the launcher, and what its supervisor remembers of it."""
+
+    node: NodeConfig
+    log_path: Path
+    process: subprocess.Popen
+    exits: deque[float] = field(default_factory=deque)  # monotonic times of recent crashes
+    restart_at: float | None = None
+    given_up: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.node.shard.name}/{self.node.node_name}"
+
+
 class Launcher:
-    """Every node of a cluster file as a child process, each with its own log file."""
+    """Every node of a cluster file as a child process, each with its own log file.
+
+    :meth:`supervise` restarts a node that exits on its own, after a backoff that doubles with
+    each recent exit (``RESTART_BACKOFF`` up to ``RESTART_BACKOFF_MAX`` seconds); a node that
+    exits more than ``max_restarts`` times within ``restart_window`` seconds is left down."""
 
     def __init__(
-        self, config: Config, *, log_dir: Path | None = None, python: str = sys.executable
+        self,
+        config: Config,
+        *,
+        log_dir: Path | None = None,
+        python: str = sys.executable,
+        max_restarts: int = 5,
+        restart_window: float = 60.0,
     ):
+        if max_restarts < 0:
+            raise ValueError(f"max_restarts must be 0 or more, not {max_restarts}")
+        if restart_window <= 0:
+            raise ValueError(f"restart_window must be positive, not {restart_window}")
         self.config = config
         self.log_dir = log_dir or config.storage.data_dir / "logs"
         self.python = python
-        self.children: list[tuple[NodeConfig, subprocess.Popen, Path]] = []
+        self.max_restarts = max_restarts
+        self.restart_window = restart_window
+        self.children: list[Child] = []
+
+    def _spawn(self, node: NodeConfig, log_path: Path) -> subprocess.Popen:
+        cmd = [
+            self.python,
+            "-m",
+            "distribkv",
+            "serve",
+            "--config",
+            str(self.config.path),
+            "--shard",
+            node.shard.name,
+        ]
+        if node.replica is not None:
+            cmd += ["--replica", str(node.replica)]
+        with open(log_path, "ab") as out:
+            # A session of its own: a terminal's Ctrl-C reaches only the launcher, which
+            # then stops every node in order.
+            return subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for node in self.config.nodes():
             log_path = self.log_dir / f"{node.shard.name}-{node.node_name}.log"
-            cmd = [
-                self.python,
-                "-m",
-                "distribkv",
-                "serve",
-                "--config",
-                str(self.config.path),
-                "--shard",
-                node.shard.name,
-            ]
-            if node.replica is not None:
-                cmd += ["--replica", str(node.replica)]
-            with open(log_path, "ab") as out:
-                # A session of its own: a terminal's Ctrl-C reaches only the launcher, which
-                # then stops every node in order.
-                child = subprocess.Popen(
-                    cmd,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            self.children.append((node, child, log_path))
+            self.children.append(Child(node, log_path, self._spawn(node, log_path)))
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        """Wait until every node answers ``/healthz``; a node that exits while starting is an
+        error (a bad config or a busy port does not get better by restarting)."""
         deadline = time.monotonic() + timeout
         pending = list(self.children)
         while pending:
-            for entry in list(pending):
-                node, child, log_path = entry
-                if child.poll() is not None:
+            for child in list(pending):
+                if child.process.poll() is not None:
                     raise RuntimeError(
-                        f"node {node.shard.name}/{node.node_name} exited with status"
-                        f" {child.returncode}; its log {log_path} ends with:\n{_tail(log_path)}"
+                        f"node {child.name} exited with status {child.process.returncode};"
+                        f" its log {child.log_path} ends with:\n{_tail(child.log_path)}"
                     )
-                if healthy(str(node.address)):
-                    pending.remove(entry)
+                if healthy(str(child.node.address)):
+                    pending.remove(child)
             if pending and time.monotonic() > deadline:
-                names = ", ".join(f"{n.shard.name}/{n.node_name}" for n, _, _ in pending)
+                names = ", ".join(child.name for child in pending)
                 raise RuntimeError(f"nodes not answering /healthz after {timeout:.0f}s: {names}")
             if pending:
                 time.sleep(0.05)
 
     def table(self) -> list[list[str]]:
         rows = [["SHARD", "ROLE", "ADDRESS", "BACKEND", "PID", "LOG"]]
-        for node, child, log_path in self.children:
+        for child in self.children:
             rows.append(
                 [
-                    node.shard.name,
-                    node.node_name,
-                    str(node.address),
+                    child.node.shard.name,
+                    child.node.node_name,
+                    str(child.node.address),
                     self.config.storage.backend,
-                    str(child.pid),
-                    str(log_path),
+                    str(child.process.pid),
+                    str(child.log_path),
                 ]
             )
         return rows
 
-    def first_exit(self) -> tuple[NodeConfig, int, Path] | None:
-        for node, child, log_path in self.children:
-            if child.poll() is not None:
-                return node, child.returncode, log_path
-        return None
+    def supervise(self, now: float | None = None) -> list[str]:
+        """One round of supervision: note the nodes that exited, restart those whose backoff
+        has passed. Returns what happened, one message per event."""
+        now = time.monotonic() if now is None else now
+        events = []
+        for child in self.children:
+            if child.given_up:
+                continue
+            if child.restart_at is None:
+                code = child.process.poll()
+                if code is None:
+                    continue
+                while child.exits and now - child.exits[0] > self.restart_window:
+                    child.exits.popleft()
+                child.exits.append(now)
+                what = f"node {child.name} (pid {child.process.pid}) exited with status {code}"
+                if len(child.exits) > self.max_restarts:
+                    child.given_up = True
+                    events.append(
+                        f"{what}; it exited {len(child.exits)} times within"
+                        f" {self.restart_window:g}s, so it stays down (the other nodes go on;"
+                        f" restart the launcher to try it again); log: {child.log_path}\n"
+                        f"{_tail(child.log_path)}"
+                    )
+                    continue
+                delay = min(RESTART_BACKOFF * 2 ** (len(child.exits) - 1), RESTART_BACKOFF_MAX)
+                child.restart_at = now + delay
+                events.append(
+                    f"{what}; restarting it in {delay:g}s (exit {len(child.exits)} of at most"
+                    f" {self.max_restarts + 1} within {self.restart_window:g}s); log:"
+                    f" {child.log_path}\n{_tail(child.log_path, 5)}"
+                )
+            elif now >= child.restart_at:
+                child.restart_at = None
+                child.process = self._spawn(child.node, child.log_path)
+                events.append(f"node {child.name} restarted: pid {child.process.pid}")
+        return events
+
+    @property
+    def all_given_up(self) -> bool:
+        return bool(self.children) and all(child.given_up for child in self.children)
 
     def stop(self, timeout: float | None = None) -> None:
         """SIGTERM every child by PID, wait for it to drain, SIGKILL what is left."""
         timeout = self.config.server.drain_timeout + 5 if timeout is None else timeout
-        for _, child, _ in self.children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
+        for child in self.children:
+            child.restart_at = None
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        for node, child, _ in self.children:
+        for child in self.children:
             try:
-                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.warning(
-                    "node %s/%s did not stop in time; killing pid %d",
-                    node.shard.name,
-                    node.node_name,
-                    child.pid,
+                    "node %s did not stop in time; killing pid %d", child.name, child.process.pid
                 )
-                child.kill()
-                child.wait(timeout=10)
+                child.process.kill()
+                child.process.wait(timeout=10)
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -219,8 +292,9 @@ def _say(text: str, *, file=None) -> None:
 
 
 def run_launcher(launcher: Launcher, format_table) -> int:
-    """Start every node, print ``format_table(rows)`` once all answer, and run until a signal
-    (exit status 0) or until a node exits (1)."""
+    """Start every node, print ``format_table(rows)`` once all answer, and supervise them until
+    a signal (exit status 0) or until every node is down for good (1). A node that exits is
+    restarted (see :meth:`Launcher.supervise`) while the others serve on."""
     stop_requested = []
 
     def on_signal(signum, frame):
@@ -238,26 +312,22 @@ def run_launcher(launcher: Launcher, format_table) -> int:
         _say(format_table(launcher.table()))
         _say("all nodes are up; Ctrl-C stops them")
         while not stop_requested:
-            exited = launcher.first_exit()
-            if exited is not None:
-                node, code, log_path = exited
-                _say(
-                    f"distribkv: error: node {node.shard.name}/{node.node_name} exited with"
-                    f" status {code}; log: {log_path}\n{_tail(log_path)}",
-                    file=sys.stderr,
-                )
+            for event in launcher.supervise():
+                _say(f"distribkv: {event}", file=sys.stderr)
+            if launcher.all_given_up:
+                _say("distribkv: error: every node is down; stopping", file=sys.stderr)
                 launcher.stop()
                 return 1
-            time.sleep(0.2)
+            time.sleep(0.1)
         _say("stopping all nodes ...")
         launcher.stop()
         _say("all nodes stopped")
         return 0
     finally:
-        if launcher.children and any(c.poll() is None for _, c, _ in launcher.children):
+        if any(child.process.poll() is None for child in launcher.children):
             launcher.stop()
         for sig, old in previous.items():
             signal.signal(sig, old)
 
 
-__all__ = ["Launcher", "healthy", "run_launcher", "serve"]
+__all__ = ["Child", "Launcher", "healthy", "run_launcher", "serve"]

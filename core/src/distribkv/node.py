@@ -264,6 +264,7 @@ class Node:
             "disk_bytes": stats.disk_bytes,
             "fingerprint": self.maps.routing.fingerprint,
             "uptime_s": round(time.time() - self.started_at, 3),
+            "pid": os.getpid(),
             "version": __version__,
             "replication": {
                 "transport": self.config.cluster.replication,

@@ -34,6 +34,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Callable, Iterable
@@ -215,15 +216,17 @@ def node_addresses(config: Path) -> dict[str, str]:
 class Cluster:
     """`distribkv launch` of a cluster file; stopped with SIGINT like a terminal's Ctrl-C."""
 
-    def __init__(self, config: Path):
+    def __init__(self, config: Path, *args: str):
         self.config = config
+        self.args = args  # more options for ``distribkv launch``
         self.process: subprocess.Popen | None = None
         self.nodes: dict[str, dict[str, str]] = {}
         self.output: list[str] = []
+        self._reader: threading.Thread | None = None
 
     def start(self) -> Cluster:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "distribkv", "launch", "--config", str(self.config)],
+            [sys.executable, "-m", "distribkv", "launch", "--config", str(self.config), *self.args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -240,6 +243,10 @@ class Cluster:
             if line.startswith("SHARD"):
                 header = line.split()
             elif line.startswith("all nodes are up"):
+                # From here on a thread collects the launcher's output, so that its pipe never
+                # fills and a test can wait for a message (wait_for_output).
+                self._reader = threading.Thread(target=self._read_rest, daemon=True)
+                self._reader.start()
                 return self
             elif header:
                 row = dict(zip(header, line.split(), strict=False))
@@ -253,6 +260,25 @@ class Cluster:
     def pids(self) -> list[int]:
         return [int(row["PID"]) for row in self.nodes.values()]
 
+    def _read_rest(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            self.output.append(line)
+
+    def wait_for_output(self, text: str, timeout: float = 30.0) -> str:
+        """Wait until the launcher has printed a line containing ``text``; returns that line."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.output):
+                if text in line:
+                    return line
+            time.sleep(0.05)
+        raise AssertionError(f"launch printed no {text!r} within {timeout}s:\n{self.text}")
+
+    @property
+    def text(self) -> str:
+        return "".join(self.output)
+
     def stop(self) -> int:
         """Ctrl-C the launcher; returns its exit status."""
         if self.process is None:
@@ -260,7 +286,7 @@ class Cluster:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
         try:
-            rest, _ = self.process.communicate(timeout=60)
+            self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.process.kill()
             for pid in self.pids:
@@ -269,7 +295,10 @@ class Cluster:
                 except ProcessLookupError:
                     pass
             raise
-        self.output.append(rest or "")
+        if self._reader is not None:
+            self._reader.join(timeout=10)
+        elif self.process.stdout is not None:
+            self.output.append(self.process.stdout.read())
         return self.process.returncode
 
     def __enter__(self) -> Cluster:
