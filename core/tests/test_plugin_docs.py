@@ -8,20 +8,17 @@ Each hook specification of :mod:`distribkv.hookspecs` needs a section headed
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import logging
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import attrs
@@ -29,8 +26,9 @@ import falcon.testing
 import pluggy
 import pytest
 
-from distribkv import PROJECT, hookspecs, launcher
+from distribkv import PROJECT, hookspecs
 from distribkv.config import parse_config
+from distribkv.coordination.api import CoordinationError, CoordinationSpec
 from distribkv.hashing.api import HashingSpec, Placement, ShardSlot
 from distribkv.hashing.shardmap import ShardInfo, ShardMap
 from distribkv.http.api import ServerSpec
@@ -41,6 +39,7 @@ from distribkv.replication.api import ReplicationRole, TransportSpec
 from distribkv.storage.api import BackendSpec, Delete, Namespace, Put
 from distribkv.storage.errors import BackendClosedError
 from distribkv.storage.store import open_store
+from distribkv.testing.cluster import serving
 
 ROOT = Path(__file__).resolve().parents[2]
 GUIDE = ROOT / "docs" / "plugins.md"
@@ -229,6 +228,7 @@ name = "s0"
 idx = 0
 address = "127.0.0.1:{port}"
 replicas = ["127.0.0.1:{replica_port}"]
+{extra}
 """
 
 
@@ -241,6 +241,8 @@ def make_node(
     replica: int | None = None,
     port: int | None = None,
     replica_port: int | None = None,
+    cluster: str = "",
+    extra: str = "",
 ) -> Node:
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "sharding.toml"
@@ -250,54 +252,11 @@ def make_node(
         data=tmp_path / "data",
         port=port or free_port(),
         replica_port=replica_port or free_port(),
+        extra=extra,
     )
+    text = text.replace("[cluster]\n", f"[cluster]\n{cluster}", 1)
     path.write_text(text)
     return Node(parse_config(text, path), "s0", replica, registry=registry, environ={})
-
-
-@contextlib.contextmanager
-def serving(
-    node: Node, registry: PluginRegistry, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[None]:
-    """``distribkv serve`` of ``node`` in a thread until the block ends; it is stopped the way
-    a SIGTERM stops it, by the handler serve() installs (captured here, not installed)."""
-    handlers: dict[int, Callable] = {}
-
-    def capture(signum, handler):
-        previous = handlers.get(signum, signal.SIG_DFL)
-        handlers[signum] = handler
-        return previous
-
-    monkeypatch.setattr(
-        launcher,
-        "signal",
-        types.SimpleNamespace(
-            signal=capture, SIGTERM=signal.SIGTERM, SIGINT=signal.SIGINT, Signals=signal.Signals
-        ),
-    )
-    outcome: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            outcome["returned"] = launcher.serve(node, registry, announce=lambda text: None)
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            outcome["raised"] = exc
-
-    thread = threading.Thread(target=run, name=f"serve-{node.name}", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not launcher.healthy(str(node.address), timeout=1.0):
-            assert thread.is_alive(), f"serve() ended before answering: {outcome}"
-            assert time.monotonic() < deadline, f"{node.name} did not answer /healthz"
-            time.sleep(0.02)
-        yield
-    finally:
-        if thread.is_alive() and signal.SIGTERM in handlers:
-            handlers[signal.SIGTERM](signal.SIGTERM, None)
-        thread.join(timeout=30)
-    assert not thread.is_alive(), "serve() did not return after SIGTERM"
-    assert outcome == {"returned": 0}
 
 
 def request(address: str, method: str, target: str, body: bytes | None = None):
@@ -492,7 +451,46 @@ def check_lifecycle(loaded: Loaded, tmp_path: Path, monkeypatch, caplog) -> None
     )
 
 
+def check_coordinations(loaded: Loaded, tmp_path: Path, monkeypatch, caplog) -> None:
+    """The example's coordination is selectable, refuses a setting it does not know, and a
+    one-shard cluster of a leader and a replica runs under it: the node it names leads (takes
+    a write), and the other follows that one."""
+    registry = loaded.registry
+    for spec in provided_specs(loaded, "coordination"):
+        assert isinstance(spec, CoordinationSpec)
+        port, replica_port = free_port(), free_port()
+        nodes = [
+            make_node(
+                tmp_path / spec.name / name,
+                registry,
+                replica=replica,
+                port=port,
+                replica_port=replica_port,
+                cluster=f'coordination = "{spec.name}"\n',
+            )
+            for name, replica in (("leader", None), ("replica", 0))
+        ]
+        if spec.check is not None:
+            with pytest.raises(CoordinationError):
+                spec.check({"no-such-setting": 1}, nodes[0].config)
+        with serving(nodes[0], registry, monkeypatch), serving(nodes[1], registry, monkeypatch):
+            deadline = time.monotonic() + 20
+            while not any(node.is_leader for node in nodes):
+                assert time.monotonic() < deadline, "no node took the lead"
+                time.sleep(0.02)
+            [leader] = [node for node in nodes if node.is_leader]
+            [follower] = [node for node in nodes if node is not leader]
+            written = request(str(leader.address), "PUT", "/set?key=k%FF", b"\x00v")
+            assert written[0] in (200, 204), written
+            while follower.get(b"k\xff") != b"\x00v":
+                assert time.monotonic() < deadline, (
+                    f"{follower.name} did not follow {leader.name}: {follower.status()}"
+                )
+                time.sleep(0.02)
+
+
 CHECKS: dict[str, Callable[..., None]] = {
+    "distribkv_coordinations": check_coordinations,
     "distribkv_storage_backends": check_storage_backends,
     "distribkv_hashing_schemes": check_hashing_schemes,
     "distribkv_replication_transports": check_replication_transports,

@@ -96,7 +96,7 @@ def test_every_hook_is_documented_and_prefixed():
         for name, fn in vars(hookspecs).items()
         if callable(fn) and hasattr(fn, "distribkv_spec")
     ]
-    assert len(hooks) == 7
+    assert len(hooks) == 8
     for name, fn in hooks:
         assert name.startswith("distribkv_"), name
         doc = inspect.getdoc(fn) or ""

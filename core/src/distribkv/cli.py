@@ -29,6 +29,7 @@ KIND_TITLES = {
     "hashing": "hashing schemes",
     "replication": "replication transports",
     "server": "HTTP servers",
+    "coordination": "coordinations",
 }
 
 

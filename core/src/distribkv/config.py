@@ -9,6 +9,8 @@ The format is the Go original's (``[[shards]]`` with ``name``, ``idx``, ``addres
     routing = "redirect"      # or "proxy"
     min_replicas = 0
     server = "waitress"
+    coordination = "static"   # or "etcd" (distribkv-etcd; settings in [coordination])
+    name = "..."              # the cluster's name (required by "etcd")
 
     [storage]
     backend = "lmdb"          # any installed storage backend; settings in [storage.lmdb]
@@ -49,6 +51,7 @@ __all__ = [
 ]
 
 ROUTINGS = ("redirect", "proxy")
+CLUSTER_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 DEFAULT_MAX_VALUE_SIZE = 16 * 1024 * 1024
 _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -90,6 +93,11 @@ class ClusterConfig:
     #: Most log entries a leader keeps for replicas that are behind (older ones: resync).
     log_retention: int = 100_000
     server: str = "waitress"
+    #: Who leads each shard: "static" (this file) or a coordination plugin such as "etcd".
+    coordination: str = "static"
+    #: The cluster's name (letters, digits, ".", "_", "-"); a coordination service keeps each
+    #: cluster's state apart by it.
+    name: str | None = None
 
 
 @attrs.frozen
@@ -155,6 +163,8 @@ class Config:
     storage: StorageConfig
     shards: tuple[ShardConfig, ...]
     server: ServerConfig = ServerConfig()
+    #: The ``[coordination]`` table, for the coordination plugin to read.
+    coordination: Mapping[str, Any] = attrs.field(factory=dict)
 
     def shard(self, name: str) -> ShardConfig:
         for shard in self.shards:
@@ -283,7 +293,13 @@ def parse_config(text: str, path: Path) -> Config:
         min_replicas_timeout=float(cluster_table.get("min_replicas_timeout", (int, float), 5.0)),
         log_retention=cluster_table.get("log_retention", int, 100_000),
         server=cluster_table.get("server", str, "waitress"),
+        coordination=cluster_table.get("coordination", str, "static"),
+        name=cluster_table.get("name", str, None),
     )
+    if cluster.name is not None and not CLUSTER_NAME.fullmatch(cluster.name):
+        raise cluster_table.error(
+            "name", f"{cluster.name!r} is not a name (letters, digits, '.', '_', '-'; 1 to 64)"
+        )
     if cluster.min_replicas < 0:
         raise cluster_table.error("min_replicas", "must be >= 0")
     if not cluster.min_replicas_timeout > 0:
@@ -328,6 +344,7 @@ def parse_config(text: str, path: Path) -> Config:
             raise server_table.error(key, "must be > 0")
     server_table.finish()
 
+    coordination = dict(top.get("coordination", dict, {}))
     shard_list = top.get("shards", list, None)
     top.finish()
     if not shard_list:
@@ -339,7 +356,14 @@ def parse_config(text: str, path: Path) -> Config:
             f"{path}: [cluster] key 'min_replicas': {cluster.min_replicas} is more than the"
             f" replicas of the smallest shard ({min(len(s.replicas) for s in shards)})"
         )
-    return Config(path, cluster, storage, tuple(sorted(shards, key=lambda s: s.idx)), server)
+    return Config(
+        path,
+        cluster,
+        storage,
+        tuple(sorted(shards, key=lambda s: s.idx)),
+        server,
+        coordination,
+    )
 
 
 def _shard_entry(position: int, name: Any = None) -> str:
@@ -424,6 +448,7 @@ def _check_layout(path: Path, shards: list[ShardConfig]) -> None:
 
 def check_plugins(config: Config, registry: PluginRegistry) -> None:
     """Every plugin the config names is installed and accepts its settings."""
+    from distribkv.coordination.api import CoordinationError
     from distribkv.hashing.api import InvalidLayoutError, ShardSlot
     from distribkv.plugins import PluginNotFoundError
     from distribkv.storage.errors import InvalidSettingError
@@ -453,6 +478,20 @@ def check_plugins(config: Config, registry: PluginRegistry) -> None:
         registry.replication_transport(config.cluster.replication)
     except PluginNotFoundError as exc:
         raise ConfigError(f"{config.path}: [cluster] key 'replication': {exc}") from None
+    try:
+        coordination = registry.coordination(config.cluster.coordination)
+    except PluginNotFoundError as exc:
+        raise ConfigError(f"{config.path}: [cluster] key 'coordination': {exc}") from None
+    if coordination.check is not None:
+        try:
+            coordination.check(config.coordination, config)
+        except CoordinationError as exc:
+            raise ConfigError(f"{config.path}: [coordination]: {exc}") from None
+    elif config.coordination:
+        raise ConfigError(
+            f"{config.path}: [coordination] key {sorted(config.coordination)[0]!r}: coordination"
+            f" {coordination.name!r} takes no settings"
+        )
     try:
         scheme = registry.hashing_scheme(config.cluster.hashing)
     except PluginNotFoundError as exc:

@@ -21,6 +21,7 @@ import pluggy
 from distribkv import PROJECT
 
 if TYPE_CHECKING:
+    from distribkv.coordination.api import CoordinationSpec
     from distribkv.hashing.api import HashingSpec
     from distribkv.http.api import ServerSpec
     from distribkv.nodeview import NodeView
@@ -66,6 +67,17 @@ def distribkv_http_servers() -> list[ServerSpec]:
     ``listen.direct`` for a request before it builds a WSGI environ, and send its answer if it
     gives one, or let it finish the answer later (see ``distribkv.http.api``). Wrap the
     application in ``distribkv.http.wrapper.ServingWrapper`` for the drain and the access log."""
+
+
+@hookspec
+def distribkv_coordinations() -> list[CoordinationSpec]:
+    """Return the coordinations this plugin provides (a list of ``CoordinationSpec``).
+
+    A coordination decides who leads each shard (``[cluster] coordination``): ``static``
+    reads it from ``sharding.toml``; one that ``elects`` moves leadership when a leader dies,
+    and fences a leader whose right to acknowledge has lapsed (see
+    ``distribkv.coordination.api``).
+    """
 
 
 @hookspec

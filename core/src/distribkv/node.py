@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,11 +19,19 @@ from xxhash import xxh3_128
 
 from distribkv import __version__
 from distribkv.config import Config, NodeConfig, load_cluster_token, refuse_exposed
+from distribkv.coordination import roles
+from distribkv.coordination.api import Coordinator, Leadership, NotLeaderError
 from distribkv.hashing.shardmap import ShardInfo, ShardMap
 from distribkv.plugins import PluginRegistry
 from distribkv.replication.api import NotReplicatedError, ReplicationRole
 from distribkv.replication.leader import LeaderLog
-from distribkv.replication.records import ensure_history
+from distribkv.replication.records import (
+    APPLIED,
+    LAST_SEQ,
+    RESYNC,
+    ensure_history,
+    read_seq,
+)
 from distribkv.storage.api import Delete, Namespace, Op, Put
 from distribkv.storage.store import Store, open_store
 from distribkv.transition import MapState
@@ -52,7 +61,27 @@ class Node:
         )
         self.me: ShardInfo = self.shard_map.shard(shard)
         self.replica = replica
-        self.role = self.node_config.role
+        self.coordination = registry.coordination(config.cluster.coordination)
+        self.coordinator: Coordinator | None = None
+        #: With a coordination that elects, every node starts as a replica and takes the role
+        #: its coordinator gives it; with ``static`` the role is the file's.
+        self.elects: bool = self.coordination.elects
+        self.is_leader: bool = replica is None and not self.elects
+        self.role = "leader" if self.is_leader else "replica"
+        #: Where this shard's leader is, as far as this node knows.
+        self.leader_address: str | None = None if self.elects else self.me.leader
+        #: The term of the history this node's data belongs to (0 with ``static``).
+        self.term = 0
+        self.rolled_back = 0
+        self.role_error: str | None = None
+        self._following: tuple[str, int] | None = None
+        #: Set while this node stands for election: the term it stood in. It follows no leader
+        #: of that term or an older one until it withdraws.
+        self._standing: int | None = None
+        self._roles = threading.RLock()
+        self._changed = threading.Event()
+        self._roles_stopping = threading.Event()
+        self._role_thread: threading.Thread | None = None
         self.name = f"{shard}/{self.node_config.node_name}"
         self.address = self.node_config.address
         self.backend_name = backend or config.storage.backend
@@ -86,22 +115,229 @@ class Node:
         ensure_history(self.store, sync=self.sync)
         self.maps.load()
         self.me = self.shard_map.shard(self.me.name)
+        if not self.elects:
+            self.leader_address = self.me.leader
+        self.term = roles.read_term(self.store)
+        self.rolled_back = roles.read_rolled_back(self.store)
         if self.is_leader:
-            self.leader_log = LeaderLog(
-                self.store,
-                sync=self.sync,
-                replicas=[f"replica-{i}" for i in range(len(self.me.replicas))],
-                retention=self.config.cluster.log_retention,
-                group_commit=self.config.storage.group_commit,
-            )
+            self.leader_log = self._new_leader_log()
         log.info("node %s opened %s at %s", self.name, self.backend_name, self.data_dir)
         return self
 
+    def _new_leader_log(self) -> LeaderLog:
+        mine = self.node_config.node_name
+        return LeaderLog(
+            self._opened(),
+            sync=self.sync,
+            replicas=[name for name in self.node_names() if name != mine],
+            retention=self.config.cluster.log_retention,
+            group_commit=self.config.storage.group_commit,
+        )
+
+    def node_names(self) -> list[str]:
+        """The names of this shard's nodes: "leader", "replica-0", ..."""
+        return ["leader", *(f"replica-{i}" for i in range(len(self.me.replicas)))]
+
+    def node_address(self, name: str) -> str:
+        if name == "leader":
+            return self.me.leader
+        return self.me.replicas[int(name.removeprefix("replica-"))]
+
     def start_replication(self) -> None:
-        """Start this node's half of the configured replication transport."""
+        """Start the coordination, and this node's half of the replication transport: with
+        ``static`` at once, in the role of the file; with a coordination that elects, once
+        the coordinator says who leads."""
+        self.coordinator = self.coordination.create(self, self.config.coordination)
+        if not self.elects:
+            transport = self.registry.replication_transport(self.config.cluster.replication)
+            self.replication = (
+                transport.leader(self) if self.is_leader else transport.follower(self)
+            )
+            self.replication.start()
+            self.coordinator.start(self._changed.set)
+            return
+        self._role_thread = threading.Thread(
+            target=self._role_loop, name=f"distribkv-roles-{self.name}", daemon=True
+        )
+        self._role_thread.start()
+        self.coordinator.start(self._changed.set)
+
+    # --- leadership that moves (a coordination that elects) -------------------------------
+
+    def may_acknowledge(self) -> bool:
+        """True while this node may acknowledge a write: it leads, and its leadership cannot
+        have lapsed (the coordinator's deadline, on this process's monotonic clock)."""
+        if not self.is_leader:
+            return False
+        coordinator = self.coordinator
+        deadline = None if coordinator is None else coordinator.deadline()
+        return deadline is None or time.monotonic() < deadline
+
+    def leader_of(self, shard: ShardInfo) -> str:
+        """The address of ``shard``'s leader, as far as this node knows."""
+        coordinator = self.coordinator
+        if not self.elects or coordinator is None:
+            return shard.leader
+        lead = coordinator.leader(shard.name)
+        return shard.leader if lead is None else lead.address
+
+    def applied_seq(self) -> int:
+        """The last seq of the shard's history that this node's data holds."""
+        if self.leader_log is not None:
+            return self.leader_log.committer.committed_seq()
+        follower = self.replication
+        applied = getattr(follower, "applied", None)
+        if applied is not None:
+            return applied
+        store = self._opened()
+        if store.get(LAST_SEQ, roles.META) is not None:
+            return read_seq(store, LAST_SEQ)
+        return read_seq(store, APPLIED)
+
+    def stand_for_election(self) -> int | None:
+        """Called by a coordinator that elects before this node tries to take the lead: stop
+        following, so that the applied seq stays what it is; returns it, or None if this node
+        must not lead (its data is incomplete, or it diverged)."""
+        with self._roles:
+            if self.is_leader:
+                return self.applied_seq()
+            store = self._opened()
+            self._standing = self.term
+            if store.get(RESYNC, roles.META) is not None:
+                return None
+            follower = self.replication
+            if follower is not None:
+                if getattr(follower, "diverged", None) or not follower.readable:
+                    return None
+                follower.stop(self.config.server.forward_timeout + 5)
+                self.replication = None
+                self._following = None
+            if store.get(LAST_SEQ, roles.META) is None and store.get(APPLIED, roles.META) is None:
+                return None  # never followed anyone: no data of the shard's history
+            return self.applied_seq()
+
+    def withdraw_candidacy(self) -> None:
+        """The coordinator gave up this node's candidacy: it may follow the leader it had."""
+        with self._roles:
+            self._standing = None
+        self._changed.set()
+
+    def _role_loop(self) -> None:
+        while not self._roles_stopping.is_set():
+            self._changed.wait(0.5)
+            self._changed.clear()
+            if self._roles_stopping.is_set():
+                return
+            try:
+                with self._roles:
+                    self._reconcile()
+                self.role_error = None
+            except Exception as exc:
+                self.role_error = f"{type(exc).__name__}: {exc}"
+                log.exception("%s: changing role failed; trying again", self.name)
+                self._roles_stopping.wait(0.5)
+                self._changed.set()
+
+    def _reconcile(self) -> None:
+        """Make this node what its coordinator says."""
+        coordinator = self.coordinator
+        assert coordinator is not None
+        lead = coordinator.leader(self.me.name)
+        if lead is None:
+            if self.is_leader:
+                self._suspend_leadership()
+            return
+        self.leader_address = lead.address
+        if lead.node == self.node_config.node_name:
+            self._standing = None
+            if not self.is_leader:
+                self._take_leadership(lead)
+            return
+        if self._standing is not None:
+            if lead.term <= self._standing:
+                return  # a candidate waits for the next term's leader
+            self._standing = None
+        if self.is_leader or self._following != (lead.address, lead.term):
+            self._follow(lead)
+
+    def _suspend_leadership(self) -> None:
+        """This node's leadership lapsed and nobody else leads yet: stop taking writes; its
+        data stays a leader's until it knows who leads next."""
+        log.warning("%s: leadership of term %d lapsed; writes stop", self.name, self.term)
+        self.is_leader = False
+        self.role = "replica"
+        self._stop_leading()
+
+    def _stop_leading(self) -> None:
+        leader_log = self.leader_log
+        if leader_log is not None:
+            leader_log.log.stop_waiting()
+        if self.replication is not None:
+            self.replication.stop(self.config.server.forward_timeout + 5)
+            self.replication = None
+        if leader_log is not None:
+            leader_log.close()
+            self.leader_log = None
+
+    def _take_leadership(self, lead: Leadership) -> None:
+        if self.replication is not None:
+            self.replication.stop(self.config.server.forward_timeout + 5)
+            self.replication = None
+        self._following = None
+        store = self._opened()
+        store.put(roles.TERM, b"%d" % lead.term, ns=roles.META, sync=True)
+        self.term = lead.term
+        self.leader_log = self._new_leader_log()
         transport = self.registry.replication_transport(self.config.cluster.replication)
-        self.replication = transport.leader(self) if self.is_leader else transport.follower(self)
-        self.replication.start()
+        role = transport.leader(self)
+        role.start()
+        self.replication = role
+        self.role = "leader"
+        self.is_leader = True  # last: from here on writes come in
+        log.warning(
+            "%s: leads shard %s from term %d, at seq %d",
+            self.name,
+            self.me.name,
+            lead.term,
+            self.leader_log.log.last_seq,
+        )
+
+    def _follow(self, lead: Leadership) -> None:
+        if self.is_leader:
+            self.is_leader = False
+            self.role = "replica"
+        self._stop_leading()
+        coordinator = self.coordinator
+        assert coordinator is not None
+        store = self._opened()
+        fork = coordinator.fork_after(self.me.name, self.term) if self.term < lead.term else None
+        where = {"shard": self.me.name, "node": self.node_config.node_name}
+        if store.get(LAST_SEQ, roles.META) is not None:
+            self.rolled_back += roles.step_down(
+                store, fork=fork, term=self.term, data_dir=self.data_dir, **where
+            )
+        elif fork is not None:
+            self.rolled_back += roles.roll_back_replica(
+                store, fork=fork, term=self.term, data_dir=self.data_dir, **where
+            )
+        store.put(roles.TERM, b"%d" % lead.term, ns=roles.META, sync=True)
+        self.term = lead.term
+        self.leader_address = lead.address
+        transport = self.registry.replication_transport(self.config.cluster.replication)
+        role = transport.follower(self)
+        role.start()
+        self.replication = role
+        self._following = (lead.address, lead.term)
+        log.info("%s: follows %s at %s (term %d)", self.name, lead.node, lead.address, lead.term)
+
+    def stop_roles(self) -> None:
+        """Stop changing roles, and give up any leadership (an electing coordination)."""
+        self._roles_stopping.set()
+        self._changed.set()
+        if self._role_thread is not None:
+            self._role_thread.join(self.config.server.forward_timeout + 10)
+        if self.coordinator is not None:
+            self.coordinator.stop(self.config.server.forward_timeout)
 
     def begin_stopping(self) -> None:
         """The node is about to stop: a replica waiting in a long-poll gets its answer now, and
@@ -110,8 +346,10 @@ class Node:
             self.leader_log.log.stop_waiting()
 
     def stop_replication(self, timeout: float) -> None:
-        if self.replication is not None:
-            self.replication.stop(timeout)
+        self.stop_roles()
+        with self._roles:
+            if self.replication is not None:
+                self.replication.stop(timeout)
 
     def close(self) -> None:
         if self.leader_log is not None:
@@ -125,10 +363,6 @@ class Node:
     def shard_map(self) -> ShardMap:
         """The map this node serves (it changes when a reshard commits)."""
         return self.maps.map
-
-    @property
-    def is_leader(self) -> bool:
-        return self.replica is None
 
     def owner_of(self, key: bytes) -> ShardInfo:
         return self.shard_map.owner_of(key)
@@ -164,19 +398,33 @@ class Node:
         A client's write (``client=True``) is refused with :class:`Moving` while a reshard
         fences its keys; the check runs under the log's write lock. Writes of the reshard
         itself and of ``purge`` pass ``client=False``."""
-        seq = self._leader_log().committer.write(
-            ops, guard=self._write_guard(ops) if client else None
-        )
+        leader_log = self._leader_log()
+        if self.elects and not self.may_acknowledge():
+            raise self._not_leader(stored=False)
+        seq = leader_log.committer.write(ops, guard=self._write_guard(ops) if client else None)
         needed = self.config.cluster.min_replicas
         if needed:
             timeout = self.config.cluster.min_replicas_timeout
-            if not self._leader_log().progress.wait_replicated(seq, needed, timeout):
+            if not leader_log.progress.wait_replicated(seq, needed, timeout):
                 raise NotReplicatedError(
                     f"the write (seq {seq}) is stored on the leader {self.name} but fewer than"
                     f" {needed} replica(s) applied it within {timeout:g}s; it may not be"
                     " replicated"
                 )
+        if self.elects and not self.may_acknowledge():
+            raise self._not_leader(stored=True)
         return seq
+
+    def _not_leader(self, *, stored: bool) -> NotLeaderError:
+        if stored:
+            what = (
+                f"{self.name} stored the write but its leadership of term {self.term} lapsed"
+                " before it could acknowledge it: its outcome is unknown"
+            )
+        else:
+            what = f"{self.name} does not lead shard {self.me.name} now; the write was not applied"
+        leader = self.leader_address if not self.is_leader else None
+        return NotLeaderError(what, leader=leader, stored=stored)
 
     @property
     def defers_writes(self) -> bool:
@@ -194,15 +442,33 @@ class Node:
         try:
             # Checked again here: a leader that was just demoted answers the write an error.
             if not self.defers_writes:
-                raise RuntimeError(f"{self.name} cannot defer writes")
+                raise self._not_leader(stored=False)
+            if self.elects:
+                if not self.may_acknowledge():
+                    raise self._not_leader(stored=False)
+                done = self._fenced(done)
             self._leader_log().committer.submit(ops, done, guard=self._write_guard(ops))
         except Exception as exc:  # noqa: BLE001 - handed to the caller's answer
             done(0, exc)
 
+    def _fenced(
+        self, done: Callable[[int, BaseException | None], None]
+    ) -> Callable[[int, BaseException | None], None]:
+        """``done``, but a write that was applied after this node's leadership lapsed is
+        answered as unknown rather than acknowledged."""
+
+        def answer(seq: int, error: BaseException | None) -> None:
+            if error is None and not self.may_acknowledge():
+                error = self._not_leader(stored=True)
+            done(seq, error)
+
+        return answer
+
     def _leader_log(self) -> LeaderLog:
-        if self.leader_log is None:
-            raise RuntimeError(f"{self.name} is a replica; only leaders take writes")
-        return self.leader_log
+        leader_log = self.leader_log
+        if leader_log is None:
+            raise self._not_leader(stored=False)
+        return leader_log
 
     def _write_guard(self, ops: Sequence[Op]) -> Callable[[], None]:
         maps = self.maps
@@ -255,7 +521,8 @@ class Node:
             "shard": self.me.name,
             "idx": self.me.idx,
             "role": self.role,
-            "leader": self.me.leader,
+            "leader": self.leader_of(self.me) if self.elects else self.me.leader,
+            "term": self.term,
             "address": str(self.address),
             "backend": self.backend_name,
             "durability": self.config.storage.durability,
@@ -269,6 +536,12 @@ class Node:
             "replication": {
                 "transport": self.config.cluster.replication,
                 **(self.replication.status() if self.replication is not None else {}),
+            },
+            "coordination": {
+                "name": self.coordination.name,
+                **(self.coordinator.status() if self.coordinator is not None else {}),
+                "rolled_back": self.rolled_back,
+                "role_error": self.role_error,
             },
         }
 

@@ -40,6 +40,7 @@ KINDS: Mapping[str, tuple[str, str]] = {
     "hashing": ("distribkv_hashing_schemes", "hashing scheme"),
     "replication": ("distribkv_replication_transports", "replication transport"),
     "server": ("distribkv_http_servers", "server"),
+    "coordination": ("distribkv_coordinations", "coordination"),
 }
 
 #: The plugins that distribkv's own distributions provide, by kind (for "did you mean").
@@ -48,6 +49,7 @@ _SHIPPED: Mapping[str, tuple[str, ...]] = {
     "hashing": ("modulo", "ring"),
     "replication": ("log", "queue"),
     "server": ("waitress", "granian"),
+    "coordination": ("static", "etcd"),
 }
 
 #: Plugins whose distribution is not simply "distribkv-<name>".
@@ -57,6 +59,7 @@ _DISTRIBUTIONS = {
     "ring": "distribkv",
     "waitress": "distribkv",
     "log": "distribkv",
+    "static": "distribkv",
 }
 
 
@@ -202,6 +205,9 @@ class PluginRegistry:
 
     def http_server(self, name: str):
         return self.select("server", name)
+
+    def coordination(self, name: str):
+        return self.select("coordination", name)
 
 
 def _log_trace(line: str) -> None:

@@ -71,8 +71,8 @@ class PurgeResource:
             raise ApiError(
                 falcon.HTTP_403,
                 "read-only replica",
-                f"purge the leader at {self.node.me.leader}; replicas follow it",
-                leader=self.node.me.leader,
+                f"purge the leader at {self.node.leader_of(self.node.me)}; replicas follow it",
+                leader=self.node.leader_of(self.node.me),
             )
         resp.media = {**self.node.purge(), "fingerprint": self.node.shard_map.fingerprint}
 

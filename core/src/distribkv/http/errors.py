@@ -8,6 +8,7 @@ import logging
 
 import falcon
 
+from distribkv.coordination.api import NotLeaderError
 from distribkv.http.api import Answer, as_wsgi
 from distribkv.replication.api import NotReplicatedError
 from distribkv.storage.errors import (
@@ -97,6 +98,10 @@ def api_error(exc: BaseException, method: str, path: str) -> falcon.HTTPError:
                 return ApiError(status, title, str(exc))
     if isinstance(exc, NotReplicatedError):
         return ApiError(falcon.HTTP_503, "not replicated", str(exc))
+    if isinstance(exc, NotLeaderError):
+        extra = {"leader": exc.leader} if exc.leader else {}
+        title = "outcome unknown" if exc.stored else "not the leader"
+        return ApiError(falcon.HTTP_503, title, str(exc), headers={"Retry-After": "1"}, **extra)
     if isinstance(exc, Moving):
         return ApiError(
             falcon.HTTP_503,

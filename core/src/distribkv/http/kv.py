@@ -232,8 +232,8 @@ def check_readable(node) -> list[tuple[str, str]]:
         raise ApiError(
             falcon.HTTP_503,
             "replica resyncing",
-            f"{node.name} is reloading its data; read from the leader {node.me.leader}",
-            leader=node.me.leader,
+            f"{node.name} is reloading its data; read from the leader {node.leader_of(node.me)}",
+            leader=node.leader_of(node.me),
         )
     return [(LAG_ENTRIES_HEADER, str(lag[0])), (LAG_SECONDS_HEADER, f"{lag[1]:.3f}")]
 

@@ -161,54 +161,55 @@ class Router:
             if not write and header(READ) != "leader":
                 return None  # a replica serves reads itself, possibly stale
             if write and not self.redirects:
+                leader = node.leader_of(owner)
                 raise ApiError(
                     falcon.HTTP_403,
                     "read-only replica",
-                    f"{node.name} is a replica; write to the leader at {owner.leader}",
-                    leader=owner.leader,
+                    f"{node.name} is a replica; write to the leader at {leader}",
+                    leader=leader,
                 )
         elif header(HOP) is not None:
-            raise misdirected(owner, node.name)
+            raise misdirected(owner, node.leader_of(owner), node.name)
         # Another shard's key, a write to a replica (redirect mode) or a leader-only read.
         target = f"{path}?{query}" if query else path
+        leader = node.leader_of(owner)
         if self.redirects:
             if owner.name == me.name:  # a write to this replica, or a read for the leader
                 what = "a write" if write else f"a read with {READ_HEADER}: leader"
                 return redirect(
                     owner,
+                    leader,
                     target,
                     "not the leader",
                     f"{node.name} is a replica of shard {owner.name!r}; {what} goes to its"
-                    f" leader at {owner.leader}",
+                    f" leader at {leader}",
                 )
             return redirect(
-                owner, target, "wrong shard", f"shard {owner.name!r} at {owner.leader} owns it"
+                owner, leader, target, "wrong shard", f"shard {owner.name!r} at {leader} owns it"
             )
         if not may_block:
             return BLOCKS
-        return self.forwarder.forward(
-            owner, owner.leader, fingerprint, method, target, body, header
-        )
+        return self.forwarder.forward(owner, leader, fingerprint, method, target, body, header)
 
 
-def redirect(owner: ShardInfo, target: str, error: str, detail: str) -> Answer:
+def redirect(owner: ShardInfo, leader: str, target: str, error: str, detail: str) -> Answer:
     """307 to the shard's leader: it keeps the method and the body (a 301/302 may turn a PUT
     into a GET)."""
     body = json.dumps({"error": error, "detail": detail}).encode()
     headers = [
-        ("Location", f"http://{owner.leader}{target}"),
+        ("Location", f"http://{leader}{target}"),
         (SHARD_HEADER, owner.name),
         ("Content-Type", JSON),
     ]
     return 307, headers, body
 
 
-def misdirected(owner: ShardInfo, me: str) -> ApiError:
+def misdirected(owner: ShardInfo, leader: str, me: str) -> ApiError:
     return ApiError(
         falcon.HTTP_421,
         "misdirected request",
         f"node {me} received a forwarded request for a key of shard {owner.name!r}"
-        f" ({owner.leader}); the cluster maps disagree",
+        f" ({leader}); the cluster maps disagree",
         owner=owner.name,
     )
 

@@ -99,19 +99,33 @@ def leader_request(node, req: falcon.Request) -> tuple[LeaderLog, dict[str, byte
     leader = leader_log_of(node)
     if leader.log.stopping:
         raise ApiError(falcon.HTTP_503, "stopping", f"{node.name} is stopping; replication pauses")
-    return leader, query_params(req)
+    params = query_params(req)
+    if node.elects:
+        # A replica names the term it expects to follow: a leader of an older one (deposed,
+        # still running) or one whose leadership lapsed feeds nobody.
+        raw = params.get("term")
+        expected = int(raw) if raw and raw.isdigit() else 0
+        if expected > node.term or not node.may_acknowledge():
+            raise ApiError(
+                falcon.HTTP_503,
+                "not the leader",
+                f"{node.name} does not lead term {expected} (its term: {node.term})",
+            )
+    return leader, params
 
 
 def leader_log_of(node) -> LeaderLog:
     """The node's leader log, or 403 naming the leader for a request a replica cannot serve."""
-    if not node.is_leader or node.leader_log is None:
+    leader_log = node.leader_log
+    if not node.is_leader or leader_log is None:
+        leader = node.leader_of(node.me)
         raise ApiError(
             falcon.HTTP_403,
             "not the leader",
-            f"{node.name} is a replica; ask its leader at {node.me.leader}",
-            leader=node.me.leader,
+            f"{node.name} is a replica; ask its leader at {leader}",
+            leader=leader,
         )
-    return node.leader_log
+    return leader_log
 
 
 class LeaderRole(LoopRole):

@@ -21,7 +21,10 @@ __all__ = ["HttpSource"]
 class HttpSource(LeaderSource):
     def __init__(self, node):
         self.replica = node.node_config.node_name
-        self.address = node.me.leader
+        self.address = node.leader_address or node.me.leader
+        #: With a coordination that elects: the term this replica follows (a leader of an
+        #: older term refuses it).
+        self.term = node.term if node.elects else None
         self.timeout = node.config.server.forward_timeout
         self.headers = {TOKEN_HEADER: node.token} if node.token else {}
         self.client = HttpClient(self.timeout, per_address=1)
@@ -35,6 +38,8 @@ class HttpSource(LeaderSource):
             f"{path}?after={after}&replica={self.replica}&history={history or ''}"
             f"&wait_ms={int(wait * 1000)}"
         )
+        if self.term is not None:
+            target += f"&term={self.term}"
         return target if check is None else f"{target}&check={check}"
 
     def fetch(self, target: str, timeout: float) -> Response:

@@ -27,6 +27,7 @@ A module's cluster holds a range of its own for as long as it runs
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import itertools
 import os
@@ -37,9 +38,17 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterable
+import types
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote_from_bytes, urlsplit
+
+if TYPE_CHECKING:
+    import pytest
+
+    from distribkv.node import Node
+    from distribkv.plugins import PluginRegistry
 
 __all__ = [
     "Cluster",
@@ -53,6 +62,7 @@ __all__ = [
     "free_port",
     "node_addresses",
     "q",
+    "serving",
     "stop_all",
     "wait_until",
     "worker_index",
@@ -503,3 +513,50 @@ def wait_until(
         if time.monotonic() - started > timeout:
             raise AssertionError(f"not true within {timeout}s: {message}")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def serving(
+    node: Node, registry: PluginRegistry, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """``distribkv serve`` of ``node`` in a thread until the block ends; it is stopped the way
+    a SIGTERM stops it, by the handler serve() installs (captured here, not installed)."""
+    from distribkv import launcher
+
+    handlers: dict[int, Callable] = {}
+
+    def capture(signum, handler):
+        previous = handlers.get(signum, signal.SIG_DFL)
+        handlers[signum] = handler
+        return previous
+
+    monkeypatch.setattr(
+        launcher,
+        "signal",
+        types.SimpleNamespace(
+            signal=capture, SIGTERM=signal.SIGTERM, SIGINT=signal.SIGINT, Signals=signal.Signals
+        ),
+    )
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["returned"] = launcher.serve(node, registry, announce=lambda text: None)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            outcome["raised"] = exc
+
+    thread = threading.Thread(target=run, name=f"serve-{node.name}", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not launcher.healthy(str(node.address), timeout=1.0):
+            assert thread.is_alive(), f"serve() ended before answering: {outcome}"
+            assert time.monotonic() < deadline, f"{node.name} did not answer /healthz"
+            time.sleep(0.02)
+        yield
+    finally:
+        if thread.is_alive() and signal.SIGTERM in handlers:
+            handlers[signal.SIGTERM](signal.SIGTERM, None)
+        thread.join(timeout=30)
+    assert not thread.is_alive(), "serve() did not return after SIGTERM"
+    assert outcome == {"returned": 0}
