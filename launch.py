@@ -4,8 +4,8 @@
     python3 launch.py                    # the cluster of ./sharding.toml
     python3 launch.py --config my.toml   # another cluster file
 
-Bootstraps its own virtual environment (.venv) with the core and the three storage backends on
-first use, then runs `distribkv launch` inside it: every node of the file starts as a child
+Bootstraps its own virtual environment (.venv) with the core, the three storage backends and the
+plugins (granian, queue, etcd with its local etcd binaries) on first use, then runs `distribkv launch` inside it: every node of the file starts as a child
 process, and Ctrl-C stops them all.
 """
 
@@ -20,6 +20,8 @@ PACKAGES = [
     "./plugins/queue",
     "-e",
     "./plugins/granian",
+    "-e",
+    "./plugins/etcd[local]",
     "-e",
     "./core",
     "-e",

@@ -204,6 +204,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         log_dir=log_dir,
         max_restarts=args.max_restarts,
         restart_window=args.restart_window,
+        registry=registry,
     )
     return run_launcher(launcher, lambda rows: _table(rows, indent=""))
 

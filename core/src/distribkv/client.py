@@ -42,6 +42,8 @@ BATCH_OPS = 1000
 #: How many times one request may fetch the map again after a 409 (a reshard switches the nodes
 #: one by one, so a request can meet an old and a new map in a row).
 MAX_MAP_REFRESHES = 4
+#: 503 answers that mean "this node leads the shard no more" (or not yet another one).
+LEADERLESS = ("not the leader", "outcome unknown")
 
 
 class ClientError(Exception):
@@ -72,6 +74,12 @@ class NotANode(ClientError):
     """An address answered, but not as a distribkv node does (another server listens there)."""
 
 
+class OutcomeUnknown(ClientError):
+    """A write was sent, but no answer says whether it was applied: the node failed or lost
+    its leadership meanwhile. It may or may not be in the shard's history; reading the key
+    tells."""
+
+
 class Client:
     def __init__(
         self,
@@ -84,6 +92,7 @@ class Client:
         move_wait: float = 30.0,
         registry: PluginRegistry | None = None,
         pool_size: int = 8,
+        failover_wait: float = 10.0,
     ):
         if not nodes:
             raise ValueError("give at least one node address (host:port)")
@@ -93,6 +102,17 @@ class Client:
         self.max_redirects = max_redirects
         self.retries = retries
         self.move_wait = move_wait
+        #: How long a request waits for its shard to have a reachable leader again (a
+        #: failover), trying every few hundred milliseconds.
+        self.failover_wait = failover_wait
+        #: Each shard's current leader, from /cluster (with a coordination that elects, not
+        #: always the one the map names).
+        self._leaders: dict[str, str] = {}
+        #: True when the cluster's coordination elects leaders (a leader that is gone is
+        #: worth waiting for); with "static" nothing replaces it.
+        self.elects = False
+        #: Requests that waited for a leader (it was down, or had just changed).
+        self.failovers = 0
         self.registry = registry or load_plugins()
         self.http = HttpClient(timeout, per_address=pool_size)
         # Reads are tried again after any connection error; writes only when the connection
@@ -118,13 +138,17 @@ class Client:
             raise ClientError("the client has no shard map yet")
         return self._map
 
-    def refresh_map(self, prefer: str | None = None) -> ShardMap:
-        """Fetch ``/cluster`` from the first node that answers (``prefer`` first)."""
+    def refresh_map(self, prefer: str | None = None, avoid: str | None = None) -> ShardMap:
+        """Fetch ``/cluster`` from the first node that answers (``prefer`` first, ``avoid``
+        last)."""
         errors = []
         candidates = ([prefer] if prefer else []) + list(self.seeds)
         if self._map is not None:
             candidates += sorted(self._map.addresses())
-        for address in dict.fromkeys(candidates):
+        ordered = [a for a in dict.fromkeys(candidates) if a != avoid]
+        if avoid is not None:
+            ordered.append(avoid)
+        for address in ordered:
             try:
                 response = self.http.request(address, "GET", "/cluster")
             except RequestFailed as exc:
@@ -147,17 +171,43 @@ class Client:
                     f"{address} publishes map {data['fingerprint']} but it hashes to"
                     f" {fresh.fingerprint} here: the hashing plugins differ"
                 )
+            leaders = data.get("leaders") or {}
             with self._lock:
                 self._map = fresh
+                self.elects = data.get("coordination", "static") != "static"
+                self._leaders = {
+                    name: lead["address"]
+                    for name, lead in leaders.items()
+                    if isinstance(lead, dict) and lead.get("address")
+                }
                 self.map_refreshes += 1
             return fresh
         raise Unavailable("no node answered /cluster: " + "; ".join(errors))
+
+    def leader_of(self, key: bytes) -> str:
+        """The address of the current leader of ``key``'s shard, as last fetched."""
+        shard = self.map.owner_of(key)
+        return self._leaders.get(shard.name, shard.leader)
 
     def _address(self, key: bytes, *, write: bool) -> str:
         shard = self.map.owner_of(key)
         if not write and self.read_from_replicas and shard.replicas:
             return shard.replicas[hash(threading.get_ident()) % len(shard.replicas)]
-        return shard.leader
+        return self._leaders.get(shard.name, shard.leader)
+
+    def _await_leader(self, address: str, started: float) -> bool:
+        """After a leader could not be reached or said it leads no more: fetch who leads now
+        and wait a little. False once ``failover_wait`` has passed."""
+        waited = time.monotonic() - started
+        if not self.elects or waited >= self.failover_wait:
+            return False
+        self.failovers += 1
+        time.sleep(min(0.5, 0.05 + waited / 4))
+        try:
+            self.refresh_map(avoid=address)
+        except ClientError:
+            pass  # no node answered: try again after the next wait
+        return True
 
     # --- requests -------------------------------------------------------------------------
 
@@ -177,6 +227,8 @@ class Client:
         redirects = 0
         deadline = time.monotonic() + self.move_wait
         retry = self._write_retry if write else self._read_retry
+        failing: float | None = None  # since when the shard has had no leader that answers
+        unknown = False  # a write was sent and no answer said what became of it
         while True:
             sent_headers = {MAP_HEADER: self.map.fingerprint, **(headers or {})}
             try:
@@ -184,8 +236,31 @@ class Client:
                     address, method, target, body, sent_headers, retry=retry
                 )
             except RequestFailed as exc:
+                unknown = unknown or (write and exc.sent)
+                failing = time.monotonic() if failing is None else failing
+                # set and delete are idempotent, and so are batches of only sets and deletes
+                # or only gets (all the client sends): sent again to the shard's leader.
+                if self._await_leader(address, failing):
+                    address = self._address(key, write=write)
+                    continue
+                if unknown:
+                    raise OutcomeUnknown(
+                        f"{method} {target[:80]}: sent to {address}, no answer: {exc}"
+                    ) from exc
                 raise Unavailable(str(exc)) from exc
             status, data = response.status, response.body
+            leaderless = status == 503 and response.error() in LEADERLESS
+            if leaderless:
+                unknown = unknown or response.error() == "outcome unknown"
+                failing = time.monotonic() if failing is None else failing
+                if self._await_leader(address, failing):
+                    address = self._address(key, write=write)
+                    continue
+                if unknown:
+                    raise OutcomeUnknown(
+                        f"{method} {target[:80]}: no leader acknowledged it within"
+                        f" {self.failover_wait:g}s ({address} answered {status})"
+                    )
             if status == 409 and refreshes < MAX_MAP_REFRESHES:
                 # The node has another map: take it from that node (it is the newer one
                 # during a reshard), then route again.
@@ -203,7 +278,7 @@ class Client:
                 time.sleep(min(0.2, 0.01 * 2**attempt))
                 continue
             if error == "replica resyncing" and not write:
-                leader = self.map.owner_of(key).leader
+                leader = self.leader_of(key)
                 if address != leader:
                     # The replica's data is incomplete for now; its leader has it all.
                     self.leader_fallbacks += 1
@@ -332,4 +407,12 @@ def _q(key: bytes) -> str:
     return quote_from_bytes(key, safe="")
 
 
-__all__ = ["Client", "ClientError", "NotANode", "RequestError", "ServerError", "Unavailable"]
+__all__ = [
+    "Client",
+    "ClientError",
+    "NotANode",
+    "OutcomeUnknown",
+    "RequestError",
+    "ServerError",
+    "Unavailable",
+]

@@ -30,6 +30,7 @@ import json
 import queue
 import random
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Mapping
@@ -143,8 +144,17 @@ class HttpClient:
     a pool of at most ``per_address`` idle ones per address (more are opened when more threads
     call at once)."""
 
-    def __init__(self, timeout: float, *, per_address: int = 8, retry: Retry = NO_RETRY):
+    def __init__(
+        self,
+        timeout: float,
+        *,
+        per_address: int = 8,
+        retry: Retry = NO_RETRY,
+        ssl_context: ssl.SSLContext | None = None,
+    ):
         self.timeout = timeout
+        #: With a context, every connection is HTTPS.
+        self.ssl_context = ssl_context
         self.per_address = per_address
         self.retry = retry
         self._idle: dict[str, queue.LifoQueue[http.client.HTTPConnection]] = {}
@@ -199,7 +209,12 @@ class HttpClient:
                     fresh = True
             if conn is None:
                 host, port = split_address(address)
-                conn = http.client.HTTPConnection(host, port, timeout=limit)
+                if self.ssl_context is None:
+                    conn = http.client.HTTPConnection(host, port, timeout=limit)
+                else:
+                    conn = http.client.HTTPSConnection(
+                        host, port, timeout=limit, context=self.ssl_context
+                    )
                 try:
                     conn.connect()
                 except OSError as exc:

@@ -4,6 +4,7 @@ serve``), :class:`Launcher` runs every node of a cluster file as a child process
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import subprocess
@@ -137,6 +138,7 @@ class Launcher:
         python: str = sys.executable,
         max_restarts: int = 5,
         restart_window: float = 60.0,
+        registry: PluginRegistry | None = None,
     ):
         if max_restarts < 0:
             raise ValueError(f"max_restarts must be 0 or more, not {max_restarts}")
@@ -148,6 +150,10 @@ class Launcher:
         self.max_restarts = max_restarts
         self.restart_window = restart_window
         self.children: list[Child] = []
+        self.registry = registry
+        #: What runs before the nodes (a local coordination service), stopped after them.
+        self.services = contextlib.ExitStack()
+        self.service_lines: list[str] = []
 
     def _spawn(self, node: NodeConfig, log_path: Path) -> subprocess.Popen:
         cmd = [
@@ -175,6 +181,12 @@ class Launcher:
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.registry is not None:
+            spec = self.registry.coordination(self.config.cluster.coordination)
+            if spec.launch is not None:
+                line = self.services.enter_context(spec.launch(self.config, self.log_dir))
+                if line:
+                    self.service_lines.append(line)
         for node in self.config.nodes():
             log_path = self.log_dir / f"{node.shard.name}-{node.node_name}.log"
             self.children.append(Child(node, log_path, self._spawn(node, log_path)))
@@ -273,6 +285,7 @@ class Launcher:
                 )
                 child.process.kill()
                 child.process.wait(timeout=10)
+        self.services.close()
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -302,13 +315,15 @@ def run_launcher(launcher: Launcher, format_table) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        launcher.start()
         try:
+            launcher.start()
             launcher.wait_ready()
         except RuntimeError as exc:
             _say(f"distribkv: error: {exc}", file=sys.stderr)
             launcher.stop()
             return 1
+        for line in launcher.service_lines:
+            _say(line)
         _say(format_table(launcher.table()))
         _say("all nodes are up; Ctrl-C stops them")
         while not stop_requested:

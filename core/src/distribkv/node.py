@@ -173,13 +173,32 @@ class Node:
         deadline = None if coordinator is None else coordinator.deadline()
         return deadline is None or time.monotonic() < deadline
 
-    def leader_of(self, shard: ShardInfo) -> str:
-        """The address of ``shard``'s leader, as far as this node knows."""
-        coordinator = self.coordinator
-        if not self.elects or coordinator is None:
+    def leader_of(self, shard: ShardInfo) -> str | None:
+        """The address of ``shard``'s leader, as far as this node knows; None while it knows
+        none (with a coordination that elects: an election is under way, or the node has not
+        heard from its coordinator yet)."""
+        if not self.elects:
             return shard.leader
-        lead = coordinator.leader(shard.name)
-        return shard.leader if lead is None else lead.address
+        coordinator = self.coordinator
+        lead = None if coordinator is None else coordinator.leader(shard.name)
+        return None if lead is None else lead.address
+
+    def leaders(self, shard_map: ShardMap | None = None) -> dict[str, dict]:
+        """Every shard's current leader as this node knows it: ``{shard: {"node", "address",
+        "term"}}`` (``node`` and ``term`` are None while an election is under way)."""
+        coordinator = self.coordinator
+        out = {}
+        for shard in (shard_map or self.shard_map).shards:
+            lead = None if coordinator is None else coordinator.leader(shard.name)
+            if lead is None:
+                out[shard.name] = {
+                    "node": None if self.elects else "leader",
+                    "address": shard.leader,
+                    "term": None if self.elects else 0,
+                }
+            else:
+                out[shard.name] = {"node": lead.node, "address": lead.address, "term": lead.term}
+        return out
 
     def applied_seq(self) -> int:
         """The last seq of the shard's history that this node's data holds."""
@@ -194,10 +213,11 @@ class Node:
             return read_seq(store, LAST_SEQ)
         return read_seq(store, APPLIED)
 
-    def stand_for_election(self) -> int | None:
+    def stand_for_election(self, *, first: bool = False) -> int | None:
         """Called by a coordinator that elects before this node tries to take the lead: stop
         following, so that the applied seq stays what it is; returns it, or None if this node
-        must not lead (its data is incomplete, or it diverged)."""
+        must not lead (its data is incomplete, or it diverged). ``first``: the shard has never
+        had a leader, and this node may start its history even with no data."""
         with self._roles:
             if self.is_leader:
                 return self.applied_seq()
@@ -212,7 +232,11 @@ class Node:
                 follower.stop(self.config.server.forward_timeout + 5)
                 self.replication = None
                 self._following = None
-            if store.get(LAST_SEQ, roles.META) is None and store.get(APPLIED, roles.META) is None:
+            if (
+                not first
+                and store.get(LAST_SEQ, roles.META) is None
+                and store.get(APPLIED, roles.META) is None
+            ):
                 return None  # never followed anyone: no data of the shard's history
             return self.applied_seq()
 
@@ -252,6 +276,9 @@ class Node:
             self._standing = None
             if not self.is_leader:
                 self._take_leadership(lead)
+            elif lead.term != self.term:  # elected again, after its leadership lapsed
+                self._opened().put(roles.TERM, b"%d" % lead.term, ns=roles.META, sync=True)
+                self.term = lead.term
             return
         if self._standing is not None:
             if lead.term <= self._standing:

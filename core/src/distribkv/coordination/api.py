@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -113,3 +115,7 @@ class CoordinationSpec:
     #: True if leadership moves on its own (a failover): nodes then take their role from the
     #: coordinator, not from ``sharding.toml``.
     elects: bool = False
+    #: ``launch(config, log_dir)``: a context manager for what ``distribkv launch`` runs
+    #: before the nodes and stops after them (a local coordination service); it yields a line
+    #: to show, or None.
+    launch: Callable[[Config, Path], AbstractContextManager[str | None]] | None = None

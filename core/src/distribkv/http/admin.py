@@ -53,11 +53,17 @@ class ClusterResource:
         self.node = node
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        node = self.node
+        routing = node.maps.routing
         resp.media = {
             # The map clients should route by (the old one while a reshard moves keys).
-            **self.node.maps.routing.describe(),
-            "routing": self.node.config.cluster.routing,
-            "node": self.node.name,
+            **routing.describe(),
+            "routing": node.config.cluster.routing,
+            "node": node.name,
+            # Who leads each shard now: with a coordination that elects, not always the
+            # leader the map names (that one stays in the map, which is the file's).
+            "coordination": node.config.cluster.coordination,
+            "leaders": node.leaders(routing),
         }
 
 

@@ -295,10 +295,16 @@ def inline_requests(node, *, deferred_writes: bool = False) -> Callable[[str, st
     waits on the network; a replica cannot tell from the request line whether the client asked
     for a leader-only read). A write is inline where the node defers it (it is queued, and the
     thread that applies it answers it) and on a replica (refused or redirected at once); in
-    proxy mode a write of another shard's key is forwarded, so it is not."""
+    proxy mode a write of another shard's key is forwarded, so it is not. With a coordination
+    that elects, roles change at run time: writes are inline only without ``min_replicas``."""
     always = frozenset(("/healthz", "/cluster"))
     proxy = node.config.cluster.routing == "proxy"
-    writes = deferred_writes and (node.defers_writes or not node.is_leader)
+    if node.elects:
+        # The role changes while the node runs: a write is inline only where any leader
+        # would defer it (no min_replicas wait), which a replica answers at once as well.
+        writes = deferred_writes and not node.config.cluster.min_replicas
+    else:
+        writes = deferred_writes and (node.defers_writes or not node.is_leader)
 
     def owned(query: str) -> bool:
         try:

