@@ -4,9 +4,10 @@
     python3 launch.py                    # the cluster of ./sharding.toml
     python3 launch.py --config my.toml   # another cluster file
 
-Bootstraps its own virtual environment (.venv) with the core, the three storage backends and the
-plugins (granian, queue, etcd with its local etcd binaries) on first use, then runs `distribkv launch` inside it: every node of the file starts as a child
-process, and Ctrl-C stops them all.
+Bootstraps its own virtual environment (.venv) on first use, with the core, the three storage
+backends and the plugins (granian, queue, and etcd with its local etcd binaries), then runs
+`distribkv launch` inside it: every node of the file starts as a child process, and Ctrl-C
+stops them all.
 """
 
 import sys

@@ -32,7 +32,7 @@ from urllib.parse import quote_from_bytes, urlsplit
 import msgpack
 
 from distribkv.hashing.shardmap import ShardMap
-from distribkv.httpclient import HttpClient, RequestFailed, Response, Retry
+from distribkv.httpclient import NO_RETRY, HttpClient, RequestFailed, Response, Retry
 from distribkv.plugins import PluginRegistry, load_plugins
 from distribkv.protocol import MAP_HEADER, MSGPACK
 
@@ -202,7 +202,7 @@ class Client:
         if not self.elects or waited >= self.failover_wait:
             return False
         self.failovers += 1
-        time.sleep(min(0.5, 0.05 + waited / 4))
+        time.sleep(min(0.25, 0.05 + waited / 8))
         try:
             self.refresh_map(avoid=address)
         except ClientError:
@@ -227,6 +227,10 @@ class Client:
         redirects = 0
         deadline = time.monotonic() + self.move_wait
         retry = self._write_retry if write else self._read_retry
+        if self.elects:
+            # A leader that cannot be reached may have been replaced: ask who leads (in
+            # _await_leader) rather than knock at the same address again.
+            retry = NO_RETRY
         failing: float | None = None  # since when the shard has had no leader that answers
         unknown = False  # a write was sent and no answer said what became of it
         while True:

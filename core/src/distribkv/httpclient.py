@@ -26,6 +26,7 @@ Nothing here imports the node's server side, so the client loads no web framewor
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import queue
 import random
@@ -41,7 +42,15 @@ import msgpack
 
 from distribkv.protocol import MSGPACK
 
-__all__ = ["Backoff", "HttpClient", "RequestFailed", "Response", "Retry", "split_address"]
+__all__ = [
+    "Backoff",
+    "HttpClient",
+    "RequestFailed",
+    "Response",
+    "Retry",
+    "source_host",
+    "split_address",
+]
 
 
 class RequestFailed(OSError):
@@ -151,8 +160,12 @@ class HttpClient:
         per_address: int = 8,
         retry: Retry = NO_RETRY,
         ssl_context: ssl.SSLContext | None = None,
+        source_host: str | None = None,
     ):
         self.timeout = timeout
+        #: Connections are made from this local address (a node's own IP: its traffic to other
+        #: nodes and to its coordinator then comes from the address it serves on).
+        self.source = None if source_host is None else (source_host, 0)
         #: With a context, every connection is HTTPS.
         self.ssl_context = ssl_context
         self.per_address = per_address
@@ -210,10 +223,16 @@ class HttpClient:
             if conn is None:
                 host, port = split_address(address)
                 if self.ssl_context is None:
-                    conn = http.client.HTTPConnection(host, port, timeout=limit)
+                    conn = http.client.HTTPConnection(
+                        host, port, timeout=limit, source_address=self.source
+                    )
                 else:
                     conn = http.client.HTTPSConnection(
-                        host, port, timeout=limit, context=self.ssl_context
+                        host,
+                        port,
+                        timeout=limit,
+                        context=self.ssl_context,
+                        source_address=self.source,
                     )
                 try:
                     conn.connect()
@@ -270,6 +289,16 @@ class HttpClient:
                     idle.get_nowait().close()
                 except queue.Empty:
                     break
+
+
+def source_host(host: str) -> str | None:
+    """``host`` if outgoing connections can be made from it (an IP address of this machine
+    that a node listens on), else None (a name, or a wildcard)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return None if address.is_unspecified else host
 
 
 def _reason(exc: BaseException) -> str:

@@ -16,17 +16,20 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import statistics
+import subprocess
 import threading
 import time
-from pathlib import Path
+from urllib.parse import urlsplit
 
+import attrs
 import msgpack
 import pytest
 
 from distribkv.client import Client, ClientError, OutcomeUnknown
-from distribkv.testing.cluster import Cluster, call, write_config
+from distribkv.testing.cluster import Cluster, call, q, write_config
 
 pytest.importorskip("distribkv_etcd")
 from distribkv_etcd.local import LocalEtcd
@@ -34,7 +37,15 @@ from distribkv_etcd.local import LocalEtcd
 #: Kill rounds per backend: the tox matrix runs three backends, 21 rounds in all.
 ROUNDS = int(os.environ.get("DISTRIBKV_FAILOVER_ROUNDS", "7"))
 WRITERS = 4
-REPORT = Path(os.environ.get("DISTRIBKV_FAILOVER_REPORT", "failover-report.jsonl"))
+#: Where the figures of each run are appended as JSON lines, if set.
+REPORT = os.environ.get("DISTRIBKV_FAILOVER_REPORT")
+
+
+def report(entry: dict) -> None:
+    print("failover:", json.dumps(entry))
+    if REPORT:
+        with open(REPORT, "a") as out:
+            out.write(json.dumps(entry) + "\n")
 
 
 @pytest.fixture
@@ -44,7 +55,9 @@ def etcd(tmp_path, hosts):
         yield server
 
 
-def failover_cluster(tmp_path, hosts, etcd, backend_name, *, min_replicas=1, replicas=2):
+def failover_cluster(
+    tmp_path, hosts, etcd, backend_name, *, min_replicas=1, replicas=2, cluster_lines=""
+):
     coordination = "\n".join(
         [
             "[coordination]",
@@ -61,7 +74,7 @@ def failover_cluster(tmp_path, hosts, etcd, backend_name, *, min_replicas=1, rep
         durability="sync",
         cluster_extra=(
             f'name = "t{os.getpid()}-{random.randrange(1 << 30)}"\n'
-            f'coordination = "etcd"\nmin_replicas = {min_replicas}'
+            f'coordination = "etcd"\nmin_replicas = {min_replicas}\n{cluster_lines}'
         ),
         extra=coordination,
     )
@@ -182,7 +195,8 @@ def test_killing_the_leader_loses_no_acknowledged_write(tmp_path, hosts, etcd, b
         assert lost == [], f"{len(lost)} of {len(acked)} acknowledged writes lost: {lost[:10]}"
         client.close()
         assert cluster.stop() == 0, cluster.text[-3000:]
-    report = {
+    result = {
+        "test": "kill",
         "backend": backend_name,
         "rounds": ROUNDS,
         "acked": len(acked),
@@ -191,9 +205,7 @@ def test_killing_the_leader_loses_no_acknowledged_write(tmp_path, hosts, etcd, b
         "median_gap_s": round(statistics.median(gaps), 3),
         "max_gap_s": round(max(gaps), 3),
     }
-    with open(REPORT, "a") as out:
-        out.write(json.dumps(report) + "\n")
-    print("failover:", json.dumps(report))
+    report(result)
 
 
 def wait_for(predicate, what: str, timeout: float = 30.0):
@@ -279,4 +291,186 @@ def test_a_deposed_leader_writes_what_the_new_history_lacks_to_a_rollback_file(
             assert (there[key] == value) != (rolled.get(key) == value), (key, there, rolled)
         assert digest(old["address"])["keys"] == 21 + 5 - len(rolled)
         client.close()
+        assert cluster.stop() == 0, cluster.text[-3000:]
+
+
+class Partition:
+    """Drops every packet between one loopback host and some others, both ways, with an
+    nftables table of its own (root only); :meth:`heal` deletes the table."""
+
+    def __init__(self) -> None:
+        self.table = f"distribkv_test_{os.getpid()}_{random.randrange(1 << 20)}"
+        self.active = False
+
+    def cut(self, host: str, others: list[str]) -> None:
+        peers = ", ".join(others)
+        rules = (
+            f"table inet {self.table} {{\n"
+            "  chain out { type filter hook output priority 0; policy accept;\n"
+            f"    ip saddr {host} ip daddr {{ {peers} }} drop\n"
+            f"    ip saddr {{ {peers} }} ip daddr {host} drop\n"
+            "  }\n}\n"
+        )
+        subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True, timeout=10)
+        self.active = True
+
+    def heal(self) -> None:
+        if self.active:
+            subprocess.run(["nft", "delete", "table", "inet", self.table], check=True, timeout=10)
+            self.active = False
+
+
+@pytest.fixture
+def partition():
+    if os.geteuid() != 0 or shutil.which("nft") is None:
+        pytest.skip("a partition needs root and nftables (apt-get install nftables)")
+    cut = Partition()
+    try:
+        yield cut
+    finally:
+        cut.heal()
+
+
+@attrs.define
+class Op:
+    key: bytes
+    node: str  # the node that answered
+    start: float
+    end: float
+    outcome: str  # "ok", "fail" (surely not applied) or "unknown"
+
+
+class HistoryWriters:
+    """Writers of unique keys over plain HTTP, each op recorded with the node that answered:
+    ``direct`` ones always ask ``target``; the others ask a replica and follow its redirect
+    to whoever leads."""
+
+    def __init__(self, direct: str, via: list[str]):
+        self.targets = [direct, direct, *via]
+        self.ops: list[Op] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.threads = [
+            threading.Thread(target=self.run, args=(n,), daemon=True)
+            for n in range(len(self.targets))
+        ]
+
+    def run(self, number: int) -> None:
+        deadline = time.monotonic() + 120
+        i = 0
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            key = f"h-{number}-{i}".encode()
+            i += 1
+            address = self.targets[number]
+            start = time.monotonic()
+            outcome = "unknown"
+            for _ in range(3):
+                try:
+                    response = call(address, "PUT", f"/set?key={q(key)}", key[::-1], timeout=3.0)
+                except OSError:
+                    break  # no answer: it may have been applied
+                if response.status == 307:
+                    address = urlsplit(response.headers["location"]).netloc
+                    continue
+                error = json.loads(response.body).get("error") if response.status != 200 else None
+                if response.status == 200:
+                    outcome = "ok"
+                elif error in ("not the leader", "read-only replica") or response.status < 500:
+                    outcome = "fail"  # refused before it was stored
+                break
+            with self.lock:
+                self.ops.append(Op(key, address, start, time.monotonic(), outcome))
+            if outcome != "ok":
+                self.stop.wait(0.05)
+
+    def __enter__(self) -> HistoryWriters:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(30)
+
+
+def test_a_leader_cut_off_from_etcd_and_its_replicas_stops_acknowledging(
+    tmp_path, hosts, etcd, backend_name, partition
+):
+    # A write the old leader cannot replicate is answered (503) after 1 s, not 5.
+    config = failover_cluster(
+        tmp_path, hosts, etcd, backend_name, cluster_lines="min_replicas_timeout = 1.0"
+    )
+    with Cluster(config) as cluster:
+        old = current_leader(cluster)
+        replicas = [s for s in statuses(cluster).values() if s["role"] == "replica"]
+        host = old["address"].rsplit(":", 1)[0]
+        others = [etcd.address.rsplit(":", 1)[0]]
+        others += [s["address"].rsplit(":", 1)[0] for s in replicas]
+        with HistoryWriters(old["address"], [s["address"] for s in replicas]) as writers:
+            time.sleep(1.0)
+            partition.cut(host, others)
+            cut = time.monotonic()
+            new = wait_for(
+                lambda: next(
+                    (
+                        s
+                        for s in map(status, [r["address"] for r in replicas])
+                        if s["role"] == "leader"
+                    ),
+                    None,
+                ),
+                "a replica is elected",
+            )
+            # Writes reach the new leader for a while, and some still try the old one.
+            wait_for(
+                lambda: (
+                    sum(
+                        1
+                        for op in writers.ops
+                        if op.node == new["address"] and op.outcome == "ok" and op.start > cut
+                    )
+                    >= 20
+                ),
+                "writes acknowledged by the new leader",
+            )
+        partition.heal()
+        healed = time.monotonic()
+        wait_for(
+            lambda: (
+                (s := status(old["address"]))["role"] == "replica"
+                and s["replication"].get("state") == "following"
+            ),
+            "the old leader follows the new one",
+        )
+        ops = writers.ops
+        # The old leader acknowledged nothing later than its lease allows after the cut.
+        old_acks = [op.end for op in ops if op.node == old["address"] and op.outcome == "ok"]
+        new_acks = [op.end for op in ops if op.node == new["address"] and op.outcome == "ok"]
+        assert old_acks and new_acks
+        assert max(old_acks) < cut + 2.0, (max(old_acks) - cut, "s after the cut")
+        # No write was acknowledged by two leaders in overlapping time.
+        assert max(old_acks) < min(new_acks)
+        # The history checker: every acknowledged write is there, nothing else is.
+        client = Client([new["address"]], timeout=2.0, failover_wait=20.0)
+        final = client.get_many([op.key for op in ops])
+        client.close()
+        lost = [op.key for op in ops if op.outcome == "ok" and final[op.key] != op.key[::-1]]
+        unexpected = [
+            op.key
+            for op in ops
+            if final[op.key] is not None and (op.outcome == "fail" or final[op.key] != op.key[::-1])
+        ]
+        assert lost == [] and unexpected == [], (len(lost), len(unexpected), lost[:5])
+        result = {
+            "test": "partition",
+            "backend": backend_name,
+            "ops": len(ops),
+            "acknowledged": sum(op.outcome == "ok" for op in ops),
+            "unknown": sum(op.outcome == "unknown" for op in ops),
+            "old_leader_last_ack_after_cut_s": round(max(old_acks) - cut, 3),
+            "new_leader_first_ack_after_cut_s": round(min(new_acks) - cut, 3),
+            "rejoined_after_heal_s": round(time.monotonic() - healed, 3),
+        }
+        report(result)
         assert cluster.stop() == 0, cluster.text[-3000:]

@@ -25,7 +25,7 @@ import falcon
 from distribkv.hashing.shardmap import ShardInfo
 from distribkv.http.api import Answer, Header
 from distribkv.http.errors import ApiError
-from distribkv.httpclient import HttpClient, RequestFailed
+from distribkv.httpclient import HttpClient, RequestFailed, source_host
 from distribkv.protocol import (
     HOP_HEADER,
     JSON,
@@ -75,7 +75,11 @@ class Forwarder:
     def __init__(self, node):
         server = node.config.server
         self.me = node.name
-        self.client = HttpClient(server.forward_timeout, per_address=server.threads)
+        self.client = HttpClient(
+            server.forward_timeout,
+            per_address=server.threads,
+            source_host=source_host(node.address.host),
+        )
 
     def forward(
         self,

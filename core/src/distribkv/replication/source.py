@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote_from_bytes
 
-from distribkv.httpclient import HttpClient, RequestFailed, Response
+from distribkv.httpclient import HttpClient, RequestFailed, Response, source_host
 from distribkv.protocol import TOKEN_HEADER
 from distribkv.replication.follower import LeaderSource, LeaderUnavailable
 
@@ -27,7 +27,9 @@ class HttpSource(LeaderSource):
         self.term = node.term if node.elects else None
         self.timeout = node.config.server.forward_timeout
         self.headers = {TOKEN_HEADER: node.token} if node.token else {}
-        self.client = HttpClient(self.timeout, per_address=1)
+        self.client = HttpClient(
+            self.timeout, per_address=1, source_host=source_host(node.address.host)
+        )
 
     def poll_target(
         self, path: str, after: int, history: str | None, wait: float, check: int | None

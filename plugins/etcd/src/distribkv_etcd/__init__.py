@@ -169,9 +169,10 @@ class Settings:
             **files,
         )
 
-    def client(self) -> EtcdClient:
+    def client(self, source_host: str | None = None) -> EtcdClient:
         return EtcdClient(
             self.endpoints,
+            source_host=source_host,
             timeout=self.timeout,
             username=self.username,
             password=self.password,

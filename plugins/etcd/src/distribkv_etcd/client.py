@@ -80,6 +80,7 @@ class EtcdClient:
         ca_file: str | None = None,
         cert_file: str | None = None,
         key_file: str | None = None,
+        source_host: str | None = None,
     ):
         if not endpoints:
             raise ValueError("no etcd endpoint")
@@ -93,7 +94,7 @@ class EtcdClient:
                 context.load_cert_chain(cert_file, key_file)
         self.addresses = [urlsplit(url).netloc for url in endpoints]
         self.timeout = timeout
-        self.http = HttpClient(timeout, per_address=2, ssl_context=context)
+        self.http = HttpClient(timeout, per_address=2, ssl_context=context, source_host=source_host)
         self.username, self.password = username, password
         self._token: str | None = None
         self._current = 0

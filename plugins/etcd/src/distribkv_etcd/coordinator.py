@@ -38,6 +38,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from distribkv.coordination.api import Coordinator, Leadership
+from distribkv.httpclient import source_host
 from distribkv_etcd.client import EtcdClient, EtcdError, KeyValue
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ class EtcdCoordinator(Coordinator):
 
         self.node = node
         self.settings = Settings.from_table(settings, node.config)
-        self.client = client or self.settings.client()
+        # From the node's own address, like all of its traffic to other nodes.
+        self.client = client or self.settings.client(source_host(node.address.host))
         self.prefix = self.settings.prefix.encode()
         self.shard = node.me.name
         self.name = node.node_config.node_name
@@ -285,21 +287,24 @@ class EtcdCoordinator(Coordinator):
             if self._candidate_seq is None:
                 return
         seq = self._candidate_seq
-        vacancy, since = self._vacant_since
+        _, since = self._vacant_since
         if not first:
+            # A peer that saw this vacancy marks its position with a revision after the latest
+            # term's (nodes see the vacancy at different revisions).
+            latest = max(self._forks[self.shard])
             peers = {
                 name: doc
                 for name, (kv, doc) in self._members.items()
                 if name != self.name and kv.lease
             }
             waited = now - since
-            settled = all(doc.get("vacancy", -1) >= vacancy for doc in peers.values())
+            settled = all(doc.get("vacancy", -1) > latest for doc in peers.values())
             if not settled and waited < self.ttl:
                 return  # a peer has not published its position since the vacancy
             better = [
                 name
                 for name, doc in peers.items()
-                if doc.get("vacancy", -1) >= vacancy
+                if doc.get("vacancy", -1) > latest
                 and doc.get("eligible")
                 and (int(doc.get("applied", 0)), _rank(self.node, name))
                 > (seq, _rank(self.node, self.name))
