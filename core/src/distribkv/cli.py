@@ -209,6 +209,108 @@ def cmd_launch(args: argparse.Namespace) -> int:
     return run_launcher(launcher, lambda rows: _table(rows, indent=""))
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    """A planned switchover: the shard's leader hands its lead to another of its nodes."""
+    import time
+
+    from distribkv.config import ConfigError, load_cluster_token, load_config
+    from distribkv.httpclient import HttpClient, RequestFailed
+    from distribkv.plugins import load_plugins
+    from distribkv.protocol import TOKEN_HEADER
+
+    registry = load_plugins()
+    config = load_config(args.config, registry)
+    shard = config.shard(args.shard)
+    nodes = {n.node_name: str(n.address) for n in config.nodes() if n.shard.name == shard.name}
+    if args.to not in nodes:
+        raise ConfigError(
+            f"{config.path}: shard {shard.name!r} has no node {args.to!r} (nodes:"
+            f" {', '.join(nodes)})"
+        )
+    token = load_cluster_token(os.environ)
+    headers = {TOKEN_HEADER: token} if token else {}
+    http = HttpClient(args.timeout + 10, per_address=1)
+    try:
+
+        def status(address: str) -> dict | None:
+            try:
+                answer = http.request(address, "GET", "/status", timeout=5.0)
+            except RequestFailed:
+                return None
+            return json.loads(answer.body) if answer.status == 200 else None
+
+        found = {name: status(address) for name, address in nodes.items()}
+        leading = [name for name, s in found.items() if s and s["role"] == "leader"]
+        if not leading:
+            print(f"distribkv: error: no node of shard {shard.name} leads now", file=sys.stderr)
+            return 1
+        old = leading[0]
+        if old == args.to:
+            print(f"{args.to} already leads shard {shard.name}")
+            return 0
+        print(f"shard {shard.name}: {old} fences its writes; {args.to} catches up ...", flush=True)
+        answer = http.request(
+            nodes[old],
+            "POST",
+            f"/coordination/handover?to={args.to}&timeout={args.timeout:g}",
+            b"",
+            headers,
+        )
+        document = answer.document()
+        if answer.status != 200:
+            detail = document.get("detail") if isinstance(document, dict) else document
+            print(f"distribkv: error: the switchover failed: {detail}", file=sys.stderr)
+            return 1
+        if config.cluster.coordination == "static":
+            # Nothing shared holds the leaders: every node is told, the new leader first.
+            record = json.dumps({**document, "node": args.to, "fork": document["seq"]}).encode()
+            missed = []
+            skip = (nodes[old], nodes[args.to])  # the old leader recorded it itself
+            others = [str(n.address) for n in config.nodes() if str(n.address) not in skip]
+            for address in [nodes[args.to], *others]:
+                try:
+                    told = http.request(
+                        address,
+                        "POST",
+                        "/coordination/leader",
+                        record,
+                        {**headers, "Content-Type": "application/json"},
+                    )
+                    if told.status != 200:
+                        missed.append(f"{address} (HTTP {told.status})")
+                except RequestFailed as exc:
+                    missed.append(f"{address} ({exc})")
+            if missed:
+                print(
+                    "distribkv: warning: these nodes were not told; they redirect through the"
+                    f" old leader until they are: {', '.join(missed)}",
+                    file=sys.stderr,
+                )
+        deadline = time.monotonic() + args.timeout
+        while True:
+            now = status(nodes[args.to])
+            if now and now["role"] == "leader":
+                break
+            if time.monotonic() > deadline:
+                print(f"distribkv: error: {args.to} did not take the lead", file=sys.stderr)
+                return 1
+            time.sleep(0.05)
+        print(
+            f"shard {shard.name}: {args.to} ({nodes[args.to]}) leads from term"
+            f" {document['term']}, at seq {document['seq']}; {old} follows it"
+        )
+        if config.cluster.coordination == "static":
+            print(
+                f"distribkv: warning: {config.path} still names {nodes[old]} as the leader of"
+                f" {shard.name}; the nodes keep the switchover in their data, but update the"
+                " file (swap the addresses) before starting a node with an empty data directory",
+                file=sys.stderr,
+            )
+        return 0
+    finally:
+        http.close()
+
+
 def _node_address(args: argparse.Namespace) -> str:
     if args.node:
         return args.node
@@ -401,6 +503,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="the window over which a node's exits are counted (default: %(default)s)",
     )
     launch.set_defaults(func=cmd_launch)
+
+    promote = sub.add_parser(
+        "promote",
+        help="hand a shard's lead to another of its nodes (a planned switchover)",
+        description=(
+            "A switchover that loses no acknowledged write: the shard's leader fences its "
+            "writes (clients get 503 'not the leader' and retry), waits until the new node has "
+            "applied its last seq, and the coordination makes that node the leader in a new "
+            "term; the old leader follows it. With 'static', every node records the new "
+            "leader in its data (a restart keeps it) and sharding.toml should be updated; "
+            "with 'etcd', etcd holds it."
+        ),
+    )
+    promote.add_argument(
+        "--config", default=DEFAULT_CONFIG, help="cluster file (default: %(default)s)"
+    )
+    promote.add_argument("--shard", required=True, help="the shard, by name")
+    promote.add_argument(
+        "--to", required=True, metavar="NODE", help="the node to lead it: leader, replica-N"
+    )
+    promote.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long the new leader may take to catch up (default: %(default)s)",
+    )
+    promote.set_defaults(func=cmd_promote)
 
     from distribkv.bench import add_parser as add_bench_parser
 

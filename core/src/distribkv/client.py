@@ -195,11 +195,13 @@ class Client:
             return shard.replicas[hash(threading.get_ident()) % len(shard.replicas)]
         return self._leaders.get(shard.name, shard.leader)
 
-    def _await_leader(self, address: str, started: float) -> bool:
-        """After a leader could not be reached or said it leads no more: fetch who leads now
-        and wait a little. False once ``failover_wait`` has passed."""
+    def _await_leader(self, address: str, started: float, *, unreachable: bool = False) -> bool:
+        """After a leader could not be reached (``unreachable``) or said it leads no more (a
+        failover, a switchover): fetch who leads now and wait a little. False once
+        ``failover_wait`` has passed, or at once for an unreachable leader of a cluster whose
+        coordination never replaces one."""
         waited = time.monotonic() - started
-        if not self.elects or waited >= self.failover_wait:
+        if (unreachable and not self.elects) or waited >= self.failover_wait:
             return False
         self.failovers += 1
         time.sleep(min(0.25, 0.05 + waited / 8))
@@ -223,6 +225,7 @@ class Client:
     ) -> tuple[int, bytes]:
         refreshes = 0
         attempt = 0
+        original_target = target
         address = self._address(key, write=write)
         redirects = 0
         deadline = time.monotonic() + self.move_wait
@@ -244,7 +247,7 @@ class Client:
                 failing = time.monotonic() if failing is None else failing
                 # set and delete are idempotent, and so are batches of only sets and deletes
                 # or only gets (all the client sends): sent again to the shard's leader.
-                if self._await_leader(address, failing):
+                if self._await_leader(address, failing, unreachable=True):
                     address = self._address(key, write=write)
                     continue
                 if unknown:
@@ -295,6 +298,15 @@ class Client:
                 address = location.netloc
                 target = location.path + (f"?{location.query}" if location.query else "")
                 continue
+            if status in (307, 308) and self.elects:
+                # Redirected in a circle: the nodes' views of who leads are changing (a
+                # switchover or an election that some have not seen yet). Ask again shortly.
+                failing = time.monotonic() if failing is None else failing
+                if self._await_leader(address, failing):
+                    redirects = 0
+                    address = self._address(key, write=write)
+                    target = original_target
+                    continue
             return status, data
 
     @staticmethod

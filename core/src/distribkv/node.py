@@ -82,6 +82,10 @@ class Node:
         self._changed = threading.Event()
         self._roles_stopping = threading.Event()
         self._role_thread: threading.Thread | None = None
+        #: Writes check the leadership before they are acknowledged: with a coordination that
+        #: elects, and while a switchover fences them.
+        self._checks_leadership = self.elects
+        self._handing_over = False
         self.name = f"{shard}/{self.node_config.node_name}"
         self.address = self.node_config.address
         self.backend_name = backend or config.storage.backend
@@ -149,12 +153,17 @@ class Node:
         the coordinator says who leads."""
         self.coordinator = self.coordination.create(self, self.config.coordination)
         if not self.elects:
+            # No thread of roles: a switchover (distribkv promote) changes the role at once.
+            self.coordinator.start(self._reconcile_now)
+            lead = self.coordinator.leader(self.me.name)
+            if lead is not None and lead.term:
+                self._reconcile_now()  # a switchover moved this shard's lead
+                return
             transport = self.registry.replication_transport(self.config.cluster.replication)
             self.replication = (
                 transport.leader(self) if self.is_leader else transport.follower(self)
             )
             self.replication.start()
-            self.coordinator.start(self._changed.set)
             return
         self._role_thread = threading.Thread(
             target=self._role_loop, name=f"distribkv-roles-{self.name}", daemon=True
@@ -164,24 +173,75 @@ class Node:
 
     # --- leadership that moves (a coordination that elects) -------------------------------
 
-    def may_acknowledge(self) -> bool:
-        """True while this node may acknowledge a write: it leads, and its leadership cannot
-        have lapsed (the coordinator's deadline, on this process's monotonic clock)."""
+    def leads(self) -> bool:
+        """True while this node leads its shard and its leadership cannot have lapsed (the
+        coordinator's deadline, on this process's monotonic clock)."""
         if not self.is_leader:
             return False
         coordinator = self.coordinator
         deadline = None if coordinator is None else coordinator.deadline()
         return deadline is None or time.monotonic() < deadline
 
+    def may_acknowledge(self) -> bool:
+        """True while this node may acknowledge a write: it :meth:`leads`, and no switchover
+        fences its writes."""
+        return not self._handing_over and self.leads()
+
     def leader_of(self, shard: ShardInfo) -> str | None:
         """The address of ``shard``'s leader, as far as this node knows; None while it knows
         none (with a coordination that elects: an election is under way, or the node has not
         heard from its coordinator yet)."""
-        if not self.elects:
-            return shard.leader
         coordinator = self.coordinator
         lead = None if coordinator is None else coordinator.leader(shard.name)
-        return None if lead is None else lead.address
+        if self.elects:
+            return None if lead is None else lead.address
+        # static: term 0 is the file's leader, which ``shard`` (of whichever map the caller
+        # routes by, a reshard's target map included) names; a switchover gives a term.
+        return shard.leader if lead is None or not lead.term else lead.address
+
+    def hand_over(self, target: str, timeout: float) -> tuple[Leadership, int]:
+        """A planned switchover to ``target`` (a node of this shard): fence writes, let the
+        ones under way finish, wait until ``target`` has applied the last seq, then have the
+        coordinator make it the leader; this node follows it. Loses no acknowledged write.
+        Raises NotLeaderError if this node does not lead, ValueError for a bad target, and
+        TimeoutError if the target does not catch up in time (the fence is lifted again).
+        Returns the new leadership and the last seq of the old one."""
+        with self._roles:
+            if not self.may_acknowledge() or self.leader_log is None:
+                raise self._not_leader(stored=False)
+            names = self.node_names()
+            if target not in names or target == self.node_config.node_name:
+                others = [n for n in names if n != self.node_config.node_name]
+                raise ValueError(
+                    f"{target!r} is not another node of shard {self.me.name}: {others}"
+                )
+            coordinator = self.coordinator
+            assert coordinator is not None
+            leader_log = self.leader_log
+            self._handing_over = self._checks_leadership = True
+            try:
+                last = leader_log.committer.committed_seq()
+                if not leader_log.progress.wait_applied(target, last, timeout):
+                    acked = leader_log.progress.replicas[target].acked
+                    raise TimeoutError(
+                        f"{target} applied seq {acked}, not {last}, within {timeout:g}s; the"
+                        f" lead stays with {self.name}"
+                    )
+                log.warning(
+                    "%s: hands shard %s over to %s at seq %d", self.name, self.me.name, target, last
+                )
+                lead = coordinator.hand_over(self.me.name, target, self.node_address(target), last)
+            except BaseException:
+                self._handing_over = False
+                self._checks_leadership = self.elects
+                raise
+            if not self.elects:
+                self._reconcile()
+            return lead, last
+
+    def _reconcile_now(self) -> None:
+        with self._roles:
+            self._reconcile()
 
     def leaders(self, shard_map: ShardMap | None = None) -> dict[str, dict]:
         """Every shard's current leader as this node knows it: ``{shard: {"node", "address",
@@ -334,6 +394,8 @@ class Node:
             self.is_leader = False
             self.role = "replica"
         self._stop_leading()
+        self._handing_over = False
+        self._checks_leadership = self.elects
         coordinator = self.coordinator
         assert coordinator is not None
         store = self._opened()
@@ -426,7 +488,7 @@ class Node:
         fences its keys; the check runs under the log's write lock. Writes of the reshard
         itself and of ``purge`` pass ``client=False``."""
         leader_log = self._leader_log()
-        if self.elects and not self.may_acknowledge():
+        if self._checks_leadership and not self.may_acknowledge():
             raise self._not_leader(stored=False)
         seq = leader_log.committer.write(ops, guard=self._write_guard(ops) if client else None)
         needed = self.config.cluster.min_replicas
@@ -438,7 +500,7 @@ class Node:
                     f" {needed} replica(s) applied it within {timeout:g}s; it may not be"
                     " replicated"
                 )
-        if self.elects and not self.may_acknowledge():
+        if self._checks_leadership and not self.may_acknowledge():
             raise self._not_leader(stored=True)
         return seq
 
@@ -470,7 +532,7 @@ class Node:
             # Checked again here: a leader that was just demoted answers the write an error.
             if not self.defers_writes:
                 raise self._not_leader(stored=False)
-            if self.elects:
+            if self._checks_leadership:
                 if not self.may_acknowledge():
                     raise self._not_leader(stored=False)
                 done = self._fenced(done)
@@ -548,7 +610,7 @@ class Node:
             "shard": self.me.name,
             "idx": self.me.idx,
             "role": self.role,
-            "leader": self.leader_of(self.me) if self.elects else self.me.leader,
+            "leader": self.leader_of(self.me),
             "term": self.term,
             "address": str(self.address),
             "backend": self.backend_name,

@@ -20,8 +20,10 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import attrs
@@ -474,3 +476,70 @@ def test_a_leader_cut_off_from_etcd_and_its_replicas_stops_acknowledging(
         }
         report(result)
         assert cluster.stop() == 0, cluster.text[-3000:]
+
+
+PROMOTE = [sys.executable, "-m", "distribkv", "promote"]
+
+
+def promote(config: Path, shard: str, to: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*PROMOTE, "--config", str(config), "--shard", shard, "--to", to],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+
+
+@pytest.mark.parametrize("coordination", ["static", "etcd"])
+def test_promote_under_a_writer_loses_no_acknowledged_write(
+    tmp_path, hosts, backend_name, coordination, request
+):
+    if coordination == "etcd":
+        config = failover_cluster(tmp_path, hosts, request.getfixturevalue("etcd"), backend_name)
+    else:
+        config = write_config(
+            tmp_path,
+            hosts=hosts,
+            shards=1,
+            replicas={0: 2},
+            backend=backend_name,
+            durability="sync",
+            cluster_extra="min_replicas = 1",
+        )
+    with Cluster(config) as cluster:
+        old = current_leader(cluster)
+        assert old["node"] == "shard-0/leader"
+        client = Client([old["address"]], timeout=2.0, failover_wait=20.0)
+        with Writers(client, "promote") as writers:
+            wait_for(lambda: len(writers.acked) >= 50, "writes before the switchover")
+            result = promote(config, "shard-0", "replica-1")
+            assert result.returncode == 0, result.stdout + result.stderr
+            done = time.monotonic()
+            wait_for(lambda: writers.acked_after(done) >= 50, "writes after the switchover")
+        assert not writers.failed and not writers.unknown, (writers.failed[:3], writers.unknown)
+        acked = [key for _, _, key in writers.acked]
+        values = client.get_many(acked)
+        assert [k for k in acked if values[k] != k[::-1]] == []
+        client.close()
+        new = current_leader(cluster)
+        assert new["node"] == "shard-0/replica-1" and new["term"] > old["term"]
+        assert "leads from term" in result.stdout
+        # The old leader follows without losing or reloading anything.
+        back = wait_for(
+            lambda: (s := status(old["address"]))["replication"].get("state") == "following" and s,
+            "the old leader follows",
+        )
+        assert back["role"] == "replica"
+        assert back["coordination"]["rolled_back"] == 0 and back["replication"]["resyncs"] == 0
+        assert digest(old["address"])["digest"] == digest(new["address"])["digest"]
+        assert cluster.stop() == 0, cluster.text[-3000:]
+    if coordination == "static":
+        assert "update the file" in result.stderr
+        # The nodes kept the switchover: a restart finds replica-1 leading, with every write.
+        with Cluster(config) as cluster:
+            assert current_leader(cluster)["node"] == "shard-0/replica-1"
+            client = Client([old["address"]], timeout=2.0)
+            values = client.get_many(acked)
+            client.close()
+            assert [k for k in acked if values[k] != k[::-1]] == []
+            assert cluster.stop() == 0

@@ -89,6 +89,17 @@ class Coordinator(abc.ABC):
         A node of ``term`` that holds entries after it rolls them back."""
         return None
 
+    def hand_over(self, shard: str, node: str, address: str, fork: int) -> Leadership:
+        """Make ``node`` (at ``address``) the leader of ``shard``, whose history it holds up to
+        ``fork``, in a new term: a planned switchover, asked of the current leader once it has
+        fenced its writes and ``node`` has caught up. Returns the new leadership."""
+        raise CoordinationError(f"this coordination cannot hand shard {shard}'s lead over")
+
+    def record(self, lead: Leadership, fork: int) -> None:
+        """Be told of a switchover that another node carried out (coordinations without a
+        shared store of their own, such as ``static``, are told by ``distribkv promote``)."""
+        raise CoordinationError("leadership is not recorded by hand with this coordination")
+
     def deadline(self) -> float | None:
         """While this node leads its shard: the ``time.monotonic()`` after which it must no
         longer acknowledge a write (its lease may have expired by then), or None if its

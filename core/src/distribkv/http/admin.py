@@ -1,4 +1,5 @@
-"""Operational resources: ``/healthz``, ``/status``, ``/cluster`` and the internal ``/purge``."""
+"""Operational resources: ``/healthz``, ``/status``, ``/cluster``, and the internal ``/purge``,
+``/digest``, ``/replication/resync`` and ``/coordination/...`` (switchovers)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import hmac
 
 import falcon
 
+from distribkv.coordination.api import CoordinationError, Leadership
 from distribkv.http.errors import ApiError
 from distribkv.protocol import TOKEN_HEADER
 
@@ -117,3 +119,60 @@ class ResyncResource:
         follower.request_resync()
         resp.status = falcon.HTTP_202
         resp.media = {"resync": "requested", "node": self.node.name}
+
+
+class HandoverResource:
+    """Internal, on a shard's leader: ``POST /coordination/handover?to=NODE&timeout=S`` hands
+    the lead to another node of the shard (``distribkv promote``); see ``Node.hand_over``."""
+
+    def __init__(self, node):
+        self.node = node
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        require_token(self.node, req)
+        target = req.get_param("to", required=True)
+        timeout = req.get_param_as_float("timeout", min_value=0.1, max_value=600) or 30.0
+        try:
+            lead, seq = self.node.hand_over(target, timeout)
+        except ValueError as exc:
+            raise ApiError(falcon.HTTP_400, "bad target", str(exc)) from None
+        except TimeoutError as exc:
+            raise ApiError(falcon.HTTP_504, "target behind", str(exc)) from None
+        except CoordinationError as exc:
+            raise ApiError(falcon.HTTP_409, "switchover refused", str(exc)) from None
+        resp.media = {
+            "shard": lead.shard,
+            "leader": lead.node,
+            "address": lead.address,
+            "term": lead.term,
+            "seq": seq,
+            "from": self.node.node_config.node_name,
+        }
+
+
+class LeaderRecordResource:
+    """Internal: ``POST /coordination/leader`` with ``{"shard", "node", "address", "term",
+    "fork"}`` tells a node of a switchover (``distribkv promote`` does, with ``static``; a
+    coordination with a store of its own refuses with 409)."""
+
+    def __init__(self, node):
+        self.node = node
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        require_token(self.node, req)
+        doc = req.get_media()
+        try:
+            lead = Leadership(
+                str(doc["shard"]), str(doc["node"]), str(doc["address"]), int(doc["term"])
+            )
+            fork = int(doc["fork"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ApiError(
+                falcon.HTTP_400, "bad request", f"shard, node, address, term, fork: {exc}"
+            ) from None
+        coordinator = self.node.coordinator
+        try:
+            coordinator.record(lead, fork)
+        except CoordinationError as exc:
+            raise ApiError(falcon.HTTP_409, "not recorded", str(exc)) from None
+        resp.media = {"recorded": True, "node": self.node.name}

@@ -17,7 +17,9 @@ from distribkv.http import errors, reshard
 from distribkv.http.admin import (
     ClusterResource,
     DigestResource,
+    HandoverResource,
     HealthResource,
+    LeaderRecordResource,
     PurgeResource,
     ResyncResource,
     StatusResource,
@@ -159,6 +161,8 @@ def create_app(node) -> NodeApp:
         ("/digest", DigestResource(node)),
         ("/replication/snapshot", SnapshotResource(node)),
         ("/replication/resync", ResyncResource(node)),
+        ("/coordination/handover", HandoverResource(node)),
+        ("/coordination/leader", LeaderRecordResource(node)),
         *reshard.routes(node),
     ]
     transport = node.registry.replication_transport(node.config.cluster.replication)

@@ -293,18 +293,15 @@ def inline_requests(node, *, deferred_writes: bool = False) -> Callable[[str, st
     A read waits for nothing in redirect mode (a key of another shard is a 307); in proxy mode
     only a leader's read of its own key is inline (any other read is forwarded, and forwarding
     waits on the network; a replica cannot tell from the request line whether the client asked
-    for a leader-only read). A write is inline where the node defers it (it is queued, and the
-    thread that applies it answers it) and on a replica (refused or redirected at once); in
-    proxy mode a write of another shard's key is forwarded, so it is not. With a coordination
-    that elects, roles change at run time: writes are inline only without ``min_replicas``."""
+    for a leader-only read). A write is inline where a leader defers it (it is queued, and the
+    thread that applies it answers it; a replica refuses or redirects it at once); in
+    proxy mode a write of another shard's key is forwarded, so it is not. Roles can change at
+    run time, so writes are inline only without ``min_replicas``."""
     always = frozenset(("/healthz", "/cluster"))
     proxy = node.config.cluster.routing == "proxy"
-    if node.elects:
-        # The role changes while the node runs: a write is inline only where any leader
-        # would defer it (no min_replicas wait), which a replica answers at once as well.
-        writes = deferred_writes and not node.config.cluster.min_replicas
-    else:
-        writes = deferred_writes and (node.defers_writes or not node.is_leader)
+    # A node's role can change while it runs (a failover, a switchover): a write is inline
+    # only where any leader would defer it (no min_replicas wait); a replica answers it at once.
+    writes = deferred_writes and not node.config.cluster.min_replicas
 
     def owned(query: str) -> bool:
         try:

@@ -208,6 +208,14 @@ def leader_or_503(node, owner: ShardInfo) -> str:
             " way); retry shortly",
             headers={"Retry-After": "1"},
         )
+    if leader == str(node.address):
+        # Named the leader a moment ago, and taking the lead now: not a redirect to itself.
+        raise ApiError(
+            falcon.HTTP_503,
+            "not the leader",
+            f"{node.name} is taking the lead of shard {owner.name!r}; retry shortly",
+            headers={"Retry-After": "1"},
+        )
     return leader
 
 

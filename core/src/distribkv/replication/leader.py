@@ -105,7 +105,7 @@ def leader_request(node, req: falcon.Request) -> tuple[LeaderLog, dict[str, byte
         # still running) or one whose leadership lapsed feeds nobody.
         raw = params.get("term")
         expected = int(raw) if raw and raw.isdigit() else 0
-        if expected > node.term or not node.may_acknowledge():
+        if expected > node.term or not node.leads():
             raise ApiError(
                 falcon.HTTP_503,
                 "not the leader",

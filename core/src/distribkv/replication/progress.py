@@ -79,6 +79,17 @@ class ProgressTracker:
                 self._changed.wait(remaining)
         return True
 
+    def wait_applied(self, replica: str, seq: int, timeout: float) -> bool:
+        """Block until ``replica`` acknowledged ``seq`` (True) or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self._of(replica).acked < seq:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._changed.wait(remaining)
+        return True
+
     def trim_target(self, last: int, trimmed: int, retention: int) -> int:
         """How far a log that ends at ``last`` and is trimmed to ``trimmed`` may be trimmed:
         below every replica, but keeping at most ``retention`` entries, and never what a

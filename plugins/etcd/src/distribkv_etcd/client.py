@@ -225,5 +225,33 @@ class EtcdClient:
         )
         return bool(answer.get("succeeded", False)), int(answer["header"]["revision"])
 
+    def hand_over(
+        self,
+        key: bytes,
+        value: bytes,
+        *,
+        mod_revision: int,
+        lease: int,
+        lease_key: bytes,
+        with_puts: Sequence[tuple[bytes, bytes]] = (),
+    ) -> tuple[bool, int]:
+        """In one transaction: if ``key`` was last written at ``mod_revision`` and
+        ``lease_key`` is still attached to ``lease``, write ``value`` to ``key`` on ``lease``
+        and put each of ``with_puts``. Returns whether it did, and the revision."""
+        success = [{"request_put": {"key": _b64(key), "value": _b64(value), "lease": str(lease)}}]
+        success += [{"request_put": {"key": _b64(k), "value": _b64(v)}} for k, v in with_puts]
+        answer = self.call(
+            "/v3/kv/txn",
+            {
+                "compare": [
+                    {"key": _b64(key), "target": "MOD", "mod_revision": str(mod_revision)},
+                    {"key": _b64(lease_key), "target": "LEASE", "lease": str(lease)},
+                ],
+                "success": success,
+                "failure": [],
+            },
+        )
+        return bool(answer.get("succeeded", False)), int(answer["header"]["revision"])
+
     def close(self) -> None:
         self.http.close()

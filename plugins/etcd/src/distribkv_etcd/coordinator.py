@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from distribkv.coordination.api import Coordinator, Leadership
+from distribkv.coordination.api import CoordinationError, Coordinator, Leadership
 from distribkv.httpclient import source_host
 from distribkv_etcd.client import EtcdClient, EtcdError, KeyValue
 
@@ -117,6 +117,41 @@ class EtcdCoordinator(Coordinator):
     def fork_after(self, shard: str, term: int) -> int | None:
         later = [fork for t, fork in self._forks.get(shard, {}).items() if t > term]
         return min(later) if later else None
+
+    def hand_over(self, shard: str, node: str, address: str, fork: int) -> Leadership:
+        lead = self._leaders.get(shard)
+        if lead is None or lead.node != self.name or self._leader_lease != self._lease:
+            raise CoordinationError(f"{self.node.name} does not hold the lead of {shard} in etcd")
+        member = self._members.get(node)
+        if member is None or not member[0].lease:
+            raise CoordinationError(f"{node} has no live member key in etcd (is it running?)")
+        lease = member[0].lease
+        base = self.prefix + f"/shards/{shard}".encode()
+        doc = {"node": node, "address": address, "fork": fork}
+        done, revision = self.client.hand_over(
+            base + b"/leader",
+            json.dumps(doc).encode(),
+            mod_revision=lead.term,
+            lease=lease,
+            lease_key=base + f"/members/{node}".encode(),
+            with_puts=[
+                (
+                    base + f"/terms/{node}-{lease:x}-{fork}".encode(),
+                    json.dumps({"node": node, "fork": fork}).encode(),
+                )
+            ],
+        )
+        if not done:
+            raise CoordinationError(
+                f"the switchover of {shard} to {node} lost a race in etcd (the lead or {node}'s"
+                " lease changed meanwhile); nothing was changed"
+            )
+        log.warning(
+            "%s: handed shard %s over to %s: term %d", self.node.name, shard, node, revision
+        )
+        kv_revision, kvs = self.client.range_prefix(self.prefix + b"/shards/")
+        self._read(kv_revision, kvs)
+        return Leadership(shard, node, address, revision)
 
     def deadline(self) -> float | None:
         if self._leader_lease and self._leader_lease == self._lease:
@@ -217,11 +252,13 @@ class EtcdCoordinator(Coordinator):
                     log.warning(
                         "%s: its leadership of term %d was held by a former process; giving it up",
                         self.node.name,
-                        kv.create_revision,
+                        kv.mod_revision,
                     )
                     self.client.revoke(kv.lease)
                     continue
-                leaders[shard] = Leadership(shard, doc["node"], doc["address"], kv.create_revision)
+                # The term: the revision that wrote the key (an election creates it, a
+                # switchover writes it over; renewing the lease does not change it).
+                leaders[shard] = Leadership(shard, doc["node"], doc["address"], kv.mod_revision)
                 if shard == self.shard:
                     leader_lease = kv.lease
                     self._known_seq = max(self._known_seq, int(doc.get("fork", 0)))
