@@ -300,3 +300,43 @@ def test_get_adds_a_newline_on_a_terminal_only(ring_cluster):
         timeout=60,
     ).stdout
     assert "On a terminal the value is followed by a newline" in " ".join(help_text.split())
+
+
+@pytest.mark.parametrize("preference", ["leader", "leader_preferred", "replica"])
+def test_read_preferences_when_a_node_of_the_shard_is_down(tmp_path, hosts, preference):
+    """A one-shard cluster of a leader and a replica, under launch that restarts no node: with
+    the leader killed, "leader" reads fail, "leader_preferred" reads come from the replica,
+    flagged stale; with the replica killed, "replica" reads come from the leader."""
+    config = write_config(tmp_path, hosts=hosts, shards=1, replicas={0: 1}, backend="memory")
+    with Cluster(config, "--max-restarts", "0") as cluster:
+        leader = cluster.address("shard-0")
+        replica = cluster.address("shard-0", "replica-0")
+        with Client([leader], timeout=2.0, read_preference=preference) as client:
+            client.set(b"k", b"v")
+            wait_until(
+                lambda: call(replica, "GET", "/get?key=k").status == 200,
+                30,
+                message="the replica did not get the key",
+            )
+            first = client.read(b"k")
+            assert first.value == b"v"
+            assert first.stale == (preference == "replica")
+            down = replica if preference == "replica" else leader
+            pid = json.loads(call(down, "GET", "/status").body)["pid"]
+            os.kill(pid, 9)
+            cluster.wait_for_output("stays down", timeout=10)
+            if preference == "leader":
+                with pytest.raises(Unavailable):
+                    client.get(b"k")
+            else:
+                read = client.read(b"k")
+                assert read.value == b"v"
+                assert read.stale == (preference == "leader_preferred")
+                if preference == "leader_preferred":
+                    assert client.stale_reads >= 1 and read.lag_entries is not None
+        assert cluster.stop() == 0
+
+
+def test_an_unknown_read_preference_is_refused():
+    with pytest.raises(ValueError, match="read_preference must be one of"):
+        Client(["127.0.0.1:1"], read_preference="nearest")

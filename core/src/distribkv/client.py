@@ -15,8 +15,10 @@ node and retries, so a changed layout is invisible to the caller. Redirects are 
 most ``max_redirects``) in case a node still knows better. Reads are retried with backoff on
 connection errors; writes are retried only when the request could not have been sent, or when
 a reshard answered 503 "moving" (the write was not applied; retried for up to ``move_wait``
-seconds). With ``read_from_replicas``, a read that meets a replica still reloading its data
-(503 "replica resyncing") is sent to the shard's leader instead.
+seconds). ``read_preference`` says where reads go: "leader" (the default), "leader_preferred"
+(a replica while the leader cannot be reached) or "replica" (the leader while the replica
+cannot answer, or is still reloading its data). With a coordination that elects leaders, a
+request whose leader is gone waits for the next one (``failover_wait``).
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote_from_bytes, urlsplit
 
+import attrs
 import msgpack
 
 from distribkv.hashing.shardmap import ShardMap
 from distribkv.httpclient import NO_RETRY, HttpClient, RequestFailed, Response, Retry
 from distribkv.plugins import PluginRegistry, load_plugins
-from distribkv.protocol import MAP_HEADER, MSGPACK
+from distribkv.protocol import LAG_ENTRIES_HEADER, MAP_HEADER, MSGPACK
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,7 @@ BATCH_OPS = 1000
 MAX_MAP_REFRESHES = 4
 #: 503 answers that mean "this node leads the shard no more" (or not yet another one).
 LEADERLESS = ("not the leader", "outcome unknown")
+READ_PREFERENCES = ("leader", "leader_preferred", "replica")
 
 
 class ClientError(Exception):
@@ -74,6 +78,16 @@ class NotANode(ClientError):
     """An address answered, but not as a distribkv node does (another server listens there)."""
 
 
+@attrs.frozen
+class Read:
+    """What :meth:`Client.read` gives: the value (None if absent), whether a replica answered
+    (``stale``: the value may be older than the latest write), and that replica's lag."""
+
+    value: bytes | None
+    stale: bool = False
+    lag_entries: int | None = None
+
+
 class OutcomeUnknown(ClientError):
     """A write was sent, but no answer says whether it was applied: the node failed or lost
     its leadership meanwhile. It may or may not be in the shard's history; reading the key
@@ -87,6 +101,7 @@ class Client:
         *,
         timeout: float = 5.0,
         read_from_replicas: bool = False,
+        read_preference: str | None = None,
         max_redirects: int = 3,
         retries: int = 3,
         move_wait: float = 30.0,
@@ -98,7 +113,19 @@ class Client:
             raise ValueError("give at least one node address (host:port)")
         self.seeds = list(nodes)
         self.timeout = timeout
-        self.read_from_replicas = read_from_replicas
+        preference = read_preference or ("replica" if read_from_replicas else "leader")
+        if preference not in READ_PREFERENCES:
+            raise ValueError(
+                f"read_preference must be one of {', '.join(READ_PREFERENCES)}, not {preference!r}"
+            )
+        #: "leader": reads go to the shard's leader (the latest acknowledged write);
+        #: "leader_preferred": to the leader, or to a replica while the leader cannot be
+        #: reached (a stale read, counted in ``stale_reads``); "replica": to a replica (stale
+        #: by its lag), or to the leader when the replica cannot answer.
+        self.read_preference = preference
+        self.read_from_replicas = preference == "replica"
+        #: Reads a replica answered because the leader could not (leader_preferred).
+        self.stale_reads = 0
         self.max_redirects = max_redirects
         self.retries = retries
         self.move_wait = move_wait
@@ -195,6 +222,19 @@ class Client:
             return shard.replicas[hash(threading.get_ident()) % len(shard.replicas)]
         return self._leaders.get(shard.name, shard.leader)
 
+    def _other_node(self, key: bytes, tried: set[str]) -> str | None:
+        """A node of ``key``'s shard not yet tried: the leader first, then the replicas (the
+        map's, and the map's leader, which may be a replica since a failover)."""
+        shard = self.map.owner_of(key)
+        nodes = [self._leaders.get(shard.name, shard.leader), shard.leader, *shard.replicas]
+        return next((n for n in dict.fromkeys(nodes) if n not in tried), None)
+
+    def _a_replica(self, key: bytes, tried: set[str]) -> str | None:
+        shard = self.map.owner_of(key)
+        leader = self._leaders.get(shard.name, shard.leader)
+        nodes = [*shard.replicas, shard.leader]
+        return next((n for n in dict.fromkeys(nodes) if n != leader and n not in tried), None)
+
     def _await_leader(self, address: str, started: float, *, unreachable: bool = False) -> bool:
         """After a leader could not be reached (``unreachable``) or said it leads no more (a
         failover, a switchover): fetch who leads now and wait a little. False once
@@ -222,7 +262,7 @@ class Client:
         *,
         write: bool,
         headers: Mapping[str, str] | None = None,
-    ) -> tuple[int, bytes]:
+    ) -> Response:
         refreshes = 0
         attempt = 0
         original_target = target
@@ -236,6 +276,7 @@ class Client:
             retry = NO_RETRY
         failing: float | None = None  # since when the shard has had no leader that answers
         unknown = False  # a write was sent and no answer said what became of it
+        tried: set[str] = set()  # reads: the nodes that could not answer
         while True:
             sent_headers = {MAP_HEADER: self.map.fingerprint, **(headers or {})}
             try:
@@ -243,6 +284,22 @@ class Client:
                     address, method, target, body, sent_headers, retry=retry
                 )
             except RequestFailed as exc:
+                if not write and self.read_preference != "leader":
+                    tried.add(address)
+                    other = (
+                        self._a_replica(key, tried)
+                        if self.read_preference == "leader_preferred"
+                        else self._other_node(key, tried)
+                    )
+                    if other is not None:
+                        # leader_preferred: a replica while the leader is out of reach (stale);
+                        # replica: another node of the shard while this one is.
+                        if self.read_preference == "leader_preferred":
+                            self.stale_reads += 1
+                        else:
+                            self.leader_fallbacks += 1
+                        address = other
+                        continue
                 unknown = unknown or (write and exc.sent)
                 failing = time.monotonic() if failing is None else failing
                 # set and delete are idempotent, and so are batches of only sets and deletes
@@ -255,8 +312,15 @@ class Client:
                         f"{method} {target[:80]}: sent to {address}, no answer: {exc}"
                     ) from exc
                 raise Unavailable(str(exc)) from exc
-            status, data = response.status, response.body
+            status = response.status
             leaderless = status == 503 and response.error() in LEADERLESS
+            if leaderless and not write and self.read_preference == "leader_preferred":
+                tried.add(address)
+                other = self._a_replica(key, tried)
+                if other is not None:
+                    self.stale_reads += 1
+                    address = other
+                    continue
             if leaderless:
                 unknown = unknown or response.error() == "outcome unknown"
                 failing = time.monotonic() if failing is None else failing
@@ -307,7 +371,7 @@ class Client:
                     address = self._address(key, write=write)
                     target = original_target
                     continue
-            return status, data
+            return response
 
     @staticmethod
     def _check(status: int, data: bytes, what: str) -> None:
@@ -318,19 +382,28 @@ class Client:
             raise RequestError(status, data, what)
 
     def get(self, key: bytes) -> bytes | None:
-        status, data = self._send(key, "GET", f"/get?key={_q(key)}", None, write=False)
-        if status == 404:
-            return None
-        self._check(status, data, f"get {key!r}")
-        return data
+        return self.read(key).value
+
+    def read(self, key: bytes) -> Read:
+        """A read of ``key`` with where it came from: whether a replica answered (a read that
+        may be stale) and how far behind its leader that replica said it was."""
+        response = self._send(key, "GET", f"/get?key={_q(key)}", None, write=False)
+        lag = response.header(LAG_ENTRIES_HEADER)
+        if response.status != 404:
+            self._check(response.status, response.body, f"get {key!r}")
+        return Read(
+            None if response.status == 404 else response.body,
+            stale=lag is not None,
+            lag_entries=int(lag) if lag is not None and lag.isdigit() else None,
+        )
 
     def set(self, key: bytes, value: bytes) -> None:
-        status, data = self._send(key, "PUT", f"/set?key={_q(key)}", value, write=True)
-        self._check(status, data, f"set {key!r}")
+        response = self._send(key, "PUT", f"/set?key={_q(key)}", value, write=True)
+        self._check(response.status, response.body, f"set {key!r}")
 
     def delete(self, key: bytes) -> None:
-        status, data = self._send(key, "DELETE", f"/delete?key={_q(key)}", None, write=True)
-        self._check(status, data, f"delete {key!r}")
+        response = self._send(key, "DELETE", f"/delete?key={_q(key)}", None, write=True)
+        self._check(response.status, response.body, f"delete {key!r}")
 
     # --- batches --------------------------------------------------------------------------
 
@@ -364,7 +437,7 @@ class Client:
 
         def run(chunk: list[int]) -> None:
             body = msgpack.packb({"ops": [ops[i] for i in chunk]}, use_bin_type=True)
-            status, data = self._send(
+            response = self._send(
                 ops[chunk[0]][1],
                 "POST",
                 "/batch",
@@ -372,6 +445,7 @@ class Client:
                 write=write,
                 headers={"Content-Type": MSGPACK},
             )
+            status, data = response.status, response.body
             if status == 421:
                 misplaced.extend(chunk)
                 return
@@ -428,6 +502,7 @@ __all__ = [
     "ClientError",
     "NotANode",
     "OutcomeUnknown",
+    "Read",
     "RequestError",
     "ServerError",
     "Unavailable",

@@ -289,9 +289,7 @@ class Node:
             if follower is not None:
                 if getattr(follower, "diverged", None) or not follower.readable:
                     return None
-                follower.stop(self.config.server.forward_timeout + 5)
-                self.replication = None
-                self._following = None
+                self._drop_follower()
             if (
                 not first
                 and store.get(LAST_SEQ, roles.META) is None
@@ -347,6 +345,19 @@ class Node:
         if self.is_leader or self._following != (lead.address, lead.term):
             self._follow(lead)
 
+    def _drop_follower(self) -> None:
+        """Stop following: at once where the follower can freeze (its applied seq stays put,
+        whatever pull to a lost leader is still under way), else by stopping it."""
+        role = self.replication
+        if role is not None:
+            freeze = getattr(role, "freeze", None)
+            if freeze is not None:
+                freeze()
+            else:
+                role.stop(self.config.server.forward_timeout + 5)
+        self.replication = None
+        self._following = None
+
     def _suspend_leadership(self) -> None:
         """This node's leadership lapsed and nobody else leads yet: stop taking writes; its
         data stays a leader's until it knows who leads next."""
@@ -356,21 +367,21 @@ class Node:
         self._stop_leading()
 
     def _stop_leading(self) -> None:
+        """Stop the replication role, whichever it is: a leader's (its long-polls end, its log
+        closes) or a follower's."""
         leader_log = self.leader_log
-        if leader_log is not None:
-            leader_log.log.stop_waiting()
+        if leader_log is None:
+            self._drop_follower()
+            return
+        leader_log.log.stop_waiting()
         if self.replication is not None:
             self.replication.stop(self.config.server.forward_timeout + 5)
             self.replication = None
-        if leader_log is not None:
-            leader_log.close()
-            self.leader_log = None
+        leader_log.close()
+        self.leader_log = None
 
     def _take_leadership(self, lead: Leadership) -> None:
-        if self.replication is not None:
-            self.replication.stop(self.config.server.forward_timeout + 5)
-            self.replication = None
-        self._following = None
+        self._drop_follower()
         store = self._opened()
         store.put(roles.TERM, b"%d" % lead.term, ns=roles.META, sync=True)
         self.term = lead.term

@@ -32,8 +32,14 @@ class NodeView(Protocol):
     #: The whole cluster file, and this node's entry in it.
     config: Config
     node_config: NodeConfig
-    #: "leader" or "replica".
+    #: "leader" or "replica" (it changes at run time with a coordination that elects, and
+    #: after a switchover).
     role: str
+    #: The term of the history this node's data belongs to (0 with ``static`` and no
+    #: switchover).
+    term: int
+    #: True with a coordination that elects (roles come from the coordinator).
+    elects: bool
     address: Address
     data_dir: Path
     #: True with ``durability = "sync"``: an apply must be durable before it is acknowledged.
@@ -73,3 +79,26 @@ class NodeView(Protocol):
         ...
 
     def status(self) -> dict[str, Any]: ...
+
+    # --- for coordinations ------------------------------------------------------------------
+
+    def node_names(self) -> list[str]:
+        """This shard's nodes: "leader", "replica-0", ... (as in ``sharding.toml``)."""
+        ...
+
+    def node_address(self, name: str) -> str: ...
+
+    def leader_of(self, shard: ShardInfo) -> str | None:
+        """Where ``shard``'s leader is, as far as this node knows (None: none is known)."""
+        ...
+
+    def applied_seq(self) -> int:
+        """The last seq of its shard's history that this node's data holds."""
+        ...
+
+    def stand_for_election(self, *, first: bool = False) -> int | None:
+        """Stop following and give the applied seq to stand with, or None if this node must
+        not lead (incomplete or diverged data)."""
+        ...
+
+    def withdraw_candidacy(self) -> None: ...

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -103,6 +104,9 @@ class Follower(LoopRole):
         self.leader_last_ms = 0
         self.applied_ms = 0
         self.resyncs = 0
+        # Held while entries or a snapshot page are applied: freeze() waits for it, not for
+        # a pull that may hang on an unreachable leader.
+        self._applying = threading.Lock()
 
     # --- role -------------------------------------------------------------------------
 
@@ -134,6 +138,15 @@ class Follower(LoopRole):
             "last_error": self.last_error,
         }
 
+    def freeze(self) -> None:
+        """Stop applying now: once this returns, the applied seq changes no more. Unlike
+        :meth:`stop` it does not wait for a pull under way (a partitioned leader may hold it
+        until its timeout); the thread ends when that pull returns, applying nothing."""
+        self.stopping.set()
+        self.wake.set()
+        with self._applying:
+            pass
+
     def request_resync(self) -> None:
         """Operator decision: drop this replica's data and reload it from the leader."""
         self.diverged = None
@@ -156,9 +169,10 @@ class Follower(LoopRole):
                     self._resync()
                     continue
                 pulled = self.source.pull(self.applied, self.follows, self.wait, self.applied_check)
-                if self.stopping.is_set():
-                    break
-                self._apply(pulled)
+                with self._applying:
+                    if self.stopping.is_set():
+                        break
+                    self._apply(pulled)
                 self.state = "following"
                 self.last_error = None
                 backoff.reset()
@@ -225,7 +239,10 @@ class Follower(LoopRole):
                 return
             pairs = page["pairs"]
             if pairs:
-                store.apply([Put(DATA, key, value) for key, value in pairs], sync=False)
+                with self._applying:
+                    if self.stopping.is_set():
+                        return
+                    store.apply([Put(DATA, key, value) for key, value in pairs], sync=False)
                 loaded += len(pairs)
             if page["history"] != history:
                 raise ResyncNeeded("the leader's history changed during the resync")

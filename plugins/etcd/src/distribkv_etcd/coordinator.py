@@ -7,9 +7,11 @@ What is kept in etcd, under the cluster's prefix::
     <prefix>/shards/<shard>/members/<node>  {"address", "applied", "eligible", "vacancy"},
                                             on that node's lease
 
-A term is the revision that created a leader key; its terms record is written in the same
-transaction, so it has the same create revision, and ``fork`` is the last seq the new leader
-held when it took the lead (its history carries on from there).
+A term is the revision that last wrote a leader key (an election creates it; a switchover
+writes it over, on the new leader's lease; renewing a lease does not write it). Its terms
+record is written in the same transaction, so that record's create revision is the term, and
+``fork`` is the last seq the new leader held when it took the lead (its history carries on
+from there).
 
 The loop (a thread, every ``poll_interval``):
 
