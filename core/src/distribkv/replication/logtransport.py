@@ -2,11 +2,13 @@
 
 Wire protocol (msgpack bodies; every endpoint needs the cluster token when one is set):
 
-- ``GET /replication/pull?after=N&replica=NAME&history=H&wait=S`` — entries with seq > N, at
-  most ``max_entries`` and ``max_bytes``; waits up to S seconds (long-poll) when there are
-  none. Asking for ``after=N`` acknowledges that the replica applied everything up to N. Answers
-  ``{"history", "last", "last_ms", "entries": [[seq, op, key, value, ms], ...]}``, or 410 when
-  N is below the trimmed log or H is not the leader's history (the replica resyncs).
+- ``GET /replication/pull?after=N&replica=NAME&history=H&wait=S[&term=T]`` — entries with
+  seq > N, at most ``max_entries`` and ``max_bytes``; waits up to S seconds (long-poll) when
+  there are none. Asking for ``after=N`` acknowledges that the replica applied everything up
+  to N. Answers ``{"history", "last", "last_ms", "term", "entries": [[seq, op, key, value,
+  ms], ...]}``, or 410 when N is below the trimmed log or H is not the leader's history (the
+  replica resyncs). With a coordination that elects, T is the term the replica follows: a
+  leader of an older term answers 503, and the replica ignores an answer of an older term.
 - ``GET /replication/snapshot?after=KEY&replica=NAME`` — one page of the data (core endpoint).
 """
 
@@ -21,7 +23,13 @@ from distribkv import hookimpl
 from distribkv.http.errors import ApiError
 from distribkv.protocol import MSGPACK
 from distribkv.replication.api import TransportSpec
-from distribkv.replication.follower import Diverged, Follower, Pulled, ResyncNeeded
+from distribkv.replication.follower import (
+    Diverged,
+    Follower,
+    LeaderUnavailable,
+    Pulled,
+    ResyncNeeded,
+)
 from distribkv.replication.leader import LeaderLog, LeaderRole, leader_request
 from distribkv.replication.source import HttpSource
 
@@ -81,6 +89,7 @@ class PullResource:
                 "history": log_store.history,
                 "last": last,
                 "last_ms": log_store.last_write_ms,
+                "term": self.node.term,
                 "entries": [list(e) for e in entries],
             },
             use_bin_type=True,
@@ -106,6 +115,13 @@ class LogSource(HttpSource):
                 detail = response.body[:200].decode(errors="replace")
             raise (ResyncNeeded if response.status == 410 else Diverged)(detail)
         doc = self.document(response)
+        if self.term is not None and "term" in doc and int(doc["term"]) < self.term:
+            # Entries of an older term than the one this replica follows: from a deposed
+            # leader (the leader checks this too; a replica does not rely on it).
+            raise LeaderUnavailable(
+                f"{self.address} answered for term {doc.get('term', 0)}; this replica follows"
+                f" term {self.term}"
+            )
         return Pulled(doc["history"], doc["last"], doc["last_ms"], doc["entries"])
 
 
