@@ -20,7 +20,7 @@ from xxhash import xxh3_128
 from distribkv import __version__
 from distribkv.config import Config, NodeConfig, load_cluster_token, refuse_exposed
 from distribkv.coordination import roles
-from distribkv.coordination.api import Coordinator, Leadership, NotLeaderError
+from distribkv.coordination.api import Coordinator, HandoverUnknown, Leadership, NotLeaderError
 from distribkv.hashing.shardmap import ShardInfo, ShardMap
 from distribkv.plugins import PluginRegistry
 from distribkv.replication.api import NotReplicatedError, ReplicationRole
@@ -33,6 +33,7 @@ from distribkv.replication.records import (
     read_seq,
 )
 from distribkv.storage.api import Delete, Namespace, Op, Put
+from distribkv.storage.errors import BackendClosedError
 from distribkv.storage.store import Store, open_store
 from distribkv.transition import MapState
 
@@ -86,6 +87,9 @@ class Node:
         #: elects, and while a switchover fences them.
         self._checks_leadership = self.elects
         self._handing_over = False
+        #: When a switchover's outcome was lost (monotonic): the fence stays until the
+        #: coordinator has read who leads since.
+        self._handover_unknown_since: float | None = None
         self.name = f"{shard}/{self.node_config.node_name}"
         self.address = self.node_config.address
         self.backend_name = backend or config.storage.backend
@@ -176,8 +180,9 @@ class Node:
     def leads(self) -> bool:
         """True while this node leads its shard and its leadership cannot have lapsed (the
         coordinator's deadline, on this process's monotonic clock)."""
-        if not self.is_leader:
-            return False
+        return self.is_leader and self._lease_valid()
+
+    def _lease_valid(self) -> bool:
         coordinator = self.coordinator
         deadline = None if coordinator is None else coordinator.deadline()
         return deadline is None or time.monotonic() < deadline
@@ -231,6 +236,11 @@ class Node:
                     "%s: hands shard %s over to %s at seq %d", self.name, self.me.name, target, last
                 )
                 lead = coordinator.hand_over(self.me.name, target, self.node_address(target), last)
+            except HandoverUnknown:
+                # It may have happened: writes stay fenced until the coordinator knows.
+                self._handover_unknown_since = time.monotonic()
+                self._changed.set()
+                raise
             except BaseException:
                 self._handing_over = False
                 self._checks_leadership = self.elects
@@ -306,7 +316,13 @@ class Node:
 
     def _role_loop(self) -> None:
         while not self._roles_stopping.is_set():
-            self._changed.wait(0.5)
+            wait = 0.5
+            coordinator = self.coordinator
+            if self.is_leader and coordinator is not None:
+                deadline = coordinator.deadline()
+                if deadline is not None:  # look again as soon as the lease may lapse
+                    wait = min(wait, max(0.005, deadline - time.monotonic() + 0.001))
+            self._changed.wait(wait)
             self._changed.clear()
             if self._roles_stopping.is_set():
                 return
@@ -332,7 +348,18 @@ class Node:
         self.leader_address = lead.address
         if lead.node == self.node_config.node_name:
             self._standing = None
-            if not self.is_leader:
+            unknown = self._handover_unknown_since
+            if unknown is not None and coordinator.view_time() > unknown:
+                # A switchover whose answer was lost did not happen: this node still leads.
+                self._handover_unknown_since = None
+                self._handing_over = False
+                self._checks_leadership = self.elects
+            if self.is_leader and self.elects and not self.leads():
+                # Its lease may have lapsed (etcd unreachable): no leader's reads either.
+                self._suspend_leadership()
+            elif not self.is_leader:
+                if not self._lease_valid():
+                    return  # named, but its lease may have lapsed: wait for a fresh view
                 self._take_leadership(lead)
             elif lead.term != self.term:  # elected again, after its leadership lapsed
                 self._opened().put(roles.TERM, b"%d" % lead.term, ns=roles.META, sync=True)
@@ -501,7 +528,12 @@ class Node:
         leader_log = self._leader_log()
         if self._checks_leadership and not self.may_acknowledge():
             raise self._not_leader(stored=False)
-        seq = leader_log.committer.write(ops, guard=self._write_guard(ops) if client else None)
+        try:
+            seq = leader_log.committer.write(ops, guard=self._write_guard(ops, client=client))
+        except BackendClosedError:
+            if leader_log is not self.leader_log:  # it stepped down: the write was not queued
+                raise self._not_leader(stored=False) from None
+            raise
         needed = self.config.cluster.min_replicas
         if needed:
             timeout = self.config.cluster.min_replicas_timeout
@@ -547,7 +579,13 @@ class Node:
                 if not self.may_acknowledge():
                     raise self._not_leader(stored=False)
                 done = self._fenced(done)
-            self._leader_log().committer.submit(ops, done, guard=self._write_guard(ops))
+            leader_log = self._leader_log()
+            try:
+                leader_log.committer.submit(ops, done, guard=self._write_guard(ops, client=True))
+            except BackendClosedError:
+                if leader_log is not self.leader_log:  # it stepped down: not queued
+                    raise self._not_leader(stored=False) from None
+                raise
         except Exception as exc:  # noqa: BLE001 - handed to the caller's answer
             done(0, exc)
 
@@ -570,13 +608,20 @@ class Node:
             raise self._not_leader(stored=False)
         return leader_log
 
-    def _write_guard(self, ops: Sequence[Op]) -> Callable[[], None]:
+    def _write_guard(self, ops: Sequence[Op], *, client: bool) -> Callable[[], None]:
+        """What the committer checks under its queue lock before it queues a write: that no
+        switchover fences writes (hand_over sets the fence, then reads the committed seq: every
+        write queued later is refused, so none gets a seq past it) and, for a client's write,
+        that no reshard is moving its keys."""
         maps = self.maps
         epoch = maps.epoch
 
         def guard() -> None:
-            # Under the write lock: a move that started a moment ago counts.
-            maps.check_write([op.key for op in ops], epoch)
+            if self._handing_over:
+                raise self._not_leader(stored=False)
+            if client:
+                # Under the write lock: a move that started a moment ago counts.
+                maps.check_write([op.key for op in ops], epoch)
 
         return guard
 

@@ -231,9 +231,7 @@ def test_a_bad_deferred_write_fails_alone(store):
 
 
 @pytest.mark.parametrize("group_commit", [True, False])
-def test_deferred_writes_queued_when_the_log_closes_are_still_applied_and_answered(
-    store, group_commit
-):
+def test_writes_queued_when_the_log_closes_are_applied_and_later_ones_refused(store, group_commit):
     from distribkv.storage.errors import BackendClosedError
 
     leader = committer(SlowApplies(store), group_commit=group_commit)
@@ -245,18 +243,31 @@ def test_deferred_writes_queued_when_the_log_closes_are_still_applied_and_answer
         answered.release()
 
     # A waiting writer keeps leading groups while deferred writes queue up behind it.
-    writer = threading.Thread(
-        target=lambda: [leader.write([put(b"w%d" % i, b"v")]) for i in range(30)]
-    )
+    written: list[int] = []
+    refused: list[BaseException] = []
+
+    def write_on() -> None:
+        for i in range(30):
+            try:
+                written.append(leader.write([put(b"w%d" % i, b"v")]))
+            except BackendClosedError as exc:
+                refused.append(exc)  # after close: refused, not queued
+
+    writer = threading.Thread(target=write_on)
     writer.start()
     for i in range(30):
         leader.submit([put(b"d%d" % i, b"v")], done)
     leader.close()
+    # close() returned: whatever was queued is applied, and nothing more will be.
+    seq = leader.committed_seq()
     for _ in range(30):
         assert answered.acquire(timeout=30), "a deferred write queued before close was lost"
     writer.join(timeout=30)
     assert [error for _, error in answers] == [None] * 30
     assert all(store.get(b"d%d" % i) == b"v" for i in range(30))
-    assert leader.committed_seq() == 60
+    assert len(written) + len(refused) == 30
+    assert seq == leader.committed_seq() == 30 + len(written)
     with pytest.raises(BackendClosedError):
         leader.submit([put(b"late", b"v")], done)
+    with pytest.raises(BackendClosedError):
+        leader.write([put(b"late", b"v")])

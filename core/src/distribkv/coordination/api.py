@@ -33,6 +33,7 @@ __all__ = [
     "CoordinationError",
     "CoordinationSpec",
     "Coordinator",
+    "HandoverUnknown",
     "Leadership",
     "NotLeaderError",
 ]
@@ -51,6 +52,11 @@ class NotLeaderError(Exception):
 
 class CoordinationError(Exception):
     """The coordination cannot do what was asked (a bad setting, an unreachable service)."""
+
+
+class HandoverUnknown(CoordinationError):
+    """A switchover may or may not have happened (its answer was lost): the old leader keeps
+    its writes fenced until its coordinator has read who leads since."""
 
 
 @attrs.frozen
@@ -99,6 +105,11 @@ class Coordinator(abc.ABC):
         """Be told of a switchover that another node carried out (coordinations without a
         shared store of their own, such as ``static``, are told by ``distribkv promote``)."""
         raise CoordinationError("leadership is not recorded by hand with this coordination")
+
+    def view_time(self) -> float:
+        """The ``time.monotonic()`` of the last time this coordinator learned who leads (a
+        coordinator whose view is always current answers infinity)."""
+        return float("inf")
 
     def deadline(self) -> float | None:
         """While this node leads its shard: the ``time.monotonic()`` after which it must no

@@ -227,7 +227,11 @@ def check_readable(node) -> list[tuple[str, str]]:
     headers that say how far behind its leader it is. Nothing on a leader."""
     lag = node.lag()
     if lag is None:
-        return []
+        if node.is_leader:
+            return []
+        # A replica that follows nobody now (an election is under way): stale by how much,
+        # it cannot tell.
+        return [(LAG_ENTRIES_HEADER, "unknown"), (LAG_SECONDS_HEADER, "unknown")]
     if not node.readable:
         raise ApiError(
             falcon.HTTP_503,

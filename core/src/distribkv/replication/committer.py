@@ -108,9 +108,9 @@ class GroupCommitter:
         with self._queue_lock:
             if guard is not None:
                 guard()
+            if self._closed:
+                raise BackendClosedError("the leader's log is closed; the write was not queued")
             if request.callback is not None:
-                if self._closed:
-                    raise BackendClosedError("the leader's log is closed; the write was not queued")
                 if self._committer is None:
                     committer = threading.Thread(
                         target=self._commit_deferred, name="distribkv-commit", daemon=True
@@ -135,10 +135,12 @@ class GroupCommitter:
                 log.exception("applying a group of deferred writes failed")
 
     def close(self) -> None:
-        """Stop the committer thread. Deferred writes queued after this are refused; any the
-        committer can no longer lead are led by whichever thread finishes the group before."""
+        """Refuse every write from now on, let the queued ones be applied, then stop the
+        committer thread: once this returns, nothing more is written through this log."""
         with self._queue_lock:
             self._closed = True
+        self.committed_seq()  # every write queued before is applied (or failed)
+        with self._queue_lock:
             committer = self._committer
             if committer is not None:
                 self._commit_turns.put(False)

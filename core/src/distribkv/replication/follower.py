@@ -250,16 +250,19 @@ class Follower(LoopRole):
             if page["done"] or not pairs:
                 break
             page = self.source.snapshot_page(pairs[-1][0])
-        store.apply(
-            [
-                Put(META, APPLIED, seq_key(first_seq)),
-                Put(META, FOLLOWS, history.encode()),
-                Put(META, SNAPSHOT_SEQ, seq_key(last_seq)),
-                Delete(META, APPLIED_CHECK),
-                Delete(META, RESYNC),
-            ],
-            sync=True,
-        )
+        with self._applying:
+            if self.stopping.is_set():
+                return  # frozen: the data stays marked incomplete
+            store.apply(
+                [
+                    Put(META, APPLIED, seq_key(first_seq)),
+                    Put(META, FOLLOWS, history.encode()),
+                    Put(META, SNAPSHOT_SEQ, seq_key(last_seq)),
+                    Delete(META, APPLIED_CHECK),
+                    Delete(META, RESYNC),
+                ],
+                sync=True,
+            )
         self.applied, self.follows, self.snapshot_seq = first_seq, history, last_seq
         self.applied_check = None
         self.needs_resync = False

@@ -58,6 +58,7 @@ class PullResource:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         leader, params = leader_request(self.node, req)
+        term = self.node.term  # of the log answered from, read before any wait
         log_store = leader.log
         after = _int(params, "after")
         replica = params.get("replica", b"").decode("utf-8", "replace") or req.remote_addr
@@ -81,6 +82,12 @@ class PullResource:
             leader.progress.acknowledge(replica, after)
         if wait:
             log_store.wait_for_entries(after, wait)
+            if self.node.elects and (not self.node.leads() or self.node.term != term):
+                raise ApiError(
+                    falcon.HTTP_503,
+                    "not the leader",
+                    f"{self.node.name} stopped leading term {term} while the replica waited",
+                )
         entries = log_store.entries_after(after, max_entries=max_entries, max_bytes=MAX_BYTES)
         last = log_store.last_seq  # read after the entries, which are all <= it
         resp.content_type = MSGPACK
@@ -89,7 +96,7 @@ class PullResource:
                 "history": log_store.history,
                 "last": last,
                 "last_ms": log_store.last_write_ms,
-                "term": self.node.term,
+                "term": term,
                 "entries": [list(e) for e in entries],
             },
             use_bin_type=True,

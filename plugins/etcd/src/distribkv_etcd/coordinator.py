@@ -25,9 +25,11 @@ The loop (a thread, every ``poll_interval``):
    alone);
 4. when its shard has no leader: every eligible node stops following (so its applied seq
    stays put) and publishes it, marked with the revision at which it saw the vacancy. Once
-   every live member has done so (or a lease TTL has passed), the most advanced one that is
-   within ``failover_max_lag`` of the highest seq known creates the leader key. A shard's very
-   first leader is the one ``sharding.toml`` names.
+   every live member has done so, the most advanced one that is within ``failover_max_lag`` of
+   the highest seq known creates the leader key. With ``min_replicas = 0`` a member that does
+   not publish, or a more advanced one that does not take the key, is passed over after a
+   lease TTL; with ``min_replicas >= 1`` never (it may hold the only copy of an acknowledged
+   write). A shard's very first leader is the one ``sharding.toml`` names.
 """
 
 from __future__ import annotations
@@ -36,10 +38,16 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from distribkv.coordination.api import CoordinationError, Coordinator, Leadership
+from distribkv.coordination.api import (
+    CoordinationError,
+    Coordinator,
+    HandoverUnknown,
+    Leadership,
+)
 from distribkv.httpclient import source_host
 from distribkv_etcd.client import EtcdClient, EtcdError, KeyValue
 
@@ -78,6 +86,8 @@ class EtcdCoordinator(Coordinator):
         self._forks: dict[str, dict[int, int]] = {}
         self._leader_lease = 0  # the lease of this shard's leader key
         self._members: dict[str, tuple[KeyValue, dict]] = {}
+        self._view_time = 0.0  # monotonic: when etcd was last read
+        self._known_term = 0  # the term _known_seq belongs to
         self._revision = 0
         self._vacant_since: tuple[int, float] | None = None  # (revision, monotonic)
         self._published: dict[str, Any] | None = None
@@ -130,30 +140,52 @@ class EtcdCoordinator(Coordinator):
         lease = member[0].lease
         base = self.prefix + f"/shards/{shard}".encode()
         doc = {"node": node, "address": address, "fork": fork}
-        done, revision = self.client.hand_over(
-            base + b"/leader",
-            json.dumps(doc).encode(),
-            mod_revision=lead.term,
-            lease=lease,
-            lease_key=base + f"/members/{node}".encode(),
-            with_puts=[
-                (
-                    base + f"/terms/{node}-{lease:x}-{fork}".encode(),
-                    json.dumps({"node": node, "fork": fork}).encode(),
-                )
-            ],
-        )
-        if not done:
-            raise CoordinationError(
-                f"the switchover of {shard} to {node} lost a race in etcd (the lead or {node}'s"
-                " lease changed meanwhile); nothing was changed"
+        try:
+            done, revision = self.client.hand_over(
+                base + b"/leader",
+                json.dumps(doc).encode(),
+                mod_revision=lead.term,
+                lease=lease,
+                lease_key=base + f"/members/{node}".encode(),
+                with_puts=[
+                    (
+                        base + f"/terms/{node}-{uuid.uuid4().hex}".encode(),
+                        json.dumps({"node": node, "fork": fork}).encode(),
+                    )
+                ],
             )
+        except EtcdError:
+            done, revision = False, 0  # it may have been applied all the same: look
+        if not done:
+            # Either nothing changed (the lead or the target's lease moved meanwhile) or the
+            # transaction went through and its answer was lost: the key says which.
+            try:
+                _, kvs = self.client.range_prefix(base + b"/leader")
+            except EtcdError as exc:
+                raise HandoverUnknown(
+                    f"the switchover of {shard} to {node} may or may not have happened: {exc}"
+                ) from exc
+            now = {kv.key: kv for kv in kvs}.get(base + b"/leader")
+            holder = json.loads(now.value)["node"] if now is not None else None
+            if now is None or holder != node:
+                if now is not None and now.mod_revision == lead.term and holder == self.name:
+                    raise CoordinationError(
+                        f"the switchover of {shard} to {node} did not happen in etcd (the lead"
+                        f" or {node}'s lease changed meanwhile); {self.name} still leads"
+                    )
+                raise HandoverUnknown(
+                    f"after the switchover of {shard} to {node}, etcd names {holder or 'no leader'}"
+                )
+            revision = now.mod_revision
         log.warning(
             "%s: handed shard %s over to %s: term %d", self.node.name, shard, node, revision
         )
         kv_revision, kvs = self.client.range_prefix(self.prefix + b"/shards/")
         self._read(kv_revision, kvs)
         return Leadership(shard, node, address, revision)
+
+    def view_time(self) -> float:
+        return self._view_time
 
     def deadline(self) -> float | None:
         if self._leader_lease and self._leader_lease == self._lease:
@@ -203,9 +235,14 @@ class EtcdCoordinator(Coordinator):
             self._stopping.wait(self.interval)
 
     def _round(self) -> None:
-        self._renew()
+        renewed = self._renew()
         revision, kvs = self.client.range_prefix(self.prefix + b"/shards/")
         self._read(revision, kvs)
+        # The deadline moves on only with a view read after the renewal: a leader that was
+        # cut off never acknowledges on an extended lease before it knows it still leads.
+        if renewed is not None:
+            self._lease_until = renewed
+        self._view_time = time.monotonic()
         lead = self._leaders.get(self.shard)
         if lead is None:
             self._vacancy(revision)
@@ -214,25 +251,26 @@ class EtcdCoordinator(Coordinator):
             self._candidate_seq = None
         self._publish()
 
-    def _renew(self) -> None:
+    def _renew(self) -> float | None:
+        """Grant or renew this node's lease when due; until when it lasts at least, or None
+        if nothing was renewed."""
         now = time.monotonic()
         if not self._lease:
             lease, ttl = self.client.grant(self.ttl)
-            self._lease, self._lease_until = lease, now + ttl
+            self._lease = lease
             self._renew_at = now + ttl / 3
             self._published = None
-            return
+            return now + ttl
         if now < self._renew_at:
-            return
+            return None
         ttl = self.client.keepalive(self._lease)
         if ttl <= 0:
             log.warning("%s: its etcd lease expired; taking a new one", self.node.name)
             self._lease, self._lease_until = 0, 0.0
             self._changed()
-            self._renew()
-            return
-        self._lease_until = now + ttl
+            return self._renew()
         self._renew_at = now + ttl / 3
+        return now + ttl
 
     def _read(self, revision: int, kvs: list[KeyValue]) -> None:
         base = self.prefix + b"/shards/"
@@ -247,6 +285,11 @@ class EtcdCoordinator(Coordinator):
                 doc = json.loads(kv.value)
             except ValueError:
                 continue
+            ours = shard == self.shard and parts[1:] == [b"leader"]
+            if ours and kv.mod_revision != self._known_term:
+                # A new term: the highest seq known starts again from its fork.
+                self._known_term = kv.mod_revision
+                self._known_seq = 0
             if parts[1:] == [b"leader"]:
                 if shard == self.shard and doc["node"] == self.name and kv.lease != self._lease:
                     # This node's leadership from before it restarted: that process is gone
@@ -338,7 +381,12 @@ class EtcdCoordinator(Coordinator):
             }
             waited = now - since
             settled = all(doc.get("vacancy", -1) > latest for doc in peers.values())
-            if not settled and waited < self.ttl:
+            # With min_replicas >= 1 an acknowledged write may be on one replica only: never
+            # take the lead past a live peer that may be further (one that has not published
+            # since the vacancy, or has published more); without, a stuck peer is passed over
+            # after a lease TTL.
+            patient = self.node.config.cluster.min_replicas >= 1
+            if not settled and (patient or waited < self.ttl):
                 return  # a peer has not published its position since the vacancy
             better = [
                 name
@@ -348,8 +396,8 @@ class EtcdCoordinator(Coordinator):
                 and (int(doc.get("applied", 0)), _rank(self.node, name))
                 > (seq, _rank(self.node, self.name))
             ]
-            if better and waited < self.ttl:
-                return  # a more advanced peer takes it; if it does not within a TTL, we try
+            if better and (patient or waited < self.ttl):
+                return  # a more advanced peer takes it (or, without min_replicas, a TTL passes)
             if seq < self._known_seq - self.settings.failover_max_lag:
                 if waited < self.ttl:
                     log.warning(
@@ -368,7 +416,7 @@ class EtcdCoordinator(Coordinator):
             return
         doc = {"node": self.name, "address": str(self.node.address), "fork": seq}
         base = self.prefix + f"/shards/{self.shard}".encode()
-        term_key = base + f"/terms/{self.name}-{self._lease:x}-{seq}".encode()
+        term_key = base + f"/terms/{self.name}-{uuid.uuid4().hex}".encode()
         won, revision = self.client.create(
             base + b"/leader",
             json.dumps(doc).encode(),
