@@ -549,3 +549,36 @@ def test_promote_under_a_writer_loses_no_acknowledged_write(
             client.close()
             assert [k for k in acked if values[k] != k[::-1]] == []
             assert cluster.stop() == 0
+
+
+def test_nodes_authenticate_to_an_etcd_that_requires_it(
+    tmp_path, hosts, etcd, backend_name, monkeypatch
+):
+    from distribkv_etcd.client import EtcdClient
+
+    admin = EtcdClient([etcd.endpoint])
+    admin.call("/v3/auth/user/add", {"name": "root", "password": "s3cret"})
+    admin.call("/v3/auth/user/grant", {"user": "root", "role": "root"})
+    admin.call("/v3/auth/enable", {})
+    admin.close()
+    monkeypatch.setenv("TEST_ETCD_PASSWORD", "s3cret")
+    config = failover_cluster(tmp_path, hosts, etcd, backend_name, min_replicas=0, replicas=1)
+    text = config.read_text().replace(
+        "lease_ttl = 2", 'lease_ttl = 2\nusername = "root"\npassword_env = "TEST_ETCD_PASSWORD"'
+    )
+    config.write_text(text)
+    with Cluster(config) as cluster:
+        leader = current_leader(cluster)
+        assert leader["coordination"]["connected"] and leader["coordination"]["last_error"] is None
+        assert call(leader["address"], "PUT", "/set?key=k", b"v").status == 200
+        assert cluster.stop() == 0
+    # Without the variable, the file is refused before any node starts.
+    monkeypatch.delenv("TEST_ETCD_PASSWORD")
+    result = subprocess.run(
+        [sys.executable, "-m", "distribkv", "launch", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "password_env" in result.stderr and "TEST_ETCD_PASSWORD" in result.stderr
