@@ -179,6 +179,9 @@ def test_entries_the_new_history_lacks_go_to_a_rollback_file_and_the_data_is_rel
         with open(rollback, "rb") as stream:
             header, *entries = list(msgpack.Unpacker(stream, raw=False))
         assert (header["term"], header["fork"], header["entries"]) == (1, fork, 5)
+        assert header["terms"] == [[1, 1]]  # the term it led, from its first seq
+        assert second.status()["coordination"]["terms_led"] == [[2, fork + 1]]
+        assert {e["term"] for e in entries} == {1}
         assert [(e["key"], e["value"], e["op"]) for e in entries] == [
             (key, value, "put") for key, value in lost
         ]

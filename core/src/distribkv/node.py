@@ -362,7 +362,8 @@ class Node:
                     return  # named, but its lease may have lapsed: wait for a fresh view
                 self._take_leadership(lead)
             elif lead.term != self.term:  # elected again, after its leadership lapsed
-                self._opened().put(roles.TERM, b"%d" % lead.term, ns=roles.META, sync=True)
+                first = self.applied_seq() + 1
+                roles.lead_term(self._opened(), lead.term, first)
                 self.term = lead.term
             return
         if self._standing is not None:
@@ -410,9 +411,9 @@ class Node:
     def _take_leadership(self, lead: Leadership) -> None:
         self._drop_follower()
         store = self._opened()
-        store.put(roles.TERM, b"%d" % lead.term, ns=roles.META, sync=True)
-        self.term = lead.term
         self.leader_log = self._new_leader_log()
+        roles.lead_term(store, lead.term, self.leader_log.log.last_seq + 1)
+        self.term = lead.term
         transport = self.registry.replication_transport(self.config.cluster.replication)
         role = transport.leader(self)
         role.start()
@@ -687,6 +688,8 @@ class Node:
                 **(self.coordinator.status() if self.coordinator is not None else {}),
                 "rolled_back": self.rolled_back,
                 "role_error": self.role_error,
+                # The last terms this node led, with the first seq of each.
+                "terms_led": roles.read_terms(self._opened())[-5:],
             },
         }
 

@@ -48,23 +48,52 @@ META, LOG = Namespace.META, Namespace.LOG
 TERM = b"term"
 #: Metadata key: entries written to rollback files so far (all time).
 ROLLED_BACK = b"rolled_back"
+#: Metadata key: the terms this node led and the first seq of each, ``[[term, seq], ...]``
+#: (msgpack, the last ``TERMS_KEPT``): what term every entry of its log was written in.
+TERMS = b"terms"
+TERMS_KEPT = 100
 DELETE_CHUNK = 1000
 
 __all__ = [
     "ROLLED_BACK",
     "TERM",
+    "TERMS",
+    "lead_term",
     "log_entries",
     "read_rolled_back",
     "read_term",
+    "read_terms",
     "roll_back_replica",
     "rollback_path",
     "step_down",
+    "term_of",
 ]
 
 
 def read_term(store: Store) -> int:
     raw = store.get(TERM, META)
     return 0 if raw is None else int(raw)
+
+
+def read_terms(store: Store) -> list[list[int]]:
+    raw = store.get(TERMS, META)
+    return msgpack.unpackb(raw) if raw else []
+
+
+def lead_term(store: Store, term: int, first_seq: int) -> None:
+    """Record that this node leads from ``term`` on, its first entry being ``first_seq``."""
+    terms = [t for t in read_terms(store) if t[0] != term][-(TERMS_KEPT - 1) :]
+    terms.append([term, first_seq])
+    store.apply([Put(META, TERM, b"%d" % term), Put(META, TERMS, msgpack.packb(terms))], sync=True)
+
+
+def term_of(terms: list[list[int]], seq: int, default: int) -> int:
+    """The term in which this node wrote its entry ``seq`` (``default`` if unrecorded)."""
+    found = default
+    for term, first in terms:
+        if first <= seq:
+            found = term
+    return found
 
 
 def read_rolled_back(store: Store) -> int:
@@ -122,11 +151,12 @@ def step_down(
     history = store.get(HISTORY, META)
     assert history is not None, "a leader's data directory has a history id"
     rolled: list[dict] = []
+    terms = read_terms(store)
     if fork is not None and last > fork:
         rolled = [
             {
                 "seq": seq,
-                "term": term,
+                "term": term_of(terms, seq, term),
                 "op": "put" if op == OP_PUT else "delete",
                 "key": key,
                 "value": value,
@@ -144,9 +174,10 @@ def step_down(
             "fork": fork,
             "last": last,
             "entries": len(rolled),
+            "terms": terms,
             "written_at": time.time(),
             "note": (
-                f"entries {fork + 1}..{last} were written by this node as leader of term {term}"
+                f"entries {fork + 1}..{last} were written by this node as leader (term {term})"
                 " and are not in the shard's history since then"
                 + (f"; {missing} of them had been trimmed from its log" if missing else "")
             ),
