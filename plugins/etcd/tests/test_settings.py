@@ -10,7 +10,7 @@ from distribkv.plugins import load_plugins
 
 pytest.importorskip("distribkv_etcd")
 
-SHARDS = '[[shards]]\nname = "s"\nidx = 0\naddress = "127.0.0.2:1"\n'
+SHARDS = '[storage]\nbackend = "memory"\n[[shards]]\nname = "s"\nidx = 0\naddress = "127.0.0.2:1"\n'
 
 
 def load(tmp_path, cluster: str, coordination: str):
