@@ -28,7 +28,7 @@ from distribkv.http.kv import check_readable, respond
 from distribkv.http.limits import Limits
 from distribkv.http.params import check_key
 from distribkv.http.routing import Blocks, Router
-from distribkv.protocol import MSGPACK
+from distribkv.protocol import JSON, MSGPACK
 from distribkv.storage.api import Delete, Namespace, Op, Put
 
 MAX_OPS = 10_000
@@ -52,7 +52,14 @@ class BatchResource:
         return body
 
     def _decode(self, req: falcon.Request, body: bytes):
-        use_msgpack = (req.content_type or "").split(";")[0].strip() == MSGPACK
+        media = (req.content_type or "").split(";")[0].strip().lower()
+        if media not in (MSGPACK, JSON, ""):
+            raise ApiError(
+                falcon.HTTP_415,
+                "unsupported media type",
+                f"/batch takes {JSON} or {MSGPACK} (Content-Type), not {media!r}",
+            )
+        use_msgpack = media == MSGPACK
         try:
             if use_msgpack:
                 doc = msgpack.unpackb(body, raw=False, max_bin_len=self.limits.max_batch)
@@ -61,6 +68,8 @@ class BatchResource:
         except (ValueError, msgpack.UnpackException) as exc:
             kind = "msgpack" if use_msgpack else "JSON"
             raise _bad(f"the body is not valid {kind}: {exc}") from None
+        except RecursionError:
+            raise _bad("the body is nested far more deeply than a batch is") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("ops"), list):
             raise _bad('expected an object with an "ops" list')
         encoding = doc.get("encoding")
@@ -153,18 +162,29 @@ class BatchResource:
         resp.data = json.dumps({"results": out}).encode()
 
 
+def _utf8(value: str, where: str) -> bytes:
+    try:
+        return value.encode()
+    except UnicodeEncodeError:
+        # JSON's "\ud800" escapes decode to a lone surrogate, which is no text at all.
+        raise _bad(
+            f"{where}: not valid Unicode (a lone surrogate); send bytes as base64"
+            ' ("encoding": "base64") or in msgpack'
+        ) from None
+
+
 def _msgpack_bytes(value, where: str) -> bytes:
     if isinstance(value, bytes):
         return value
     if isinstance(value, str):
-        return value.encode()
+        return _utf8(value, where)
     raise _bad(f"{where}: expected binary or text, got {type(value).__name__}")
 
 
 def _text_bytes(value, where: str) -> bytes:
     if not isinstance(value, str):
         raise _bad(f"{where}: expected a string, got {type(value).__name__}")
-    return value.encode()
+    return _utf8(value, where)
 
 
 def _base64_bytes(value, where: str) -> bytes:

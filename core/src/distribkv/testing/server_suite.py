@@ -75,6 +75,7 @@ __all__ = [
     "test_a_deferred_answer_to_a_client_that_left_ends_the_request",
     "test_a_forwarded_request_for_a_foreign_key_gets_421",
     "test_a_key_set_through_any_node_is_read_through_any_node",
+    "test_a_malformed_batch_is_a_4xx_with_a_json_body",
     "test_a_method_a_route_does_not_take_is_405_naming_the_allowed_ones",
     "test_a_replica_refuses_writes_and_points_to_its_leader",
     "test_a_request_routed_with_another_map_gets_409",
@@ -854,6 +855,39 @@ def test_batch_in_msgpack_and_json(redirect_cluster):
     doc = json.loads(response.body)
     assert doc["error"] == "batch spans shards"
     assert doc["owners"] == ["shard-0", "shard-1"]
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "error"),
+    [
+        (b'{"ops": [["set", "\\ud800", "v"]]}', "application/json", 400, "bad batch"),
+        (
+            b'{"ops": [["get", "k"]], "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            None,
+            400,
+            "bad batch",
+        ),
+        (b'{"ops": [["get", "k"]]}', "text/plain", 415, "unsupported media type"),
+        (
+            b'{"ops": [["get", "k"]]}',
+            "application/x-www-form-urlencoded",
+            415,
+            "unsupported media type",
+        ),
+        (b"\xc1", "application/msgpack", 400, "bad batch"),
+        (b'{"ops": "none"}', "application/json; charset=utf-8", 400, "bad batch"),
+    ],
+    ids=["lone-surrogate", "deep-nesting", "text-plain", "form", "bad-msgpack", "no-ops-list"],
+)
+def test_a_malformed_batch_is_a_4xx_with_a_json_body(
+    redirect_cluster, body, content_type, status, error
+):
+    node = leaders(redirect_cluster)[0]
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = call(node, "POST", "/batch", body=body, headers=headers)
+    assert response.status == status, response
+    assert json.loads(response.body)["error"] == error
+    assert call(node, "GET", "/healthz").status == 200
 
 
 def test_each_request_writes_one_access_log_line(redirect_cluster):
