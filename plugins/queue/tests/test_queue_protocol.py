@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import logging
+from urllib.parse import urlencode
 
 import falcon.testing
 import pytest
@@ -35,8 +37,10 @@ def leader(tmp_path):
     node.close()
 
 
-def next_key(client, replica=None):
+def next_key(client, replica=None, *, binary=False):
     qs = f"replica={replica}" if replica else ""
+    if binary:  # reads KeyB64 and ValueB64, so bytes that are not UTF-8 are no trouble
+        qs += "&binary=1" if qs else "binary=1"
     response = client.simulate_get("/next-replication-key", query_string=qs)
     assert response.status_code == 200
     return response.json
@@ -86,12 +90,12 @@ def test_deletes_and_binary_keys_and_values_replicate_exactly(leader):
     node, client = leader
     node.set(b"\xff\x00key", b"\x00\xfe value")
     node.delete(b"\xff\x00key")
-    doc = next_key(client)
+    doc = next_key(client, binary=True)
     assert base64.b64decode(doc["KeyB64"]) == b"\xff\x00key"
     assert base64.b64decode(doc["ValueB64"]) == b"\x00\xfe value"
     assert doc["Op"] == "set"
     assert ack(client, doc).text == "ok"
-    doc = next_key(client)
+    doc = next_key(client, binary=True)
     assert doc["Op"] == "delete" and base64.b64decode(doc["KeyB64"]) == b"\xff\x00key"
 
 
@@ -103,3 +107,44 @@ def test_a_key_overwritten_while_in_flight_is_not_lost(leader):
     assert ack(client, doc).text == "ok"
     doc = next_key(client)
     assert (doc["Key"], doc["Value"]) == ("k", "new")
+
+
+def seed_replica_rounds(client, replica: str, rounds: int) -> dict[str, int]:
+    """A stand-in for a replica of the Go seeds: it reads Key and Value as JSON text (bytes
+    that are not UTF-8 arrive as U+FFFD, as Go's encoding/json makes them), acknowledges what
+    it read, and counts what it did; an empty Key is where it would sleep."""
+    counts = {"changes": 0, "refused": 0, "empty": 0}
+    for _ in range(rounds):
+        doc = client.simulate_get("/next-replication-key", query_string=f"replica={replica}").json
+        if not doc["Key"]:
+            counts["empty"] += 1
+            continue
+        query = urlencode({"key": doc["Key"], "value": doc["Value"], "replica": replica})
+        answer = client.simulate_get("/delete-replication-key", query_string=query)
+        counts["changes" if answer.status_code == 200 else "refused"] += 1
+    return counts
+
+
+def test_a_seed_replica_is_blocked_calmly_at_a_change_it_cannot_represent(leader, caplog):
+    node, client = leader
+    node.set(b"ok", b"fine")
+    node.set(b"bad", b"\xff\xfe not utf-8")
+    node.set(b"later", b"v")
+    caplog.set_level(logging.ERROR)
+    counts = seed_replica_rounds(client, "seed", 50)
+    # It took the first change, then met the one it cannot store: no acknowledgement of a
+    # mangled value is ever attempted, and it is told the queue is empty, 49 times in a row.
+    assert counts == {"changes": 1, "refused": 0, "empty": 49}
+    from distribkv_queue import QueueLeaderRole
+
+    blocked = QueueLeaderRole(node).status()["blocked"]  # what /status shows under replication
+    assert blocked["seed"]["seq"] == 2 and "UTF-8" in blocked["seed"]["reason"]
+    assert sum("blocked at seq 2" in r.getMessage() for r in caplog.records) == 1
+    # A binary-safe replica (it names its history) is not held up.
+    history = node.leader_log.history
+    seen = []
+    for after in range(3):
+        qs = f"replica=replica-0&after={after}&history={history}"
+        doc = client.simulate_get("/next-replication-key", query_string=qs).json
+        seen.append(base64.b64decode(doc["ValueB64"]))
+    assert seen == [b"fine", b"\xff\xfe not utf-8", b"v"]

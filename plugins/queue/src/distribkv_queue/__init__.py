@@ -3,17 +3,26 @@
 Leader endpoints (JSON), per replica (``replica=NAME``; a replica that names none is known
 by its address):
 
-- ``GET /next-replication-key[?replica=&after=&history=&wait_ms=]`` -> ``{"Key", "Value",
-  "Err", "Op", "Seq", "KeyB64", "ValueB64", "History", "Last", "LastMs", "Ts"}``; an empty
-  ``Key`` means nothing to replicate yet; 410 means the replica must resync.
+- ``GET /next-replication-key[?replica=&after=&history=&wait_ms=&binary=1]`` -> ``{"Key",
+  "Value", "Err", "Op", "Seq", "KeyB64", "ValueB64", "History", "Last", "LastMs", "Ts"}``;
+  an empty ``Key`` means nothing to replicate yet; 410 means the replica must resync.
 - ``GET /delete-replication-key?key=K&value=V[&replica=&seq=]`` -> ``ok`` or 417.
+
+A replica of the Go seeds (one that sends neither ``history`` nor ``binary=1``) reads ``Key``
+and ``Value`` as JSON text, which cannot carry bytes that are not UTF-8 (its decoder turns them
+into U+FFFD, and its acknowledgement then names another change). When its next change has such
+a key or value, the leader marks that replica blocked at that seq (``/status``:
+``replication.blocked``, logged once) and answers its polls with an empty queue, so that it
+waits between polls instead of looping; no other replica is held up.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import threading
+import weakref
 from typing import Any
 
 import falcon
@@ -33,6 +42,8 @@ from distribkv.replication.source import HttpSource
 
 __version__ = "0.1.0"
 
+log = logging.getLogger(__name__)
+
 MAX_WAIT = 10.0
 
 
@@ -41,11 +52,32 @@ def _b64(data: bytes | None) -> str:
 
 
 class Cursors:
-    """Per replica: the seq of the last entry it acknowledged."""
+    """Per replica: the seq of the last entry it acknowledged, and the seed replicas that are
+    blocked at a change they cannot represent."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._at: dict[str, int] = {}
+        #: replica -> {"seq", "reason"}
+        self.blocked: dict[str, dict[str, Any]] = {}
+
+    def block(self, replica: str, seq: int, reason: str) -> None:
+        with self._lock:
+            known = self.blocked.get(replica)
+            if known is not None and known["seq"] == seq:
+                return
+            self.blocked[replica] = {"seq": seq, "reason": reason}
+        log.error(
+            "seed replica %s is blocked at seq %d: %s; it gets an empty queue until the change"
+            " is gone from the log (see the README, 'queue' transport)",
+            replica,
+            seq,
+            reason,
+        )
+
+    def unblock(self, replica: str) -> None:
+        with self._lock:
+            self.blocked.pop(replica, None)
 
     def get(self, replica: str) -> int | None:
         with self._lock:
@@ -105,6 +137,20 @@ class NextKeyResource(_QueueResource):
             "Last": log_store.last_seq,
             "LastMs": log_store.last_write_ms,
         }
+        # A seed replica sends no history; a client that reads KeyB64 and ValueB64 without
+        # following a history says binary=1.
+        seed = not history and params.get("binary") != b"1"
+        if entries and seed and not _seed_safe(entries[0]):
+            # A seed replica would store this change wrongly and loop on it: it waits instead.
+            seq, _op, key, value, _ts = entries[0]
+            what = "key" if not _is_utf8(key) else "value"
+            self.cursors.block(
+                replica, seq, f"its {what} is not valid UTF-8, which JSON text cannot carry"
+            )
+            answer["Blocked"] = self.cursors.blocked.get(replica)
+            entries = []
+        elif seed:
+            self.cursors.unblock(replica)
         if entries:
             seq, op, key, value, ts = entries[0]
             answer.update(
@@ -172,9 +218,41 @@ class QueueSource(HttpSource):
         return Pulled(doc["History"], doc["Last"], doc["LastMs"], entries)
 
 
+def _is_utf8(data: bytes | None) -> bool:
+    try:
+        (data or b"").decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _seed_safe(entry) -> bool:
+    """True if a seed replica can store this change as it is (its JSON text is UTF-8)."""
+    _seq, _op, key, value, _ts = entry
+    return _is_utf8(key) and _is_utf8(value)
+
+
+_CURSORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def cursors_of(node) -> Cursors:
+    """The cursors of ``node``'s replicas, shared by its endpoints and its leader role."""
+    cursors = _CURSORS.get(node)
+    if cursors is None:
+        cursors = _CURSORS[node] = Cursors()
+    return cursors
+
+
+class QueueLeaderRole(LeaderRole):
+    """The shared leader role, and in ``/status`` the seed replicas that are blocked."""
+
+    def status(self) -> dict:
+        return {**super().status(), "blocked": dict(cursors_of(self.node).blocked)}
+
+
 def routes(node) -> list[tuple[str, Any]]:
     """The seeds' two endpoints, sharing the replicas' cursors."""
-    cursors = Cursors()
+    cursors = cursors_of(node)
     return [
         ("/next-replication-key", NextKeyResource(node, cursors)),
         ("/delete-replication-key", DeleteKeyResource(node, cursors)),
@@ -183,7 +261,7 @@ def routes(node) -> list[tuple[str, Any]]:
 
 SPEC = TransportSpec(
     name="queue",
-    leader=LeaderRole,
+    leader=QueueLeaderRole,
     follower=lambda node: Follower(node, QueueSource(node)),
     description="the Go seeds' protocol, one change per round trip; per-replica, binary-safe",
     routes=routes,
