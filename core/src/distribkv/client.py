@@ -362,9 +362,10 @@ class Client:
                 address = location.netloc
                 target = location.path + (f"?{location.query}" if location.query else "")
                 continue
-            if status in (307, 308) and self.elects:
+            if status in (307, 308):
                 # Redirected in a circle: the nodes' views of who leads are changing (a
-                # switchover or an election that some have not seen yet). Ask again shortly.
+                # switchover, or an election, that some have not seen yet). Ask again shortly,
+                # for up to failover_wait.
                 failing = time.monotonic() if failing is None else failing
                 if self._await_leader(address, failing):
                     redirects = 0
