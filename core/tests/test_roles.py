@@ -9,6 +9,7 @@ leader past its coordinator's deadline acknowledges nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from distribkv.config import parse_config
 from distribkv.coordination.api import CoordinationSpec, Coordinator, Leadership
 from distribkv.node import Node
 from distribkv.plugins import load_plugins
-from distribkv.testing.cluster import call, free_port, q, serving
+from distribkv.testing.cluster import call, free_port, q, serving, wait_until
 
 HOST = "127.0.0.1"
 
@@ -104,11 +105,8 @@ def lead(node: Node, term: int) -> Leadership:
     return Leadership("s0", node.node_config.node_name, str(node.address), term)
 
 
-def wait(predicate, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out: {what}"
-        time.sleep(0.02)
+def wait(predicate, what: str) -> None:
+    wait_until(predicate, 20.0, interval=0.02, message=what)
 
 
 def put(node: Node, key: bytes, value: bytes):
@@ -129,16 +127,25 @@ def following(replica: Node, leader: Node) -> bool:
     )
 
 
-def test_a_replica_takes_the_lead_and_the_old_leader_follows_it_without_a_resync(
-    pair, board, monkeypatch
-):
+@contextlib.contextmanager
+def following_pair(pair, board: Board, monkeypatch, writes: dict[bytes, bytes]):
+    """Both nodes served, the first leading in term 1 with ``writes`` applied, the second
+    following it and caught up."""
     registry, (first, second) = pair
     board.move(lead(first, 1))
     with serving(first, registry, monkeypatch), serving(second, registry, monkeypatch):
         wait(lambda: following(second, first), "the replica follows the first leader")
-        for i in range(50):
-            assert put(first, b"k-%d" % i, b"\x00v%d" % i).status == 200
+        for key, value in writes.items():
+            assert put(first, key, value).status == 200
         wait(lambda: following(second, first), "the replica caught up")
+        yield first, second
+
+
+def test_a_replica_takes_the_lead_and_the_old_leader_follows_it_without_a_resync(
+    pair, board, monkeypatch
+):
+    writes = {b"k-%d" % i: b"\x00v%d" % i for i in range(50)}
+    with following_pair(pair, board, monkeypatch, writes) as (first, second):
         board.move(lead(second, 2), fork=second.applied_seq())
         wait(lambda: following(first, second), "the old leader follows the new one")
         assert second.term == first.term == 2
@@ -160,13 +167,8 @@ def test_a_replica_takes_the_lead_and_the_old_leader_follows_it_without_a_resync
 def test_entries_the_new_history_lacks_go_to_a_rollback_file_and_the_data_is_reloaded(
     pair, board, monkeypatch
 ):
-    registry, (first, second) = pair
-    board.move(lead(first, 1))
-    with serving(first, registry, monkeypatch), serving(second, registry, monkeypatch):
-        wait(lambda: following(second, first), "the replica follows the first leader")
-        for i in range(20):
-            assert put(first, b"k-%d" % i, b"v%d" % i).status == 200
-        wait(lambda: following(second, first), "the replica caught up")
+    writes = {b"k-%d" % i: b"v%d" % i for i in range(20)}
+    with following_pair(pair, board, monkeypatch, writes) as (first, second):
         # The replica stops following, as a candidate does; the leader writes on.
         fork = second.stand_for_election()
         assert fork == first.applied_seq()

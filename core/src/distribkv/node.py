@@ -77,7 +77,7 @@ class Node:
         self.role_error: str | None = None
         self._following: tuple[str, int] | None = None
         #: Set while this node stands for election: the term it stood in. It follows no leader
-        #: of that term or an older one until it withdraws.
+        #: of that term or an older one (it follows the leader of a newer one).
         self._standing: int | None = None
         self._roles = threading.RLock()
         self._changed = threading.Event()
@@ -271,9 +271,11 @@ class Node:
         return out
 
     def applied_seq(self) -> int:
-        """The last seq of the shard's history that this node's data holds."""
+        """The last seq of the shard's history that this node's data holds (on a leader, the
+        last applied, without waiting for the writes under way: the coordinator publishes it
+        every round)."""
         if self.leader_log is not None:
-            return self.leader_log.committer.committed_seq()
+            return self.leader_log.log.last_seq
         follower = self.replication
         applied = getattr(follower, "applied", None)
         if applied is not None:
@@ -307,12 +309,6 @@ class Node:
             ):
                 return None  # never followed anyone: no data of the shard's history
             return self.applied_seq()
-
-    def withdraw_candidacy(self) -> None:
-        """The coordinator gave up this node's candidacy: it may follow the leader it had."""
-        with self._roles:
-            self._standing = None
-        self._changed.set()
 
     def _role_loop(self) -> None:
         while not self._roles_stopping.is_set():

@@ -108,7 +108,31 @@ def current_leader(cluster: Cluster, timeout: float = 20.0) -> dict:
         time.sleep(0.05)
 
 
-class Writers:
+class Threads:
+    """Threads that run ``self.run(number)`` from the ``with`` block's start until its end."""
+
+    def __init__(self, count: int):
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [
+            threading.Thread(target=self.run, args=(n,), daemon=True) for n in range(count)
+        ]
+
+    def run(self, number: int) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(30)
+
+
+class Writers(Threads):
     """Threads that write unique keys until stopped, recording what was acknowledged when."""
 
     def __init__(self, client: Client, prefix: str):
@@ -118,11 +142,7 @@ class Writers:
         self.acked: list[tuple[float, float, bytes]] = []
         self.unknown: list[bytes] = []
         self.failed: list[tuple[bytes, str]] = []
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.threads = [
-            threading.Thread(target=self.run, args=(n,), daemon=True) for n in range(WRITERS)
-        ]
+        super().__init__(WRITERS)
 
     def run(self, number: int) -> None:
         deadline = time.monotonic() + 120  # bounded, whatever happens
@@ -143,16 +163,6 @@ class Writers:
                 continue
             with self.lock:
                 self.acked.append((sent, time.monotonic(), key))
-
-    def __enter__(self) -> Writers:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(30)
 
     def acked_after(self, moment: float) -> int:
         """Writes sent after ``moment`` and acknowledged."""
@@ -342,7 +352,7 @@ class Op:
     outcome: str  # "ok", "fail" (surely not applied) or "unknown"
 
 
-class HistoryWriters:
+class HistoryWriters(Threads):
     """Writers of unique keys over plain HTTP, each op recorded with the node that answered:
     ``direct`` ones always ask ``target``; the others ask a replica and follow its redirect
     to whoever leads."""
@@ -350,12 +360,7 @@ class HistoryWriters:
     def __init__(self, direct: str, via: list[str]):
         self.targets = [direct, direct, *via]
         self.ops: list[Op] = []
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.threads = [
-            threading.Thread(target=self.run, args=(n,), daemon=True)
-            for n in range(len(self.targets))
-        ]
+        super().__init__(len(self.targets))
 
     def run(self, number: int) -> None:
         deadline = time.monotonic() + 120
@@ -384,16 +389,6 @@ class HistoryWriters:
                 self.ops.append(Op(key, address, start, time.monotonic(), outcome))
             if outcome != "ok":
                 self.stop.wait(0.05)
-
-    def __enter__(self) -> HistoryWriters:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(30)
 
 
 @pytest.mark.parametrize("cut_from", ["etcd-and-replicas", "etcd"])

@@ -196,9 +196,6 @@ class EtcdClient:
             body["lease"] = str(lease)
         return int(self.call("/v3/kv/put", body)["header"]["revision"])
 
-    def delete(self, key: bytes) -> None:
-        self.call("/v3/kv/deleterange", {"key": _b64(key)})
-
     def create(
         self,
         key: bytes,
