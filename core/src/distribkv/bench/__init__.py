@@ -198,7 +198,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             Path(args.work_dir).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise SystemExit(f"distribkv bench: --work-dir {args.work_dir}: {exc.strerror}") from None
+            message = f"distribkv bench: --work-dir {args.work_dir}: {exc.strerror}"
+            raise SystemExit(message) from None
     with tempfile.TemporaryDirectory(prefix="distribkv-bench-", dir=args.work_dir) as tmp:
         work = Path(tmp)
         for backend in [] if args.node else backends:
