@@ -329,7 +329,8 @@ def parse_config(text: str, path: Path) -> Config:
         raise storage_table.error("max_value_size", "must be >= 1")
     if storage.min_free_bytes < 0:
         raise storage_table.error(
-            "min_free_bytes", f"must be >= 0 (0 turns the reserve off), got {storage.min_free_bytes}"
+            "min_free_bytes",
+            f"must be >= 0 (0 turns the reserve off), got {storage.min_free_bytes}",
         )
     storage_table.finish()
 

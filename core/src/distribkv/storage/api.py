@@ -361,6 +361,7 @@ class StorageEngine(abc.ABC):
         space is back; a caller that reads state before it writes (the replication log reads
         its last seq) calls it first, so that it reads what the recovered engine holds.
         A no-op for an engine that never stops taking writes (the default)."""
+        return
 
 
 @attrs.frozen
