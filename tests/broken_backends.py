@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from distribkv.storage.api import BackendSpec, Put, Scan, StorageEngine
+from distribkv.storage.errors import StorageFullError
 from distribkv.storage.memory import MemoryEngine
 
 
@@ -157,6 +158,24 @@ class HoldsGilWhileSyncing(Wrapper):
                 pass
 
 
+class StaysFull(Wrapper):
+    """Once a write met a full disk, refuses every later one, as LevelDB's and RocksDB's own
+    handles do, even after space is freed."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.full: str | None = None
+
+    def apply(self, ops, *, sync):
+        if self.full is not None:
+            raise StorageFullError(self.full)
+        try:
+            self.inner.apply(ops, sync=sync)
+        except StorageFullError as exc:
+            self.full = str(exc)
+            raise
+
+
 def _memory_spec(name: str, wrap) -> BackendSpec:
     from distribkv.storage import memory
 
@@ -214,4 +233,6 @@ def __getattr__(name: str) -> BackendSpec:
         return _real_spec("split-apply", SplitApply)
     if name == "IGNORES_SYNC":
         return _real_spec("ignores-sync", IgnoresSync)
+    if name == "STAYS_FULL":
+        return _real_spec("stays-full", StaysFull)
     raise AttributeError(name)

@@ -28,9 +28,14 @@ FAULTS = {
     "close is not idempotent": ("CLOSE_TWICE_FAILS", "test_close_is_idempotent"),
 }
 TIMED_FAULT = "GIL held through a sync"
+FULL_DISK_FAULT = "writes stay refused after a full disk"
 PERSISTENT_FAULTS = {
     "batch torn by a crash": ("SPLIT_APPLY", "test_apply_is_all_or_nothing_across_kill_9"),
     "sync flag ignored": ("IGNORES_SYNC", "test_sync_flag_is_honoured and async-True"),
+    FULL_DISK_FAULT: (
+        "STAYS_FULL",
+        "test_a_full_disk_is_storage_full_and_writes_resume_once_space_is_freed",
+    ),
     TIMED_FAULT: (
         "HOLDS_GIL_WHILE_SYNCING",
         "test_other_threads_run_while_a_synced_apply_waits_for_the_disk",
@@ -94,6 +99,8 @@ def test_the_suite_catches_a_persistent_backend_fault(run_suite, backend_name, f
         pytest.skip(f"backend {backend_name!r} is not persistent")
     if fault == "sync flag ignored" and not _has_strace():
         pytest.skip("strace is not installed")
+    if fault == FULL_DISK_FAULT and os.geteuid() != 0:
+        pytest.skip("the suite's full-disk tests mount a tmpfs, which needs root")
     attribute, selection = PERSISTENT_FAULTS[fault]
     broken = run_suite(f"broken_backends:{attribute}", selection)
     assert broken.parseoutcomes().get("failed", 0) >= 1, broken.stdout.str()[-3000:]

@@ -147,6 +147,14 @@ BAD = {
         '[storage]\ndurability = "maybe"\n' + TWO,
         "[storage] key 'durability': must be one of sync, async",
     ),
+    "negative reserve": (
+        "[storage]\nmin_free_bytes = -1\n" + TWO,
+        "[storage] key 'min_free_bytes': must be >= 0 (0 turns the reserve off), got -1",
+    ),
+    "reserve as text": (
+        '[storage]\nmin_free_bytes = "1G"\n' + TWO,
+        "[storage] key 'min_free_bytes': must be int, got '1G'",
+    ),
     "bad routing": (
         '[cluster]\nrouting = "gossip"\n' + TWO,
         "[cluster] key 'routing': must be one of redirect, proxy",

@@ -18,6 +18,7 @@ The format is the Go original's (``[[shards]]`` with ``name``, ``idx``, ``addres
     durability = "sync"       # or "async"
     max_value_size = 16777216
     group_commit = true       # concurrent writes share one apply (one fsync with "sync")
+    min_free_bytes = 134217728  # data writes get 507 while the disk has less free (0: off)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from distribkv.storage.api import DURABILITIES
+from distribkv.storage.space import DEFAULT_MIN_FREE_BYTES
 
 if TYPE_CHECKING:
     from distribkv.plugins import PluginRegistry
@@ -108,6 +110,9 @@ class StorageConfig:
     max_value_size: int = DEFAULT_MAX_VALUE_SIZE
     #: Concurrent writes on a leader share one storage apply (and one fsync with "sync").
     group_commit: bool = True
+    #: While the data directory's file system has less free, writes that add data get 507;
+    #: deletes go on (see distribkv.storage.space). 0 turns the reserve off.
+    min_free_bytes: int = DEFAULT_MIN_FREE_BYTES
     settings: Mapping[str, Any] = attrs.field(factory=dict)
 
 
@@ -328,10 +333,16 @@ def parse_config(text: str, path: Path) -> Config:
         durability=storage_table.choice("durability", "sync", DURABILITIES),
         max_value_size=storage_table.get("max_value_size", int, DEFAULT_MAX_VALUE_SIZE),
         group_commit=storage_table.get("group_commit", bool, True),
+        min_free_bytes=storage_table.get("min_free_bytes", int, DEFAULT_MIN_FREE_BYTES),
         settings=dict(storage_table.get(backend, dict, {})),
     )
     if storage.max_value_size < 1:
         raise storage_table.error("max_value_size", "must be >= 1")
+    if storage.min_free_bytes < 0:
+        raise storage_table.error(
+            "min_free_bytes",
+            f"must be >= 0 (0 turns the reserve off), got {storage.min_free_bytes}",
+        )
     storage_table.finish()
 
     server_table = _Table(path, "[server]", top.get("server", dict, {}))

@@ -117,6 +117,7 @@ class Node:
             if self.backend_name == self.config.storage.backend
             else {},
             max_value_size=self.config.storage.max_value_size,
+            min_free_bytes=self.config.storage.min_free_bytes,
         )
         # Every data directory gets its history id when it is created, so a replica's copy
         # promoted to leader starts a history of its own.

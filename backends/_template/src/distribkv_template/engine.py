@@ -57,7 +57,9 @@ class TemplateEngine(StorageEngine):
         engine. A real engine maps its library's exceptions here: no space left (or a full
         map) -> StorageFullError, damaged files or a failed checksum -> CorruptionError, the
         directory held by another handle -> BackendLockedError, the rest -> StorageError.
-        (LevelDB and RocksDB report failures as text: see ``storage.errors.from_status``.)"""
+        (LevelDB and RocksDB report failures as text: see ``storage.errors.from_status``.)
+        A full disk must be StorageFullError however the library words it: LMDB reports a
+        short write as EIO, and backends/lmdb asks the file system whether it is full."""
         text = f"template backend at {self._path}, {doing}: {exc!r}"
         if isinstance(exc, MemoryError):
             return StorageFullError(text)
@@ -113,6 +115,16 @@ class TemplateEngine(StorageEngine):
                     raise self._error(exc, "writing") from exc
                 raise
             self._bytes = size
+
+    def recover(self) -> None:
+        # This engine never stops taking writes. One whose handle refuses every write after a
+        # full disk until it is reopened (LevelDB, RocksDB) reopens it here, and at the start of
+        # apply, once there is room: see storage.space.Reopener and backends/leveldb. Writes
+        # must resume by themselves when space is freed; the suite checks it on a real full
+        # disk (a tmpfs, when run as root) for persistent engines. The core keeps the free-space
+        # reserve in front of every engine (storage.space.SpaceReserve): the engine must open,
+        # and take deletes, on a disk below it.
+        pass
 
     def scan(
         self,

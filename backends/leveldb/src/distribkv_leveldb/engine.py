@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import plyvel
 
 from distribkv.storage.api import (
     CallGate,
+    HandleLost,
     Namespace,
     Op,
     Put,
@@ -20,6 +22,7 @@ from distribkv.storage.api import (
     disk_usage,
 )
 from distribkv.storage.errors import BackendClosedError, StorageError, from_status
+from distribkv.storage.space import REOPEN_MARGIN, Reopener, unflushed_bytes
 from distribkv_leveldb import CAPABILITIES
 
 PREFIX = {Namespace.DATA: b"d", Namespace.LOG: b"l", Namespace.META: b"m"}
@@ -34,13 +37,25 @@ class LevelDBEngine(StorageEngine):
     def __init__(self, path: Path, settings: dict[str, Any]):
         self._path = path
         self._settings = settings
+        self._db: Any = self._open()
+        # Every plyvel call runs inside the gate: freeing the DB under a running call crashes.
+        self._gate = CallGate(f"the leveldb backend at {path}")
+        # One write at a time, so that none follows a failed one on the same handle: a log
+        # write cut short by a full disk leaves half a record, and LevelDB (which does not stop
+        # by itself then) would append the next record after it, where recovery cannot read
+        # it. After a full disk, the reopener reopens the database once there is room again.
+        self._writing = threading.Lock()
+        self._reopener = Reopener(self._gate, path, self._reopen, self._room_to_reopen)
+
+    def _open(self) -> Any:
+        settings = self._settings
         # plyvel takes no bloom_filter_bits at all to mean "no filter".
         bloom = {"bloom_filter_bits": settings["bloom_filter_bits"]}
         if settings["bloom_filter_bits"] <= 0:
             bloom = {}
         try:
-            self._db = plyvel.DB(
-                str(path),
+            return plyvel.DB(
+                str(self._path),
                 create_if_missing=True,
                 paranoid_checks=True,
                 **bloom,
@@ -51,9 +66,23 @@ class LevelDBEngine(StorageEngine):
                 compression=None if settings["compression"] == "none" else "snappy",
             )
         except (plyvel.Error, OSError) as exc:
-            raise from_status(_text(exc), f"opening LevelDB at {path}") from exc
-        # Every plyvel call runs inside the gate: freeing the DB under a running call crashes.
-        self._gate = CallGate(f"the leveldb backend at {path}")
+            raise from_status(_text(exc), f"opening LevelDB at {self._path}") from exc
+
+    def _room_to_reopen(self) -> int:
+        # Opening replays the log into a new table file, next to the log it came from.
+        return unflushed_bytes(self._path) + REOPEN_MARGIN
+
+    def _reopen(self) -> None:
+        """Close the handle and open a new one (inside the gate's swap: no call runs)."""
+        old = self._db
+        self._db = HandleLost(StorageError(f"LevelDB at {self._path} is being reopened"))
+        if not isinstance(old, HandleLost):
+            old.close()
+        try:
+            self._db = self._open()
+        except StorageError as exc:
+            self._db = HandleLost(exc)
+            raise
 
     def _error(self, exc: Exception, doing: str) -> StorageError:
         if isinstance(exc, RuntimeError) or self._gate.closed:
@@ -80,7 +109,11 @@ class LevelDBEngine(StorageEngine):
                 raise self._error(exc, "get_many") from exc
 
     def apply(self, ops: Iterable[Op], *, sync: bool) -> None:
-        with self._gate:
+        reopener = self._reopener
+        if reopener.failure is not None:
+            reopener.recover()
+        with self._gate, self._writing:
+            reopener.refuse()  # a write that ran meanwhile may have failed
             try:
                 # transaction=True: nothing is written if building the batch fails half way.
                 with self._db.write_batch(transaction=True, sync=sync) as batch:
@@ -90,7 +123,12 @@ class LevelDBEngine(StorageEngine):
                         else:
                             batch.delete(PREFIX[op.ns] + op.key)
             except (plyvel.Error, RuntimeError) as exc:
-                raise self._error(exc, "write") from exc
+                error = self._error(exc, "write")
+                reopener.stopped(error)
+                raise error from exc
+
+    def recover(self) -> None:
+        self._reopener.recover()
 
     def scan(self, ns, start=None, stop=None, *, limit=None) -> Scan:
         prefix = PREFIX[ns]
@@ -147,7 +185,11 @@ class LevelDBEngine(StorageEngine):
                 raise self._error(exc, "compaction") from exc
 
     def close(self) -> None:
-        self._gate.close(self._db.close)
+        self._gate.close(self._free)
+
+    def _free(self) -> None:
+        if not isinstance(self._db, HandleLost):
+            self._db.close()
 
 
 def _text(exc: BaseException) -> str:

@@ -29,10 +29,14 @@ from distribkv.storage.errors import (
     StorageError,
     StorageFullError,
 )
+from distribkv.storage.space import free_bytes
 from distribkv_lmdb import CAPABILITIES
 
 LOCK_FILE = "distribkv-lmdb.lock"
 _CORRUPT = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError)
+#: A commit that fails with EIO while the file system has less free than this (or than twice
+#: what the commit wrote) failed for want of space.
+_FULL_MARGIN = 1024 * 1024
 
 
 class LmdbEngine(StorageEngine):
@@ -76,7 +80,7 @@ class LmdbEngine(StorageEngine):
             raise StorageError(f"LMDB opening at {path}: {exc}") from exc
         self._env = env
 
-    def _error(self, exc: Exception, doing: str) -> StorageError:
+    def _error(self, exc: Exception, doing: str, written: int = 0) -> StorageError:
         text = f"LMDB {doing} at {self._path}: {exc}"
         if isinstance(exc, lmdb.MapFullError):
             return StorageFullError(f"{text} (raise map_size in [storage.lmdb])")
@@ -84,11 +88,22 @@ class LmdbEngine(StorageEngine):
             return InvalidKeyError(text)
         if isinstance(exc, _CORRUPT):
             return CorruptionError(text)
-        if "no space left" in str(exc).lower():
+        message = str(exc).lower()
+        if "no space left" in message or "disk quota" in message:
             return StorageFullError(text)
+        if doing == "write" and "input/output error" in message and self._full(written):
+            # LMDB reports a short write of its pages as EIO: with the disk (nearly) full,
+            # that is what it was. The commit did not happen; the environment stays usable.
+            return StorageFullError(f"{text} (the disk is full)")
         if self._gate.closed:
             return BackendClosedError(f"the lmdb backend at {self._path} is closed")
         return StorageError(text)
+
+    def _full(self, written: int) -> bool:
+        try:
+            return free_bytes(self._path) < max(_FULL_MARGIN, 2 * written)
+        except OSError:
+            return False
 
     def get(self, ns: Namespace, key: bytes) -> bytes | None:
         with self._gate:
@@ -108,18 +123,20 @@ class LmdbEngine(StorageEngine):
 
     def apply(self, ops: Iterable[Op], *, sync: bool) -> None:
         dbs = self._dbs
+        written = 0
         with self._gate:
             try:
                 with self._env.begin(write=True) as txn:
                     for op in ops:
                         if type(op) is Put:
                             txn.put(op.key, op.value, db=dbs[op.ns])
+                            written += len(op.key) + len(op.value)
                         else:
                             txn.delete(op.key, db=dbs[op.ns])
                 if sync and not self._sync:
                     self._env.sync(True)
             except lmdb.Error as exc:
-                raise self._error(exc, "write") from exc
+                raise self._error(exc, "write", written) from exc
 
     def scan(self, ns, start=None, stop=None, *, limit=None) -> Scan:
         with self._gate:

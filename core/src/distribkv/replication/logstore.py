@@ -33,6 +33,7 @@ from distribkv.replication.records import (
     seq_key,
 )
 from distribkv.storage.api import Delete, Namespace, Op, Put
+from distribkv.storage.errors import StorageError
 from distribkv.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,9 @@ class LogStore:
         storage apply (durable on return with ``sync``); the last seq of each write. If it
         raises, nothing of it counts: no seq was given out."""
         if self._seq_unknown:
+            # An engine that stopped taking writes (a full disk) recovers first, so that the
+            # last seq read is the one the recovered engine holds.
+            self.store.recover()
             stored = read_seq(self.store, LAST_SEQ)
             # Unlisted first: a trim that sees the new last seq must see this too.
             self._unlisted_upto = max(self._unlisted_upto, stored)
@@ -135,7 +139,14 @@ class LogStore:
             batch.append(Put(LOG, seq_key(seq), encode_record(record, now_ms)))
             records.append(seq)
         batch.append(Put(META, LAST_SEQ, seq_key(seq)))
-        self.store.apply(batch, sync=self.sync)
+        try:
+            self.store.apply(batch, sync=self.sync)
+        except StorageError:
+            # Refused, or failed in the engine: a write that failed while it was being synced
+            # can be readable (and may or may not survive a reopen), so the next append takes
+            # the last seq from storage rather than from memory.
+            self._seq_unknown = True
+            raise
         self._records.extend(records)
         self.last_seq = seq
         self.last_write_ms = now_ms

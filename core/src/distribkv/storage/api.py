@@ -25,6 +25,7 @@ import attrs
 from distribkv.storage.errors import (
     BackendClosedError,
     InvalidSettingError,
+    StorageError,
     UnsupportedOperationError,
 )
 
@@ -35,6 +36,7 @@ __all__ = [
     "CallGate",
     "Capabilities",
     "Delete",
+    "HandleLost",
     "Namespace",
     "Op",
     "Put",
@@ -135,7 +137,7 @@ class Scan:
         self._items: Iterator[tuple[bytes, bytes]] | None = items
         self._release = release
         self._lock = threading.Lock()
-        self._aborted: str | None = None
+        self._aborted: StorageError | None = None
 
     def __iter__(self) -> Scan:
         return self
@@ -145,7 +147,7 @@ class Scan:
             if self._items is None:
                 if self._aborted is not None:
                     # Never let a scan cut short by close() look like a complete one.
-                    raise BackendClosedError(self._aborted)
+                    raise self._aborted
                 raise StopIteration
             return next(self._items)
 
@@ -158,11 +160,12 @@ class Scan:
             if release is not None:
                 release()
 
-    def abort(self, reason: str) -> None:
-        """End the scan because its engine closes; later ``next()`` raises BackendClosedError."""
+    def abort(self, reason: str, error: type[StorageError] = BackendClosedError) -> None:
+        """End the scan because its engine closes (or reopens); later ``next()`` raises
+        ``error(reason)``."""
         with self._lock:
             if self._items is not None:
-                self._aborted = reason
+                self._aborted = error(reason)
         self.close()
 
     def __enter__(self) -> Scan:
@@ -185,7 +188,9 @@ class CallGate:
     Native handles (plyvel's especially) crash the process when they are freed under a running
     call. Engines run every native call inside ``with gate:``, open scans register with
     ``track`` and free their cursors through ``release``, and ``close(free)`` frees the handles
-    only when no call is running and every open scan has been ended.
+    only when no call is running and every open scan has been ended. ``swap(replace)`` does the
+    same for an engine that reopens its handles in place (after a full disk), and lets the
+    calls that waited meanwhile go on with the new ones.
     """
 
     def __init__(self, what: str):
@@ -197,10 +202,13 @@ class CallGate:
         self._active = 0
         self.closed = False
         self._freed = False
+        self._swapping = False
         self._scans: weakref.WeakSet = weakref.WeakSet()
 
     def __enter__(self) -> CallGate:
         with self._lock:
+            while self._swapping and not self.closed:
+                self._cond.wait()
             if self.closed:
                 raise BackendClosedError(f"{self.what} is closed")
             self._active += 1
@@ -209,7 +217,7 @@ class CallGate:
     def __exit__(self, *exc_info: object) -> None:
         with self._lock:
             self._active -= 1
-            if self.closed and self._active == 0:
+            if (self.closed or self._swapping) and self._active == 0:
                 self._cond.notify_all()
 
     def track(self, scan: Scan) -> Scan:
@@ -228,6 +236,30 @@ class CallGate:
         finally:
             self.__exit__()
 
+    def swap(self, replace: Callable[[], None], reason: str) -> None:
+        """Hold new calls, wait for running ones, end open scans (their next item raises
+        ``StorageError(reason)``), then ``replace()`` the handles; the held calls then go on.
+        Must not be called from inside the gate. BackendClosedError once closed."""
+        with self._cond:
+            # One swap at a time, never during close.
+            self._cond.wait_for(lambda: not self._swapping or self.closed)
+            if self.closed:
+                raise BackendClosedError(f"{self.what} is closed")
+            self._swapping = True
+        try:
+            with self._cond:
+                self._cond.wait_for(lambda: self._active == 0)
+                scans = list(self._scans)
+            for scan in scans:
+                scan.abort(f"{self.what} was reopened during the scan: {reason}", StorageError)
+            with self._cond:
+                self._cond.wait_for(lambda: self._active == 0)
+            replace()
+        finally:
+            with self._cond:
+                self._swapping = False
+                self._cond.notify_all()
+
     def close(self, free: Callable[[], None]) -> bool:
         """Refuse new calls, wait for running ones, end open scans, then ``free()`` once.
 
@@ -237,7 +269,8 @@ class CallGate:
             if self.closed:
                 return False
             self.closed = True
-            self._cond.wait_for(lambda: self._active == 0)
+            self._cond.notify_all()  # calls held by a swap give up
+            self._cond.wait_for(lambda: self._active == 0 and not self._swapping)
             scans = list(self._scans)
         for scan in scans:
             scan.abort(f"{self.what} was closed during the scan")
@@ -248,6 +281,17 @@ class CallGate:
             finally:
                 self._freed = True
         return True
+
+
+class HandleLost:
+    """Stands in for a native handle that an engine closed to reopen and could not open again:
+    every use of it raises ``error`` (a StorageError), until a later reopen replaces it."""
+
+    def __init__(self, error: StorageError):
+        self.error = error
+
+    def __getattr__(self, name: str) -> Any:
+        raise self.error
 
 
 class StorageEngine(abc.ABC):
@@ -263,6 +307,12 @@ class StorageEngine(abc.ABC):
     - Every method is safe to call from several threads at once.
     - ``close()`` is idempotent; any other use after it raises ``BackendClosedError``.
     - Native exceptions are translated into :mod:`distribkv.storage.errors`.
+    - A full disk or a full map is ``StorageFullError`` (HTTP 507), never a bare
+      ``StorageError``. A failed apply leaves nothing behind that a later apply could build on,
+      and every apply that returned stays readable, after a reopen too. Once space is back,
+      applies succeed again with no reopen by the caller (see :meth:`recover`). The engine
+      opens on a disk that is below the core's reserve (:mod:`distribkv.storage.space`): the
+      reserve is there for deletes, for flushing what the engine holds in memory and for that.
     """
 
     #: The backend name this engine was opened as.
@@ -303,6 +353,15 @@ class StorageEngine(abc.ABC):
     def compact(self, ns: Namespace | None = None) -> None:
         """Compact one namespace (or all); only when ``capabilities.compaction``."""
         raise UnsupportedOperationError(f"backend {self.name!r} does not support compaction")
+
+    def recover(self) -> None:
+        """Take writes again after a failed one, if the engine stopped taking them (LevelDB
+        and RocksDB do after a full disk, until reopened); raise the StorageError that still
+        stops them otherwise. ``apply`` calls it too, so writes resume by themselves once
+        space is back; a caller that reads state before it writes (the replication log reads
+        its last seq) calls it first, so that it reads what the recovered engine holds.
+        A no-op for an engine that never stops taking writes (the default)."""
+        return
 
 
 @attrs.frozen

@@ -1,7 +1,8 @@
 """Store: the node's view of a storage engine.
 
 It validates keys and values before they reach the engine, seals every value in the checksummed
-record envelope and opens it again on the way out. Everything else is the engine's job.
+record envelope and opens it again on the way out, and keeps the free-space reserve
+(:mod:`distribkv.storage.space`). Everything else is the engine's job.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from distribkv.storage.api import (
     StorageStats,
 )
 from distribkv.storage.errors import InvalidKeyError, InvalidSettingError, InvalidValueError
+from distribkv.storage.space import SpaceReserve
 
 __all__ = ["Store", "check_key", "open_store"]
 
@@ -45,9 +47,16 @@ def check_key(key: object, max_key_size: int = MAX_KEY_SIZE) -> bytes:
 class Store:
     """Validated, checksummed access to one engine. Thread-safe as the engine is."""
 
-    def __init__(self, engine: StorageEngine, *, max_value_size: int | None = None):
+    def __init__(
+        self,
+        engine: StorageEngine,
+        *,
+        max_value_size: int | None = None,
+        reserve: SpaceReserve | None = None,
+    ):
         self.engine = engine
         self.max_value_size = max_value_size
+        self.reserve = reserve
         self._max_key = min(MAX_KEY_SIZE, engine.capabilities.max_key_size)
 
     @property
@@ -71,8 +80,11 @@ class Store:
         ]
 
     def apply(self, ops: Iterable[Op], *, sync: bool) -> None:
-        """Apply ``ops`` atomically; nothing is written if any op is invalid."""
+        """Apply ``ops`` atomically; nothing is written if any op is invalid, or if it puts
+        into the data namespace while the disk is below the reserve (StorageFullError)."""
         sealed: list[Op] = []
+        adding = 0
+        grows = False
         for op in ops:
             key = check_key(op.key, self._max_key)
             if type(op) is Put:
@@ -86,12 +98,20 @@ class Store:
                         f"the value is {len(value)} bytes; the limit is {limit}"
                     )
                 sealed.append(Put(op.ns, key, envelope.seal(key, value)))
+                adding += len(key) + len(value)
+                grows = grows or op.ns is DATA
             elif type(op) is Delete:
                 sealed.append(op)
             else:
                 raise TypeError(f"not a storage operation: {op!r}")
+        if grows and self.reserve is not None:
+            self.reserve.check(adding)
         # Even an empty apply reaches the engine, so use after close is always reported.
         self.engine.apply(sealed, sync=sync)
+
+    def recover(self) -> None:
+        """Let the engine take writes again after a failure (see StorageEngine.recover)."""
+        self.engine.recover()
 
     def put(self, key: bytes, value: bytes, *, sync: bool, ns: Namespace = DATA) -> None:
         self.apply([Put(ns, key, value)], sync=sync)
@@ -144,13 +164,19 @@ def open_store(
     durability: str = "sync",
     settings: Mapping[str, Any] | None = None,
     max_value_size: int | None = None,
+    min_free_bytes: int = 0,
 ) -> Store:
-    """Create or open the data directory ``path`` with backend ``spec``."""
+    """Create or open the data directory ``path`` with backend ``spec``. With
+    ``min_free_bytes`` > 0, data writes are refused while the disk has less free (the reserve,
+    see :mod:`distribkv.storage.space`); opening itself may use the reserve."""
     if durability not in DURABILITIES:
         raise InvalidSettingError(
             f"durability must be one of {', '.join(DURABILITIES)}, got {durability!r}"
         )
+    if type(min_free_bytes) is not int or min_free_bytes < 0:
+        raise InvalidSettingError(f"min_free_bytes must be an integer >= 0, got {min_free_bytes!r}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     engine = spec.open(path, durability=durability, settings=dict(settings or {}))
-    return Store(engine, max_value_size=max_value_size)
+    reserve = SpaceReserve(path, min_free_bytes) if min_free_bytes else None
+    return Store(engine, max_value_size=max_value_size, reserve=reserve)

@@ -176,12 +176,19 @@ def backend_settings(pytestconfig: pytest.Config) -> dict[str, Any]:
 def open_backend(
     backend_spec: BackendSpec, backend_settings: dict[str, Any]
 ) -> Iterator[Callable[..., Store]]:
-    """``open_backend(path, durability="sync")`` opens a Store; all are closed at teardown."""
+    """``open_backend(path, durability="sync", min_free_bytes=0, **settings)`` opens a Store;
+    all are closed at teardown."""
     opened: list[Store] = []
 
-    def opener(path: str | Path, *, durability: str = "sync", **overrides: Any) -> Store:
+    def opener(
+        path: str | Path, *, durability: str = "sync", min_free_bytes: int = 0, **overrides: Any
+    ) -> Store:
         store = open_store(
-            backend_spec, path, durability=durability, settings={**backend_settings, **overrides}
+            backend_spec,
+            path,
+            durability=durability,
+            settings={**backend_settings, **overrides},
+            min_free_bytes=min_free_bytes,
         )
         opened.append(store)
         return store

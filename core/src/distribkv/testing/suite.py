@@ -38,14 +38,19 @@ from distribkv.storage.errors import (
     CorruptionError,
     InvalidKeyError,
     InvalidValueError,
+    StorageError,
+    StorageFullError,
     UnsupportedOperationError,
 )
 from distribkv.testing import worker
+from distribkv.testing.cluster import wait_until
+from distribkv.testing.disk import MiB, free_bytes, small_disk, take_space
 
 __all__ = [
     "TestAtomicity",
     "TestBasics",
     "TestCorruption",
+    "TestDiskFull",
     "TestDurability",
     "TestEngine",
     "TestLifecycle",
@@ -640,6 +645,134 @@ class TestCorruption:
             errors += 1
         assert wrong == [], f"{len(wrong)} damaged values were served as data: {wrong[:5]}"
         assert errors > 0, "no read reported the damage"
+
+
+class TestDiskFull:
+    """A real full disk: a tmpfs of the test's own (root only; skipped elsewhere).
+
+    The disk is 64 MiB: an engine with its default settings must keep its promises there,
+    with a reserve of 24 MiB (the core's ``min_free_bytes``) and without one."""
+
+    DISK = 64 * MiB
+    RESERVE = 24 * MiB
+    VALUE = 64 * 1024
+
+    @pytest.fixture
+    def disk(self, tmp_path):
+        with small_disk(tmp_path / "disk", self.DISK) as path:
+            yield path
+
+    def _fill(self, store, disk, prefix: bytes) -> dict[bytes, bytes]:
+        """Write until StorageFullError; the writes acknowledged before it."""
+        rng = random.Random(prefix)
+        acked: dict[bytes, bytes] = {}
+        stand_in = disk / "stand-in"  # a memory engine's data takes no disk: this file does
+        deadline = time.monotonic() + 60
+        for i in range(2 * self.DISK // self.VALUE):
+            assert time.monotonic() < deadline, "filling the disk took over 60 s"
+            key, value = prefix + b"%05d" % i, rng.randbytes(self.VALUE)
+            try:
+                store.put(key, value, sync=i % 8 == 0)
+            except StorageFullError:
+                return acked
+            except StorageError as exc:
+                pytest.fail(f"a full disk must be StorageFullError (HTTP 507), got {exc!r}")
+            acked[key] = value
+            if not store.capabilities.persistent:
+                with open(stand_in, "ab") as out:
+                    out.write(b"\0" * self.VALUE)
+        pytest.fail(f"{len(acked)} writes of {self.VALUE} bytes never filled the disk")
+
+    def _check(self, store, acked: dict[bytes, bytes]) -> None:
+        lost = [key for key, value in acked.items() if store.get(key) != value]
+        assert lost == [], f"{len(lost)} of {len(acked)} acknowledged writes lost: {lost[:3]}"
+
+    def test_below_the_reserve_writes_are_refused_deletes_work_and_writes_resume(
+        self, open_backend, disk
+    ):
+        filler = disk / "filler"
+        take_space(filler, self.DISK - 8 * MiB)  # 8 MiB to give back later
+        store = open_backend(disk / "db", min_free_bytes=self.RESERVE)
+        acked = self._fill(store, disk, b"k")
+        assert len(acked) > 8, f"only {len(acked)} writes before the disk was full"
+        with pytest.raises(StorageFullError):
+            store.apply(
+                [Put(DATA, b"new", b"v" * self.VALUE), Delete(DATA, next(iter(acked)))], sync=True
+            )
+
+        # Deletes go on: they are how space is freed (with the log and metadata they take).
+        doomed = list(acked)[:4]
+        store.delete(doomed[0], sync=True)
+        store.apply([Delete(DATA, key) for key in doomed[1:]] + [Put(META, b"m", b"1")], sync=True)
+        for key in doomed:
+            assert store.get(key) is None
+            del acked[key]
+
+        # Space comes back: writes resume with no reopen.
+        filler.unlink()
+
+        def resumed() -> bool:
+            try:
+                store.put(b"after", b"space", sync=True)
+            except StorageFullError:
+                return False
+            return True
+
+        wait_until(resumed, timeout=5, message="writes did not resume after space was freed")
+        acked[b"after"] = b"space"
+        self._check(store, acked)
+
+        # Nearly full again (below the reserve): the engine closes and opens there.
+        take_space(filler, self.RESERVE // 2)
+        store.close()
+        again = open_backend(disk / "db", min_free_bytes=self.RESERVE)
+        if again.capabilities.persistent:
+            self._check(again, acked)
+        with pytest.raises(StorageFullError):
+            again.put(b"more", b"x" * self.VALUE, sync=True)
+        again.delete(b"after", sync=True)
+        assert again.get(b"after") is None
+
+    def test_a_full_disk_is_storage_full_and_writes_resume_once_space_is_freed(
+        self, open_backend, disk
+    ):
+        """No reserve: the engine itself meets the full disk (ENOSPC, or LMDB's EIO)."""
+        store = open_backend(disk / "db")
+        needs_persistence(store)
+        filler = disk / "filler"
+        # Room for the engine to come back: it may replay its log into table files.
+        take_space(filler, self.DISK - 28 * MiB)
+        acked = self._fill(store, disk, b"k")
+        assert len(acked) > 8, f"only {len(acked)} writes before the disk was full"
+        with pytest.raises(StorageFullError):
+            store.put(b"more", b"x" * self.VALUE, sync=True)
+        for key, value in list(acked.items())[-3:]:
+            assert store.get(key) == value  # reads go on while writes cannot
+
+        filler.unlink()
+
+        def resumed() -> bool:
+            try:
+                store.put(b"after", b"space", sync=True)
+            except StorageFullError:
+                return False
+            return True
+
+        wait_until(resumed, timeout=5, message="writes did not resume after space was freed")
+        acked[b"after"] = b"space"
+        acked.update(self._fill_some(store, b"again", 8))
+        store.delete(b"k00000", sync=True)
+        del acked[b"k00000"]
+        self._check(store, acked)
+        store.close()
+        self._check(open_backend(disk / "db"), acked)
+        assert free_bytes(disk) > 0
+
+    def _fill_some(self, store, prefix: bytes, count: int) -> dict[bytes, bytes]:
+        written = {prefix + b"%d" % i: b"v%d" % i for i in range(count)}
+        for key, value in written.items():
+            store.put(key, value, sync=True)
+        return written
 
 
 # --- the model-based test ---------------------------------------------------------------
