@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from distribkv.files import make_private_dir
 from distribkv.storage import envelope
 from distribkv.storage.api import (
     DURABILITIES,
@@ -151,6 +152,7 @@ def open_store(
             f"durability must be one of {', '.join(DURABILITIES)}, got {durability!r}"
         )
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    # Private: the engine's files hold every key and value in the clear.
+    make_private_dir(path)
     engine = spec.open(path, durability=durability, settings=dict(settings or {}))
     return Store(engine, max_value_size=max_value_size)
