@@ -67,7 +67,9 @@ def secured_cluster(directory: Path, backend: str, server: str, tls: bool):
             token_file = directory / f"{name}.token"
             token_file.write_text(secret + "\n")
             token_file.chmod(0o600)
-            lines.append(f'  {{name = "{name}", role = "{role}", token_file = "{token_file.name}"}},')
+            lines.append(
+                f'  {{name = "{name}", role = "{role}", token_file = "{token_file.name}"}},'
+            )
         lines.append("]")
         certs = context = None
         if tls:
@@ -112,9 +114,7 @@ def secured(request, waitress_cluster, granian_cluster):
     return waitress_cluster if request.param == "waitress" else granian_cluster
 
 
-def ask(
-    cluster, address, method, target, token=None, body=None, headers=None, *, as_header=None
-):
+def ask(cluster, address, method, target, token=None, body=None, headers=None, *, as_header=None):
     """One request to ``address`` with the named client token (or none)."""
     sent = dict(headers or {})
     if token is not None:

@@ -67,7 +67,9 @@ def with_certs(tmp_path: Path, certs) -> None:
 
 @pytest.mark.parametrize("address", ["0.0.0.0:8080", "[::]:8080"])
 def test_a_wildcard_address_is_refused(tmp_path, address):
-    with pytest.raises(ConfigError, match=r"\[\[shards\]\] entry 1 \('s0'\) key 'address': .* is a wildcard"):
+    with pytest.raises(
+        ConfigError, match=r"\[\[shards\]\] entry 1 \('s0'\) key 'address': .* is a wildcard"
+    ):
         parse(config_file(tmp_path, "", address))
 
 
@@ -132,7 +134,7 @@ def test_auth_tokens_are_read_when_a_node_starts(tmp_path):
     cluster = {"DISTRIBKV_CLUSTER_TOKEN": "c" * 20}
     with pytest.raises(ConfigError, match=r"\[auth\] needs a cluster token"):
         node_of(path, {"OPS_TOKEN": "o" * 20})
-    with pytest.raises(ConfigError, match="token 'app': token_file: .* chmod 600"):
+    with pytest.raises(ConfigError, match=r"token 'app': token_file: .* chmod 600"):
         node_of(path, {**cluster, "OPS_TOKEN": "o" * 20})
     token_file.chmod(0o600)
     with pytest.raises(ConfigError, match="token 'ops': token_env: the variable OPS_TOKEN"):
