@@ -296,3 +296,36 @@ def test_data_and_logs_are_private(secured):
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
     assert (data / "logs").is_dir() and (data / "shard-0" / "replica-0").is_dir()
     assert checked > 8
+
+
+# --- the exposure policy ------------------------------------------------------------------
+
+
+def test_check_accepts_an_exposed_node_only_with_a_token_auth_and_tls(
+    tmp_path, monkeypatch, capsys
+):
+    from distribkv.cli import main
+
+    # 192.0.2.0/24 is reserved for documentation: `check` binds and contacts nothing.
+    certs = make_certificates(tmp_path / "tls", ["192.0.2.7"])
+    (tmp_path / "app.token").write_text("p" * 32)
+    (tmp_path / "app.token").chmod(0o600)
+    base = '[[shards]]\nname = "s0"\nidx = 0\naddress = "192.0.2.7:8443"\n'
+    auth = '[auth]\ntokens = [{name = "app", role = "write", token_file = "app.token"}]\n'
+    tls = f'[tls]\ncert = "{certs.node_cert}"\nkey = "{certs.node_key}"\nca = "{certs.ca}"\n'
+    path = tmp_path / "sharding.toml"
+    monkeypatch.setenv("DISTRIBKV_CLUSTER_TOKEN", CLUSTER_TOKEN)
+    for server, tables, refusal in (
+        ("granian", auth, "no [tls] table gives certificates"),
+        ("granian", tls, "no [auth] table gives client tokens"),
+        ("waitress", auth + tls, "'waitress' cannot serve TLS"),
+        ("granian", auth + tls, None),
+    ):
+        path.write_text(f'[cluster]\nserver = "{server}"\n{base}{tables}')
+        status = main(["check", "--config", str(path)])
+        out, err = capsys.readouterr()
+        if refusal is None:
+            assert status == 0, err
+            assert "security: TLS (CA" in out and "1 client token(s)" in out
+        else:
+            assert status == 2 and refusal in err, err
