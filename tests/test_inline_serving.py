@@ -49,7 +49,7 @@ def test_inline_requests_skip_the_workers_and_the_rest_use_them(served, server):
 
 
 def test_granian_answers_408_to_a_body_that_never_arrives(hosts):
-    running = serve("granian", hosts, channel_timeout=1.0)
+    running = serve("granian", hosts, header_timeout=1.0)
     try:
         with running.connect() as sock:
             sock.sendall(b"PUT /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")

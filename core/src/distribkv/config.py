@@ -142,8 +142,19 @@ class ServerConfig:
     """How each node serves HTTP (``[server]``); the server plugin is ``[cluster] server``."""
 
     threads: int = 8
-    connection_limit: int = 100
+    #: Open client connections at most. At the limit, waitress closes the connection that has
+    #: been idle (or stuck in an unfinished request) the longest to take a new one; granian
+    #: leaves new connections in the accept backlog until one closes.
+    connection_limit: int = 1024
+    #: Seconds an idle keep-alive connection stays open.
     channel_timeout: float = 30.0
+    #: Seconds from a request's first byte to the end of its headers (408 and closed after).
+    header_timeout: float = 10.0
+    #: Bytes a second a request body must arrive at, on average, once ``header_timeout`` of
+    #: grace has passed after its headers (408 and closed otherwise).
+    min_body_rate: int = 4096
+    #: Connections the kernel queues for accept (``listen()``'s backlog).
+    backlog: int = 1024
     #: Seconds a stopping node waits for in-flight requests.
     drain_timeout: float = 10.0
     #: Seconds a proxied request may take on the owner (connect, send and answer).
@@ -407,6 +418,11 @@ def parse_config(text: str, path: Path) -> Config:
         channel_timeout=float(
             server_table.get("channel_timeout", (int, float), defaults.channel_timeout)
         ),
+        header_timeout=float(
+            server_table.get("header_timeout", (int, float), defaults.header_timeout)
+        ),
+        min_body_rate=server_table.get("min_body_rate", int, defaults.min_body_rate),
+        backlog=server_table.get("backlog", int, defaults.backlog),
         drain_timeout=float(
             server_table.get("drain_timeout", (int, float), defaults.drain_timeout)
         ),

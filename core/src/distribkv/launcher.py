@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import resource
 import signal
 import ssl
 import subprocess
@@ -31,6 +32,34 @@ RESTART_BACKOFF = 0.5  # seconds before the first restart of a node that exited
 RESTART_BACKOFF_MAX = 10.0
 
 
+#: File descriptors a node keeps for itself besides its client connections: storage files,
+#: connections to peers, pipes, logs.
+OWN_FILES = 1024
+
+
+def raise_file_limit(connections: int) -> int:
+    """Raise the soft limit on open files to what ``connections`` and the node's own files
+    need (at most the hard limit), as servers commonly do; a limit still too low is logged.
+    Returns the soft limit now in force."""
+    needed = connections + OWN_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open files limit to %d: %s", target, exc)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "the open files limit (%d) is below connection_limit + %d: connections beyond it"
+            " fail; raise it (ulimit -n) or lower [server] connection_limit",
+            soft,
+            OWN_FILES,
+        )
+    return soft
+
+
 def serve(node: Node, registry: PluginRegistry, *, announce=print) -> int:
     """Open the node, serve until SIGTERM or SIGINT, then drain and close the backend."""
     from distribkv.http.app import create_app
@@ -41,9 +70,10 @@ def serve(node: Node, registry: PluginRegistry, *, announce=print) -> int:
     tls = config.tls
     if tls is not None and not spec.tls:
         raise ConfigError(tls_refused(config.path, spec.name))
+    server = config.server
+    raise_file_limit(server.connection_limit)
     node.open()
     app = create_app(node)
-    server = config.server
     try:
         handle = spec.create(
             app,
@@ -53,6 +83,9 @@ def serve(node: Node, registry: PluginRegistry, *, announce=print) -> int:
                 threads=server.threads,
                 connection_limit=server.connection_limit,
                 channel_timeout=server.channel_timeout,
+                header_timeout=server.header_timeout,
+                min_body_rate=server.min_body_rate,
+                backlog=server.backlog,
                 # The largest body a node accepts: a batch, or one value plus room for headers.
                 max_request_body_size=max(server.max_batch_bytes, config.storage.max_value_size),
                 settings={"drain_timeout": server.drain_timeout},

@@ -194,6 +194,12 @@ def run(args: argparse.Namespace) -> int:
         "rows": [],
         "raw": {},
     }
+    if args.work_dir is not None:
+        try:
+            Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            message = f"distribkv bench: --work-dir {args.work_dir}: {exc.strerror}"
+            raise SystemExit(message) from None
     with tempfile.TemporaryDirectory(prefix="distribkv-bench-", dir=args.work_dir) as tmp:
         work = Path(tmp)
         for backend in [] if args.node else backends:

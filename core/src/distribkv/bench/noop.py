@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--threads", type=int, default=8)
-    parser.add_argument("--connection-limit", type=int, default=100)
+    parser.add_argument("--connection-limit", type=int, default=1024)
     parser.add_argument("--channel-timeout", type=float, default=30.0)
     args = parser.parse_args(argv)
     logging.basicConfig(

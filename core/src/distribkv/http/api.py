@@ -66,6 +66,7 @@ __all__ = [
     "ServerHandle",
     "ServerSpec",
     "as_wsgi",
+    "body_deadline",
     "body_too_large",
     "error_answer",
     "status_line",
@@ -139,6 +140,11 @@ def error_answer(status: int, error: str, detail: str) -> Answer:
     return status, [("Content-Type", "application/json")], body
 
 
+def body_deadline(listen: Listen, headers_done: float, length: int) -> float:
+    """When a body of ``length`` bytes whose headers ended at ``headers_done`` is late."""
+    return headers_done + listen.header_timeout + length / listen.min_body_rate
+
+
 def body_too_large(length: int | None, limit: int) -> tuple[int, str, str]:
     """The 413 for a body over ``max_request_body_size`` (``length`` None: a chunked body)."""
     if length is None:
@@ -153,8 +159,17 @@ class Listen:
     host: str
     port: int
     threads: int = 8
-    connection_limit: int = 100
+    #: Open connections at most (see ``[server]`` in the README for how each server keeps it).
+    connection_limit: int = 1024
+    #: Seconds an idle keep-alive connection stays open.
     channel_timeout: float = 30.0
+    #: Seconds from a request's first byte to the end of its headers: 408, and closed, after.
+    header_timeout: float = 10.0
+    #: Bytes a second: a body must arrive within ``header_timeout`` plus its length at this
+    #: rate after its headers (a chunked one, plus the length received so far): 408 otherwise.
+    min_body_rate: int = 4096
+    #: ``listen()``'s backlog.
+    backlog: int = 1024
     max_request_body_size: int = 64 * 1024 * 1024
     settings: Mapping[str, Any] = attrs.field(factory=dict)
     #: ``inline(method, path, query) -> bool``: True for a request that never waits (see the

@@ -26,7 +26,8 @@ Guarantees kept from the waitress plugin:
 - it binds exactly the shard map's address, and refuses an address already bound by anyone
   (granian itself binds with ``SO_REUSEPORT``, which would let two nodes share a port silently);
 - a request body is bounded by ``max_request_body_size`` (413 beyond it) and must arrive within
-  ``channel_timeout`` (408 otherwise);
+  ``header_timeout`` plus its length at ``min_body_rate`` (408 otherwise); headers must arrive
+  within ``header_timeout`` (hyper closes the connection otherwise);
 - ``stop()`` closes the listener at once, lets accepted requests finish (bounded by
   ``drain_timeout``), and after that answers 503 instead of calling the application, so no
   request can reach a storage engine that is being closed.
@@ -56,6 +57,7 @@ from distribkv.http.api import (
     Listen,
     ServerHandle,
     ServerSpec,
+    body_deadline,
     body_too_large,
     error_answer,
 )
@@ -69,7 +71,7 @@ __all__ = ["SPEC", "TESTED_GRANIAN", "GranianHandle"]
 #: granian's internal one; the pin in this plugin's pyproject.toml says the same).
 TESTED_GRANIAN = "2.8"
 
-#: How often pending request bodies are checked against ``channel_timeout``.
+#: How often pending request bodies are checked against their deadlines.
 BODY_CHECK_INTERVAL = 1.0
 #: How long requests already running when the node starts refusing may still take (seconds).
 REFUSE_GRACE = 1.0
@@ -109,15 +111,26 @@ def _never(method: str, path: str, query: str) -> bool:
 class _Request:
     """A request whose body is being read; then it is served inline or by a worker."""
 
-    __slots__ = ("chunks", "deadline", "finished", "inline", "size", "watcher")
+    __slots__ = (
+        "chunks",
+        "deadline",
+        "finished",
+        "inline",
+        "reading",
+        "size",
+        "started",
+        "watcher",
+    )
 
-    def __init__(self, watcher, deadline: float, inline: bool):
+    def __init__(self, watcher, started: float, deadline: float, inline: bool):
         self.watcher = watcher
+        self.started = started  # when its headers were in
         self.deadline = deadline
         self.inline = inline
         self.chunks: list[bytes] = []
         self.size = 0
         self.finished = False
+        self.reading = None  # granian's future of the body (or of its next piece)
 
 
 class _Exchange:
@@ -181,7 +194,7 @@ class GranianHandle(ServerHandle):
             "wsgi.input_terminated": True,
         }
         _probe_bind(listen.host, listen.port)
-        self._spec = SocketSpec(listen.host, listen.port, max(128, listen.connection_limit))
+        self._spec = SocketSpec(listen.host, listen.port, listen.backlog)
         self._signal = WorkerSignal()
         self._loop = _InlineLoop()
         handle = self
@@ -198,8 +211,8 @@ class GranianHandle(ServerHandle):
             raise AssertionError("granian asked to run a coroutine; the bridge never makes one")
 
         self._scheduler = Scheduler(self._loop, unused, None, unused, unused)
-        # channel_timeout bounds how long a connection may take to send its headers.
-        http1 = HTTP1Settings(header_read_timeout=int(listen.channel_timeout * 1000))
+        # header_timeout bounds how long a request may take to send its headers.
+        http1 = HTTP1Settings(header_read_timeout=int(listen.header_timeout * 1000))
         # granian's TLS settings: enabled, cert, key, key password, lowest protocol, CA, CRLs,
         # client verification (mutual TLS).
         tls = listen.tls
@@ -216,7 +229,7 @@ class GranianHandle(ServerHandle):
             512,  # Rust blocking threads
             1,  # the Python thread: inline requests, body callbacks, hand-over to workers
             30,  # seconds before an idle Python thread exits
-            listen.connection_limit,  # requests in flight at most (queued ones included)
+            listen.connection_limit,  # connections at most (the rest wait in the backlog)
             "1",  # HTTP/1 only
             http1,
             None,
@@ -321,7 +334,9 @@ class GranianHandle(ServerHandle):
                     self._error(watcher, *refusal)
                     watcher.done()
                     return
-            request = _Request(watcher, time.monotonic() + self.listen.channel_timeout, inline)
+            now = time.monotonic()
+            expected = 0 if chunked else int(length)  # chunked: extended as pieces arrive
+            request = _Request(watcher, now, body_deadline(self.listen, now, expected), inline)
             with self._lock:
                 self._pending += 1
                 self._reading[id(request)] = request
@@ -330,7 +345,7 @@ class GranianHandle(ServerHandle):
                 self._read_next(request)
             else:
                 # The length is known and within the limit: granian reads it all at once.
-                whole = watcher.proto()
+                request.reading = whole = watcher.proto()
                 whole.add_done_callback(lambda done: self._whole_body(request, done))
         except BaseException:  # never let an error escape into granian
             log.exception("dispatching a request failed")
@@ -386,12 +401,14 @@ class GranianHandle(ServerHandle):
         return _Exchange(self._direct_watcher).defer()
 
     def _read_next(self, request: _Request) -> None:
-        future = request.watcher.proto.__anext__()
+        request.reading = future = request.watcher.proto.__anext__()
         future.add_done_callback(lambda done: self._body_chunk(request, done))
 
     def _received(self, request: _Request, future) -> bytes | None:
         """What a body read gave, or None once the read is dropped: the client went away or
-        sent a broken body."""
+        sent a broken body, or the read was cancelled (timed out)."""
+        if future.cancelled():
+            return None
         try:
             return future.result()
         except Exception:  # noqa: BLE001 - nothing to answer: the request ends here
@@ -409,6 +426,7 @@ class GranianHandle(ServerHandle):
                 self._finish_read(request, body_too_large(None, self.max_body))
                 return
             request.chunks.append(chunk)
+            request.deadline = body_deadline(self.listen, request.started, request.size)
             self._read_next(request)
             return
         # granian answers an empty piece both at the end of the body and for a body broken
@@ -463,6 +481,11 @@ class GranianHandle(ServerHandle):
             self._reading.pop(id(request), None)
             self._pending -= 1
         if answer is not None:
+            # A body still on its way (too slow, too large): cancelling granian's read of it
+            # makes hyper close the connection after the answer, instead of reading the rest.
+            reading = request.reading
+            if reading is not None and not reading.done():
+                reading.cancel()
             try:
                 self._error(request.watcher, *answer)
             except Exception:  # noqa: BLE001 - the connection may be gone
@@ -499,7 +522,8 @@ class GranianHandle(ServerHandle):
                     (
                         408,
                         "request timeout",
-                        "the request body did not arrive within channel_timeout",
+                        f"the request body arrived slower than {self.listen.min_body_rate}"
+                        " bytes a second",
                     ),
                 )
 

@@ -1,7 +1,9 @@
 """The ``waitress`` server plugin: the node's application on waitress, pure-Python threads.
 
 waitress is configured deliberately: it binds exactly the shard map's address (never its 0.0.0.0
-default), with an explicit thread count, connection limit, channel timeout and body limit.
+default), with an explicit thread count, connection limit, accept backlog, channel timeout and
+body limit; requests that trickle in are timed out, and at the connection limit the idle
+connections make room (:mod:`distribkv.servers.waitress.slow`).
 Shutdown is orderly: ``stop()`` closes the listening socket, lets in-flight requests finish and
 flush (bounded by ``drain_timeout``), then closes every connection so ``run()`` returns.
 
@@ -21,6 +23,7 @@ from distribkv import hookimpl
 from distribkv.http.api import Listen, ServerHandle, ServerSpec
 from distribkv.http.wrapper import ServingWrapper
 from distribkv.servers.waitress.channel import InlineDispatcher, answer_pipe_class, channel_class
+from distribkv.servers.waitress.slow import SlowClients
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +52,13 @@ class WaitressHandle(ServerHandle):
             port=listen.port,
             threads=listen.threads,
             connection_limit=listen.connection_limit,
+            backlog=listen.backlog,
             channel_timeout=listen.channel_timeout,
+            # poll(), not select(): select() cannot watch a file descriptor above 1023.
+            asyncore_use_poll=True,
             # waitress refuses a body of its max_request_body_size itself: one byte more, so
             # that the limit is the one given.
             max_request_body_size=listen.max_request_body_size + 1,
-            cleanup_interval=min(30, max(1, int(listen.channel_timeout))),
             ident="distribkv",
             clear_untrusted_proxy_headers=True,
             expose_tracebacks=False,
@@ -62,7 +67,9 @@ class WaitressHandle(ServerHandle):
         self.server.channel_class = channel_class(listen.body_check)
         self.server.deferred_answers = answer_pipe_class()(self.server._map)
         self._maintenance = self.server.maintenance
-        self.server.maintenance = self._keep_awaiting_channels
+        # Deadlines for slow requests and room at the connection limit (see ``slow``); it runs
+        # waitress's sweep for idle connections too.
+        self.slow_clients = SlowClients(self.server, listen, self._keep_awaiting_channels)
         # A channel's service() wakes the I/O thread when it is done; served inline, the I/O
         # thread is awake already (and looks at every channel again right after).
         self._pull_trigger = self.server.pull_trigger
