@@ -482,7 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Read a sharding.toml, validate it (every error names the file, the table and the "
             "key), check that the plugins it names are installed, and print every node with "
-            "its role, address and data directory."
+            "its role, address and data directory. It checks what serve checks: [tls] files "
+            "(cert, key, ca: readable, matching, the key private) with a server that has TLS, "
+            "every [auth] token (readable by its owner only, 16 characters or more), and that "
+            "a node beyond loopback has a cluster token, [auth] and [tls]."
         ),
     )
     check.add_argument(
