@@ -5,7 +5,8 @@ Two one-node clusters on one server, LMDB, ``durability = "async"``, 2,000 keys 
 one without ``[auth]``, one with three role tokens and the cluster token, whose GETs carry
 ``Authorization: Bearer`` (a ``read`` token: the last of the three tokens compared). wrk (1
 thread, 16 connections) alternates between them, ``--rounds`` times, so that both see the
-same machine; the ratio is of the medians.
+same machine; the ratios are of the medians, of GETs per second and of GETs per second of the
+node's CPU (less disturbed by other work on the machine).
 
     .venv/bin/python tools/bench_auth.py [--server granian] [--seconds 3] [--rounds 3]
 
@@ -82,6 +83,12 @@ def main() -> None:
     parser.add_argument("--server", default="granian", help="granian or waitress")
     parser.add_argument("--seconds", type=float, default=3.0, help="wrk time per run")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each, alternating")
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="the 'on' node without [auth] too (its GETs still carry the header): the ratio"
+        " that noise and the order of the runs alone give",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-auth-"))
     nodes = {}
@@ -89,7 +96,7 @@ def main() -> None:
         try:
             for label, auth in (("off", False), ("on", True)):
                 address = hosts.address()
-                config = write_config(work / label, args.server, address, auth)
+                config = write_config(work / label, args.server, address, auth and not args.control)
                 nodes[label] = (address, serve(config, address))
             keys = [b"bench-%d" % i for i in range(KEYS)]
             for address, _ in nodes.values():
@@ -100,6 +107,9 @@ def main() -> None:
             base = lua_script("get", keys=KEYS, keys_file=str(keys_file))
             header = f'wrk.headers["Authorization"] = "Bearer {TOKENS["viewer"][1]}"\n'
             rates: dict[str, list[float]] = {"off": [], "on": []}
+            # GETs per second of the node's CPU: what the check costs, less disturbed by
+            # other work on the machine than GETs per second of the clock.
+            per_cpu: dict[str, list[float]] = {"off": [], "on": []}
             for round_ in range(args.rounds):
                 for label, (address, proc) in nodes.items():
                     run = run_wrk(
@@ -115,7 +125,13 @@ def main() -> None:
                     errors = run["errors"]["status"] + run["errors"]["connect"]
                     rate = run["requests"] / (run["duration_us"] / 1e6)
                     rates[label].append(rate)
-                    print(f"auth {label:3} round {round_}: {rate:10,.0f} GET/s", flush=True)
+                    cpu = rate / run["server_cpu"] if run["server_cpu"] else float("nan")
+                    per_cpu[label].append(cpu)
+                    print(
+                        f"auth {label:3} round {round_}: {rate:10,.0f} GET/s,"
+                        f" {cpu:10,.0f} GET per node CPU-second",
+                        flush=True,
+                    )
                     if errors:
                         raise SystemExit(f"auth {label}: {errors} failed requests")
         finally:
@@ -124,6 +140,11 @@ def main() -> None:
                 proc.wait(timeout=60)
     on, off = statistics.median(rates["on"]), statistics.median(rates["off"])
     print(f"{args.server}: GET/s auth on {on:,.0f}, off {off:,.0f}; on / off = {on / off:.3f}")
+    on, off = statistics.median(per_cpu["on"]), statistics.median(per_cpu["off"])
+    print(
+        f"{args.server}: GET per node CPU-second auth on {on:,.0f}, off {off:,.0f};"
+        f" on / off = {on / off:.3f}"
+    )
 
 
 if __name__ == "__main__":
