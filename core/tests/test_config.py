@@ -237,7 +237,7 @@ def test_check_command_prints_every_node(tmp_path, capsys):
         assert text in out
 
 
-def test_check_refuses_what_serve_refuses_a_node_beyond_loopback_without_a_token(
+def test_check_refuses_what_serve_refuses_a_node_beyond_loopback_without_token_auth_and_tls(
     tmp_path, capsys, monkeypatch
 ):
     # 192.0.2.0/24 is reserved for documentation: nothing is bound or contacted here.
@@ -247,8 +247,11 @@ def test_check_refuses_what_serve_refuses_a_node_beyond_loopback_without_a_token
     assert main(["check", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "192.0.2.23:8080, which is not a loopback address, and no cluster token" in err
+    assert "no [auth] table gives client tokens; no [tls] table gives certificates" in err
     monkeypatch.setenv("DISTRIBKV_CLUSTER_TOKEN", "t" * 32)
-    assert main(["check", "--config", str(path)]) == 0
+    assert main(["check", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "not a loopback address, and no [auth] table" in err and "cluster token" not in err
 
 
 def test_a_missing_file_is_a_clear_error(tmp_path):

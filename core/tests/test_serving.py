@@ -83,11 +83,13 @@ def node_for(tmp_path: Path, address: str, environ: dict[str, str] | None = None
     )
 
 
-def test_a_non_loopback_address_needs_a_cluster_token(tmp_path):
+def test_a_non_loopback_address_needs_a_cluster_token_auth_and_tls(tmp_path):
     # 192.0.2.0/24 is reserved for documentation: nothing is bound or contacted here.
     with pytest.raises(ConfigError, match="not a loopback address, and no cluster token"):
         node_for(tmp_path, "192.0.2.10:8080")
-    node = node_for(tmp_path, "192.0.2.10:8080", {"DISTRIBKV_CLUSTER_TOKEN": "s" * 32})
+    with pytest.raises(ConfigError, match=r"and no \[auth\] table gives client tokens; no \[tls\]"):
+        node_for(tmp_path, "192.0.2.10:8080", {"DISTRIBKV_CLUSTER_TOKEN": "s" * 32})
+    node = node_for(tmp_path, "127.0.0.2:8080", {"DISTRIBKV_CLUSTER_TOKEN": "s" * 32})
     assert node.token == "s" * 32
 
 

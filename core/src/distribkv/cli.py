@@ -124,12 +124,15 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _refuse_exposed_nodes(config) -> None:
-    """What each node checks when it starts, for every node of the file at once."""
-    from distribkv.config import load_cluster_token, refuse_exposed
+    """What each node checks when it starts, for every node of the file at once: the exposure
+    policy, and that every [auth] token can be read."""
+    from distribkv.config import load_cluster_token, load_tokens, refuse_exposed
 
     token = load_cluster_token(os.environ)
     for node in config.nodes():
         refuse_exposed(config, node, token)
+    if config.auth is not None:
+        load_tokens(config.auth, os.environ, config.path)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -154,6 +157,18 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"  storage {backend.name} ({backend.description}); durability"
         f" {config.storage.durability}; data under {config.storage.data_dir}"
     )
+    tls, auth = config.tls, config.auth
+    if tls is None:
+        secure = "no TLS (plain HTTP)"
+    else:
+        secure = f"TLS (CA {tls.ca})"
+        if tls.verify_clients:
+            secure += ", clients must present a certificate"
+    if auth is None:
+        secure += "; no client tokens"
+    else:
+        secure += f"; {len(auth.tokens)} client token(s), /status needs {auth.status_role!r}"
+    print(f"  security: {secure}")
     rows = [["SHARD", "IDX", "ROLE", "ADDRESS", "DATA DIRECTORY"]]
     for node in config.nodes():
         rows.append(
@@ -172,6 +187,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run one node in the foreground."""
     from distribkv.config import load_config
+    from distribkv.files import private_umask
+
+    private_umask()  # the storage engines' files: 0600, their directories 0700
     from distribkv.launcher import serve
     from distribkv.node import Node
     from distribkv.plugins import load_plugins
@@ -192,6 +210,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_launch(args: argparse.Namespace) -> int:
     """Run every node of the cluster file as a child process."""
     from distribkv.config import load_config
+    from distribkv.files import private_umask
+
+    private_umask()  # logs, and the nodes' data (they inherit it)
     from distribkv.launcher import Launcher, run_launcher
     from distribkv.plugins import load_plugins
 
@@ -217,6 +238,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from distribkv.httpclient import HttpClient, RequestFailed
     from distribkv.plugins import load_plugins
     from distribkv.protocol import TOKEN_HEADER
+    from distribkv.tls import node_context
 
     registry = load_plugins()
     config = load_config(args.config, registry)
@@ -229,12 +251,12 @@ def cmd_promote(args: argparse.Namespace) -> int:
         )
     token = load_cluster_token(os.environ)
     headers = {TOKEN_HEADER: token} if token else {}
-    http = HttpClient(args.timeout + 10, per_address=1)
+    http = HttpClient(args.timeout + 10, per_address=1, ssl_context=node_context(config.tls))
     try:
 
         def status(address: str) -> dict | None:
             try:
-                answer = http.request(address, "GET", "/status", timeout=5.0)
+                answer = http.request(address, "GET", "/status", None, headers, timeout=5.0)
             except RequestFailed:
                 return None
             return json.loads(answer.body) if answer.status == 200 else None
@@ -311,12 +333,26 @@ def cmd_promote(args: argparse.Namespace) -> int:
         http.close()
 
 
-def _node_address(args: argparse.Namespace) -> str:
-    if args.node:
-        return args.node
+def _kv_config(args: argparse.Namespace):
+    """The cluster file of a key-value command: needed without --node (to find a node), and
+    read when it exists (its [tls] says how to reach the nodes)."""
     from distribkv.config import load_config
 
-    return str(load_config(args.config).shards[0].address)
+    if args.node and not Path(args.config).exists():
+        return None
+    return load_config(args.config)
+
+
+def _client_tls(args: argparse.Namespace, config):
+    """HTTPS for a command that calls nodes: --ca (with --cert/--key for mutual TLS), else
+    the cluster file's [tls]; None for plain HTTP."""
+    from distribkv.tls import client_context, node_context
+
+    if args.ca:
+        return client_context(args.ca, args.cert, args.key)
+    if args.cert:
+        raise ValueError("--cert needs --ca")
+    return node_context(None if config is None else config.tls)
 
 
 def _argument_bytes(text: str, name: str, hexadecimal: bool) -> bytes:
@@ -340,8 +376,18 @@ def cmd_kv(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"distribkv: error: {exc}", file=sys.stderr)
         return 2
+    from distribkv.config import load_client_token
+
+    config = _kv_config(args)
     try:
-        with Client([_node_address(args)], timeout=args.timeout) as client:
+        tls = _client_tls(args, config)
+    except (ValueError, OSError) as exc:
+        print(f"distribkv: error: --ca/--cert/--key: {exc}", file=sys.stderr)
+        return 2
+    node = args.node or str(config.shards[0].address)
+    token = load_client_token(os.environ)
+    try:
+        with Client([node], timeout=args.timeout, token=token, ssl_context=tls) as client:
             if args.command == "get":
                 value = client.get(key)
                 if value is None:
@@ -436,7 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Read a sharding.toml, validate it (every error names the file, the table and the "
             "key), check that the plugins it names are installed, and print every node with "
-            "its role, address and data directory."
+            "its role, address and data directory. It checks what serve checks: [tls] files "
+            "(cert, key, ca: readable, matching, the key private) with a server that has TLS, "
+            "every [auth] token (readable by its owner only, 16 characters or more), and that "
+            "a node beyond loopback has a cluster token, [auth] and [tls]."
         ),
     )
     check.add_argument(
@@ -449,11 +498,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="run one node (a shard's leader, or a replica with --replica)",
         description=(
             "Run one node of the cluster in the foreground: open its storage under "
-            "data_dir/<shard>/<node>, listen on the address the cluster file gives it (never "
-            "a wildcard; a non-loopback address needs DISTRIBKV_CLUSTER_TOKEN or "
-            "DISTRIBKV_CLUSTER_TOKEN_FILE), and serve until SIGTERM or Ctrl-C, which stops "
+            "data_dir/<shard>/<node> (directories 0700, files 0600), listen on the address the "
+            "cluster file gives it, and serve until SIGTERM or Ctrl-C, which stops "
             "accepting, finishes in-flight requests and closes the storage. One access-log line "
-            "per request goes to standard error."
+            "per request goes to standard error. The address is never a wildcard (0.0.0.0 and "
+            ":: are refused: it is also where clients and the other nodes reach the node). A "
+            "non-loopback address needs all of: a cluster token (DISTRIBKV_CLUSTER_TOKEN or "
+            "DISTRIBKV_CLUSTER_TOKEN_FILE), [auth] client tokens with roles (read, write, "
+            "admin) and [tls] certificates (cert, key, ca; verify_clients = true for mutual "
+            'TLS), which needs server = "granian"; see SECURITY.md.'
         ),
     )
     serve.add_argument(
@@ -588,7 +641,9 @@ def build_parser() -> argparse.ArgumentParser:
             help=summary,
             description=(
                 f"{summary[0].upper()}{summary[1:]}. Any node answers for any key: a wrong-shard "
-                f"node redirects (followed here) or forwards the request.{more}"
+                f"node redirects (followed here) or forwards the request.{more} A cluster with "
+                "[auth] needs a token: DISTRIBKV_TOKEN, or DISTRIBKV_TOKEN_FILE naming a file "
+                "only its owner can read (else DISTRIBKV_CLUSTER_TOKEN, an admin one, is used)."
             ),
         )
         kv.add_argument("key", metavar="KEY")
@@ -607,6 +662,16 @@ def build_parser() -> argparse.ArgumentParser:
             help="KEY and VALUE are given in hexadecimal, and get prints the value in hexadecimal",
         )
         kv.add_argument("--timeout", type=float, default=5.0, help="seconds per request (5)")
+        kv.add_argument(
+            "--ca",
+            metavar="FILE",
+            help="HTTPS: the CA that signed the nodes' certificates (default: [tls] ca of"
+            " --config, when it exists)",
+        )
+        kv.add_argument(
+            "--cert", metavar="FILE", help="a client certificate, for nodes that verify clients"
+        )
+        kv.add_argument("--key", metavar="FILE", help="the client certificate's private key")
         kv.set_defaults(func=cmd_kv)
     return parser
 

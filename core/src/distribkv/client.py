@@ -19,12 +19,17 @@ seconds). ``read_preference`` says where reads go: "leader" (the default), "lead
 (a replica while the leader cannot be reached) or "replica" (the leader while the replica
 cannot answer, or is still reloading its data). With a coordination that elects leaders, a
 request whose leader is gone waits for the next one (``failover_wait``).
+
+A cluster with ``[auth]`` needs a ``token`` (sent as ``Authorization: Bearer``); one with
+``[tls]`` an ``ssl_context`` that trusts its CA (``distribkv.tls.client_context(ca)``, with a
+client certificate where the nodes verify clients).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -108,6 +113,8 @@ class Client:
         registry: PluginRegistry | None = None,
         pool_size: int = 8,
         failover_wait: float = 10.0,
+        token: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ):
         if not nodes:
             raise ValueError("give at least one node address (host:port)")
@@ -141,7 +148,12 @@ class Client:
         #: Requests that waited for a leader (it was down, or had just changed).
         self.failovers = 0
         self.registry = registry or load_plugins()
-        self.http = HttpClient(timeout, per_address=pool_size)
+        # ``token``: sent with every request (``[auth]``); ``ssl_context``: HTTPS (``[tls]``,
+        # see distribkv.tls.client_context).
+        credentials = {"Authorization": f"Bearer {token}"} if token else None
+        self.http = HttpClient(
+            timeout, per_address=pool_size, ssl_context=ssl_context, headers=credentials
+        )
         # Reads are tried again after any connection error; writes only when the connection
         # was refused (nothing was sent), since one that reached the node may have applied.
         self._read_retry = Retry(attempts=retries, after_send=True, first=0.1, most=2.0)
@@ -181,6 +193,8 @@ class Client:
             except RequestFailed as exc:
                 errors.append(str(exc))
                 continue
+            if response.status in (401, 403):  # another node would say the same
+                raise RequestError(response.status, response.body, f"GET /cluster at {address}")
             if response.status != 200:
                 errors.append(f"{address}: HTTP {response.status}")
                 continue

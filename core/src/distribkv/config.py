@@ -19,6 +19,16 @@ The format is the Go original's (``[[shards]]`` with ``name``, ``idx``, ``addres
     max_value_size = 16777216
     group_commit = true       # concurrent writes share one apply (one fsync with "sync")
     min_free_bytes = 134217728  # data writes get 507 while the disk has less free (0: off)
+
+    [tls]                     # HTTPS for clients and between nodes (a server that has TLS)
+    cert = "tls/node.pem"     # relative to this file; the nodes' certificate (chain), PEM
+    key = "tls/node.key"      # its private key (readable by its owner only)
+    ca = "tls/ca.pem"         # the CA that clients and nodes verify the nodes' certificates by
+    verify_clients = false    # true: mutual TLS, every connection presents a cert of that CA
+
+    [auth]                    # role tokens: read, write, admin (secrets never in this file)
+    tokens = [{name = "app", role = "write", token_file = "tokens/app"}]
+    status_role = "admin"     # the role /status needs (none, read, write, admin)
 """
 
 from __future__ import annotations
@@ -39,7 +49,9 @@ if TYPE_CHECKING:
     from distribkv.plugins import PluginRegistry
 
 __all__ = [
+    "ROLES",
     "Address",
+    "AuthConfig",
     "ClusterConfig",
     "Config",
     "ConfigError",
@@ -47,12 +59,18 @@ __all__ = [
     "ServerConfig",
     "ShardConfig",
     "StorageConfig",
+    "TlsConfig",
+    "TokenSpec",
+    "load_client_token",
     "load_cluster_token",
     "load_config",
+    "load_tokens",
     "parse_config",
 ]
 
 ROUTINGS = ("redirect", "proxy")
+#: The roles of client tokens, each allowed what the one before it is and more.
+ROLES = ("read", "write", "admin")
 CLUSTER_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 DEFAULT_MAX_VALUE_SIZE = 16 * 1024 * 1024
 _HOSTNAME = re.compile(
@@ -79,6 +97,14 @@ class Address:
             return True
         try:
             return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def is_wildcard(self) -> bool:
+        """0.0.0.0 or ::, which means every interface when bound to, and none when dialled."""
+        try:
+            return ipaddress.ip_address(self.host).is_unspecified
         except ValueError:
             return False
 
@@ -143,6 +169,46 @@ class ServerConfig:
 
 
 @attrs.frozen
+class TlsConfig:
+    """``[tls]``: HTTPS on every node, for clients and between nodes.
+
+    Every node serves ``cert`` (whose subject alternative names must cover every node's
+    address: one certificate for the cluster, as the file is one for the cluster) and verifies
+    the nodes it calls against ``ca``. With ``verify_clients`` the nodes also require a client
+    certificate signed by ``ca`` on every connection (mutual TLS): a node presents ``cert``
+    when it calls another, and clients present theirs."""
+
+    cert: Path
+    key: Path
+    ca: Path
+    verify_clients: bool = False
+
+
+@attrs.frozen
+class TokenSpec:
+    """One client token of ``[auth] tokens``: where its secret is, never the secret itself."""
+
+    name: str
+    role: str
+    #: A file only its owner can read (relative to the cluster file), or an environment
+    #: variable: exactly one of the two.
+    token_file: Path | None = None
+    token_env: str | None = None
+
+
+@attrs.frozen
+class AuthConfig:
+    """``[auth]``: client requests need a token (``Authorization: Bearer``) whose role allows
+    them: ``read`` (GET, /cluster, a /batch of gets), ``write`` (and sets, deletes and any
+    /batch), ``admin`` (everything, the internal endpoints included)."""
+
+    tokens: tuple[TokenSpec, ...]
+    #: The role ``/status`` needs ("none": anyone may read it). ``/cluster``, which clients
+    #: route by, needs ``read``; ``/healthz`` needs nothing.
+    status_role: str = "admin"
+
+
+@attrs.frozen
 class ShardConfig:
     name: str
     idx: int
@@ -181,6 +247,8 @@ class Config:
     server: ServerConfig = ServerConfig()
     #: The ``[coordination]`` table, for the coordination plugin to read.
     coordination: Mapping[str, Any] = attrs.field(factory=dict)
+    tls: TlsConfig | None = None
+    auth: AuthConfig | None = None
 
     def shard(self, name: str) -> ShardConfig:
         for shard in self.shards:
@@ -285,9 +353,17 @@ def parse_address(table: _Table, key: str, text: Any) -> Address:
     if not isinstance(text, str):
         raise table.error(key, f"must be a string host:port, got {text!r}")
     try:
-        return address_from_text(text)
+        address = address_from_text(text)
     except ValueError as exc:
         raise table.error(key, str(exc)) from None
+    if address.is_wildcard:
+        raise table.error(
+            key,
+            f"{text!r} is a wildcard: a node's address is also where clients and the other"
+            " nodes reach it, so give the address of one interface (a loopback address, or a"
+            " public one with [tls], [auth] and a cluster token)",
+        )
+    return address
 
 
 def parse_config(text: str, path: Path) -> Config:
@@ -372,6 +448,8 @@ def parse_config(text: str, path: Path) -> Config:
     server_table.finish()
 
     coordination = dict(top.get("coordination", dict, {}))
+    tls = _parse_tls(path, top.get("tls", dict, None))
+    auth = _parse_auth(path, top.get("auth", dict, None))
     shard_list = top.get("shards", list, None)
     top.finish()
     if not shard_list:
@@ -390,7 +468,101 @@ def parse_config(text: str, path: Path) -> Config:
         tuple(sorted(shards, key=lambda s: s.idx)),
         server,
         coordination,
+        tls,
+        auth,
     )
+
+
+def _relative(path: Path, text: str) -> Path:
+    given = Path(text)
+    return given if given.is_absolute() else path.parent / given
+
+
+def _readable_file(table: _Table, key: str, file: Path, *, private: bool = False) -> None:
+    try:
+        mode = file.stat().st_mode
+        with open(file, "rb"):
+            pass
+    except OSError as exc:
+        raise table.error(key, f"cannot read {file}: {exc.strerror}") from None
+    if private and mode & 0o077:
+        raise table.error(
+            key,
+            f"{file} is readable by others (mode {mode & 0o777:o}); run: chmod 600 {file}",
+        )
+
+
+def _parse_tls(path: Path, data: Any) -> TlsConfig | None:
+    if data is None:
+        return None
+    import ssl
+
+    table = _Table(path, "[tls]", data)
+    files = {}
+    for key in ("cert", "key", "ca"):
+        text = table.get(key, str, None)
+        if not text:
+            raise table.error(key, "is required (a PEM file, relative to this file)")
+        files[key] = _relative(path, text)
+        _readable_file(table, key, files[key], private=key == "key")
+    verify = table.get("verify_clients", bool, False)
+    table.finish()
+    # Loaded once here, so that a wrong file is an error that names it, not a failed handshake.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cafile=str(files["ca"]))
+    except (ssl.SSLError, ValueError) as exc:
+        raise table.error("ca", f"{files['ca']} holds no PEM certificate: {exc}") from None
+    try:
+        context.load_cert_chain(str(files["cert"]), str(files["key"]))
+    except ssl.SSLError as exc:
+        raise table.error(
+            "cert",
+            f"{files['cert']} with the key {files['key']}: not a PEM certificate and its"
+            f" matching private key ({exc.reason or exc})",
+        ) from None
+    return TlsConfig(files["cert"], files["key"], files["ca"], verify)
+
+
+TOKEN_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _parse_auth(path: Path, data: Any) -> AuthConfig | None:
+    if data is None:
+        return None
+    table = _Table(path, "[auth]", data)
+    entries = table.get("tokens", list, None)
+    if not entries:
+        raise table.error("tokens", "needs at least one {name, role, token_file or token_env}")
+    status_role = table.choice("status_role", "admin", ("none", *ROLES))
+    table.finish()
+    tokens = []
+    names: set[str] = set()
+    for position, entry in enumerate(entries, 1):
+        given = entry.get("name") if isinstance(entry, dict) else None
+        where = f"[auth] tokens entry {position}" + (
+            f" ({given!r})" if isinstance(given, str) else ""
+        )
+        item = _Table(path, where, entry)
+        name = item.get("name", str, None)
+        if not name or not TOKEN_NAME.fullmatch(name):
+            raise item.error(
+                "name", f"needs a name of letters, digits, '.', '_', '-'; got {name!r}"
+            )
+        if name in names:
+            raise item.error("name", f"duplicate name {name!r}")
+        names.add(name)
+        role = item.get("role", str, None)
+        if role not in ROLES:
+            raise item.error("role", f"must be one of {', '.join(ROLES)}, got {role!r}")
+        file_text = item.get("token_file", str, None)
+        env = item.get("token_env", str, None)
+        item.finish()
+        if (file_text is None) == (env is None):
+            raise item.error("token_file", "give either 'token_file' or 'token_env' (not both)")
+        file = None if file_text is None else _relative(path, file_text)
+        tokens.append(TokenSpec(name, role, file, env))
+    return AuthConfig(tuple(tokens), status_role)
 
 
 def _shard_entry(position: int, name: Any = None) -> str:
@@ -498,9 +670,11 @@ def check_plugins(config: Config, registry: PluginRegistry) -> None:
                 f" backend {backend.name!r} (known: {known})"
             )
     try:
-        registry.http_server(config.cluster.server)
+        server = registry.http_server(config.cluster.server)
     except PluginNotFoundError as exc:
         raise ConfigError(f"{config.path}: [cluster] key 'server': {exc}") from None
+    if config.tls is not None and not server.tls:
+        raise ConfigError(tls_refused(config.path, server.name))
     try:
         registry.replication_transport(config.cluster.replication)
     except PluginNotFoundError as exc:
@@ -530,6 +704,14 @@ def check_plugins(config: Config, registry: PluginRegistry) -> None:
         raise ConfigError(f"{config.path}: [cluster.{scheme.name}]: {exc}") from None
 
 
+def tls_refused(path: Path, server: str) -> str:
+    """The message for a ``[tls]`` table and a server plugin that cannot serve TLS."""
+    return (
+        f"{path}: [cluster] key 'server': {server!r} cannot serve TLS, which [tls] asks"
+        ' for: use server = "granian" (plugins/granian), or remove [tls]'
+    )
+
+
 def load_config(path: str | Path, registry: PluginRegistry | None = None) -> Config:
     """Read and validate ``path``; with a registry, also check that named plugins exist."""
     path = Path(path)
@@ -550,35 +732,106 @@ TOKEN_FILE_ENV = "DISTRIBKV_CLUSTER_TOKEN_FILE"
 
 
 def refuse_exposed(config: Config, node: NodeConfig, token: str | None) -> None:
-    """ConfigError if ``node`` would listen beyond loopback with no cluster token."""
-    if not node.address.is_loopback and token is None:
+    """ConfigError if ``node`` would listen beyond loopback without all of what keeps an exposed
+    node safe: a cluster token (internal endpoints), ``[auth]`` (client requests) and
+    ``[tls]`` (no token or value in clear text). ``[auth]`` needs the cluster token anywhere:
+    it is how the nodes' own calls are let in."""
+    if config.auth is not None and token is None:
+        raise ConfigError(
+            f"{config.path}: [auth] needs a cluster token ({TOKEN_ENV} or {TOKEN_FILE_ENV}) for"
+            " the nodes' own calls to each other (replication, reshard, switchovers)"
+        )
+    if node.address.is_loopback:
+        return
+    missing = []
+    if token is None:
+        missing.append(f"no cluster token is set ({TOKEN_ENV} or {TOKEN_FILE_ENV})")
+    if config.auth is None:
+        missing.append("no [auth] table gives client tokens")
+    if config.tls is None:
+        missing.append("no [tls] table gives certificates")
+    if missing:
         raise ConfigError(
             f"{config.path}: node {node.shard.name}/{node.node_name} would listen on"
-            f" {node.address}, which is not a loopback address, and no cluster token is set"
-            f" ({TOKEN_ENV} or {TOKEN_FILE_ENV}): refusing to expose internal endpoints"
+            f" {node.address}, which is not a loopback address, and {'; '.join(missing)}:"
+            " refusing to expose it (see SECURITY.md)"
         )
+
+
+def load_tokens(auth: AuthConfig, environ: Mapping[str, str], where: Path) -> dict[str, TokenSpec]:
+    """The secret of every ``[auth]`` token, by secret: read from its file (which must not be
+    readable by group or others) or its environment variable; at least 16 characters, and no
+    two tokens alike. ``where``: the cluster file, for messages."""
+    out: dict[str, TokenSpec] = {}
+    for spec in auth.tokens:
+        at = f"{where}: [auth] token {spec.name!r}"
+        if spec.token_file is not None:
+            secret = _read_secret(spec.token_file, f"{at}: token_file")
+        else:
+            assert spec.token_env is not None
+            value = environ.get(spec.token_env)
+            if not value:
+                raise ConfigError(f"{at}: token_env: the variable {spec.token_env} is not set")
+            secret = value
+        if len(secret) < 16:
+            raise ConfigError(f"{at}: the token must be at least 16 characters")
+        if secret in out:
+            raise ConfigError(f"{at}: the same token as {out[secret].name!r}")
+        out[secret] = spec
+    return out
+
+
+def _read_secret(path: Path, what: str) -> str:
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what}: {path} is not UTF-8") from None
+    if mode & 0o077:
+        raise ConfigError(
+            f"{what}: {path} is readable by others (mode {mode & 0o777:o}); run: chmod 600 {path}"
+        )
+    return text.strip()
 
 
 def load_cluster_token(environ: Mapping[str, str]) -> str | None:
     """The cluster token for internal endpoints: from DISTRIBKV_CLUSTER_TOKEN, or from the file
     named by DISTRIBKV_CLUSTER_TOKEN_FILE, which must not be readable by group or others."""
-    token = environ.get(TOKEN_ENV)
-    file_name = environ.get(TOKEN_FILE_ENV)
+    return _token_from(environ, TOKEN_ENV, TOKEN_FILE_ENV, "the cluster token")
+
+
+CLIENT_TOKEN_ENV = "DISTRIBKV_TOKEN"
+CLIENT_TOKEN_FILE_ENV = "DISTRIBKV_TOKEN_FILE"
+
+
+def load_client_token(environ: Mapping[str, str]) -> str | None:
+    """A client's token (``[auth]``) for the ``distribkv`` commands: from DISTRIBKV_TOKEN, or
+    from the file named by DISTRIBKV_TOKEN_FILE (private, as the cluster token's); else the
+    cluster token, which is an ``admin`` one; None if neither is set."""
+    token = _token_from(environ, CLIENT_TOKEN_ENV, CLIENT_TOKEN_FILE_ENV, "the token")
+    return token if token is not None else load_cluster_token(environ)
+
+
+def _token_from(environ: Mapping[str, str], env: str, file_env: str, what: str) -> str | None:
+    token = environ.get(env)
+    file_name = environ.get(file_env)
     if token and file_name:
-        raise ConfigError(f"set {TOKEN_ENV} or {TOKEN_FILE_ENV}, not both")
+        raise ConfigError(f"set {env} or {file_env}, not both")
     if file_name:
         path = Path(file_name)
         try:
             mode = path.stat().st_mode
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
-            raise ConfigError(f"{path}: cannot read the cluster token: {exc.strerror}") from None
+            raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from None
         if mode & 0o077:
             raise ConfigError(
-                f"{path}: the cluster token file is readable by others (mode"
+                f"{path}: {what} file is readable by others (mode"
                 f" {mode & 0o777:o}); run: chmod 600 {path}"
             )
         token = text.strip()
     if token is not None and len(token) < 16:
-        raise ConfigError("the cluster token must be at least 16 characters")
+        raise ConfigError(f"{what} must be at least 16 characters")
     return token or None

@@ -161,8 +161,12 @@ class HttpClient:
         retry: Retry = NO_RETRY,
         ssl_context: ssl.SSLContext | None = None,
         source_host: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ):
         self.timeout = timeout
+        #: Sent with every request (a request's own headers of the same name win): the
+        #: credentials of the caller.
+        self.headers = dict(headers or {})
         #: Connections are made from this local address (a node's own IP: its traffic to other
         #: nodes and to its coordinator then comes from the address it serves on).
         self.source = None if source_host is None else (source_host, 0)
@@ -192,7 +196,8 @@ class HttpClient:
         tries = 0
         while True:
             try:
-                return self._exchange(address, method, target, body, headers or {}, timeout)
+                sent = {**self.headers, **headers} if headers else self.headers
+                return self._exchange(address, method, target, body, sent, timeout)
             except RequestFailed as exc:
                 tries += 1
                 if tries > policy.attempts or (exc.sent and not policy.after_send):

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import resource
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -16,11 +17,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distribkv.config import Config, ConfigError, NodeConfig
-from distribkv.http.api import Listen
+from distribkv.config import Config, ConfigError, NodeConfig, tls_refused
+from distribkv.files import make_private_dir, open_private_append
+from distribkv.http.api import Listen, ListenTls
 from distribkv.httpclient import HttpClient
 from distribkv.node import Node
 from distribkv.plugins import PluginRegistry
+from distribkv.tls import node_context
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,9 @@ def serve(node: Node, registry: PluginRegistry, *, announce=print) -> int:
 
     config = node.config
     spec = registry.http_server(config.cluster.server)
+    tls = config.tls
+    if tls is not None and not spec.tls:
+        raise ConfigError(tls_refused(config.path, spec.name))
     server = config.server
     raise_file_limit(server.connection_limit)
     node.open()
@@ -86,6 +92,14 @@ def serve(node: Node, registry: PluginRegistry, *, announce=print) -> int:
                 inline=inline_requests(node, deferred_writes=spec.deferred),
                 direct=app.direct,
                 body_check=app.kv.limits.body_check,
+                tls=None
+                if tls is None
+                else ListenTls(
+                    str(tls.cert.resolve()),
+                    str(tls.key.resolve()),
+                    str(tls.ca.resolve()),
+                    tls.verify_clients,
+                ),
             ),
         )
     except OSError as exc:
@@ -112,7 +126,7 @@ def serve(node: Node, registry: PluginRegistry, *, announce=print) -> int:
         started = True
         announce(
             f"node {node.name} ({node.role}, {node.backend_name}) serving on"
-            f" http://{node.address} with {spec.name}",
+            f" {node.scheme}://{node.address} with {spec.name}",
         )
         handle.run()
     finally:
@@ -129,9 +143,10 @@ def serve(node: Node, registry: PluginRegistry, *, announce=print) -> int:
     return 0
 
 
-def healthy(address: str, timeout: float = 1.0) -> bool:
-    """True if the node at ``address`` answers ``/healthz`` within ``timeout`` seconds."""
-    client = HttpClient(timeout, per_address=1)
+def healthy(address: str, timeout: float = 1.0, ssl_context: ssl.SSLContext | None = None) -> bool:
+    """True if the node at ``address`` answers ``/healthz`` within ``timeout`` seconds (over
+    HTTPS with ``ssl_context``)."""
+    client = HttpClient(timeout, per_address=1, ssl_context=ssl_context)
     try:
         return client.request(address, "GET", "/healthz").status == 200
     except OSError:
@@ -184,6 +199,7 @@ class Launcher:
         self.restart_window = restart_window
         self.children: list[Child] = []
         self.registry = registry
+        self.ssl_context = node_context(config.tls)
         #: What runs before the nodes (a local coordination service), stopped after them.
         self.services = contextlib.ExitStack()
         self.service_lines: list[str] = []
@@ -201,7 +217,7 @@ class Launcher:
         ]
         if node.replica is not None:
             cmd += ["--replica", str(node.replica)]
-        with open(log_path, "ab") as out:
+        with open_private_append(log_path) as out:
             # A session of its own: a terminal's Ctrl-C reaches only the launcher, which
             # then stops every node in order.
             return subprocess.Popen(
@@ -213,7 +229,7 @@ class Launcher:
             )
 
     def start(self) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.log_dir)
         if self.registry is not None:
             spec = self.registry.coordination(self.config.cluster.coordination)
             if spec.launch is not None:
@@ -236,7 +252,7 @@ class Launcher:
                         f"node {child.name} exited with status {child.process.returncode};"
                         f" its log {child.log_path} ends with:\n{_tail(child.log_path)}"
                     )
-                if healthy(str(child.node.address)):
+                if healthy(str(child.node.address), ssl_context=self.ssl_context):
                     pending.remove(child)
             if pending and time.monotonic() > deadline:
                 names = ", ".join(child.name for child in pending)

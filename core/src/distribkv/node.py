@@ -12,13 +12,21 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from xxhash import xxh3_128
 
 from distribkv import __version__
-from distribkv.config import Config, NodeConfig, load_cluster_token, refuse_exposed
+from distribkv.auth import Authorizer
+from distribkv.config import (
+    Config,
+    NodeConfig,
+    TokenSpec,
+    load_cluster_token,
+    load_tokens,
+    refuse_exposed,
+)
 from distribkv.coordination import roles
 from distribkv.coordination.api import Coordinator, HandoverUnknown, Leadership, NotLeaderError
 from distribkv.hashing.shardmap import ShardInfo, ShardMap
@@ -35,6 +43,7 @@ from distribkv.replication.records import (
 from distribkv.storage.api import Delete, Namespace, Op, Put
 from distribkv.storage.errors import BackendClosedError
 from distribkv.storage.store import Store, open_store
+from distribkv.tls import node_context, scheme
 from distribkv.transition import MapState
 
 log = logging.getLogger(__name__)
@@ -99,8 +108,23 @@ class Node:
         else:
             self.data_dir = Path(data_dir) / shard / self.node_config.node_name
         self.sync = config.storage.durability == "sync"
-        self.token = load_cluster_token(os.environ if environ is None else environ)
+        env: Mapping[str, str] = os.environ if environ is None else environ
+        self.token = load_cluster_token(env)
         refuse_exposed(config, self.node_config, self.token)
+        #: The client tokens of ``[auth]`` by secret; None: client requests need none.
+        self.tokens: dict[str, TokenSpec] | None = (
+            None if config.auth is None else load_tokens(config.auth, env, config.path)
+        )
+        #: Who a request comes from, with ``[auth]``; None: client requests need no token.
+        self.authorizer: Authorizer | None = (
+            None
+            if self.tokens is None or config.auth is None
+            else Authorizer(self.tokens, self.token, config.auth.status_role)
+        )
+        #: "https" with ``[tls]``: how other nodes and clients reach this one.
+        self.scheme = scheme(config.tls)
+        #: What this node calls other nodes with over HTTPS (None without ``[tls]``).
+        self.client_tls = node_context(config.tls)
         self.store: Store | None = None
         self.leader_log: LeaderLog | None = None
         self.replication: ReplicationRole | None = None

@@ -8,6 +8,7 @@ anything else on the node may change between releases.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -46,6 +47,9 @@ class NodeView(Protocol):
     sync: bool
     #: The cluster token, or None (internal endpoints then need none).
     token: str | None
+    #: What the node calls other nodes with over HTTPS (``[tls]``: the cluster's CA, and its
+    #: certificate for mutual TLS), or None: plain HTTP.
+    client_tls: ssl.SSLContext | None
     #: The installed plugins, to select other specs by name.
     registry: PluginRegistry
     #: The node's storage, once it is open.

@@ -43,6 +43,7 @@ from distribkv.hashing.shardmap import ShardMap
 from distribkv.httpclient import HttpClient, RequestFailed
 from distribkv.plugins import PluginRegistry
 from distribkv.protocol import MSGPACK, TOKEN_HEADER
+from distribkv.tls import node_context
 
 INGEST_OPS = 1000
 #: Catch-up rounds stop when the sources are this close to their last seq.
@@ -119,7 +120,7 @@ class Reshard:
         self.id = f"{self.source.fingerprint}-{self.target.fingerprint}"
         self.out = out
         self.max_rate = max_rate
-        self.http = HttpClient(timeout, per_address=8)
+        self.http = HttpClient(timeout, per_address=8, ssl_context=node_context(source.tls))
         self.headers = {TOKEN_HEADER: token} if token else {}
         self._check_layouts()
 

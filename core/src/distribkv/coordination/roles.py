@@ -24,6 +24,7 @@ from pathlib import Path
 
 import msgpack
 
+from distribkv.files import make_private_dir
 from distribkv.replication.records import (
     APPLIED,
     APPLIED_CHECK,
@@ -120,9 +121,10 @@ def log_entries(store: Store, after: int, upto: int) -> Iterator[tuple[int, list
 
 
 def _write_rollback(path: Path, header: dict, entries: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dir(path.parent)
     temporary = path.with_suffix(".tmp")
-    with open(temporary, "wb") as out:
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as out:
         out.write(msgpack.packb(header, use_bin_type=True))
         for entry in entries:
             out.write(msgpack.packb(entry, use_bin_type=True))

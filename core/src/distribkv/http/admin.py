@@ -7,13 +7,20 @@ import hmac
 
 import falcon
 
+from distribkv.auth import ADMIN
 from distribkv.coordination.api import CoordinationError, Leadership
+from distribkv.http.auth import require
 from distribkv.http.errors import ApiError
 from distribkv.protocol import TOKEN_HEADER
 
 
 def require_token(node, req: falcon.Request) -> None:
-    """Internal endpoints need the cluster token when one is configured."""
+    """Internal endpoints need the cluster token when one is configured; with ``[auth]``, an
+    ``admin`` token does too."""
+    authorizer = node.authorizer
+    if authorizer is not None:
+        require(authorizer, req.get_header, ADMIN)
+        return
     if node.token is None:
         return
     given = req.get_header(TOKEN_HEADER) or ""

@@ -62,6 +62,7 @@ __all__ = [
     "Direct",
     "Header",
     "Listen",
+    "ListenTls",
     "ServerHandle",
     "ServerSpec",
     "as_wsgi",
@@ -180,6 +181,19 @@ class Listen:
     #: Refuses a request by its Content-Length before its body is read (see the module's
     #: docstring); None: only ``max_request_body_size`` does.
     body_check: BodyCheck | None = None
+    #: HTTPS: only for a server whose spec has ``tls``; None: plain HTTP.
+    tls: ListenTls | None = None
+
+
+@attrs.frozen
+class ListenTls:
+    """What a TLS server needs: PEM files by absolute path. With ``verify_clients`` every
+    connection must present a certificate signed by ``ca`` (mutual TLS)."""
+
+    cert: str
+    key: str
+    ca: str
+    verify_clients: bool = False
 
 
 class ServerHandle(abc.ABC):
@@ -206,3 +220,6 @@ class ServerSpec:
     #: True if the server serves the requests ``Listen.inline`` names without a worker thread,
     #: so that they are answered while every worker is busy (see the module's docstring).
     inline: bool = False
+    #: True if the server serves HTTPS when ``Listen.tls`` is given (``[tls]`` is refused
+    #: with a server that cannot).
+    tls: bool = False

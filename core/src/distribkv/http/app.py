@@ -13,6 +13,7 @@ from typing import Any
 
 import falcon
 
+from distribkv.auth import Authorizer
 from distribkv.http import errors, reshard
 from distribkv.http.admin import (
     ClusterResource,
@@ -24,7 +25,8 @@ from distribkv.http.admin import (
     ResyncResource,
     StatusResource,
 )
-from distribkv.http.api import DEFER, DEFERRED, Completion, Header, status_line
+from distribkv.http.api import DEFER, DEFERRED, Answer, Completion, Header, status_line
+from distribkv.http.auth import PATH_RANKS, AuthCheck, deny
 from distribkv.http.batch import BatchResource
 from distribkv.http.errors import error_answer_for, error_response
 from distribkv.http.kv import (
@@ -47,6 +49,9 @@ __all__ = ["NodeApp", "create_app", "environ_header"]
 #: The map fingerprint header, as a WSGI environ key.
 MAP_ENVIRON = "HTTP_" + MAP_HEADER.upper().replace("-", "_")
 
+#: The rank each key-value path needs with ``[auth]`` (checked before it is answered).
+KV_RANKS = {path: rank for path in ("/get", "/set", "/delete") if (rank := PATH_RANKS[path])}
+
 _ENVIRON_KEYS = {"content-type": "CONTENT_TYPE", "content-length": "CONTENT_LENGTH"}
 
 
@@ -67,16 +72,29 @@ class NodeApp:
     """The WSGI application of a node (see the module's docstring). :meth:`direct` is
     ``Listen.direct``: the same decisions for a server that answers without an environ."""
 
-    def __init__(self, app: falcon.App, kv: KeyValue, forwarder: Forwarder):
+    def __init__(
+        self,
+        app: falcon.App,
+        kv: KeyValue,
+        forwarder: Forwarder,
+        auth: Authorizer | None = None,
+    ):
         self.app = app
         self.kv = kv
         self.forwarder = forwarder
+        #: With ``[auth]``: the key-value requests are checked here, before they are answered.
+        self.auth = auth
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
         path = environ["PATH_INFO"]
         kv = self.kv
+        auth = self.auth
         try:
+            if auth is not None and path in KV_RANKS:
+                answer = deny(auth, environ_header(environ), KV_RANKS[path])
+                if answer is not None:
+                    return _send(answer, start_response)
             if path == "/get" and method == "GET":
                 answer = kv.get(environ.get("QUERY_STRING", ""), environ_header(environ))
             elif path == "/set" and method in SET_METHODS:
@@ -105,10 +123,7 @@ class NodeApp:
         if answer is DEFERRED:
             return []  # answered by whoever finishes it
         assert answer is not None  # None only where the caller may not wait, not here
-        status, headers, body = answer
-        line = "200 OK" if status == 200 else status_line(status)
-        start_response(line, [*headers, ("Content-Length", str(len(body)))])
-        return [body]
+        return _send(answer, start_response)
 
     def direct(
         self,
@@ -120,6 +135,11 @@ class NodeApp:
         defer: Callable[[], Completion] | None,
     ) -> Any:
         kv = self.kv
+        auth = self.auth
+        if auth is not None and path in KV_RANKS:
+            refused = deny(auth, header, KV_RANKS[path])
+            if refused is not None:
+                return refused
         try:
             if path == "/get":
                 return kv.get(query, header, may_block=False) if method == "GET" else None
@@ -141,12 +161,21 @@ class NodeApp:
         self.forwarder.close()
 
 
+def _send(answer: Answer, start_response: Callable) -> list[bytes]:
+    status, headers, body = answer
+    line = "200 OK" if status == 200 else status_line(status)
+    start_response(line, [*headers, ("Content-Length", str(len(body)))])
+    return [body]
+
+
 def create_app(node) -> NodeApp:
     forwarder = Forwarder(node)
     router = Router(node, forwarder)
     limits = Limits.of(node)
     kv = KeyValue(node, router, limits)
-    app = falcon.App(middleware=[MapCheck(node)])
+    auth = node.authorizer
+    middleware: list = [MapCheck(node)] if auth is None else [AuthCheck(auth), MapCheck(node)]
+    app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
     routes = [
@@ -177,4 +206,4 @@ def create_app(node) -> NodeApp:
             routes.append((path, resource))
     for path, resource in routes:
         app.add_route(path, resource)
-    return NodeApp(app, kv, forwarder)
+    return NodeApp(app, kv, forwarder, auth)

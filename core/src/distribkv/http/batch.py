@@ -23,6 +23,8 @@ import json
 import falcon
 import msgpack
 
+from distribkv.auth import WRITE
+from distribkv.http.auth import require
 from distribkv.http.errors import ApiError
 from distribkv.http.kv import check_readable, respond
 from distribkv.http.limits import Limits
@@ -114,6 +116,8 @@ class BatchResource:
                 owners=sorted(owners),
             )
         writes = any(kind != "get" for kind, _, _ in ops)
+        if writes:
+            require(self.node.authorizer, req.get_header, WRITE)
         query = req.env.get("QUERY_STRING", "")
         elsewhere = self.router.route(
             ops[0][1], writes, req.method, "/batch", query, req.get_header, body, True

@@ -79,6 +79,7 @@ class Forwarder:
             server.forward_timeout,
             per_address=server.threads,
             source_host=source_host(node.address.host),
+            ssl_context=node.client_tls,
         )
 
     def forward(
@@ -95,9 +96,13 @@ class Forwarder:
         content_type = header("content-type")
         if content_type:
             headers["Content-Type"] = content_type
+        # The client's credentials go along: the owner checks them as this node did.
         token = header(TOKEN)
         if token:
             headers[TOKEN_HEADER] = token
+        authorization = header("authorization")
+        if authorization:
+            headers["Authorization"] = authorization
         try:
             response = self.client.request(address, method, target, body, headers)
         except RequestFailed as exc:
@@ -123,6 +128,7 @@ class Router:
         self.node = node
         self.forwarder = forwarder
         self.redirects = node.config.cluster.routing == "redirect"
+        self.scheme = node.scheme
 
     def leads(self, key: bytes) -> bool:
         """True if this node is the leader of ``key``'s shard and no reshard is under way: the
@@ -181,6 +187,7 @@ class Router:
             if owner.name == me.name:  # a write to this replica, or a read for the leader
                 what = "a write" if write else f"a read with {READ_HEADER}: leader"
                 return redirect(
+                    self.scheme,
                     owner,
                     leader,
                     target,
@@ -189,7 +196,12 @@ class Router:
                     f" leader at {leader}",
                 )
             return redirect(
-                owner, leader, target, "wrong shard", f"shard {owner.name!r} at {leader} owns it"
+                self.scheme,
+                owner,
+                leader,
+                target,
+                "wrong shard",
+                f"shard {owner.name!r} at {leader} owns it",
             )
         if not may_block:
             return BLOCKS
@@ -219,12 +231,14 @@ def leader_or_503(node, owner: ShardInfo) -> str:
     return leader
 
 
-def redirect(owner: ShardInfo, leader: str, target: str, error: str, detail: str) -> Answer:
+def redirect(
+    scheme: str, owner: ShardInfo, leader: str, target: str, error: str, detail: str
+) -> Answer:
     """307 to the shard's leader: it keeps the method and the body (a 301/302 may turn a PUT
-    into a GET)."""
+    into a GET). ``scheme``: "https" in a ``[tls]`` cluster."""
     body = json.dumps({"error": error, "detail": detail}).encode()
     headers = [
-        ("Location", f"http://{leader}{target}"),
+        ("Location", f"{scheme}://{leader}{target}"),
         (SHARD_HEADER, owner.name),
         ("Content-Type", JSON),
     ]

@@ -28,7 +28,10 @@ class HttpSource(LeaderSource):
         self.timeout = node.config.server.forward_timeout
         self.headers = {TOKEN_HEADER: node.token} if node.token else {}
         self.client = HttpClient(
-            self.timeout, per_address=1, source_host=source_host(node.address.host)
+            self.timeout,
+            per_address=1,
+            source_host=source_host(node.address.host),
+            ssl_context=node.client_tls,
         )
 
     def poll_target(

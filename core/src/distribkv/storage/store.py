@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from distribkv.files import make_private_dir
 from distribkv.storage import envelope
 from distribkv.storage.api import (
     DURABILITIES,
@@ -176,7 +177,8 @@ def open_store(
     if type(min_free_bytes) is not int or min_free_bytes < 0:
         raise InvalidSettingError(f"min_free_bytes must be an integer >= 0, got {min_free_bytes!r}")
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    # Private: the engine's files hold every key and value in the clear.
+    make_private_dir(path)
     engine = spec.open(path, durability=durability, settings=dict(settings or {}))
     reserve = SpaceReserve(path, min_free_bytes) if min_free_bytes else None
     return Store(engine, max_value_size=max_value_size, reserve=reserve)

@@ -33,6 +33,7 @@ import itertools
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -226,9 +227,10 @@ def node_addresses(config: Path) -> dict[str, str]:
 class Cluster:
     """`distribkv launch` of a cluster file; stopped with SIGINT like a terminal's Ctrl-C."""
 
-    def __init__(self, config: Path, *args: str):
+    def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None):
         self.config = config
         self.args = args  # more options for ``distribkv launch``
+        self.env = env  # the launcher's environment (this process's by default)
         self.process: subprocess.Popen | None = None
         self.nodes: dict[str, dict[str, str]] = {}
         self.output: list[str] = []
@@ -241,6 +243,7 @@ class Cluster:
             stderr=subprocess.STDOUT,
             text=True,
             cwd=self.config.parent,
+            env=self.env,
         )
         deadline = time.monotonic() + START_TIMEOUT
         header = None
@@ -339,6 +342,14 @@ def _split(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _connection(
+    address: str, timeout: float, context: ssl.SSLContext | None
+) -> http.client.HTTPConnection:
+    if context is None:
+        return http.client.HTTPConnection(*_split(address), timeout=timeout)
+    return http.client.HTTPSConnection(*_split(address), timeout=timeout, context=context)
+
+
 def call(
     address: str,
     method: str,
@@ -348,10 +359,12 @@ def call(
     *,
     follow: int = 0,
     timeout: float = 10.0,
+    context: ssl.SSLContext | None = None,
 ) -> Response:
-    """One HTTP request on a new connection (following at most ``follow`` 307 redirects)."""
+    """One HTTP request on a new connection (following at most ``follow`` 307 redirects);
+    HTTPS with ``context``."""
     for _ in range(follow + 1):
-        conn = http.client.HTTPConnection(*_split(address), timeout=timeout)
+        conn = _connection(address, timeout, context)
         try:
             conn.request(method, target, body=body, headers=headers or {})
             raw = conn.getresponse()
@@ -370,9 +383,12 @@ class Connection:
     """Requests to one node over one keep-alive connection (reopened if the node closes it),
     for tests that send thousands: a new connection per request costs more than the request."""
 
-    def __init__(self, address: str, *, timeout: float = 10.0):
+    def __init__(
+        self, address: str, *, timeout: float = 10.0, context: ssl.SSLContext | None = None
+    ):
         self.address = address
         self.timeout = timeout
+        self.context = context
         self._conn: http.client.HTTPConnection | None = None
 
     def call(
@@ -384,7 +400,7 @@ class Connection:
     ) -> Response:
         for attempt in (1, 2):
             if self._conn is None:
-                self._conn = http.client.HTTPConnection(*_split(self.address), timeout=self.timeout)
+                self._conn = _connection(self.address, self.timeout, self.context)
             try:
                 self._conn.request(method, target, body=body, headers=headers or {})
                 raw = self._conn.getresponse()
@@ -430,10 +446,15 @@ class NodeProcess:
         replica: int | None = None,
         *,
         under: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        context: ssl.SSLContext | None = None,
     ):
-        """``under``: a command the node runs under (strace, say)."""
+        """``under``: a command the node runs under (strace, say); ``env``: its environment
+        (this process's by default); ``context``: HTTPS for its health check."""
         self.config, self.shard, self.replica = config, shard, replica
         self.under = under or []
+        self.env = env
+        self.context = context
         self.process: subprocess.Popen | None = None
         name = "leader" if replica is None else f"replica-{replica}"
         self.log_path = config.parent / f"{shard}-{name}.log"
@@ -453,13 +474,13 @@ class NodeProcess:
         if self.replica is not None:
             cmd += ["--replica", str(self.replica)]
         with open(self.log_path, "ab") as out:
-            self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"node exited: {self.log_path.read_text()[-3000:]}")
             try:
-                if call(address, "GET", "/healthz", timeout=1).status == 200:
+                if call(address, "GET", "/healthz", timeout=1, context=self.context).status == 200:
                     return self
             except OSError:
                 pass
@@ -549,7 +570,7 @@ def serving(
     thread.start()
     try:
         deadline = time.monotonic() + 20
-        while not launcher.healthy(str(node.address), timeout=1.0):
+        while not launcher.healthy(str(node.address), timeout=1.0, ssl_context=node.client_tls):
             assert thread.is_alive(), f"serve() ended before answering: {outcome}"
             assert time.monotonic() < deadline, f"{node.name} did not answer /healthz"
             time.sleep(0.02)

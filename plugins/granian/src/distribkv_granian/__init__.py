@@ -31,6 +31,10 @@ Guarantees kept from the waitress plugin:
 - ``stop()`` closes the listener at once, lets accepted requests finish (bounded by
   ``drain_timeout``), and after that answers 503 instead of calling the application, so no
   request can reach a storage engine that is being closed.
+
+Unlike waitress, it serves HTTPS (``Listen.tls``, from ``[tls]``): granian's own TLS, 1.3 only,
+and with ``verify_clients`` it refuses a connection without a client certificate signed by the
+cluster's CA.
 """
 
 from __future__ import annotations
@@ -209,7 +213,14 @@ class GranianHandle(ServerHandle):
         self._scheduler = Scheduler(self._loop, unused, None, unused, unused)
         # header_timeout bounds how long a request may take to send its headers.
         http1 = HTTP1Settings(header_read_timeout=int(listen.header_timeout * 1000))
-        no_tls: tuple[Any, ...] = (False, None, None, None, "tls1.3", None, [], False)
+        # granian's TLS settings: enabled, cert, key, key password, lowest protocol, CA, CRLs,
+        # client verification (mutual TLS).
+        tls = listen.tls
+        tls_settings: tuple[Any, ...] = (
+            (False, None, None, None, "tls1.3", None, [], False)
+            if tls is None
+            else (True, tls.cert, tls.key, None, "tls1.3", tls.ca, [], tls.verify_clients)
+        )
         self._worker = RSGIWorker(
             1,  # worker id
             (self._spec, None),  # socket
@@ -224,7 +235,7 @@ class GranianHandle(ServerHandle):
             None,
             False,  # no websockets
             None,  # no static files
-            *no_tls,
+            *tls_settings,
             (None, None),  # no metrics
         )
         self._threads = [
@@ -581,6 +592,7 @@ SPEC = ServerSpec(
     " other requests on worker threads, deferred answers (explicit bind, drain)",
     deferred=True,
     inline=True,
+    tls=True,
 )
 
 
