@@ -311,13 +311,14 @@ class Client:
         waiting = 0  # questions under way
         next_at = time.monotonic()  # when to ask the next node
         remaining = list(ordered)
+        limit = end - next_at  # the whole fetch's time
 
         def ask(address: str, budget: float) -> None:
             answer: tuple[str, Response | None, str] = (address, None, f"{address}: failed")
             try:
                 response = self.http.request(address, "GET", "/cluster", timeout=budget)
             except RequestFailed as exc:
-                self._failed(address, exc, budget)
+                self._failed(address, exc, budget, limit)
                 answer = (address, None, str(exc))
             else:
                 self.breaker.succeeded(address)
@@ -381,10 +382,10 @@ class Client:
         mine = others[hash(threading.get_ident()) % len(others)]
         return [mine, leader, *(n for n in others if n != mine)]
 
-    def _failed(self, address: str, exc: RequestFailed, budget: float) -> None:
+    def _failed(self, address: str, exc: RequestFailed, budget: float, limit: float) -> None:
         """Tell the breaker about a try that got no answer: a timeout counts against the node
-        only if the try had a fair share of the timeout."""
-        if exc.timed_out and budget < self.timeout * FAIR_TRY:
+        only if the try had a fair share of its call's time (``limit``)."""
+        if exc.timed_out and budget < limit * FAIR_TRY:
             self.breaker.released(address)
         else:
             self.breaker.failed(address, "timed out" if exc.timed_out else _why(exc))
@@ -444,7 +445,7 @@ class Client:
                     address, method, target, body, sent_headers, timeout=budget
                 )
             except RequestFailed as exc:
-                self._failed(address, exc, budget)
+                self._failed(address, exc, budget, call.timeout)
                 # set and delete are idempotent, and so are batches of only sets and deletes
                 # or only gets (all the client sends): sent again if another node leads.
                 unknown = unknown or (write and exc.sent)
@@ -581,9 +582,9 @@ class Client:
         down = self.breaker.down(address)
         if last.endswith("timed out") or spent >= call.timeout:
             detail = f"; {down.describe()}" if down is not None else ""
+            head = last if last.endswith("timed out") else f"{what}: no answer"
             return TimedOut(
-                f"{what}: no answer within {spent:.2f}s (timeout {call.timeout:g}s):"
-                f" {last or 'no node left to ask'}{detail}",
+                f"{head}; the call took {spent:.2f}s (timeout {call.timeout:g}s){detail}",
                 address,
             )
         if down is not None:
