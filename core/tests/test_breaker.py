@@ -65,4 +65,3 @@ def test_bad_down_times_are_refused():
         Breaker(3.0, 2.0)
     with pytest.raises(ValueError, match="0 < first"):
         Breaker(0.0, 2.0)
-
