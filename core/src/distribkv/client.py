@@ -432,10 +432,16 @@ class Client:
                     self._wait_for_leader(end, primary)
                     tried.clear()
                     continue
-                raise self._give_up(what, primary, call, unknown=unknown, last=last_error)
+                raise self._give_up(
+                    what,
+                    self._candidates(key, write=write),
+                    call,
+                    unknown=unknown,
+                    last=last_error,
+                )
             left = end - time.monotonic()
             if left <= 0:
-                raise self._give_up(what, address, call, unknown=unknown, last=last_error)
+                raise self._give_up(what, [address], call, unknown=unknown, last=last_error)
             budget = min(call.timeout, left)
             if not write and self._spare(key, tried=tried | {address}):
                 budget = budget / 2  # another node could serve it: leave it time to
@@ -572,23 +578,24 @@ class Client:
         time.sleep(max(0.0, min(seconds, end - time.monotonic())))
 
     def _give_up(
-        self, what: str, address: str, call: _Call, *, unknown: bool, last: str
+        self, what: str, nodes: list[str], call: _Call, *, unknown: bool, last: str
     ) -> ClientError:
         """The error of a call that can go on no more: its write may have applied, its time
-        ran out, or the node it needs is down."""
+        ran out, or the nodes that could serve it (``nodes``, the first named) are down."""
         spent = time.monotonic() - call.started
+        address = nodes[0]
         if unknown:
             return OutcomeUnknown(f"{what}: sent to {address}, no answer: {last}")
-        down = self.breaker.down(address)
+        downs = [d for d in map(self.breaker.down, nodes) if d is not None]
+        detail = "".join(f"; {down.describe()}" for down in downs)
         if last.endswith("timed out") or spent >= call.timeout:
-            detail = f"; {down.describe()}" if down is not None else ""
             head = last if last.endswith("timed out") else f"{what}: no answer"
             return TimedOut(
                 f"{head}; the call took {spent:.2f}s (timeout {call.timeout:g}s){detail}",
                 address,
             )
-        if down is not None:
-            return NodeDown(f"{what}: {down.describe()}", down)
+        if downs:
+            return NodeDown(f"{what}{detail.replace(';', ':', 1)}", downs[0])
         return Unavailable(f"{what}: {last or f'{address} cannot serve it'}")
 
     @staticmethod
