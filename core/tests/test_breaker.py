@@ -23,8 +23,11 @@ def test_a_failed_node_is_down_for_twice_as_long_each_time_up_to_the_cap():
     for _ in range(4):
         down = breaker.failed("a:1", "timed out")
         periods.append(down.retry_in)
+        # Requests under way when it went down fail too: the same failure, no longer down.
+        clock.now += 0.5
+        assert breaker.failed("a:1", "refused").until == down.until
         assert breaker.claim("a:1", 1.0) == breaker.down("a:1")
-        clock.now += down.retry_in - 0.01
+        clock.now += down.retry_in - 0.51
         assert breaker.down("a:1") is not None
         clock.now += 0.01
         assert breaker.claim("a:1", 1.0) is None  # this request is the probe

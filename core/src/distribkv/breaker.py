@@ -4,7 +4,8 @@ A node that timed out or refused a connection is marked down for ``first`` secon
 is, requests do not wait for it again but go to another node that can serve them, or fail at
 once. When the time is up, one request (the probe) may go to it; the others still see it down
 until the probe ends. A failed probe marks it down again for twice as long, up to ``most``
-seconds; any answer marks it up and forgets its failures.
+seconds; any answer marks it up and forgets its failures. The other requests that were under
+way when it was marked down fail too, and count as the same failure.
 
 Only nodes that are down are remembered, at most ``capacity`` of them (a client talks to the
 nodes of one shard map, so the bound is never reached in practice; when it is, the node whose
@@ -101,10 +102,13 @@ class Breaker:
 
     def failed(self, address: str, reason: str) -> Down:
         """The node gave no answer: mark it down, for twice as long as last time (up to
-        ``most``)."""
+        ``most``). Requests that were under way when it was marked down fail too: while its
+        down time lasts, their failures change nothing."""
         with self._lock:
             now = self.clock()
             entry = self._down.get(address)
+            if entry is not None and now < entry.until:
+                return self._describe(address, entry, now)
             failures = 1 if entry is None else entry.failures + 1
             period = min(self.most, self.first * 2 ** min(failures - 1, 32))
             if entry is None and len(self._down) >= self.capacity:

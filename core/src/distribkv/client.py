@@ -218,6 +218,8 @@ class Client:
         #: Each shard's current leader, from /cluster (with a coordination that elects, not
         #: always the one the map names).
         self._leaders: dict[str, str] = {}
+        #: Each shard's leader's term (None during an election).
+        self._terms: dict[str, int | None] = {}
         #: True when the cluster's coordination elects leaders (a leader that is gone is
         #: worth waiting for); with "static" nothing replaces it.
         self.elects = False
@@ -287,17 +289,23 @@ class Client:
                 f"{address} publishes map {data['fingerprint']} but it hashes to"
                 f" {fresh.fingerprint} here: the hashing plugins differ"
             )
-        leaders = data.get("leaders") or {}
+        leads = [
+            (name, lead["address"], lead.get("term"))
+            for name, lead in (data.get("leaders") or {}).items()
+            if isinstance(lead, dict) and lead.get("address")
+        ]
         with self._lock:
+            # A leader elected since the last fetch campaigned, so it is up (a node that
+            # restarted quickly may win): the breaker forgets it.
+            elected = [a for n, a, t in leads if t is not None and self._terms.get(n) != t]
             self._map = fresh
             self._fetched_at = time.monotonic()
             self.elects = data.get("coordination", "static") != "static"
-            self._leaders = {
-                name: lead["address"]
-                for name, lead in leaders.items()
-                if isinstance(lead, dict) and lead.get("address")
-            }
+            self._leaders = {name: address for name, address, _ in leads}
+            self._terms = {name: term for name, _, term in leads}
             self.map_refreshes += 1
+        for address in elected:
+            self.breaker.succeeded(address)
         return fresh
 
     def _first_answer(self, ordered: list[str], end: float) -> tuple[str, Response]:
@@ -388,7 +396,8 @@ class Client:
         if exc.timed_out and budget < limit * FAIR_TRY:
             self.breaker.released(address)
         else:
-            self.breaker.failed(address, "timed out" if exc.timed_out else _why(exc))
+            down = self.breaker.failed(address, "timed out" if exc.timed_out else _why(exc))
+            log.debug("%s", down.describe())
 
     # --- requests -------------------------------------------------------------------------
 
@@ -572,6 +581,7 @@ class Client:
         self.failovers += 1
         self._sleep(0.25, end)
         self._refetch(end, avoid=gone)
+        log.debug("waiting for a leader instead of %s: the map names %s", gone, self._leaders)
 
     @staticmethod
     def _sleep(seconds: float, end: float) -> None:
