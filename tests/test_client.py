@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
 import random
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -16,7 +18,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from distribkv.client import Client, RequestError, ServerError, Unavailable
+from distribkv.client import (
+    Client,
+    ClientError,
+    NodeDown,
+    OutcomeUnknown,
+    Read,
+    RequestError,
+    ServerError,
+    TimedOut,
+    Unavailable,
+)
 from distribkv.hashing.shardmap import ShardInfo, ShardMap
 from distribkv.plugins import load_plugins
 from distribkv.testing import cluster_fixture
@@ -340,3 +352,128 @@ def test_read_preferences_when_a_node_of_the_shard_is_down(tmp_path, hosts, pref
 def test_an_unknown_read_preference_is_refused():
     with pytest.raises(ValueError, match="read_preference must be one of"):
         Client(["127.0.0.1:1"], read_preference="nearest")
+
+
+# --- nodes that hang -----------------------------------------------------------------------
+
+
+@cluster_fixture
+def hang_cluster(tmp_path_factory):
+    """Two shards, shard-0 with a replica (memory backend: what is tested is the client)."""
+    with allocate_hosts() as hosts:
+        path = write_config(tmp_path_factory.mktemp("hang"), hosts=hosts, shards=2, replicas={0: 1})
+        cluster = Cluster(path, "--max-restarts", "0").start()
+        yield cluster
+        assert cluster.stop() == 0
+
+
+@contextlib.contextmanager
+def stopped(address: str):
+    """The node at ``address`` stopped with SIGSTOP for the block: it still accepts connections
+    (the kernel does) but answers nothing. It is resumed whatever happens."""
+    pid = json.loads(call(address, "GET", "/status").body)["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def timed(action) -> tuple[float, object]:
+    """(seconds, result or the ClientError raised) of ``action()``."""
+    started = time.monotonic()
+    try:
+        outcome = action()
+    except ClientError as exc:
+        outcome = exc
+    return time.monotonic() - started, outcome
+
+
+def key_of(client: Client, shard: str) -> bytes:
+    return next(
+        key
+        for key in (b"hang-%d" % i for i in range(1000))
+        if client.map.owner_of(key).name == shard
+    )
+
+
+def replicated(cluster: Cluster, client: Client, key: bytes, value: bytes) -> None:
+    """Write ``key`` and wait until shard-0's replica has it."""
+    client.set(key, value)
+    replica = cluster.address("shard-0", "replica-0")
+    wait_until(
+        lambda: call(replica, "GET", f"/get?key={key.decode()}").body == value,
+        30,
+        message="the replica did not get the key",
+    )
+
+
+def test_a_hung_leader_costs_one_call_its_timeout_then_calls_fail_fast(hang_cluster):
+    leader, other = hang_cluster.address("shard-0"), hang_cluster.address("shard-1")
+    with Client([other], timeout=1.0, down_time=1.0) as client:
+        key, elsewhere = key_of(client, "shard-0"), key_of(client, "shard-1")
+        replicated(hang_cluster, client, key, b"v")
+        fresh, hasty = Client([other], timeout=1.0), Client([other], timeout=1.0)
+        stale_ok = Client([other], timeout=1.0, read_preference="leader_preferred")
+        try:
+            with stopped(leader):
+                # The first call waits for the leader for its whole timeout, not more.
+                took, outcome = timed(lambda: client.get(key))
+                assert isinstance(outcome, TimedOut) and outcome.address == leader, outcome
+                assert 0.9 < took < 1.5, took
+                # The leader is marked down: the next calls to it fail at once, saying which
+                # node is down and when it is tried again; other shards are served as ever.
+                for action in (lambda: client.get(key), lambda: client.set(key, b"w")):
+                    took, outcome = timed(action)
+                    assert isinstance(outcome, NodeDown) and outcome.address == leader
+                    assert took < 0.3 and 0 < outcome.retry_in <= 1.0, (took, outcome)
+                    assert f"{leader} is marked down (timed out, once)" in str(outcome)
+                    assert "tried again in" in str(outcome)
+                assert timed(lambda: client.set(elsewhere, b"e"))[1] is None
+                # A write that was sent and never answered may have applied.
+                took, outcome = timed(lambda: fresh.set(key, b"w"))
+                assert isinstance(outcome, OutcomeUnknown) and took < 1.5, (took, outcome)
+                # One call may take less time than the client gives each.
+                took, outcome = timed(lambda: hasty.get(key, timeout=0.3))
+                assert isinstance(outcome, TimedOut) and 0.25 < took < 0.6, (took, outcome)
+                # leader_preferred: the replica answers while the leader hangs.
+                for _ in range(2):
+                    took, read = timed(lambda: stale_ok.read(key))
+                    assert read == Read(b"v", stale=True, lag_entries=read.lag_entries)
+                    assert took < 1.5, took
+                assert took < 0.3 and stale_ok.stale_reads == 2
+                # Making a client: a seed that hangs does not hold up the next one.
+                took, made = timed(lambda: Client([leader, other], timeout=2.0))
+                assert isinstance(made, Client) and took < 1.0, (took, made)
+                made.close()
+        finally:
+            for made in (fresh, hasty, stale_ok):
+                made.close()
+        # Once resumed, the leader is tried again after its down time, and is up again (with
+        # the write whose outcome was unknown applied, or not).
+        wait_until(lambda: timed(lambda: client.get(key))[1] in (b"v", b"w"), 10, message="no read")
+        assert client.breaker.down(leader) is None
+
+
+def test_reads_that_prefer_a_replica_go_to_the_leader_while_it_hangs(hang_cluster):
+    replica = hang_cluster.address("shard-0", "replica-0")
+    with Client([hang_cluster.address("shard-1")], timeout=1.0, read_preference="replica") as db:
+        key = key_of(db, "shard-0")
+        replicated(hang_cluster, db, key, b"r")
+        assert db.read(key).stale
+        with stopped(replica):
+            times = []
+            for _ in range(3):
+                took, read = timed(lambda: db.read(key))
+                assert read == Read(b"r", stale=False), read  # the leader's answer
+                times.append(took)
+        assert times[0] < 1.5 and max(times[1:]) < 0.3, times
+        assert db.leader_fallbacks == 3
+        assert db.breaker.down(replica) is not None
+
+
+def test_timeouts_must_be_positive():
+    with pytest.raises(ValueError, match="timeout must be a positive number"):
+        Client(["127.0.0.1:1"], timeout=0)
+    with pytest.raises(ValueError, match="down_time must be a positive number"):
+        Client(["127.0.0.1:1"], down_time=-1)

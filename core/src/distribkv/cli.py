@@ -661,7 +661,12 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="KEY and VALUE are given in hexadecimal, and get prints the value in hexadecimal",
         )
-        kv.add_argument("--timeout", type=float, default=5.0, help="seconds per request (5)")
+        kv.add_argument(
+            "--timeout",
+            type=_positive_float,
+            default=5.0,
+            help="seconds to fetch the cluster map, then seconds for the call, tries included (5)",
+        )
         kv.add_argument(
             "--ca",
             metavar="FILE",
