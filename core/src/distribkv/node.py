@@ -697,6 +697,7 @@ class Node:
             "keys": stats.keys.get("data"),
             "disk_bytes": stats.disk_bytes,
             "fingerprint": self.maps.routing.fingerprint,
+            "reshard": self.maps.progress(),
             "uptime_s": round(time.time() - self.started_at, 3),
             "pid": os.getpid(),
             "version": __version__,

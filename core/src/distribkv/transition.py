@@ -189,6 +189,17 @@ class MapState:
             },
         }
 
+    def progress(self) -> dict[str, Any]:
+        """The reshard this node is part of, for ``/status``: its id and phase (None when
+        there is none), and whether the node belongs to a shard the reshard adds."""
+        t = self.transition
+        return {
+            "id": None if t is None else t.id,
+            "phase": None if t is None else t.phase,
+            "joining": self.joining_source is not None,
+            "switched_from": self.switched_from,
+        }
+
     def committed(self, source_fp: str, target_fp: str) -> bool:
         return self.map.fingerprint == target_fp and self.switched_from == source_fp
 

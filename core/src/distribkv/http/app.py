@@ -14,7 +14,7 @@ from typing import Any
 import falcon
 
 from distribkv.auth import Authorizer
-from distribkv.http import errors, reshard
+from distribkv.http import errors, reshard, ui
 from distribkv.http.admin import (
     ClusterResource,
     DigestResource,
@@ -78,12 +78,15 @@ class NodeApp:
         kv: KeyValue,
         forwarder: Forwarder,
         auth: Authorizer | None = None,
+        closing: Iterable[Any] = (),
     ):
         self.app = app
         self.kv = kv
         self.forwarder = forwarder
         #: With ``[auth]``: the key-value requests are checked here, before they are answered.
         self.auth = auth
+        #: Resources that hold threads or connections of their own, closed with the app.
+        self.closing = list(closing)
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
@@ -159,6 +162,8 @@ class NodeApp:
 
     def close(self) -> None:
         self.forwarder.close()
+        for resource in self.closing:
+            resource.close()
 
 
 def _send(answer: Answer, start_response: Callable) -> list[bytes]:
@@ -193,6 +198,7 @@ def create_app(node) -> NodeApp:
         ("/coordination/handover", HandoverResource(node)),
         ("/coordination/leader", LeaderRecordResource(node)),
         *reshard.routes(node),
+        *ui.routes(node),
     ]
     transport = node.registry.replication_transport(node.config.cluster.replication)
     if transport.routes is not None:
@@ -206,4 +212,5 @@ def create_app(node) -> NodeApp:
             routes.append((path, resource))
     for path, resource in routes:
         app.add_route(path, resource)
-    return NodeApp(app, kv, forwarder, auth)
+    closing = [resource for _, resource in routes if isinstance(resource, ui.DataResource)]
+    return NodeApp(app, kv, forwarder, auth, closing)

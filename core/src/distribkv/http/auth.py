@@ -24,7 +24,7 @@ _NO_TOKEN = "this request needs a token (Authorization: Bearer <token>)"
 _UNKNOWN_TOKEN = "the token is not known"
 
 #: The rank each client path needs; any other path (the internal endpoints, a plugin's) needs
-#: ``admin``. ``/status`` needs ``[auth] status_role``.
+#: ``admin``. ``/status`` and ``/ui/data`` need ``[auth] status_role``.
 PATH_RANKS = {
     "/healthz": NONE,
     "/get": READ,
@@ -32,11 +32,15 @@ PATH_RANKS = {
     "/batch": READ,  # and WRITE once the batch is seen to write
     "/set": WRITE,
     "/delete": WRITE,
+    # The cluster page and its files hold no data (its data is /ui/data, as /status).
+    "/ui": NONE,
+    "/ui/ui.css": NONE,
+    "/ui/ui.js": NONE,
 }
 
 
 def needed_rank(auth: Authorizer, path: str) -> int:
-    if path == "/status":
+    if path in ("/status", "/ui/data"):
         return auth.status_rank
     return PATH_RANKS.get(path, ADMIN)
 
