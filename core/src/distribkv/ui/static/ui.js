@@ -64,7 +64,7 @@ function renderShards(view) {
     card.dataset.shard = shard.name;
     card.append(el("div", shard.name + (shard.joining ? " (joining)" : ""), "name"));
     card.append(el("div", shard.health, "health"));
-    const leader = shard.leader ? "leader " + shard.leader.split("/")[1] : "no leader answers";
+    const leader = shard.leader ? "led by " + shard.leader.split("/")[1] : "no leader answers";
     card.append(el("div", leader, "detail"));
     card.append(el("div", shard.up + " of " + shard.nodes + " nodes up", "detail"));
     if (shard.keys !== null) card.append(el("div", shard.keys + " keys", "detail"));
