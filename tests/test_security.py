@@ -208,6 +208,26 @@ def test_replicas_follow_with_the_cluster_token(secured):
     assert ask(secured, secured.replica0, "GET", f"/get?key={q(key)}").status == 401
 
 
+def test_the_cluster_page_needs_no_token_and_its_view_needs_the_status_role(secured):
+    # The page holds no data (a browser cannot send a bearer token to open it).
+    for target in ("/ui", "/ui/ui.css", "/ui/ui.js"):
+        assert ask(secured, secured.leader1, "GET", target).status == 200, target
+    assert ask(secured, secured.leader1, "GET", "/ui/data").status == 401
+    for token in ("reader", "writer"):
+        refused = ask(secured, secured.leader1, "GET", "/ui/data", token)
+        assert refused.status == 403 and "needs 'admin'" in error(refused)["detail"], token
+    # The node gathers from the others with the cluster token (over mutual TLS on granian).
+    view = ask(secured, secured.leader1, "GET", "/ui/data", "boss")
+    assert view.status == 200, view
+    nodes = {row["name"]: row for row in json.loads(view.body)["nodes"]}
+    assert {name: row["state"] for name, row in nodes.items()} == {
+        "shard-0/leader": "up",
+        "shard-0/replica-0": "up",
+        "shard-1/leader": "up",
+    }, nodes
+    assert nodes["shard-0/replica-0"]["role"] == "replica"
+
+
 def test_the_python_client_sends_its_token(secured):
     nodes = [secured.leader0]
     with Client(nodes, token=TOKENS["writer"][1], ssl_context=secured.context) as db:
