@@ -41,15 +41,15 @@ class Node:
         return parse(generate_latest(self.registry).decode(), at)
 
 
-def test_rates_count_the_clusters_requests_and_leave_the_pages_own_out():
+def test_rates_count_the_key_value_requests_only():
     node = Node()
     node.serve("/get", "200", 0.002, times=10)
     before = node.scrape(at=100.0)
     node.serve("/get", "200", 0.002, times=30)
     node.serve("/set", "200", 0.02, times=8)
     node.serve("/set", "503", 0.02, times=2)
-    # The page's polling and health checks are not the cluster's work.
-    for route in ("/status", "/metrics", "/ui/data", "/ui", "/healthz"):
+    # The page's polling, health checks and the nodes' own traffic are not the cluster's work.
+    for route in ("/status", "/metrics", "/ui/data", "/ui", "/healthz", "/replication/pull"):
         node.serve(route, "200", 0.7, times=50)
     rates = node.scrape(at=102.0).since(before).rates()
     assert rates["rps"] == 20.0  # 40 requests in 2 s

@@ -7,8 +7,10 @@ happened between two scrapes is their difference: requests per second, errors (5
 and the latency quantiles of the histogram's bucket differences (interpolated inside a bucket as
 Prometheus's ``histogram_quantile`` does). Differences of several nodes add up to the cluster's.
 
-The requests the page itself causes (``/status``, ``/metrics``, ``/ui...``) and health checks
-are left out, so that an idle cluster shows an idle chart.
+Only the key-value requests are counted (``/get``, ``/set``, ``/delete``, ``/batch``, including
+those answered with a redirect): not the page's own polling (``/status``, ``/metrics``,
+``/ui/data``), health checks, nor the nodes' traffic among themselves, whose replication
+long-polls would make the latency of an idle cluster seconds long.
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ __all__ = ["Delta", "Scrape", "parse", "quantile"]
 REQUESTS = "distribkv_http_requests"
 DURATION = "distribkv_http_request_duration_seconds"
 
-#: Routes whose requests are not the cluster's work: the page's own polling, health checks.
-UNCOUNTED = frozenset({"/metrics", "/status", "/healthz"})
+#: The routes whose requests are the cluster's work: what clients ask of it.
+COUNTED = frozenset({"/get", "/set", "/delete", "/batch"})
 
 
 def counted(route: str) -> bool:
-    return route not in UNCOUNTED and not route.startswith("/ui")
+    return route in COUNTED
 
 
 @attrs.frozen
