@@ -421,12 +421,27 @@ def test_a_new_shard_publishes_the_old_map_from_the_first_step_until_the_commit(
         new_fp, new_count = published(new_nodes[0])
         assert (old_count, new_count) == (2, 3) and old_fp != new_fp
         assert published(new_nodes[1]) == (new_fp, 3)
+        # The cluster page of a new node sees the old nodes' maps differ from its own.
+        view = json.loads(call(new_nodes[0], "GET", "/ui/data").body)
+        agrees = {(row["shard"], row["fingerprint_agrees"]) for row in view["nodes"]}
+        assert agrees == {("shard-0", False), ("shard-1", False), ("shard-2", True)}, agrees
         # From the reshard's first step (copy) on, they publish the old map as every other
         # node does, also when the reshard process dies there.
         killed = reshard(source, target, kill_at="copy")
         assert killed.returncode == -9, killed.stderr
         for node in new_config.nodes():
             assert published(str(node.address)) == (old_fp, 2), node
+        # An old node's cluster page shows the shard that joins and every node's phase.
+        view = json.loads(call(old_node, "GET", "/ui/data").body)
+        assert [(s["name"], s["joining"]) for s in view["shards"]] == [
+            ("shard-0", False),
+            ("shard-1", False),
+            ("shard-2", True),
+        ]
+        assert len(view["nodes"]) == len(list(new_config.nodes()))
+        for row in view["nodes"]:
+            assert row["state"] == "up" and row["fingerprint_agrees"], row
+            assert row["reshard_phase"] == "copy", row
         # The commit switches every node to the new map.
         done = reshard(source, target)
         assert done.returncode == 0, done.stderr
