@@ -4,7 +4,8 @@ Selenium through chromium-driver, against a `distribkv launch` cluster of real n
 What the page shows is checked against each node's own ``/status``; a node killed by its PID
 (the launcher runs with ``--max-restarts 0``, so it stays down) and a node that hangs (SIGSTOP:
 its kernel still accepts connections, nothing answers) are shown as down within a bounded
-wait, while the page keeps refreshing.
+wait, while the page keeps refreshing; when the node that serves the page goes, the page says
+so and keeps its last view.
 """
 
 from __future__ import annotations
@@ -123,8 +124,13 @@ def test_the_page_shows_every_node_and_marks_dead_and_hung_nodes_down(
             for n in range(count):
                 key = key_of(shard, n)
                 assert call(page, "PUT", f"/set?key={q(key)}", b"v", follow=1).status == 200
+        last_seq = status(page)["replication"]["last_seq"]
         replica = addresses["shard-0/replica-0"]
-        wait_until(lambda: status(replica)["keys"] == 7, 10, message="the replica caught up")
+        wait_until(
+            lambda: status(replica)["replication"]["applied_seq"] == last_seq,
+            10,
+            message="the replica caught up",
+        )
 
         browser.get(f"http://{page}/ui")
         assert browser.title == "distribkv cluster"
@@ -139,7 +145,8 @@ def test_the_page_shows_every_node_and_marks_dead_and_hung_nodes_down(
             own = status(address)
             assert shown[name]["address"] == address
             assert shown[name]["role"] == own["role"], name
-            assert shown[name]["keys"] == str(own["keys"]), name
+            # LevelDB counts no keys: "n/a".
+            assert shown[name]["keys"] == ("n/a" if own["keys"] is None else str(own["keys"])), name
             assert shown[name]["map"] == "agrees", name
         assert shown["shard-0/replica-0"]["lag"].startswith("0 ")
         assert shard_health(browser) == {"shard-0": "ok", "shard-1": "ok"}
@@ -188,4 +195,10 @@ def test_the_page_shows_every_node_and_marks_dead_and_hung_nodes_down(
             SHOWN_WITHIN,
             message="the resumed leader is shown up again",
         )
+        # The serving node itself gone: the page says so and keeps its last view.
+        os.kill(pids["shard-0/leader"], signal.SIGKILL)
+        problem = browser.find_element("id", "problem")
+        wait_until(problem.is_displayed, SHOWN_WITHIN, message="the page reports its node gone")
+        assert problem.text.startswith(f"cannot reach {page}"), problem.text
+        assert rows(browser)["shard-0/leader"]["state"] == "up"  # the last view, kept
     assert (tmp_path / "ui.png").stat().st_size > 10_000

@@ -96,7 +96,8 @@ function renderNodes(view) {
       continue;
     }
     cell("role", row.role);
-    cell("keys", row.keys, "num");
+    const keys = cell("keys", row.keys === null ? "n/a" : row.keys, "num");
+    if (row.keys === null) keys.title = "this storage engine does not count its keys";
     cell("disk", bytes(row.disk_bytes), "num");
     cell("seq", row.seq, "num");
     cell("lag", lag(row), "num");
