@@ -191,11 +191,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     private_umask()  # the storage engines' files: 0600, their directories 0700
     from distribkv.launcher import serve
+    from distribkv.logformat import configure
     from distribkv.node import Node
     from distribkv.plugins import load_plugins
 
     registry = load_plugins()
     config = load_config(args.config, registry)
+    me = config.node(args.shard, args.replica)
+    # Before the node opens, so that each of its lines is in the chosen format.
+    configure(
+        config.server.log_format,
+        {"node": f"{me.shard.name}/{me.node_name}", "shard": me.shard.name},
+    )
     node = Node(
         config,
         args.shard,
@@ -204,6 +211,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         backend=args.backend,
         data_dir=args.data_dir,
     )
+    if config.server.log_format == "json":
+        # The line that says where the node serves is a log line too: every line is JSON.
+        return serve(node, registry, announce=logging.getLogger("distribkv.launcher").info)
     return serve(node, registry, announce=lambda text: print(text, flush=True))
 
 
@@ -683,6 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from distribkv.config import ConfigError
+    from distribkv.logformat import TEXT_FORMAT
     from distribkv.plugins import DuplicatePluginError, PluginNotFoundError
     from distribkv.storage.errors import StorageError
 
@@ -692,7 +703,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG
         if args.verbose
         else (logging.INFO if args.command == "serve" else logging.WARNING),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=TEXT_FORMAT,
     )
     try:
         return args.func(args)

@@ -84,6 +84,8 @@ class NodeApp:
         self.forwarder = forwarder
         #: With ``[auth]``: the key-value requests are checked here, before they are answered.
         self.auth = auth
+        #: Every path the node answers (the access log's ``route``).
+        self.routes: frozenset[str] = frozenset()
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
@@ -206,4 +208,6 @@ def create_app(node) -> NodeApp:
             routes.append((path, resource))
     for path, resource in routes:
         app.add_route(path, resource)
-    return NodeApp(app, kv, forwarder, auth)
+    node_app = NodeApp(app, kv, forwarder, auth)
+    node_app.routes = frozenset(taken)
+    return node_app
