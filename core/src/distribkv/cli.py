@@ -424,6 +424,80 @@ def cmd_kv(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Every node of the cluster file in one table; exit status 1 if anything is wrong."""
+    import time
+
+    from distribkv.clusterstatus import gather
+    from distribkv.config import load_client_token, load_config
+    from distribkv.hashing.shardmap import ShardMap
+    from distribkv.httpclient import HttpClient
+    from distribkv.plugins import load_plugins
+    from distribkv.statusview import plain
+
+    registry = load_plugins()
+    config = load_config(args.config, registry)
+    fingerprint = ShardMap.from_config(
+        config, registry.hashing_scheme(config.cluster.hashing)
+    ).fingerprint
+    try:
+        tls = _client_tls(args, config)
+    except (ValueError, OSError) as exc:
+        print(f"distribkv: error: --ca/--cert/--key: {exc}", file=sys.stderr)
+        return 2
+    token = load_client_token(os.environ)
+    http = HttpClient(
+        args.timeout,
+        per_address=2,
+        ssl_context=tls,
+        headers={"Authorization": f"Bearer {token}"} if token else None,
+    )
+    fancy = sys.stdout.isatty() and not args.json
+
+    def look():
+        return gather(config, fingerprint, http, timeout=args.timeout)
+
+    def text(view) -> str:
+        return (
+            json.dumps(view.as_dict(), indent=None if args.watch else 2)
+            if args.json
+            else plain(view)
+        )
+
+    view = None
+    try:
+        if not args.watch:
+            view = look()
+            if fancy:
+                from rich.console import Console
+
+                from distribkv.statusview import rich_view
+
+                Console().print(rich_view(view))
+            else:
+                print(text(view), flush=True)
+            return view.exit_status
+        if fancy:
+            from rich.live import Live
+
+            from distribkv.statusview import rich_view
+
+            with Live(auto_refresh=False, transient=False) as live:
+                while True:
+                    view = look()
+                    live.update(rich_view(view, interval=args.interval), refresh=True)
+                    time.sleep(max(0.0, args.interval - (time.time() - view.taken_at)))
+        while True:
+            view = look()
+            print(text(view) + ("" if args.json else "\n"), flush=True)
+            time.sleep(max(0.0, args.interval - (time.time() - view.taken_at)))
+    except KeyboardInterrupt:
+        # Ctrl-C ends a watch: the exit status is the last look's.
+        return 1 if view is None else view.exit_status
+    finally:
+        http.close()
+
+
 def cmd_reshard(args: argparse.Namespace) -> int:
     """Move keys from the layout of one cluster file to another's, online."""
     from distribkv.config import load_cluster_token, load_config
@@ -594,6 +668,65 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long the new leader may take to catch up (default: %(default)s)",
     )
     promote.set_defaults(func=cmd_promote)
+
+    status = sub.add_parser(
+        "status",
+        help="every node of the cluster in one table (exit status 1 if one is down)",
+        description=(
+            "Ask every node of the cluster file for /status and /cluster, all at once (each "
+            "within --timeout), and show one row per node: its shard and place in the file, "
+            "the role it has now, its address, whether it is up, its keys and disk use, a "
+            "replica's lag (entries behind its leader, and seconds) or the progress of its "
+            "resync, its term, and whether it serves the file's map (by fingerprint). Below "
+            "the table, what is wrong, one line each. Exit status 0 when every node is up and "
+            "all agree; 1 when a node is down or cannot be checked (an error answer, a 401 or "
+            "403), a node serves another map, a shard has no leader or two, the nodes "
+            "disagree about who leads, or a replica diverged; 2 for a bad file or option. On a "
+            "terminal the table is drawn with colours (rich); to a pipe or a file it is plain "
+            "aligned text. A cluster with [auth] needs a token that may read /status "
+            "([auth] status_role, admin by default): DISTRIBKV_TOKEN or DISTRIBKV_TOKEN_FILE, "
+            "else the cluster token (DISTRIBKV_CLUSTER_TOKEN); [tls] of the file gives the CA."
+        ),
+    )
+    status.add_argument(
+        "--config", default=DEFAULT_CONFIG, help="cluster file (default: %(default)s)"
+    )
+    status.add_argument(
+        "--watch",
+        action="store_true",
+        help="refresh every --interval seconds (in place on a terminal) until Ctrl-C; the exit"
+        " status is the last refresh's",
+    )
+    status.add_argument(
+        "--interval",
+        type=_positive_float,
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds between two refreshes with --watch (default: %(default)s)",
+    )
+    status.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=2.0,
+        metavar="SECONDS",
+        help="how long each node may take to answer before it counts as down"
+        " (default: %(default)s)",
+    )
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="print the nodes and problems as JSON (one document per refresh with --watch)",
+    )
+    status.add_argument(
+        "--ca",
+        metavar="FILE",
+        help="HTTPS: the CA that signed the nodes' certificates (default: [tls] ca of --config)",
+    )
+    status.add_argument(
+        "--cert", metavar="FILE", help="a client certificate, for nodes that verify clients"
+    )
+    status.add_argument("--key", metavar="FILE", help="the client certificate's private key")
+    status.set_defaults(func=cmd_status)
 
     from distribkv.bench import add_parser as add_bench_parser
 
