@@ -1,6 +1,8 @@
 """How ``distribkv status`` shows a :class:`~distribkv.clusterstatus.ClusterStatus`: aligned
 plain text (a pipe, a file, a script), or a ``rich`` table on a terminal (colours, and
-refreshed in place with ``--watch``). Both have the same columns and the same words."""
+refreshed in place with ``--watch``). Both have the same columns and the same words, and no
+cell has a space in it, so that ``awk`` splits a row into its columns: ``52.0KiB``, a lag of
+``12/0.31s`` (entries/seconds), ``resync:40%@1,234keys/s``, ``differs:<fingerprint>``."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ def human_bytes(size: Any) -> str:
     value = float(size)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
         value /= 1024
     raise AssertionError("unreachable")
 
@@ -32,15 +34,15 @@ def _lag(node: NodeStatus) -> str:
     resync = replication.get("resync") or {}
     if resync.get("active"):
         copied, total = resync.get("keys_copied", 0), resync.get("keys_total")
-        share = f" {min(copied / total, 1):.0%}" if total else ""
-        return f"resync{share} ({copied:,} keys, {resync.get('keys_per_s', 0):,.0f}/s)"
+        share = f"{min(copied / total, 1):.0%}" if total else f"{copied:,}keys"
+        return f"resync:{share}@{resync.get('keys_per_s', 0):,.0f}keys/s"
     state = replication.get("state")
     if state in ("diverged", "retrying", "starting", "resyncing"):
         return state
     entries, seconds = replication.get("lag_entries"), replication.get("lag_seconds")
     if entries is None:
         return "-"
-    return f"{entries:,}" + (f" ({seconds:g}s)" if entries else "")
+    return f"{entries:,}" + (f"/{seconds:g}s" if entries else "")
 
 
 def rows(view: ClusterStatus) -> list[list[str]]:
@@ -55,7 +57,7 @@ def rows(view: ClusterStatus) -> list[list[str]]:
         elif node.fingerprint == view.fingerprint:
             agrees = "ok"
         else:
-            agrees = f"differs ({node.fingerprint})"
+            agrees = f"differs:{node.fingerprint}"
         out.append(
             [
                 node.shard,
