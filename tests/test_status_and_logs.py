@@ -178,7 +178,7 @@ def test_json_logs_carry_the_node_and_the_request_never_a_value_and_state_change
     }
     assert wanted <= seen, seen
     assert all(isinstance(x["duration_ms"], float) and x["duration_ms"] >= 0 for x in access)
-    assert [x["bytes"] for x in access if x["status"] == 404 and x["route"] is None][0] > 0
+    assert next(x["bytes"] for x in access if x["status"] == 404 and x["route"] is None) > 0
     text = leader.log_path.read_text() + replica.log_path.read_text()
     for secret in (b"secret-value", b"secret-key", q(key).encode()):
         assert secret not in text.encode(), f"{secret!r} is in a log line"
