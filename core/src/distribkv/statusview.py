@@ -114,7 +114,7 @@ def rich_view(view: ClusterStatus, *, interval: float | None = None) -> Any:
     for name in header:
         table.add_column(name, justify="right" if name in ("KEYS", "DISK", "TERM") else "left")
     for node, cells in zip(view.nodes, body, strict=True):
-        styled = list(cells)
+        styled: list[Any] = list(cells)
         styled[4] = Text(cells[4], style=_STATE_STYLES[node.state])
         if cells[9].startswith("differs"):
             styled[9] = Text(cells[9], style="bold red")
