@@ -120,6 +120,8 @@ class AccessLog:
         assert formatter is not None
         routes = self.routes
         dumps = json.dumps
+        # Methods, routes and client addresses repeat: each is quoted once per batch.
+        quoted: dict[str, str] = {}
         second, stamp = -1, ""
         # Everything but the time and the request is the same on every line: made once.
         head = '", "level": "INFO", "logger": "distribkv.access"' + formatter.prefix
@@ -131,12 +133,17 @@ class AccessLog:
             if int(at) != second:
                 second = int(at)
                 stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            route = dumps(path) if path in routes else "null"
+            if path in routes:
+                quoted_path = quoted.get(path) or quoted.setdefault(path, dumps(path))
+                route = quoted_path
+            else:
+                quoted_path, route = dumps(path), "null"
             line = (
-                f'{{"time": "{stamp}.{int(at * 1000) % 1000:03d}Z{head}, "method": {dumps(method)},'
-                f' "path": {dumps(path)}, "route": {route}, "status": {_status(status)},'
+                f'{{"time": "{stamp}.{int(at * 1000) % 1000:03d}Z{head}, "method":'
+                f" {quoted.get(method) or quoted.setdefault(method, dumps(method))},"
+                f' "path": {quoted_path}, "route": {route}, "status": {_status(status)},'
                 f' "duration_ms": {ms:.3f}, "bytes": {size if size >= 0 else "null"},'
-                f' "remote": {dumps(remote)}'
+                f' "remote": {quoted.get(remote) or quoted.setdefault(remote, dumps(remote))}'
             )
             if key is not None:
                 line += f', "key": {dumps(key)}'
