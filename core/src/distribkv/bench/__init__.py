@@ -7,6 +7,9 @@ with uniform and zipfian keys (YCSB C, B-like, A-like). The same operations run 
 in-process, so every figure carries two ratios. The seeds' load test closes the run: 1,000
 random keys sent to the nodes of a 3-node cluster and read back from others.
 
+Each step is a line on standard error; on a terminal a progress bar below them counts the
+steps (each backend and server, then the load test) with the time elapsed and left.
+
 Needs the extra: ``pip install 'distribkv[bench]'`` (HdrHistogram, matplotlib), and wrk.
 """
 
