@@ -196,6 +196,10 @@ BAD = {
         '[cluster]\nreplication = "bogus"\n' + TWO,
         'replication transport "bogus" is not installed',
     ),
+    "unknown log format": (
+        '[server]\nlog_format = "xml"\n' + TWO,
+        "[server] key 'log_format': must be one of text, json, got 'xml'",
+    ),
     "unknown backend setting": (
         '[storage]\nbackend = "memory"\n[storage.memory]\nsize = 1\n' + TWO,
         "[storage.memory]: unknown setting(s) for backend 'memory': size",

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from distribkv.logformat import LOG_FORMATS
 from distribkv.storage.api import DURABILITIES
 from distribkv.storage.space import DEFAULT_MIN_FREE_BYTES
 
@@ -166,6 +167,8 @@ class ServerConfig:
     forward_timeout: float = 5.0
     #: Largest /batch body in bytes.
     max_batch_bytes: int = 64 * 1024 * 1024
+    #: "text" (for people) or "json" (a JSON object per line; see distribkv.logformat).
+    log_format: str = "text"
 
 
 @attrs.frozen
@@ -441,9 +444,10 @@ def parse_config(text: str, path: Path) -> Config:
             server_table.get("forward_timeout", (int, float), defaults.forward_timeout)
         ),
         max_batch_bytes=server_table.get("max_batch_bytes", int, defaults.max_batch_bytes),
+        log_format=server_table.choice("log_format", defaults.log_format, LOG_FORMATS),
     )
     for key in attrs.fields_dict(ServerConfig):
-        if not getattr(server, key) > 0:
+        if key != "log_format" and not getattr(server, key) > 0:
             raise server_table.error(key, "must be > 0")
     server_table.finish()
 

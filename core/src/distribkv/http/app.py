@@ -87,6 +87,8 @@ class NodeApp:
         self.auth = auth
         #: Resources that hold threads or connections of their own, closed with the app.
         self.closing = list(closing)
+        #: Every path the node answers (the access log's ``route``).
+        self.routes: frozenset[str] = frozenset()
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
@@ -213,4 +215,6 @@ def create_app(node) -> NodeApp:
     for path, resource in routes:
         app.add_route(path, resource)
     closing = [resource for _, resource in routes if isinstance(resource, ui.DataResource)]
-    return NodeApp(app, kv, forwarder, auth, closing)
+    node_app = NodeApp(app, kv, forwarder, auth, closing)
+    node_app.routes = frozenset(taken)
+    return node_app
