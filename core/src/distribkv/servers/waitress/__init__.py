@@ -59,7 +59,7 @@ class WaitressHandle(ServerHandle):
             expose_tracebacks=False,
             _dispatcher=self.dispatcher,
         )
-        self.server.channel_class = channel_class(listen.body_check)
+        self.server.channel_class = channel_class(listen.body_check, self.wrapper.log_own_answer)
         self.server.deferred_answers = answer_pipe_class()(self.server._map)
         self._maintenance = self.server.maintenance
         self.server.maintenance = self._keep_awaiting_channels
