@@ -77,9 +77,7 @@ def head_refusal(head: bytes, *, complete: bool) -> Refusal | None:
     return None
 
 
-def transfer_refusal(
-    version: str, codings: Iterable[str], content_length: bool
-) -> Refusal | None:
+def transfer_refusal(version: str, codings: Iterable[str], content_length: bool) -> Refusal | None:
     """Transfer-Encoding as the node takes it: a single ``chunked``, in HTTP/1.1, with no
     Content-Length. ``codings``: the value of every Transfer-Encoding field of the request
     (none: no refusal); ``version``: ``"1.1"`` or ``"1.0"``."""

@@ -94,7 +94,7 @@ class AnswerReader:
 
 
 def _dechunk(buffer: bytes, start: int) -> tuple[bytes, bytes] | None:
-    pieces = []
+    pieces: list[bytes] = []
     at = start
     while True:
         line_end = buffer.find(b"\r\n", at)

@@ -76,9 +76,9 @@ __all__ = [
     "server_spec",
     "stack_answered",
     "test_a_100_continue_behind_a_deferred_answer_waits_for_it",
+    "test_a_body_cut_short_by_a_half_close_is_a_400_in_json_and_logged",
     "test_a_body_over_a_limit_is_refused_by_its_length_before_it_is_sent",
     "test_a_body_over_the_limit_is_refused_without_calling_the_application",
-    "test_a_body_cut_short_by_a_half_close_is_a_400_in_json_and_logged",
     "test_a_deferred_answer_is_sent_once_in_order_and_counted_until_sent",
     "test_a_deferred_answer_outlasting_the_channel_timeout_is_still_sent",
     "test_a_deferred_answer_to_a_client_that_left_ends_the_request",
@@ -92,6 +92,7 @@ __all__ = [
     "test_a_value_over_the_limit_is_refused_with_413_whether_sent_at_once_or_not",
     "test_a_wrong_shard_request_is_redirected_to_the_owner",
     "test_an_address_in_use_is_refused_with_its_name",
+    "test_an_expect_100_continue_without_a_body_is_answered",
     "test_bad_requests_get_real_status_codes_with_json",
     "test_batch_in_msgpack_and_json",
     "test_cluster_and_status_describe_the_node",
@@ -1020,6 +1021,14 @@ def test_a_body_cut_short_by_a_half_close_is_a_400_in_json_and_logged(
     line = f" {head.split()[0]} {target.split('?')[0]} 400 "
     assert after.count(line) - before.count(line) == 1, after[-2000:]
     assert call(node, "GET", "/get?key=cut-USA", follow=1).status == 404  # nothing stored
+
+
+def test_an_expect_100_continue_without_a_body_is_answered(redirect_cluster):
+    # waitress sent a 100 Continue to such a request and then waited for a body.
+    node = leaders(redirect_cluster)[0]
+    head = b"POST /status HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n"
+    answers, _ = exchange(node, head + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", expect=2)
+    assert [a.status for a in answers] == [405, 200], answers
 
 
 def _access_log_after(node: str, log_file, tag: str) -> str:

@@ -338,15 +338,23 @@ class GranianHandle(ServerHandle):
                     self._refuse(watcher, *refusal)
                     watcher.done()
                     return
-            if method == "GET" and self._answer_direct(watcher, scope, method, path, query, _EMPTY):
-                return
-            inline = self.inline(method, path, query)
-            if inline and method == "GET":
-                self._respond(watcher, _EMPTY)  # a read: whatever body it came with is unused
-                return
             length = headers.get("content-length")
             chunked = coding is not None
-            if not chunked and (length is None or length == "0"):
+            # A GET with a body goes the way of any request with one: its body is read first.
+            # Answered unread, hyper would close the connection after the answer, without a
+            # word to the client, dropping whatever it had sent after it.
+            bodiless = not chunked and (length is None or length == "0")
+            if (
+                method == "GET"
+                and bodiless
+                and self._answer_direct(watcher, scope, method, path, query, _EMPTY)
+            ):
+                return
+            inline = self.inline(method, path, query)
+            if inline and method == "GET" and bodiless:
+                self._respond(watcher, _EMPTY)
+                return
+            if bodiless:
                 if inline:
                     self._respond(watcher, _EMPTY)
                 else:

@@ -79,6 +79,7 @@ def channel_class(
         # waitress's own attributes, set by its parser.
         error: Error | None
         expect_continue: bool
+        completed: bool
         refusal: Refusal | None = None  # the framing check's, answered as it is
 
         def received(self, data):
@@ -109,8 +110,11 @@ def channel_class(
                     if refusal is not None:
                         self.error = NodeError(*refusal)
                         self.completed = True
-                if self.error is not None:
-                    self.expect_continue = False  # nothing is to be sent: no 100 Continue
+                if self.error is not None or self.body_rcv is None:
+                    # Nothing is to be sent (a refusal, or no body): no 100 Continue. waitress
+                    # would send one to a request without a body, and then wait for a body
+                    # that never comes instead of answering.
+                    self.expect_continue = False
             if self.chunked and not self.completed:
                 # A chunk announced larger than what is left of the limit: refused now, not
                 # once that many bytes have arrived (if they ever do).
@@ -254,6 +258,7 @@ def channel_class(
         serving_inline = False  # the I/O thread is serving this channel's request itself
         awaiting = False  # a deferred answer is still to be written: read nothing more
         continue_held = False  # a 100 Continue waits for that answer
+        request: NodeParser | None  # waitress's own: the request being read
 
         def readable(self):
             return not self.awaiting and super().readable()
