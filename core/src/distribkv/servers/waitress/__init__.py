@@ -64,7 +64,7 @@ class WaitressHandle(ServerHandle):
             expose_tracebacks=False,
             _dispatcher=self.dispatcher,
         )
-        self.server.channel_class = channel_class(listen.body_check)
+        self.server.channel_class = channel_class(listen.body_check, self.wrapper.log_own_answer)
         self.server.deferred_answers = answer_pipe_class()(self.server._map)
         self._maintenance = self.server.maintenance
         # Deadlines for slow requests and room at the connection limit (see ``slow``); it runs
