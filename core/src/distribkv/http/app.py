@@ -9,7 +9,7 @@ are added in one place, :func:`create_app`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import falcon
 
@@ -41,8 +41,12 @@ from distribkv.http.kv import (
 )
 from distribkv.http.limits import Limits
 from distribkv.http.routing import Forwarder, MapCheck, Router
+from distribkv.metrics.counts import RequestCounts
 from distribkv.protocol import MAP_HEADER
 from distribkv.replication.snapshot import SnapshotResource
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
 
 __all__ = ["NodeApp", "create_app", "environ_header"]
 
@@ -78,12 +82,18 @@ class NodeApp:
         kv: KeyValue,
         forwarder: Forwarder,
         auth: Authorizer | None = None,
+        metrics: CollectorRegistry | None = None,
+        request_counts: RequestCounts | None = None,
     ):
         self.app = app
         self.kv = kv
         self.forwarder = forwarder
         #: With ``[auth]``: the key-value requests are checked here, before they are answered.
         self.auth = auth
+        #: The node's metrics (``/metrics``; None with ``[server] metrics = false``), and the
+        #: requests the serving wrapper counts for them as each ends.
+        self.metrics = metrics
+        self.request_counts = request_counts
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
@@ -197,6 +207,14 @@ def create_app(node) -> NodeApp:
     transport = node.registry.replication_transport(node.config.cluster.replication)
     if transport.routes is not None:
         routes += transport.routes(node)
+    counts = node.metrics
+    registry = None
+    if counts is not None:
+        from distribkv.metrics.collector import node_registry
+        from distribkv.metrics.exposition import MetricsResource
+
+        registry = node_registry(node, counts)
+        routes.append(("/metrics", MetricsResource(registry)))
     taken = {path for path, _ in routes}
     for extra in node.registry.manager.hook.distribkv_routes(node=node):
         for path, resource in extra or []:
@@ -206,4 +224,8 @@ def create_app(node) -> NodeApp:
             routes.append((path, resource))
     for path, resource in routes:
         app.add_route(path, resource)
-    return NodeApp(app, kv, forwarder, auth)
+    if counts is not None:
+        # Every route is a label value of its own; any other path counts as "other".
+        counts.requests = RequestCounts(path for path, _ in routes)
+    requests = None if counts is None else counts.requests
+    return NodeApp(app, kv, forwarder, auth, registry, requests)

@@ -6,7 +6,9 @@ answered (WSGI, ``Listen.direct``, or later through a completion):
 - it counts the requests in flight, so that ``stop()`` can wait for them, and once the node is
   closing it answers 503 without calling the application;
 - it writes one access-log line per request, when the request ends (for a deferred one: when
-  its answer is finished, from whichever thread finishes it);
+  its answer is finished, from whichever thread finishes it), and counts it for the node's
+  metrics (``app.request_counts``, a :class:`~distribkv.metrics.counts.RequestCounts`, when
+  the application has one);
 - a deferred request (``environ[DEFER]``, or ``defer`` of ``Listen.direct``) is finished once:
   a second finish is ignored, and a request that fails after deferring is answered 500 here.
 """
@@ -21,6 +23,7 @@ from typing import Any
 
 from distribkv.http.accesslog import AccessLog
 from distribkv.http.api import DEFER, DEFERRED, Completion, Direct, Header, as_wsgi, error_answer
+from distribkv.metrics.counts import RequestCounts
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("distribkv.access")
@@ -43,6 +46,8 @@ class ServingWrapper:
         self.in_flight = 0
         self.refusing = False
         self.access = AccessLog() if access_log.isEnabledFor(logging.INFO) else None
+        #: Requests by route, status and latency, counted when each ends (None: not counted).
+        self.requests: RequestCounts | None = getattr(app, "request_counts", None)
 
     def refuse(self) -> None:
         """From now on answer 503 without calling the application (the node is closing)."""
@@ -143,13 +148,16 @@ class ServingWrapper:
         return result
 
     def _finished(self, remote: str, method: str, path: str, status: str, started: float) -> None:
-        """A request ends: it is counted out and gets its access-log line."""
+        """A request ends: it is counted out (and counted for the metrics) and gets its
+        access-log line."""
+        seconds = time.monotonic() - started
+        requests = self.requests
         with self._lock:
             self.in_flight -= 1
+            if requests is not None:  # under the lock: exact counts, and no lock of its own
+                requests.count(path, status, seconds)
         if self.access is not None:
-            self.access.add(
-                remote, method, path, status.split(" ", 1)[0], (time.monotonic() - started) * 1000
-            )
+            self.access.add(remote, method, path, status.split(" ", 1)[0], seconds * 1000)
 
     def close(self) -> None:
         if self.access is not None:

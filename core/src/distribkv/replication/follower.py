@@ -267,6 +267,9 @@ class Follower(LoopRole):
         self.applied_check = None
         self.needs_resync = False
         self.resyncs += 1
+        counts = getattr(self.node, "metrics", None)
+        if counts is not None:
+            counts.bump("resyncs")
         log.info(
             "%s: resynced %d keys from the leader (history %s, seq %d..%d)",
             self.node.name,
