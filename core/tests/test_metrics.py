@@ -42,9 +42,7 @@ def make_node(tmp_path: Path, hosts, *, server: str = "", auth: bool = False) ->
         reader = tmp_path / "reader"
         reader.write_text(READER)
         reader.chmod(0o600)
-        auth_table = (
-            '[auth]\ntokens = [{name = "viewer", role = "read", token_file = "reader"}]\n'
-        )
+        auth_table = '[auth]\ntokens = [{name = "viewer", role = "read", token_file = "reader"}]\n'
     path = tmp_path / "sharding.toml"
     path.write_text(CONFIG.format(address=hosts.address(), server=server, auth=auth_table))
     environ = {"DISTRIBKV_CLUSTER_TOKEN": TOKEN} if auth else {}

@@ -669,7 +669,7 @@ def _check_metrics_port(path: Path, shards: list[ShardConfig], port: int) -> Non
     """Each node serves its metrics on its own host at ``port``: no two nodes may share a
     host, and no node's client address may be a metrics address."""
     hosts: dict[str, str] = {}
-    for position, shard in enumerate(shards, 1):
+    for shard in shards:
         names = ["leader", *(f"replica-{i}" for i in range(len(shard.replicas)))]
         for name, address in zip(names, (shard.address, *shard.replicas), strict=True):
             node = f"{shard.name}/{name}"

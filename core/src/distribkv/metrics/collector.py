@@ -90,7 +90,7 @@ class NodeCollector(Collector):
         for part in parts:
             try:
                 yield from list(part())
-            except Exception:  # noqa: BLE001 - one part missing, not the whole scrape
+            except Exception:
                 log.debug("metrics: %s left out of this scrape", part.__name__, exc_info=True)
 
     # --- the parts ------------------------------------------------------------------------
@@ -200,8 +200,7 @@ class NodeCollector(Collector):
         yield family
         family = _histogram(
             "distribkv_commit_apply_seconds",
-            "Time of one group-commit storage apply, its fsync included with durability ="
-            " 'sync'.",
+            "Time of one group-commit storage apply, its fsync included with durability = 'sync'.",
             [],
         )
         _add_buckets(family, [], counts.commit_seconds)
@@ -237,8 +236,7 @@ class NodeCollector(Collector):
             resyncs = self.counts.resyncs
         yield CounterMetricFamily(
             "distribkv_replication_resyncs",
-            "Full resyncs (data reloaded from the leader's snapshot) this node did as a"
-            " replica.",
+            "Full resyncs (data reloaded from the leader's snapshot) this node did as a replica.",
             resyncs,
         )
 
@@ -339,8 +337,7 @@ class NodeCollector(Collector):
             sent, received = counts.reshard_keys_sent, counts.reshard_keys_received
         yield CounterMetricFamily(
             "distribkv_reshard_keys_sent",
-            "Keys (and later writes of them) a reshard copied from this node to their new"
-            " owner.",
+            "Keys (and later writes of them) a reshard copied from this node to their new owner.",
             sent,
         )
         yield CounterMetricFamily(

@@ -96,9 +96,7 @@ class MetricsListener:
         self.address = self._socket.getsockname()[:2]
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._stopping = threading.Event()
-        self._thread = threading.Thread(
-            target=self._accept, name="distribkv-metrics", daemon=True
-        )
+        self._thread = threading.Thread(target=self._accept, name="distribkv-metrics", daemon=True)
 
     def start(self) -> MetricsListener:
         self._thread.start()
@@ -146,7 +144,7 @@ class MetricsListener:
             conn.sendall("\r\n".join(lines).encode("latin-1") + body)
         except (OSError, ssl.SSLError):
             pass  # the scraper went away, or failed its handshake
-        except Exception:  # noqa: BLE001 - one scrape's failure must not stop the listener
+        except Exception:
             log.exception("serving a metrics scrape failed")
         finally:
             self._slots.release()
