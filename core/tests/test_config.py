@@ -218,6 +218,10 @@ BAD = {
         '[server]\nmetrics = "no"\n' + TWO,
         "[server] key 'metrics': must be bool, got 'no'",
     ),
+    "unknown log format": (
+        '[server]\nlog_format = "xml"\n' + TWO,
+        "[server] key 'log_format': must be one of text, json, got 'xml'",
+    ),
     "unknown backend setting": (
         '[storage]\nbackend = "memory"\n[storage.memory]\nsize = 1\n' + TWO,
         "[storage.memory]: unknown setting(s) for backend 'memory': size",

@@ -50,3 +50,21 @@ def test_the_file_system_is_asked_at_most_once_per_interval(disk, tmp_path):
         now[0] = step * 0.001  # 1000 writes in one second
         reserve.check(100)
     assert disk.asked == 10
+
+
+def test_the_reserve_logs_once_when_writes_stop_and_once_when_they_resume(disk, tmp_path, caplog):
+    now = [0.0]
+    reserve = SpaceReserve(tmp_path, 600, interval=0.1, clock=lambda: now[0])
+    disk.free = 700
+    with caplog.at_level("INFO", logger="distribkv.storage.space"):
+        for _ in range(50):  # every write refused: one line, not fifty
+            with pytest.raises(StorageFullError):
+                reserve.check(200)
+        disk.free = 5000
+        now[0] = 1.0
+        for _ in range(50):
+            reserve.check(1)
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert lines[0][0] == "WARNING" and "below the reserve" in lines[0][1]
+    assert lines[1][0] == "INFO" and "has room again" in lines[1][1]

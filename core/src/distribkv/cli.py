@@ -191,11 +191,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     private_umask()  # the storage engines' files: 0600, their directories 0700
     from distribkv.launcher import serve
+    from distribkv.logformat import configure
     from distribkv.node import Node
     from distribkv.plugins import load_plugins
 
     registry = load_plugins()
     config = load_config(args.config, registry)
+    me = config.node(args.shard, args.replica)
+    # Before the node opens, so that each of its lines is in the chosen format.
+    configure(
+        config.server.log_format,
+        {"node": f"{me.shard.name}/{me.node_name}", "shard": me.shard.name},
+    )
     node = Node(
         config,
         args.shard,
@@ -204,6 +211,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         backend=args.backend,
         data_dir=args.data_dir,
     )
+    if config.server.log_format == "json":
+        # The line that says where the node serves is a log line too: every line is JSON.
+        return serve(node, registry, announce=logging.getLogger("distribkv.launcher").info)
     return serve(node, registry, announce=lambda text: print(text, flush=True))
 
 
@@ -414,6 +424,80 @@ def cmd_kv(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Every node of the cluster file in one table; exit status 1 if anything is wrong."""
+    import time
+
+    from distribkv.clusterstatus import gather
+    from distribkv.config import load_client_token, load_config
+    from distribkv.hashing.shardmap import ShardMap
+    from distribkv.httpclient import HttpClient
+    from distribkv.plugins import load_plugins
+    from distribkv.statusview import plain
+
+    registry = load_plugins()
+    config = load_config(args.config, registry)
+    fingerprint = ShardMap.from_config(
+        config, registry.hashing_scheme(config.cluster.hashing)
+    ).fingerprint
+    try:
+        tls = _client_tls(args, config)
+    except (ValueError, OSError) as exc:
+        print(f"distribkv: error: --ca/--cert/--key: {exc}", file=sys.stderr)
+        return 2
+    token = load_client_token(os.environ)
+    http = HttpClient(
+        args.timeout,
+        per_address=2,
+        ssl_context=tls,
+        headers={"Authorization": f"Bearer {token}"} if token else None,
+    )
+    fancy = sys.stdout.isatty() and not args.json
+
+    def look():
+        return gather(config, fingerprint, http, timeout=args.timeout)
+
+    def text(view) -> str:
+        return (
+            json.dumps(view.as_dict(), indent=None if args.watch else 2)
+            if args.json
+            else plain(view)
+        )
+
+    view = None
+    try:
+        if not args.watch:
+            view = look()
+            if fancy:
+                from rich.console import Console
+
+                from distribkv.statusview import rich_view
+
+                Console().print(rich_view(view))
+            else:
+                print(text(view), flush=True)
+            return view.exit_status
+        if fancy:
+            from rich.live import Live
+
+            from distribkv.statusview import rich_view
+
+            with Live(auto_refresh=False, transient=False) as live:
+                while True:
+                    view = look()
+                    live.update(rich_view(view, interval=args.interval), refresh=True)
+                    time.sleep(max(0.0, args.interval - (time.time() - view.taken_at)))
+        while True:
+            view = look()
+            print(text(view) + ("" if args.json else "\n"), flush=True)
+            time.sleep(max(0.0, args.interval - (time.time() - view.taken_at)))
+    except KeyboardInterrupt:
+        # Ctrl-C ends a watch: the exit status is the last look's.
+        return 1 if view is None else view.exit_status
+    finally:
+        http.close()
+
+
 def cmd_reshard(args: argparse.Namespace) -> int:
     """Move keys from the layout of one cluster file to another's, online."""
     from distribkv.config import load_cluster_token, load_config
@@ -500,8 +584,11 @@ def build_parser() -> argparse.ArgumentParser:
             "Run one node of the cluster in the foreground: open its storage under "
             "data_dir/<shard>/<node> (directories 0700, files 0600), listen on the address the "
             "cluster file gives it, and serve until SIGTERM or Ctrl-C, which stops "
-            "accepting, finishes in-flight requests and closes the storage. One access-log line "
-            "per request goes to standard error. The address is never a wildcard (0.0.0.0 and "
+            "accepting, finishes in-flight requests and closes the storage. Its log goes to "
+            "standard error: one access-log line per request and one line per state change, "
+            'as text or, with [server] log_format = "json", one JSON object per line (node, '
+            "shard, level; method, route, status, duration_ms and bytes of each request; never "
+            "a value, a key only with -v). The address is never a wildcard (0.0.0.0 and "
             ":: are refused: it is also where clients and the other nodes reach the node). A "
             "non-loopback address needs all of: a cluster token (DISTRIBKV_CLUSTER_TOKEN or "
             "DISTRIBKV_CLUSTER_TOKEN_FILE), [auth] client tokens with roles (read, write, "
@@ -585,6 +672,65 @@ def build_parser() -> argparse.ArgumentParser:
     )
     promote.set_defaults(func=cmd_promote)
 
+    status = sub.add_parser(
+        "status",
+        help="every node of the cluster in one table (exit status 1 if one is down)",
+        description=(
+            "Ask every node of the cluster file for /status and /cluster, all at once (each "
+            "within --timeout), and show one row per node: its shard and place in the file, "
+            "the role it has now, its address, whether it is up, its keys and disk use, a "
+            "replica's lag (entries behind its leader, and seconds) or the progress of its "
+            "resync, its term, and whether it serves the file's map (by fingerprint). Below "
+            "the table, what is wrong, one line each. Exit status 0 when every node is up and "
+            "all agree; 1 when a node is down or cannot be checked (an error answer, a 401 or "
+            "403), a node serves another map, a shard has no leader or two, the nodes "
+            "disagree about who leads, or a replica diverged; 2 for a bad file or option. On a "
+            "terminal the table is drawn with colours (rich); to a pipe or a file it is plain "
+            "aligned text. A cluster with [auth] needs a token that may read /status "
+            "([auth] status_role, admin by default): DISTRIBKV_TOKEN or DISTRIBKV_TOKEN_FILE, "
+            "else the cluster token (DISTRIBKV_CLUSTER_TOKEN); [tls] of the file gives the CA."
+        ),
+    )
+    status.add_argument(
+        "--config", default=DEFAULT_CONFIG, help="cluster file (default: %(default)s)"
+    )
+    status.add_argument(
+        "--watch",
+        action="store_true",
+        help="refresh every --interval seconds (in place on a terminal) until Ctrl-C; the exit"
+        " status is the last refresh's",
+    )
+    status.add_argument(
+        "--interval",
+        type=_positive_float,
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds between two refreshes with --watch (default: %(default)s)",
+    )
+    status.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=2.0,
+        metavar="SECONDS",
+        help="how long each node may take to answer before it counts as down"
+        " (default: %(default)s)",
+    )
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="print the nodes and problems as JSON (one document per refresh with --watch)",
+    )
+    status.add_argument(
+        "--ca",
+        metavar="FILE",
+        help="HTTPS: the CA that signed the nodes' certificates (default: [tls] ca of --config)",
+    )
+    status.add_argument(
+        "--cert", metavar="FILE", help="a client certificate, for nodes that verify clients"
+    )
+    status.add_argument("--key", metavar="FILE", help="the client certificate's private key")
+    status.set_defaults(func=cmd_status)
+
     from distribkv.bench import add_parser as add_bench_parser
 
     add_bench_parser(sub)
@@ -599,7 +745,9 @@ def build_parser() -> argparse.ArgumentParser:
             "fence them (writes get 503 for a moment and clients retry), verify a digest of "
             "every moved range, switch every node to the new map, purge. Start the new "
             "shards' nodes first (distribkv serve --config NEW --shard NAME). Safe to rerun "
-            "after a crash at any step: the nodes keep the state of the move. Exit status 1 "
+            "after a crash at any step: the nodes keep the state of the move. On a terminal the "
+            "copy shows a progress bar (keys, keys/s, elapsed, time left); elsewhere a line "
+            "every 5 seconds. Exit status 1 "
             "if the move could not finish (the message says what to do). When the cluster "
             "has a token, give it the same way as to the nodes: DISTRIBKV_CLUSTER_TOKEN or "
             "DISTRIBKV_CLUSTER_TOKEN_FILE (the reshard endpoints need it)."
@@ -683,6 +831,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from distribkv.config import ConfigError
+    from distribkv.logformat import TEXT_FORMAT
     from distribkv.plugins import DuplicatePluginError, PluginNotFoundError
     from distribkv.storage.errors import StorageError
 
@@ -692,7 +841,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG
         if args.verbose
         else (logging.INFO if args.command == "serve" else logging.WARNING),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=TEXT_FORMAT,
     )
     try:
         return args.func(args)

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from distribkv.logformat import LOG_FORMATS
 from distribkv.storage.api import DURABILITIES
 from distribkv.storage.space import DEFAULT_MIN_FREE_BYTES
 
@@ -175,6 +176,8 @@ class ServerConfig:
     #: Also serve ``/metrics`` on this port of the node's own host, apart from the client
     #: port (None: only there).
     metrics_port: int | None = None
+    #: "text" (for people) or "json" (a JSON object per line; see distribkv.logformat).
+    log_format: str = "text"
 
 
 @attrs.frozen
@@ -452,9 +455,10 @@ def parse_config(text: str, path: Path) -> Config:
         max_batch_bytes=server_table.get("max_batch_bytes", int, defaults.max_batch_bytes),
         metrics=server_table.get("metrics", bool, defaults.metrics),
         metrics_port=server_table.get("metrics_port", int, None),
+        log_format=server_table.choice("log_format", defaults.log_format, LOG_FORMATS),
     )
     for key in attrs.fields_dict(ServerConfig):
-        if key not in ("metrics", "metrics_port") and not getattr(server, key) > 0:
+        if key not in ("metrics", "metrics_port", "log_format") and not getattr(server, key) > 0:
             raise server_table.error(key, "must be > 0")
     if server.metrics_port is not None:
         if not 0 < server.metrics_port < 65536:

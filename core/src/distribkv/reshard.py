@@ -68,7 +68,8 @@ def _kill_point(step: str) -> None:
 
 
 class Progress:
-    """A one-line progress bar on a terminal; a line every few seconds otherwise."""
+    """The copy's progress: a ``rich`` bar (count, rate, elapsed, time left) on a terminal, a
+    plain line every few seconds otherwise (a log file or a pipe keeps its lines)."""
 
     def __init__(self, out: TextIO, label: str, total: int):
         self.out, self.label, self.total = out, label, max(total, 0)
@@ -77,28 +78,60 @@ class Progress:
         self.last_line = 0.0
         self.tty = out.isatty()
         self.lock = threading.Lock()
+        self.bar: Any = None
+        if self.tty:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import Progress as Bar
+
+            self.bar = Bar(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                TextColumn("left"),
+                TimeRemainingColumn(),
+                console=Console(file=out),
+                transient=False,
+            )
+            self.task = self.bar.add_task(label, total=self.total or None, rate="")
+            self.bar.start()
 
     def advance(self, count: int) -> None:
         with self.lock:
             self.done += count
         self.show()
 
+    def rate(self) -> float:
+        return self.done / max(time.monotonic() - self.started, 1e-6)
+
     def show(self, final: bool = False) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done, rate=f"{self.rate():,.0f} keys/s")
+            if final:
+                self.bar.stop()
+            return
         now = time.monotonic()
-        if not final and now - self.last_line < (0.2 if self.tty else 5.0):
+        if not final and now - self.last_line < 5.0:
             return
         self.last_line = now
-        rate = self.done / max(now - self.started, 1e-6)
+        rate = self.rate()
         if self.total:
             share = min(self.done / self.total, 1.0)
             bar = "#" * int(share * 30)
-            text = f"{self.label} [{bar:<30}] {self.done:,}/{self.total:,} ({rate:,.0f}/s)"
+            text = f"{self.label} [{bar:<30}] {self.done:,}/{self.total:,} ({rate:,.0f}/s"
+            left = max(self.total - self.done, 0)
+            text += ")" if final or not rate else f", about {left / rate:,.0f}s left)"
         else:
             text = f"{self.label} {self.done:,} ({rate:,.0f}/s)"
-        if self.tty:
-            self.out.write("\r" + text + ("\n" if final else ""))
-        else:
-            self.out.write(text + "\n")
+        self.out.write(text + "\n")
         self.out.flush()
 
 
@@ -330,8 +363,10 @@ class Reshard:
                 self.say(f"  {name}: dropped {doc['deleted']:,} stale copies of arriving keys")
         progress = Progress(self.out, "  copy", plan["moved"])
         leaders = [s.leader for s in self.source.shards]
-        firsts = self._for_nodes(lambda a: self.copy_shard(a, progress), leaders)
-        progress.show(final=True)
+        try:
+            firsts = self._for_nodes(lambda a: self.copy_shard(a, progress), leaders)
+        finally:
+            progress.show(final=True)  # also ends a terminal's bar when the copy fails
         seqs = dict(firsts)
         for rounds in range(1, CATCH_UP_ROUNDS + 1):
             start = dict(seqs)

@@ -248,6 +248,15 @@ class MapState:
                 self.joining_source = transition.source
             self.transition = transition
             self.epoch += 1
+        if current is None or current.phase != transition.phase:
+            log.info(
+                "%s: reshard %s enters phase %s (map %s -> %s)",
+                self.node.name,
+                transition.id,
+                transition.phase,
+                transition.source.fingerprint,
+                transition.target.fingerprint,
+            )
         return transition.phase
 
     def commit(self, transition_id: str, source_fp: str, target_fp: str) -> str:
@@ -309,6 +318,13 @@ class MapState:
                 self.node.me = t.source.shard(self.node.me.name)
             self.transition = None
             self.epoch += 1
+        log.warning(
+            "%s: reshard %s aborted in phase %s; serving map %s",
+            self.node.name,
+            t.id,
+            t.phase,
+            self.map.fingerprint,
+        )
         return "aborted"
 
     # --- the rules for client requests ----------------------------------------------------

@@ -99,3 +99,60 @@ def test_a_leader_that_cannot_be_reached_is_retried_with_backoff(store, until):
     finally:
         follower.stop(WAIT)
     assert source.pulls < 40  # backoff: not a busy loop (50 ms doubling, in ~0.5 s)
+
+
+def test_a_resync_shows_its_progress_while_it_runs_and_after(store, tmp_path, until, caplog):
+    """A new replica reloads the leader's data page by page; ``status()["resync"]`` counts
+    the keys and bytes copied against the leader's total while it runs, and keeps the last
+    resync's figures once it is done. Its start and its end are logged once each."""
+    from distribkv.replication.snapshot import snapshot_page
+
+    leader = LeaderLog(store, sync=False, replicas=[], retention=100)
+    for i in range(25):
+        leader.committer.write([Put(Namespace.DATA, b"key-%02d" % i, b"v" * 10)])
+
+    class Paged(LeaderSource):
+        """The leader's snapshot in pages of 10 keys; the second page waits for the test."""
+
+        def __init__(self):
+            self.pages = 0
+            self.looked = threading.Event()
+
+        def pull(self, after, history, wait, check):
+            time.sleep(0.01)
+            return Pulled(leader.history, 25, 0, [])
+
+        def snapshot_page(self, after_key):
+            self.pages += 1
+            if self.pages == 2:
+                self.looked.wait(WAIT)
+            return snapshot_page(leader, after_key, limit=10, max_bytes=1 << 20)
+
+    replica = open_store(load_plugins().storage_backend("memory"), tmp_path / "r")
+    source = Paged()
+    follower = Follower(SimpleNamespace(store=replica, sync=False, name="r"), source, wait=0.01)
+    with caplog.at_level("INFO", logger="distribkv.replication.follower"):
+        follower.start()
+        try:
+            until(lambda: source.pages == 2, "the second page was not asked for")
+            running = follower.status()
+            assert running["state"] == "resyncing" and not running["readable"]
+            progress = running["resync"]
+            assert progress["active"] and progress["outcome"] == "running"
+            assert progress["reason"] == "a new replica"
+            assert (progress["keys_total"], progress["keys_copied"]) == (25, 10)
+            assert progress["bytes_copied"] == 10 * (len(b"key-00") + 10)
+            assert progress["finished_at"] is None and progress["started_at"] > 0
+            source.looked.set()
+            until(lambda: follower.status()["state"] == "following", "the resync did not end")
+            done = follower.status()["resync"]
+            assert not done["active"] and done["outcome"] == "done"
+            assert (done["keys_copied"], done["keys_total"]) == (25, 25)
+            assert done["bytes_copied"] == 25 * 16 and done["finished_at"] >= done["started_at"]
+            assert done["keys_per_s"] > 0
+        finally:
+            follower.stop(WAIT)
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("resync started (a new replica)" in line for line in lines) == 1
+    assert sum("resync done: 25 keys (400 bytes)" in line for line in lines) == 1
+    replica.close()

@@ -7,6 +7,9 @@ with uniform and zipfian keys (YCSB C, B-like, A-like). The same operations run 
 in-process, so every figure carries two ratios. The seeds' load test closes the run: 1,000
 random keys sent to the nodes of a 3-node cluster and read back from others.
 
+Each step is a line on standard error; on a terminal a progress bar below them counts the
+steps (each backend and server, then the load test) with the time elapsed and left.
+
 Needs the extra: ``pip install 'distribkv[bench]'`` (HdrHistogram, matplotlib), and wrk.
 """
 
@@ -20,7 +23,63 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_parser", "run"]
+__all__ = ["Steps", "add_parser", "run"]
+
+
+class Steps:
+    """The run's progress. Every message is a line (``[  12.3s] text``) on standard error; on
+    a terminal a ``rich`` bar below them counts the measured steps (each backend and server,
+    then the load test) with the time elapsed and an estimate of the time left, which is
+    fair because every step runs the same workloads."""
+
+    def __init__(self, total: int, out=None):
+        self.out = out or sys.stderr
+        self.started = time.monotonic()
+        self.bar: Any = None
+        if self.out.isatty():
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(
+                TextColumn("bench"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("steps"),
+                TimeElapsedColumn(),
+                TextColumn("left"),
+                TimeRemainingColumn(),
+                console=Console(file=self.out),
+            )
+            self.task = self.bar.add_task("bench", total=max(total, 1))
+            self.bar.start()
+            # A run that fails still gives the terminal back as it was (cursor shown).
+            import atexit
+
+            atexit.register(self.close)
+
+    def say(self, text: str) -> None:
+        line = f"[{time.monotonic() - self.started:6.1f}s] {text}"
+        if self.bar is not None:
+            self.bar.console.print(line, markup=False, highlight=False)
+        else:
+            print(line, file=self.out, flush=True)
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
 
 DESCRIPTION = __doc__.split("\n\n", 1)[1]
 
@@ -178,9 +237,9 @@ def run(args: argparse.Namespace) -> int:
     total = len(backends) * len(servers)
     started = time.monotonic()
     step = [0]
-
-    def progress(text: str) -> None:
-        print(f"[{time.monotonic() - started:6.1f}s] {text}", file=sys.stderr, flush=True)
+    load_test = bool(profile.load_test_keys and (args.node or (backends and servers)))
+    steps = Steps((1 if args.node else total) + load_test)
+    progress = steps.say
 
     results: dict[str, Any] = {
         "meta": {
@@ -265,8 +324,9 @@ def run(args: argparse.Namespace) -> int:
                     progress=progress,
                 )
                 results["rows"].extend(_with_raw(rows, raw, progress))
+                steps.step()
         if args.node:
-            _against_node(args, results, runner, work, profile, selected, progress)
+            _against_node(args, results, runner, work, profile, selected, progress, steps)
         elif profile.load_test_keys and backends and servers and not results.get("metrics"):
             results["load_test"] = runner.cluster_load_test(
                 work / "load-test",
@@ -278,6 +338,8 @@ def run(args: argparse.Namespace) -> int:
                 keys=profile.load_test_keys,
                 progress=progress,
             )
+            steps.step()
+    steps.close()
     results["meta"]["duration_s"] = time.monotonic() - started
     runner.dump_json(out_dir / "bench.json", results)
     (out_dir / "bench.md").write_text(report.markdown(results))
@@ -304,7 +366,9 @@ def _with_raw(rows: list[dict], raw: dict[str, float], progress) -> list[dict]:
     return rows
 
 
-def _against_node(args, results, runner, work: Path, profile, selected, progress) -> None:
+def _against_node(
+    args, results, runner, work: Path, profile, selected, progress, steps: Steps
+) -> None:
     """The workloads against a running leader (``--node``), its backend measured in-process
     and a no-op on its server plugin beside it; then the load test over every leader."""
     import http.client
@@ -357,6 +421,7 @@ def _against_node(args, results, runner, work: Path, profile, selected, progress
         keys=keys,
     )
     results["rows"].extend(_with_raw(rows, raw, progress))
+    steps.step()
     if profile.load_test_keys:
         client = Client([args.node])
         leaders = [shard.leader for shard in client.map.shards]
@@ -365,6 +430,7 @@ def _against_node(args, results, runner, work: Path, profile, selected, progress
         load = runner.load_test(leaders, keys=profile.load_test_keys)
         load.update(backend=backend, server=server)
         results["load_test"] = load
+        steps.step()
 
 
 def _row_line(row: dict[str, Any]) -> str:

@@ -4,22 +4,43 @@ from __future__ import annotations
 
 import atexit
 import collections
+import json
 import sys
 import threading
 import time
+from collections.abc import Collection
 
-__all__ = ["AccessLog"]
+from distribkv.logformat import JsonFormatter
+
+__all__ = ["AccessLog", "query_key"]
 
 
 class AccessLog:
     """One line per request, in the format of the node's log, written by a background thread
     in batches: a ``logging`` call per request costs more than serving a GET. Bounded: beyond
-    ``max_pending`` unwritten lines, new ones are counted and dropped (and the count logged)."""
+    ``max_pending`` unwritten lines, new ones are counted and dropped (and the count logged).
 
-    def __init__(self, stream=None, *, interval: float = 0.1, max_pending: int = 100_000):
+    A request costs the same in either format: :meth:`add` appends a tuple, and the thread
+    formats it. With ``json`` (a :class:`~distribkv.logformat.JsonFormatter`) a line carries
+    the formatter's fields (node, shard) and ``method``, ``path``, ``route`` (the path if
+    ``routes`` has it, else null: a low-cardinality name), ``status``, ``duration_ms``,
+    ``bytes`` (of the answer's body) and ``remote``; ``key`` only when the caller passes it
+    (at debug level). Never a value."""
+
+    def __init__(
+        self,
+        stream=None,
+        *,
+        interval: float = 0.1,
+        max_pending: int = 100_000,
+        json: JsonFormatter | None = None,
+        routes: Collection[str] = (),
+    ):
         self.stream = stream
         self.interval = interval
         self.max_pending = max_pending
+        self.json = json
+        self.routes = frozenset(routes)
         self.pending: collections.deque = collections.deque()
         self.dropped = 0
         self._wake = threading.Event()
@@ -27,11 +48,22 @@ class AccessLog:
         self._thread.start()
         atexit.register(self.close)
 
-    def add(self, remote: str, method: str, path: str, status: str, ms: float) -> None:
+    def add(
+        self,
+        remote: str,
+        method: str,
+        path: str,
+        status: str,
+        ms: float,
+        size: int = -1,
+        key: str | None = None,
+    ) -> None:
+        """A request ended: ``size`` is its answer's body in bytes (-1: not known), ``key``
+        the key as the query string had it (percent-encoded), given only at debug level."""
         if len(self.pending) >= self.max_pending:
             self.dropped += 1
             return
-        self.pending.append((time.time(), remote, method, path, status, ms))
+        self.pending.append((time.time(), remote, method, path, status, ms, size, key))
 
     def _run(self) -> None:
         while not self._wake.wait(self.interval):
@@ -41,24 +73,19 @@ class AccessLog:
                 self.pending.clear()
 
     def flush(self) -> None:
-        lines = []
         pending = self.pending
-        second, stamp = -1, ""
-        for _ in range(len(pending)):  # what is there now: one bounded batch
-            try:
-                at, remote, method, path, status, ms = pending.popleft()
-            except IndexError:  # another flush (close) took it
-                break
-            if int(at) != second:  # one strftime per second of lines, not one per line
-                second = int(at)
-                stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-            lines.append(
-                f"{stamp},{int(at * 1000) % 1000:03d} INFO distribkv.access:"
-                f" {remote} {method} {path} {status} {ms:.1f}ms\n"
-            )
+        count = len(pending)  # what is there now: one bounded batch
+        lines = self._json_lines(count) if self.json is not None else self._text_lines(count)
         if self.dropped:
             dropped, self.dropped = self.dropped, 0
-            lines.append(f"WARNING distribkv.access: {dropped} access-log lines dropped\n")
+            message = f"{dropped} access-log lines dropped"
+            if self.json is not None:
+                line = self.json.line(
+                    time.time(), "WARNING", "distribkv.access", {"message": message}
+                )
+                lines.append(line + "\n")
+            else:
+                lines.append(f"WARNING distribkv.access: {message}\n")
         if lines:
             stream = self.stream or sys.stderr
             try:
@@ -67,6 +94,62 @@ class AccessLog:
             except (OSError, ValueError):
                 pass  # nowhere to write: the node goes on serving
 
+    def _text_lines(self, count: int) -> list[str]:
+        lines = []
+        pending = self.pending
+        second, stamp = -1, ""
+        for _ in range(count):
+            try:
+                at, remote, method, path, status, ms, _size, key = pending.popleft()
+            except IndexError:  # another flush (close) took it
+                break
+            if int(at) != second:  # one strftime per second of lines, not one per line
+                second = int(at)
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+            more = "" if key is None else f" key={key}"
+            lines.append(
+                f"{stamp},{int(at * 1000) % 1000:03d} INFO distribkv.access:"
+                f" {remote} {method} {path} {status} {ms:.1f}ms{more}\n"
+            )
+        return lines
+
+    def _json_lines(self, count: int) -> list[str]:
+        lines = []
+        pending = self.pending
+        formatter = self.json
+        assert formatter is not None
+        routes = self.routes
+        dumps = json.dumps
+        # Methods, routes and client addresses repeat: each is quoted once per batch.
+        quoted: dict[str, str] = {}
+        second, stamp = -1, ""
+        # Everything but the time and the request is the same on every line: made once.
+        head = '", "level": "INFO", "logger": "distribkv.access"' + formatter.prefix
+        for _ in range(count):
+            try:
+                at, remote, method, path, status, ms, size, key = pending.popleft()
+            except IndexError:
+                break
+            if int(at) != second:
+                second = int(at)
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            if path in routes:
+                quoted_path = quoted.get(path) or quoted.setdefault(path, dumps(path))
+                route = quoted_path
+            else:
+                quoted_path, route = dumps(path), "null"
+            line = (
+                f'{{"time": "{stamp}.{int(at * 1000) % 1000:03d}Z{head}, "method":'
+                f" {quoted.get(method) or quoted.setdefault(method, dumps(method))},"
+                f' "path": {quoted_path}, "route": {route}, "status": {_status(status)},'
+                f' "duration_ms": {ms:.3f}, "bytes": {size if size >= 0 else "null"},'
+                f' "remote": {quoted.get(remote) or quoted.setdefault(remote, dumps(remote))}'
+            )
+            if key is not None:
+                line += f', "key": {dumps(key)}'
+            lines.append(line + "}\n")
+        return lines
+
     def close(self) -> None:
         self._wake.set()
         self._thread.join(timeout=5)
@@ -74,3 +157,17 @@ class AccessLog:
             self.flush()
         except Exception:  # noqa: BLE001 - closing the log must not fail the shutdown
             pass
+
+
+def _status(status: str) -> str:
+    """The status as a JSON number, or null when the request got none (``-``)."""
+    return status if status.isdigit() else "null"
+
+
+def query_key(query: str) -> str | None:
+    """The ``key`` parameter of a query string as it is written there (percent-encoded: safe
+    to put in a line), or None. Only for debug-level access lines."""
+    for part in query.split("&"):
+        if part.startswith("key="):
+            return part[4:]
+    return None

@@ -94,6 +94,8 @@ class NodeApp:
         #: requests the serving wrapper counts for them as each ends.
         self.metrics = metrics
         self.request_counts = request_counts
+        #: Every path the node answers (the access log's ``route``).
+        self.routes: frozenset[str] = frozenset()
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
@@ -226,6 +228,8 @@ def create_app(node) -> NodeApp:
         app.add_route(path, resource)
     if counts is not None:
         # Every route is a label value of its own; any other path counts as "other".
-        counts.requests = RequestCounts(path for path, _ in routes)
+        counts.requests = RequestCounts(taken)
     requests = None if counts is None else counts.requests
-    return NodeApp(app, kv, forwarder, auth, registry, requests)
+    node_app = NodeApp(app, kv, forwarder, auth, registry, requests)
+    node_app.routes = frozenset(taken)
+    return node_app

@@ -21,8 +21,9 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from distribkv.http.accesslog import AccessLog
+from distribkv.http.accesslog import AccessLog, query_key
 from distribkv.http.api import DEFER, DEFERRED, Completion, Direct, Header, as_wsgi, error_answer
+from distribkv.logformat import json_formatter
 from distribkv.metrics.counts import RequestCounts
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,16 @@ class ServingWrapper:
         self._lock = threading.Lock()
         self.in_flight = 0
         self.refusing = False
-        self.access = AccessLog() if access_log.isEnabledFor(logging.INFO) else None
+        self.access: AccessLog | None = None
+        #: Answer sizes are counted, and keys given at debug level, only for a JSON log: a
+        #: text line has neither, and costs nothing more than before.
+        self.sized = False
+        self.keys = False
+        if access_log.isEnabledFor(logging.INFO):
+            formatter = json_formatter(access_log)
+            self.access = AccessLog(json=formatter, routes=getattr(app, "routes", ()))
+            self.sized = formatter is not None
+            self.keys = access_log.isEnabledFor(logging.DEBUG)
         #: Requests by route, status and latency, counted when each ends (None: not counted).
         self.requests: RequestCounts | None = getattr(app, "request_counts", None)
 
@@ -66,8 +76,9 @@ class ServingWrapper:
         if server_defer is not None:
             call.server_defer = server_defer
             environ[DEFER] = call.defer
+        body: Iterable[bytes] = ()
         try:
-            body: Iterable[bytes] = self.app(environ, call.start_response)
+            body = self.app(environ, call.start_response)
             # Falcon answers with a list of bytes; materialise anything lazier so the request
             # is finished (and counted as such) when this call returns.
             if not isinstance(body, list):
@@ -97,6 +108,8 @@ class ServingWrapper:
                     environ.get("PATH_INFO", "-"),
                     call.status,
                     call.started,
+                    sum(map(len, body)) if self.sized and isinstance(body, list) else -1,
+                    query_key(environ.get("QUERY_STRING", "")) if self.keys else None,
                 )
 
     def direct(
@@ -125,7 +138,7 @@ class ServingWrapper:
         call = (
             None
             if defer is None or method == "GET"
-            else _DirectCall(self, client, method, path, started, defer)
+            else _DirectCall(self, client, method, path, started, defer, self._key(query))
         )
         try:
             result = answer(method, path, query, header, body, None if call is None else call.defer)
@@ -136,7 +149,7 @@ class ServingWrapper:
                 call.finish(*INTERNAL_ERROR)
                 return DEFERRED
             # The server answers 500; the line says it was not answered here.
-            self._finished(client, method, path, "-", started)
+            self._finished(client, method, path, "-", started, -1, self._key(query))
             raise
         if result is DEFERRED:
             return DEFERRED
@@ -144,12 +157,33 @@ class ServingWrapper:
             with self._lock:
                 self.in_flight -= 1
             return None
-        self._finished(client, method, path, str(result[0]), started)
+        self._finished(
+            client,
+            method,
+            path,
+            str(result[0]),
+            started,
+            len(result[2]) if self.sized else -1,
+            self._key(query),
+        )
         return result
 
-    def _finished(self, remote: str, method: str, path: str, status: str, started: float) -> None:
+    def _key(self, query: str) -> str | None:
+        return query_key(query) if self.keys else None
+
+    def _finished(
+        self,
+        remote: str,
+        method: str,
+        path: str,
+        status: str,
+        started: float,
+        size: int = -1,
+        key: str | None = None,
+    ) -> None:
         """A request ends: it is counted out (and counted for the metrics) and gets its
-        access-log line."""
+        access-log line (``size``: its answer's body, -1 when not counted; ``key`` only at
+        debug level)."""
         seconds = time.monotonic() - started
         requests = self.requests
         with self._lock:
@@ -157,7 +191,15 @@ class ServingWrapper:
             if requests is not None:  # under the lock: exact counts, and no lock of its own
                 requests.count(path, status, seconds)
         if self.access is not None:
-            self.access.add(remote, method, path, status.split(" ", 1)[0], seconds * 1000)
+            self.access.add(
+                remote,
+                method,
+                path,
+                status.split(" ", 1)[0],
+                seconds * 1000,
+                size,
+                key,
+            )
 
     def close(self) -> None:
         if self.access is not None:
@@ -210,12 +252,15 @@ class _Call:
             assert self.completion is not None
             self.completion.finish(status, headers, body)
         finally:
-            self.wrapper._finished(
+            wrapper = self.wrapper
+            wrapper._finished(
                 environ.get("REMOTE_ADDR", "-"),
                 environ.get("REQUEST_METHOD", "-"),
                 environ.get("PATH_INFO", "-"),
                 status,
                 self.started,
+                len(body),
+                query_key(environ.get("QUERY_STRING", "")) if wrapper.keys else None,
             )
 
 
@@ -232,6 +277,7 @@ class _DirectCall:
         "client",
         "completion",
         "done",
+        "key",
         "method",
         "path",
         "server_defer",
@@ -247,8 +293,10 @@ class _DirectCall:
         path: str,
         started: float,
         server_defer: Callable[[], Completion],
+        key: str | None,
     ):
         self.wrapper = wrapper
+        self.key = key
         self.client = client
         self.method = method
         self.path = path
@@ -273,4 +321,6 @@ class _DirectCall:
         except Exception:  # the client may be gone; the request ends all the same
             log.exception("sending the answer to %s %s failed", self.method, self.path)
         finally:
-            self.wrapper._finished(self.client, self.method, self.path, status, self.started)
+            self.wrapper._finished(
+                self.client, self.method, self.path, status, self.started, len(body), self.key
+            )

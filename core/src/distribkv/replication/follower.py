@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import logging
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -64,6 +65,59 @@ class Pulled:
     entries: list
 
 
+class ResyncProgress:
+    """How far a full resync is: what ``/status`` shows as ``replication.resync`` while it runs
+    and after it ended (the last one), so that an operator sees a replica reload its data and
+    a metrics exporter can turn the numbers into gauges.
+
+    ``keys_total`` is the leader's key count when the resync started (an engine's estimate for
+    some backends; None when the engine cannot count cheaply), so ``keys_copied`` may end a
+    little off it. Written by the follower's thread only; read by ``/status``."""
+
+    def __init__(self, reason: str, clock=time.monotonic, wall=time.time):
+        self.reason = reason
+        self._clock = clock
+        self.started_at = wall()
+        self._started = clock()
+        self._wall = wall
+        self.finished_at: float | None = None
+        self._seconds: float | None = None
+        self.keys_total: int | None = None
+        self.keys_copied = 0
+        self.bytes_copied = 0
+        self.outcome = "running"
+
+    def copied(self, keys: int, size: int) -> None:
+        self.keys_copied += keys
+        self.bytes_copied += size
+
+    def end(self, outcome: str) -> None:
+        """``outcome``: "done", "failed" (it starts again) or "stopped" (the node stops)."""
+        self.outcome = outcome
+        self.finished_at = self._wall()
+        self._seconds = self._clock() - self._started
+
+    @property
+    def seconds(self) -> float:
+        return self._seconds if self._seconds is not None else self._clock() - self._started
+
+    def status(self) -> dict[str, Any]:
+        seconds = self.seconds
+        return {
+            "active": self.outcome == "running",
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "started_at": round(self.started_at, 3),
+            "finished_at": None if self.finished_at is None else round(self.finished_at, 3),
+            "seconds": round(seconds, 3),
+            "keys_total": self.keys_total,
+            "keys_copied": self.keys_copied,
+            "bytes_copied": self.bytes_copied,
+            "keys_per_s": round(self.keys_copied / seconds, 1) if seconds > 0 else 0.0,
+            "bytes_per_s": round(self.bytes_copied / seconds, 1) if seconds > 0 else 0.0,
+        }
+
+
 class LeaderSource(abc.ABC):
     """How a transport reaches the leader."""
 
@@ -104,6 +158,10 @@ class Follower(LoopRole):
         self.leader_last_ms = 0
         self.applied_ms = 0
         self.resyncs = 0
+        #: Why the next resync happens (for its log line and ``/status``).
+        self.resync_reason = "a new replica" if self.follows is None else "an unfinished resync"
+        #: The resync under way, or the last one (None before the first).
+        self.resync: ResyncProgress | None = None
         # Held while entries or a snapshot page are applied: freeze() waits for it, not for
         # a pull that may hang on an unreachable leader.
         self._applying = threading.Lock()
@@ -134,6 +192,7 @@ class Follower(LoopRole):
             "lag_seconds": round(seconds, 3),
             "readable": self.readable,
             "resyncs": self.resyncs,
+            "resync": None if self.resync is None else self.resync.status(),
             "diverged": self.diverged,
             "last_error": self.last_error,
         }
@@ -151,6 +210,7 @@ class Follower(LoopRole):
         """Operator decision: drop this replica's data and reload it from the leader."""
         self.diverged = None
         self.needs_resync = True
+        self.resync_reason = "requested (POST /replication/resync)"
         self.wake.set()
 
     # --- the loop -----------------------------------------------------------------------
@@ -179,6 +239,7 @@ class Follower(LoopRole):
             except ResyncNeeded as exc:
                 log.warning("%s: full resync needed: %s", self.node.name, exc)
                 self.needs_resync = True
+                self.resync_reason = str(exc)
             except Diverged as exc:
                 self.diverged = str(exc)
                 log.error(
@@ -219,6 +280,40 @@ class Follower(LoopRole):
             self.applied_ms = self.leader_last_ms
 
     def _resync(self) -> None:
+        progress = self.resync = ResyncProgress(self.resync_reason)
+        log.info(
+            "%s: resync started (%s): this replica's data is dropped and reloaded from the"
+            " leader; reads get 503 until it is done",
+            self.node.name,
+            progress.reason,
+        )
+        outcome = "failed"
+        try:
+            if self._reload(progress):
+                outcome = "done"
+            elif self.stopping.is_set():
+                outcome = "stopped"
+        finally:
+            progress.end(outcome)
+        if outcome == "done":
+            status = progress.status()
+            log.info(
+                "%s: resync done: %d keys (%d bytes) in %.1fs from the leader (history %s,"
+                " seq %d..%d)",
+                self.node.name,
+                progress.keys_copied,
+                progress.bytes_copied,
+                status["seconds"],
+                self.follows,
+                self.applied,
+                self.snapshot_seq,
+            )
+        elif outcome == "failed":
+            # The loop logs why and tries again; the next try logs its own start.
+            self.resync_reason = "the previous resync failed"
+
+    def _reload(self, progress: ResyncProgress) -> bool:
+        """Clear the data and load the leader's snapshot; True once it is complete."""
         self.state = "resyncing"
         store = self.store
         store.put(RESYNC, b"1", ns=META, sync=self.sync)
@@ -232,18 +327,18 @@ class Follower(LoopRole):
             store.apply([Delete(DATA, key) for key in keys], sync=False)
         page = self.source.snapshot_page(None)
         history, first_seq = page["history"], page["seq"]
+        progress.keys_total = page.get("keys_total")
         last_seq = first_seq
-        loaded = 0
         while True:
             if self.stopping.is_set():
-                return
+                return False
             pairs = page["pairs"]
             if pairs:
                 with self._applying:
                     if self.stopping.is_set():
-                        return
+                        return False
                     store.apply([Put(DATA, key, value) for key, value in pairs], sync=False)
-                loaded += len(pairs)
+                progress.copied(len(pairs), sum(len(k) + len(v) for k, v in pairs))
             if page["history"] != history:
                 raise ResyncNeeded("the leader's history changed during the resync")
             last_seq = max(last_seq, page.get("seq_after", page["seq"]))
@@ -252,7 +347,7 @@ class Follower(LoopRole):
             page = self.source.snapshot_page(pairs[-1][0])
         with self._applying:
             if self.stopping.is_set():
-                return  # frozen: the data stays marked incomplete
+                return False  # frozen: the data stays marked incomplete
             store.apply(
                 [
                     Put(META, APPLIED, seq_key(first_seq)),
@@ -270,14 +365,7 @@ class Follower(LoopRole):
         counts = getattr(self.node, "metrics", None)
         if counts is not None:
             counts.bump("resyncs")
-        log.info(
-            "%s: resynced %d keys from the leader (history %s, seq %d..%d)",
-            self.node.name,
-            loaded,
-            history,
-            first_seq,
-            last_seq,
-        )
+        return True
 
 
 def apply_entries(
@@ -320,5 +408,6 @@ __all__ = [
     "LeaderUnavailable",
     "Pulled",
     "ResyncNeeded",
+    "ResyncProgress",
     "apply_entries",
 ]

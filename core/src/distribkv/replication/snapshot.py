@@ -37,13 +37,18 @@ def snapshot_page(leader: LeaderLog, after_key: bytes | None, limit: int, max_by
             size += len(key) + len(value)
             if size >= max_bytes:
                 break
-    return {
+    page = {
         "history": leader.history,
         "seq": seq,
         "seq_after": seq_after,
         "pairs": pairs,
         "done": len(pairs) < limit and size < max_bytes,
     }
+    if after_key is None:
+        # How many keys the whole snapshot has, about (the engine's count, which may be an
+        # estimate, or None): what a replica shows its progress against.
+        page["keys_total"] = leader.store.stats().keys.get(Namespace.DATA.value)
+    return page
 
 
 class SnapshotResource:

@@ -18,12 +18,15 @@ needs no file to keep and no rule for when to give it back, and nothing is alloc
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from distribkv.storage.errors import StorageFullError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_MIN_FREE_BYTES", "SpaceReserve", "free_bytes", "unflushed_bytes"]
 
@@ -76,6 +79,8 @@ class SpaceReserve:
         self._free = 0
         self._put = 0  # bytes put since _free was measured
         self._expires = float("-inf")
+        #: True while writes are refused: the change either way is logged once, not each write.
+        self.refusing = False
 
     def free(self) -> int:
         """Free bytes now (asks the file system)."""
@@ -90,6 +95,16 @@ class SpaceReserve:
             self.free()
         left = self._free - self._put - adding
         if left < self.min_free:
+            if not self.refusing:
+                self.refusing = True
+                log.warning(
+                    "disk of %s below the reserve: about %d bytes free, less than"
+                    " [storage] min_free_bytes (%d); writes that add data get 507 until space"
+                    " is freed",
+                    self.path,
+                    max(self._free - self._put, 0),
+                    self.min_free,
+                )
             raise StorageFullError(
                 f"the disk of {self.path} is nearly full: about {max(self._free - self._put, 0)}"
                 f" bytes free, and this write of {adding} bytes would leave less than the"
@@ -97,6 +112,9 @@ class SpaceReserve:
                 " are refused until space is freed (deletes still work)"
             )
         self._put += adding
+        if self.refusing:
+            self.refusing = False
+            log.info("disk of %s has room again: writes are taken", self.path)
 
 
 #: Seconds between two attempts of an engine to take writes again after a full disk.
@@ -144,6 +162,12 @@ class Reopener:
     def stopped(self, error: Exception) -> None:
         """A write failed with ``error``; a full disk stops writes until :meth:`recover`."""
         if isinstance(error, StorageFullError):
+            if self.failure is None:
+                log.error(
+                    "disk full at %s: writes stop until the engine can reopen there (%s)",
+                    self.path,
+                    error,
+                )
             # A copy without the traceback, whose frames would keep native objects (and with
             # them the handle to reopen) alive.
             self.failure = StorageFullError(str(error))
@@ -183,6 +207,7 @@ class Reopener:
             self.failure = None
             raise
         self.failure = None
+        log.info("the engine at %s reopened after a full disk: writes are taken again", self.path)
 
     def _still(self, failure: StorageFullError, why: str | None) -> StorageFullError:
         detail = f"; {why}" if why else ""
