@@ -192,6 +192,9 @@ def test_headers_that_trickle_past_the_header_timeout_are_cut_off(
                 assert json.loads(body)["error"] == "request timeout"
         # The node still serves.
         assert call(address, "GET", "/healthz").status == 200
+        if server == "waitress":  # every answer has its access-log line
+            log = tmp_path / "data" / "logs" / "shard-0-leader.log"
+            wait_until(lambda: log.read_text().count(" 408 ") >= 50, timeout=5, message="log")
 
 
 @pytest.mark.parametrize("server", SERVERS)

@@ -103,6 +103,8 @@ class AccessLog:
                 at, remote, method, path, status, ms, _size, key = pending.popleft()
             except IndexError:  # another flush (close) took it
                 break
+            if not path.isprintable():  # a decoded %0A must not start a line of its own
+                path = path.encode("unicode_escape").decode("ascii")
             if int(at) != second:  # one strftime per second of lines, not one per line
                 second = int(at)
                 stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))

@@ -40,7 +40,13 @@ gives ``(status, error, detail)`` for a body the application would refuse (a val
 closes the connection; or None. (A client that sends its body without waiting would find the
 connection closed under it, with no answer: its body is read, and the application answers.)
 Errors a server answers itself (this one, a body over ``max_request_body_size``, a malformed
-request) have the node's form: :func:`error_answer`.
+request) have the node's form: :func:`error_answer`, and an access-log line
+(:meth:`distribkv.http.wrapper.ServingWrapper.log_own_answer`). A request whose framing is
+malformed is refused by the checks of :mod:`distribkv.http.framing`, and the connection closed.
+Where a server's HTTP stack answers some malformed requests before the server sees them, and
+cannot be made to do otherwise, the server names that in ``ServerSpec.stack_limits``
+(:data:`PLAIN_PARSE_ERRORS`, :data:`TE_OVERRIDES_CL`); the server suite holds it to exactly
+those.
 """
 
 from __future__ import annotations
@@ -56,6 +62,8 @@ import falcon
 __all__ = [
     "DEFER",
     "DEFERRED",
+    "PLAIN_PARSE_ERRORS",
+    "TE_OVERRIDES_CL",
     "Answer",
     "BodyCheck",
     "Completion",
@@ -74,6 +82,17 @@ __all__ = [
 
 #: The WSGI environ key of a deferring server's ``defer() -> Completion``.
 DEFER = "distribkv.defer"
+
+#: A ``ServerSpec.stack_limits`` name: the server's HTTP stack answers a request it cannot
+#: parse (a malformed request line or header, an unsupported version, a framing it refuses)
+#: itself, with 400, 414 (a target too long) or 431 (a head too large), an empty body and no
+#: access-log line, before the node sees the request. Still a 4xx, never a 5xx.
+PLAIN_PARSE_ERRORS = "plain-parse-errors"
+#: A ``ServerSpec.stack_limits`` name: the server's HTTP stack frames a request with both
+#: Content-Length and Transfer-Encoding by its Transfer-Encoding and closes the connection
+#: after the answer (RFC 9112 §6.3 allows this), and hides the Content-Length from the server,
+#: which then cannot refuse the request with a 400. Nothing after it on the connection is read.
+TE_OVERRIDES_CL = "te-overrides-content-length"
 
 
 class _Deferred:
@@ -223,3 +242,6 @@ class ServerSpec:
     #: True if the server serves HTTPS when ``Listen.tls`` is given (``[tls]`` is refused
     #: with a server that cannot).
     tls: bool = False
+    #: What the server's HTTP stack does to malformed requests that the node cannot change:
+    #: :data:`PLAIN_PARSE_ERRORS`, :data:`TE_OVERRIDES_CL` (none: every refusal is the node's).
+    stack_limits: frozenset[str] = frozenset()

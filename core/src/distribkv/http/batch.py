@@ -17,7 +17,6 @@ forwarded as a whole, and a batch that mixes shards is refused (421) naming the 
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 
 import falcon
@@ -196,5 +195,5 @@ def _base64_bytes(value, where: str) -> bytes:
         raise _bad(f"{where}: expected a base64 string, got {type(value).__name__}")
     try:
         return base64.b64decode(value, validate=True)
-    except binascii.Error as exc:
+    except ValueError as exc:  # binascii.Error, and a string that is not ASCII
         raise _bad(f"{where}: not valid base64: {exc}") from None

@@ -201,6 +201,13 @@ class ServingWrapper:
                 key,
             )
 
+    def log_own_answer(self, remote: str, method: str, path: str, status: int) -> None:
+        """The access-log line of a request the server answered itself, without the
+        application (a malformed request, a body over the limit or cut short): every answer
+        the node gives has its line."""
+        if self.access is not None:
+            self.access.add(remote, method, path, str(status), 0.0)
+
     def close(self) -> None:
         if self.access is not None:
             self.access.close()

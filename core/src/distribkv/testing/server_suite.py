@@ -20,9 +20,14 @@ It has two parts:
   ``ServerSpec.deferred``);
 - the node's HTTP behaviour on that server: real clusters (`distribkv launch`) whose nodes
   serve with it, on the backend under test (``--distribkv-backend``) — any node answers for
-  any key, bytes end to end, limits and errors as JSON with real status codes, redirects and
-  proxying, replicas that refuse writes, batches, the access log, a taken address refused by
-  name, and a drain on SIGTERM that loses no acknowledged write.
+  any key, bytes end to end, limits and errors as JSON with real status codes, malformed and
+  smuggling requests refused (RFC 9112) and the connection closed, redirects and proxying,
+  replicas that refuse writes, batches, the access log, a taken address refused by name, and a
+  drain on SIGTERM that loses no acknowledged write.
+
+A server whose HTTP stack answers some malformed requests itself, in a way the node cannot
+change, declares it in ``ServerSpec.stack_limits``; the suite allows exactly what is declared
+there (see :func:`stack_answered`).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import msgpack
 import pytest
 
 from distribkv.hashing.modulo import fnv1_64
-from distribkv.http.api import DEFER, Listen, ServerSpec
+from distribkv.http.api import DEFER, PLAIN_PARSE_ERRORS, TE_OVERRIDES_CL, Listen, ServerSpec
 from distribkv.http.wrapper import ServingWrapper
 from distribkv.plugins import load_plugins
 from distribkv.testing import cluster_fixture
@@ -60,14 +65,18 @@ from distribkv.testing.cluster import (
     wait_until,
     write_config,
 )
+from distribkv.testing.rawhttp import Answer, exchange
 
 __all__ = [
+    "MALFORMED_REQUESTS",
     "deferring",
     "proxy_cluster",
     "redirect_cluster",
     "served",
     "server_spec",
+    "stack_answered",
     "test_a_100_continue_behind_a_deferred_answer_waits_for_it",
+    "test_a_body_cut_short_by_a_half_close_is_a_400_in_json_and_logged",
     "test_a_body_over_a_limit_is_refused_by_its_length_before_it_is_sent",
     "test_a_body_over_the_limit_is_refused_without_calling_the_application",
     "test_a_deferred_answer_is_sent_once_in_order_and_counted_until_sent",
@@ -76,12 +85,14 @@ __all__ = [
     "test_a_forwarded_request_for_a_foreign_key_gets_421",
     "test_a_key_set_through_any_node_is_read_through_any_node",
     "test_a_malformed_batch_is_a_4xx_with_a_json_body",
+    "test_a_malformed_request_is_refused_in_json_and_the_connection_closed",
     "test_a_method_a_route_does_not_take_is_405_naming_the_allowed_ones",
     "test_a_replica_refuses_writes_and_points_to_its_leader",
     "test_a_request_routed_with_another_map_gets_409",
     "test_a_value_over_the_limit_is_refused_with_413_whether_sent_at_once_or_not",
     "test_a_wrong_shard_request_is_redirected_to_the_owner",
     "test_an_address_in_use_is_refused_with_its_name",
+    "test_an_expect_100_continue_without_a_body_is_answered",
     "test_bad_requests_get_real_status_codes_with_json",
     "test_batch_in_msgpack_and_json",
     "test_cluster_and_status_describe_the_node",
@@ -890,17 +901,151 @@ def test_a_malformed_batch_is_a_4xx_with_a_json_body(
     assert call(node, "GET", "/healthz").status == 200
 
 
+#: What a smuggling request carries after its own body: never to be answered.
+SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+
+#: Malformed requests (RFC 9112) that every server refuses, with the status the node gives
+#: each, in its JSON form; the connection closes after the answer, and nothing that follows
+#: on it (a smuggled request) is answered.
+MALFORMED_REQUESTS: dict[str, tuple[bytes, int]] = {
+    "content-length-and-chunked": (
+        b"POST /set?key=smuggled HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + SMUGGLED,
+        400,
+    ),
+    "chunked-then-content-length": (
+        b"POST /set?key=smuggled HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Length: 5\r\n\r\n0\r\n\r\n" + SMUGGLED,
+        400,
+    ),
+    "chunked-twice": (
+        b"POST /set?key=smuggled HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + SMUGGLED,
+        400,
+    ),
+    "gzip-then-chunked": (
+        b"POST /set?key=smuggled HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n"
+        b"\r\n0\r\n\r\n" + SMUGGLED,
+        400,
+    ),
+    "chunked-then-identity": (
+        b"POST /set?key=smuggled HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Transfer-Encoding: identity\r\n\r\n0\r\n\r\n" + SMUGGLED,
+        400,
+    ),
+    "chunked-in-http-1.0": (
+        b"POST /set?key=smuggled HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        + SMUGGLED,
+        400,
+    ),
+    "bad-chunk-size": (
+        b"PUT /set?key=smuggled HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"zz\r\nab\r\n0\r\n\r\n" + SMUGGLED,
+        400,
+    ),
+    "http-9.9": (b"GET /healthz HTTP/9.9\r\nHost: x\r\n\r\n" + SMUGGLED, 505),
+    "http-0.9": (b"GET /\r\n", 400),
+    "nul-in-target": (b"GET /get?key=a\x00b HTTP/1.1\r\nHost: x\r\n\r\n" + SMUGGLED, 400),
+    "escape-in-target": (b"GET /get?key=a\x1bb HTTP/1.1\r\nHost: x\r\n\r\n" + SMUGGLED, 400),
+    "raw-byte-over-7f-in-target": (
+        b"GET /get?key=a\xffb HTTP/1.1\r\nHost: x\r\n\r\n" + SMUGGLED,
+        400,
+    ),
+    "folded-header": (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n" + SMUGGLED,
+        400,
+    ),
+    "two-content-lengths": (
+        b"PUT /set?key=smuggled HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+        b"Content-Length: 2\r\n\r\nab" + SMUGGLED,
+        400,
+    ),
+}
+
+
+def stack_answered(spec: ServerSpec, answer: Answer) -> bool:
+    """True for an answer of the server's HTTP stack that the server declares it cannot make
+    the node's (``PLAIN_PARSE_ERRORS``): 400, 414 or 431 with an empty body, and without the
+    Server header that every answer of the node has."""
+    return (
+        PLAIN_PARSE_ERRORS in spec.stack_limits
+        and answer.status in (400, 414, 431)
+        and not answer.body
+        and "server" not in answer.headers
+    )
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_REQUESTS))
+def test_a_malformed_request_is_refused_in_json_and_the_connection_closed(
+    redirect_cluster, server_spec, case
+):
+    raw, status = MALFORMED_REQUESTS[case]
+    node = leaders(redirect_cluster)[0]
+    answers, closed = exchange(node, raw, timeout=WAIT)
+    assert closed, f"the connection stayed open after {answers}"
+    assert len(answers) == 1, f"answered what followed the malformed request: {answers}"
+    (answer,) = answers
+    if stack_answered(server_spec, answer):
+        pass  # the stack's own 400, 414 or 431: declared, and a 4xx
+    elif case.startswith(("content-length-and", "chunked-then-content")) and (
+        TE_OVERRIDES_CL in server_spec.stack_limits
+    ):
+        # Served by its Transfer-Encoding alone, and the connection closed after it.
+        assert answer.status < 500, answer
+    else:
+        assert answer.status == status, answer
+        assert answer.headers["content-type"] == "application/json"
+        assert json.loads(answer.body)["error"]
+    assert call(node, "GET", "/healthz").status == 200
+
+
+@pytest.mark.parametrize(
+    ("target", "content_type", "body"),
+    [("/set?key=cut-USA", None, b"abc"), ("/batch", "application/json", b'{"ops": [["get"')],
+    ids=["set", "batch"],
+)
+def test_a_body_cut_short_by_a_half_close_is_a_400_in_json_and_logged(
+    redirect_cluster, target, content_type, body
+):
+    node = leaders(redirect_cluster)[0]
+    log_file = redirect_cluster.config.parent / "data" / "logs" / "shard-0-leader.log"
+    head = f"PUT {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+    if content_type:
+        head = head.replace("PUT", "POST") + f"Content-Type: {content_type}\r\n"
+    before = _access_log_after(node, log_file, f"cut-{target[1:4]}-before")
+    answers, closed = exchange(node, head.encode() + b"\r\n" + body, half_close=True)
+    assert [a.status for a in answers] == [400], answers
+    assert json.loads(answers[0].body)["error"] == "body cut short"
+    assert closed
+    after = _access_log_after(node, log_file, f"cut-{target[1:4]}-after")
+    line = f" {head.split()[0]} {target.split('?')[0]} 400 "
+    assert after.count(line) - before.count(line) == 1, after[-2000:]
+    assert call(node, "GET", "/get?key=cut-USA", follow=1).status == 404  # nothing stored
+
+
+def test_an_expect_100_continue_without_a_body_is_answered(redirect_cluster):
+    # waitress sent a 100 Continue to such a request and then waited for a body.
+    node = leaders(redirect_cluster)[0]
+    head = b"POST /status HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n"
+    answers, _ = exchange(node, head + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", expect=2)
+    assert [a.status for a in answers] == [405, 200], answers
+
+
+def _access_log_after(node: str, log_file, tag: str) -> str:
+    """The node's log once every access-log line before now is in it: lines are written in
+    order, in batches by a background thread, so a marker request's line comes after them."""
+    call(node, "GET", f"/access-log-marker-{tag}")
+    line = f" GET /access-log-marker-{tag} 404 "
+    wait_until(lambda: line in log_file.read_text(), 5, message=f"the line {line.strip()!r}")
+    return log_file.read_text()
+
+
 def test_each_request_writes_one_access_log_line(redirect_cluster):
     node = leaders(redirect_cluster)[0]
     log_file = redirect_cluster.config.parent / "data" / "logs" / "shard-0-leader.log"
 
     def written(tag: str) -> str:
-        # Lines are written in order, in batches by a background thread: once a marker
-        # request's line is there, every line before it is too.
-        call(node, "GET", f"/access-log-marker-{tag}")
-        line = f" GET /access-log-marker-{tag} 404 "
-        wait_until(lambda: line in log_file.read_text(), 5, message=f"the line {line.strip()!r}")
-        return log_file.read_text()
+        return _access_log_after(node, log_file, tag)
 
     lines = (
         " GET /nonexistent-path 404 ",

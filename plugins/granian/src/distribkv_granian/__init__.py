@@ -35,6 +35,31 @@ Guarantees kept from the waitress plugin:
 Unlike waitress, it serves HTTPS (``Listen.tls``, from ``[tls]``): granian's own TLS, 1.3 only,
 and with ``verify_clients`` it refuses a connection without a client certificate signed by the
 cluster's CA.
+
+Malformed requests. hyper, granian's HTTP stack, parses every request's head, and granian 2.8
+offers no way to change what hyper answers to one it cannot parse (its HTTP/1 settings are
+``header_read_timeout``, ``keep_alive``, ``max_buffer_size`` and ``pipeline_flush``; hyper
+builds these answers itself). So these answers stay hyper's own, with an empty body, no JSON
+and no access-log line (``PLAIN_PARSE_ERRORS`` in the spec's ``stack_limits``):
+
+- 400 to a malformed request line: a control byte or a raw byte over 0x7f in the target, a
+  method that is not a token, an HTTP/0.9 request, a version other than HTTP/1.0 and HTTP/1.1
+  (waitress answers 505 to that); to a malformed header line: a control byte, a space in a name
+  or before the colon, no colon, a folded line; to an invalid Content-Length or two that
+  differ; to Transfer-Encoding in HTTP/1.0, or whose last coding is not ``chunked``;
+- 414 to a target over 65,534 bytes;
+- 431 to a head over granian's ``max_buffer_size`` (417,792 bytes by default).
+
+hyper frames a request that has both Content-Length and Transfer-Encoding by its
+Transfer-Encoding, answers it and closes the connection after the answer, so nothing smuggled
+after it is read; but it drops the Content-Length before the request reaches the node, which
+therefore cannot refuse it with a 400 (``TE_OVERRIDES_CL``). What hyper lets through, the node
+refuses in its own form (:mod:`distribkv.http.framing`), logged: Transfer-Encoding other than
+one ``chunked`` (repeated, or another coding before it), and a body cut short, also when the
+client closed only its sending side (400 ``body cut short``; granian itself would answer a
+bare 500). hyper takes lines that end in a bare LF (RFC 9112 §2.2 allows it; waitress refuses
+them). A client that closes its sending side right after a complete request gets no answer:
+hyper closes such a connection (its half-close support is off, and granian does not expose it).
 """
 
 from __future__ import annotations
@@ -54,6 +79,8 @@ from distribkv import hookimpl
 from distribkv.http.api import (
     DEFER,
     DEFERRED,
+    PLAIN_PARSE_ERRORS,
+    TE_OVERRIDES_CL,
     Listen,
     ServerHandle,
     ServerSpec,
@@ -61,6 +88,7 @@ from distribkv.http.api import (
     body_too_large,
     error_answer,
 )
+from distribkv.http.framing import transfer_refusal
 from distribkv.http.wrapper import ServingWrapper
 
 log = logging.getLogger(__name__)
@@ -252,7 +280,9 @@ class GranianHandle(ServerHandle):
     def _environ(self, scope, body: bytes) -> dict[str, Any]:
         environ = self._base_environ.copy()
         environ["REQUEST_METHOD"] = scope.method
-        environ["PATH_INFO"] = scope.path
+        path = scope.path  # percent-decoded UTF-8 (invalid sequences replaced)
+        # WSGI's PATH_INFO holds bytes as latin-1 text, as waitress gives it (Falcon decodes it).
+        environ["PATH_INFO"] = path if path.isascii() else path.encode().decode("latin-1")
         environ["QUERY_STRING"] = scope.query_string
         environ["SERVER_PROTOCOL"] = "HTTP/" + scope.http_version
         environ["REMOTE_ADDR"] = scope.client.rpartition(":")[0]
@@ -304,6 +334,17 @@ class GranianHandle(ServerHandle):
         status, headers, body = error_answer(status, error, detail)
         watcher.proto.response_bytes(status, [*headers, ("connection", "close")], body)
 
+    def _refuse(self, watcher, status: int, error: str, detail: str) -> None:
+        """A request refused here, without the application: answered as :meth:`_error` and
+        given its access-log line."""
+        scope = watcher.scope
+        try:
+            self._error(watcher, status, error, detail)
+        finally:
+            self.wrapper.log_own_answer(
+                scope.client.rpartition(":")[0], scope.method, scope.path, status
+            )
+
     def _dispatch(self, watcher) -> None:
         """Every request, in granian's Python thread: served here, or handed to a worker
         (once its body is read, for both)."""
@@ -313,16 +354,31 @@ class GranianHandle(ServerHandle):
             method = scope.method
             path = scope.path
             query = scope.query_string
-            if method == "GET" and self._answer_direct(watcher, scope, method, path, query, _EMPTY):
+            headers = scope.headers
+            coding = headers.get("transfer-encoding")
+            if coding is not None:
+                refusal = self._framing_refusal(scope, headers)
+                if refusal is not None:
+                    self._refuse(watcher, *refusal)
+                    watcher.done()
+                    return
+            length = headers.get("content-length")
+            chunked = coding is not None
+            # A GET with a body goes the way of any request with one: its body is read first.
+            # Answered unread, hyper would close the connection after the answer, without a
+            # word to the client, dropping whatever it had sent after it.
+            bodiless = not chunked and (length is None or length == "0")
+            if (
+                method == "GET"
+                and bodiless
+                and self._answer_direct(watcher, scope, method, path, query, _EMPTY)
+            ):
                 return
             inline = self.inline(method, path, query)
-            if inline and method == "GET":
-                self._respond(watcher, _EMPTY)  # a read: whatever body it came with is unused
+            if inline and method == "GET" and bodiless:
+                self._respond(watcher, _EMPTY)
                 return
-            headers = scope.headers
-            length = headers.get("content-length")
-            chunked = "chunked" in (headers.get("transfer-encoding") or "").lower()
-            if not chunked and (length is None or length == "0"):
+            if bodiless:
                 if inline:
                     self._respond(watcher, _EMPTY)
                 else:
@@ -331,7 +387,7 @@ class GranianHandle(ServerHandle):
             if length is not None:
                 refusal = self._refusal(method, path, length, headers)
                 if refusal is not None:
-                    self._error(watcher, *refusal)
+                    self._refuse(watcher, *refusal)
                     watcher.done()
                     return
             now = time.monotonic()
@@ -353,6 +409,17 @@ class GranianHandle(ServerHandle):
                 self._finish_read(request, (500, "internal error", "see the node's log"))
             else:
                 watcher.done()
+
+    @staticmethod
+    def _framing_refusal(scope, headers) -> tuple[int, str, str] | None:
+        """Transfer-Encoding as :mod:`distribkv.http.framing` takes it. hyper has refused
+        what it cannot frame (a coding whose last is not chunked, any in HTTP/1.0); what it
+        lets through, the node refuses: a coding other than one ``chunked``. (A Content-Length
+        next to it never reaches the node: see the module's docstring.)"""
+        codings = [value for name, value in headers.items() if name == "transfer-encoding"]
+        return transfer_refusal(
+            scope.http_version, codings, headers.get("content-length") is not None
+        )
 
     def _refusal(self, method: str, path: str, length: str, headers) -> tuple[int, str, str] | None:
         """The error for a request by its Content-Length, answered before any of its body is
@@ -405,14 +472,18 @@ class GranianHandle(ServerHandle):
         future.add_done_callback(lambda done: self._body_chunk(request, done))
 
     def _received(self, request: _Request, future) -> bytes | None:
-        """What a body read gave, or None once the read is dropped: the client went away or
-        sent a broken body, or the read was cancelled (timed out)."""
+        """What a body read gave, or None once the read has failed or was cancelled (timed
+        out): the body ended before its Content-Length (the client closed its side, or went
+        away: then the answer is lost)."""
         if future.cancelled():
             return None
         try:
             return future.result()
-        except Exception:  # noqa: BLE001 - nothing to answer: the request ends here
-            self._finish_read(request, None)
+        except Exception:  # noqa: BLE001 - hyper says only that the body was broken off
+            self._finish_read(
+                request,
+                (400, "body cut short", "the connection ended before the whole body arrived"),
+            )
             return None
 
     def _body_chunk(self, request: _Request, future) -> None:
@@ -487,7 +558,7 @@ class GranianHandle(ServerHandle):
             if reading is not None and not reading.done():
                 reading.cancel()
             try:
-                self._error(request.watcher, *answer)
+                self._refuse(request.watcher, *answer)
             except Exception:  # noqa: BLE001 - the connection may be gone
                 pass
         request.watcher.done()
@@ -593,6 +664,7 @@ SPEC = ServerSpec(
     deferred=True,
     inline=True,
     tls=True,
+    stack_limits=frozenset({PLAIN_PARSE_ERRORS, TE_OVERRIDES_CL}),
 )
 
 

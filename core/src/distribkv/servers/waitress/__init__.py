@@ -64,12 +64,14 @@ class WaitressHandle(ServerHandle):
             expose_tracebacks=False,
             _dispatcher=self.dispatcher,
         )
-        self.server.channel_class = channel_class(listen.body_check)
+        self.server.channel_class = channel_class(listen.body_check, self.wrapper.log_own_answer)
         self.server.deferred_answers = answer_pipe_class()(self.server._map)
         self._maintenance = self.server.maintenance
         # Deadlines for slow requests and room at the connection limit (see ``slow``); it runs
         # waitress's sweep for idle connections too.
-        self.slow_clients = SlowClients(self.server, listen, self._keep_awaiting_channels)
+        self.slow_clients = SlowClients(
+            self.server, listen, self._keep_awaiting_channels, self.wrapper.log_own_answer
+        )
         # A channel's service() wakes the I/O thread when it is done; served inline, the I/O
         # thread is awake already (and looks at every channel again right after).
         self._pull_trigger = self.server.pull_trigger

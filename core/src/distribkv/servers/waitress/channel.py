@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 from distribkv.http.api import DEFER, BodyCheck, body_too_large, error_answer, status_line
+from distribkv.http.framing import Refusal, head_refusal, transfer_refusal
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +24,15 @@ __all__ = ["InlineDispatcher", "answer_pipe_class", "channel_class"]
 
 #: Responses up to this size go out with their headers in one piece (one send, one segment).
 ONE_WRITE_LIMIT = 64 * 1024
+#: How much of a head that is still arriving is checked as it arrives (see ``NodeParser``).
+PARTIAL_HEAD_CHECK = 8 * 1024
+_TRANSFER_ENCODING = b"transfer-encoding:"
 
 
-def channel_class(body_check: BodyCheck | None = None):
+def channel_class(
+    body_check: BodyCheck | None = None,
+    log_own_answer: Callable[[str, str, str, int], None] | None = None,
+):
     """waitress's channel, with four changes.
 
     One piece: a task that hands the header and a small body to the socket buffer in one call.
@@ -44,11 +51,19 @@ def channel_class(body_check: BodyCheck | None = None):
 
     Bodies: a request that waits for a ``100 Continue`` and that ``body_check`` refuses by its
     Content-Length is answered at once, before its body is sent, and every error waitress
-    answers itself (a malformed request, a body over the limit) has the node's JSON form."""
+    answers itself (a malformed request, a body over the limit) has the node's JSON form and
+    an access-log line.
+
+    Framing: every head is held to :mod:`distribkv.http.framing` (waitress takes HTTP/9.9, a
+    NUL in a target, Content-Length next to Transfer-Encoding); a head still arriving is
+    checked as it arrives, so an HTTP/0.9 request or a bare LF is answered at once instead of
+    waiting for a blank line that never comes. A chunk larger than what is left of the body
+    limit is refused when its size line arrives, and a body cut short by the client's end of
+    input is answered 400 (the client may have closed only its sending side)."""
     from waitress.channel import HTTPChannel
-    from waitress.parser import HTTPRequestParser
+    from waitress.parser import HTTPRequestParser, ParsingError
     from waitress.task import ErrorTask, WSGITask
-    from waitress.utilities import Error, RequestEntityTooLarge
+    from waitress.utilities import Error, InternalServerError, RequestEntityTooLarge
 
     class NodeError(Error):
         def __init__(self, code: int, error: str, detail: str):
@@ -64,10 +79,19 @@ def channel_class(body_check: BodyCheck | None = None):
         # waitress's own attributes, set by its parser.
         error: Error | None
         expect_continue: bool
+        completed: bool
+        refusal: Refusal | None = None  # the framing check's, answered as it is
 
         def received(self, data):
+            if not self.headers_finished and not self.completed:
+                refused = self._check_partial_head(data)
+                if refused:
+                    return len(data)
             headers_were_in = self.headers_finished
             consumed = super().received(data)
+            if self.refusal is not None:
+                self.error = NodeError(*self.refusal)
+                return len(data)  # what follows a refused head is not read as a request
             if self.headers_finished and not headers_were_in:
                 error = self.error
                 # Only a client that waits for a 100 Continue is answered before its body: one
@@ -86,12 +110,57 @@ def channel_class(body_check: BodyCheck | None = None):
                     if refusal is not None:
                         self.error = NodeError(*refusal)
                         self.completed = True
-                if self.error is not None:
-                    self.expect_continue = False  # nothing is to be sent: no 100 Continue
+                if self.error is not None or self.body_rcv is None:
+                    # Nothing is to be sent (a refusal, or no body): no 100 Continue. waitress
+                    # would send one to a request without a body, and then wait for a body
+                    # that never comes instead of answering.
+                    self.expect_continue = False
+            if self.chunked and not self.completed:
+                # A chunk announced larger than what is left of the limit: refused now, not
+                # once that many bytes have arrived (if they ever do).
+                left = self.adj.max_request_body_size - self.body_bytes_received
+                if self.body_rcv.chunk_remainder >= left:
+                    self.error = RequestEntityTooLarge("a chunk exceeds the body limit")
+                    self.completed = True
             return consumed
 
+        def _check_partial_head(self, data) -> bool:
+            """Refuse a head still arriving for what no more bytes can mend; True if refused.
+            Only its first bytes are looked at, so that a head trickling in costs a bounded
+            check per piece; a complete head is checked whole by ``parse_header``."""
+            head = self.header_plus
+            if len(head) >= PARTIAL_HEAD_CHECK or b"\r\n\r\n" in head[-3:] + data:
+                return False
+            refusal = head_refusal((head + data)[:PARTIAL_HEAD_CHECK], complete=False)
+            if refusal is None:
+                return False
+            self._refuse(refusal, head + data)
+            self.error = NodeError(*refusal)
+            self.completed = True
+            return True
+
+        def parse_header(self, header_plus):
+            refusal = head_refusal(header_plus, complete=True) or _framing_refusal(header_plus)
+            if refusal is not None:
+                self._refuse(refusal, header_plus)
+                raise ParsingError(refusal[2])  # waitress ends the request; received answers
+            super().parse_header(header_plus)
+
+        def _refuse(self, refusal: Refusal, head: bytes) -> None:
+            self.refusal = refusal
+            # For the access log, where the request line says it.
+            parts = head.lstrip(b"\r\n").split(b"\r\n", 1)[0].split(b" ")
+            if len(parts) == 3:
+                self.command = parts[0].decode("latin-1")
+                self.path = parts[1].split(b"?", 1)[0].decode("latin-1")
+
     class NodeErrorTask(ErrorTask):
-        """Every error waitress answers itself, in the node's JSON form."""
+        """Every error waitress answers itself, in the node's JSON form, as HTTP/1.1 (waitress
+        answers HTTP/1.0 to a request whose version it has not read yet)."""
+
+        def __init__(self, channel, request):
+            super().__init__(channel, request)
+            self.version = "1.1"
 
         def execute(self):
             request = self.request
@@ -104,6 +173,14 @@ def channel_class(body_check: BodyCheck | None = None):
                 else:
                     request.error = NodeError(error.code, error.reason.lower(), str(error.body))
             super().execute()
+            # The application's own failure (a 500) is logged by the wrapper already.
+            if log_own_answer is not None and not isinstance(error, InternalServerError):
+                log_own_answer(
+                    self.channel.addr[0] if self.channel.addr else "-",
+                    getattr(request, "command", None) or "-",
+                    getattr(request, "path", None) or "-",
+                    request.error.code,
+                )
 
     class NodeTask(WSGITask):
         wrote_header: bool  # waitress's own
@@ -181,9 +258,42 @@ def channel_class(body_check: BodyCheck | None = None):
         serving_inline = False  # the I/O thread is serving this channel's request itself
         awaiting = False  # a deferred answer is still to be written: read nothing more
         continue_held = False  # a 100 Continue waits for that answer
+        request: NodeParser | None  # waitress's own: the request being read
 
         def readable(self):
             return not self.awaiting and super().readable()
+
+        def handle_read(self):
+            request = self.request
+            if request is None or not request.headers_finished or request.completed:
+                super().handle_read()
+                return
+            # A body is on its way. waitress closes at once on an end of input; a client that
+            # closed only its sending side with a body shorter than it announced is answered.
+            try:
+                data = self.socket.recv(self.adj.recv_bytes)
+            except OSError:
+                self.handle_close()
+                return
+            if data:
+                self.last_activity = time.time()
+                self.received(data)
+                return
+            if request.chunked:
+                detail = "the connection ended inside the chunked body"
+            else:
+                detail = (
+                    f"the connection ended after {request.body_bytes_received} of the body's"
+                    f" {request.content_length} bytes"
+                )
+            request.error = NodeError(400, "body cut short", detail)
+            request.completed = True
+            with self.requests_lock:
+                self.request = None
+                self.requests.append(request)
+                first = len(self.requests) == 1
+            if first:
+                self.server.add_task(self)
 
         def send_continue(self):
             if self.awaiting:  # it would go out before the answer that is still to come
@@ -233,6 +343,21 @@ def channel_class(body_check: BodyCheck | None = None):
                     self.send_continue()
 
     return InlineChannel
+
+
+def _framing_refusal(head: bytes) -> Refusal | None:
+    """Transfer-Encoding and Content-Length of a head whose request line is well formed."""
+    lower = head.lower()
+    if _TRANSFER_ENCODING not in lower:
+        return None
+    line_end = head.find(b"\r\n", len(head) - len(head.lstrip(b"\r\n")))
+    version = head[line_end - 3 : line_end].decode("latin-1")
+    codings = [
+        line[len(_TRANSFER_ENCODING) :].decode("latin-1")
+        for line in lower.split(b"\r\n")
+        if line.startswith(_TRANSFER_ENCODING)
+    ]
+    return transfer_refusal(version, codings, b"\r\ncontent-length:" in lower)
 
 
 class _DeferredAnswer:

@@ -67,8 +67,9 @@ class SlowClients:
     """Installed on a waitress server once its channel class is set: it takes over the
     server's ``readable()``, which waitress's I/O thread calls before each poll."""
 
-    def __init__(self, server, listen: Listen, maintenance):
+    def __init__(self, server, listen: Listen, maintenance, log_answer=None):
         self.server = server
+        self.log_answer = log_answer  # (remote, method, path, status): the access log
         server.channel_class = _stamped(server.channel_class)
         self.listen = listen
         self.maintenance = maintenance  # waitress's sweep for idle connections
@@ -166,6 +167,11 @@ class SlowClients:
     def _time_out(self, channel, detail: str) -> None:
         self.timed_out += 1
         log.debug("closing %s: %s", channel.addr, detail)
+        if self.log_answer is not None:
+            request = channel.request
+            method = getattr(request, "command", None) or "-"
+            path = getattr(request, "path", None) or "-"
+            self.log_answer(str(channel.addr[0]), method, path, 408)
         channel.request = None
         channel.slow_seen = None
         try:
