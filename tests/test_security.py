@@ -341,7 +341,9 @@ def test_check_accepts_an_exposed_node_only_with_a_token_auth_and_tls(
         ("waitress", auth + tls, "'waitress' cannot serve TLS"),
         ("granian", auth + tls, None),
     ):
-        path.write_text(f'[cluster]\nserver = "{server}"\n{base}{tables}')
+        # The memory backend: installed in every environment, and `check` opens nothing.
+        storage = '[storage]\nbackend = "memory"\n'
+        path.write_text(f'[cluster]\nserver = "{server}"\n{storage}{base}{tables}')
         status = main(["check", "--config", str(path)])
         out, err = capsys.readouterr()
         if refusal is None:
