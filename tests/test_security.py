@@ -30,6 +30,7 @@ from distribkv.testing.cluster import (
     Cluster,
     allocate_hosts,
     call,
+    free_port_on,
     node_addresses,
     q,
     wait_until,
@@ -83,6 +84,8 @@ def secured_cluster(directory: Path, backend: str, server: str, tls: bool):
                 "verify_clients = true",
             ]
             context = client_context(certs.ca, certs.client_cert, certs.client_key)
+        metrics_port = free_port_on([a.rpartition(":")[0] for a in addresses.values()])
+        lines += ["[server]", f"metrics_port = {metrics_port}"]
         with open(path, "a") as out:
             out.write("\n".join(lines) + "\n")
         env = {**os.environ, "DISTRIBKV_CLUSTER_TOKEN": CLUSTER_TOKEN}
@@ -96,6 +99,7 @@ def secured_cluster(directory: Path, backend: str, server: str, tls: bool):
                 leader0=addresses["shard-0/leader"],
                 replica0=addresses["shard-0/replica-0"],
                 leader1=addresses["shard-1/leader"],
+                metrics_port=metrics_port,
             )
 
 
@@ -304,6 +308,22 @@ def test_mutual_tls_refuses_a_client_without_a_certificate_of_the_ca(granian_clu
 # --- private files ----------------------------------------------------------------------
 
 
+def test_metrics_need_the_status_role_on_both_ports(secured):
+    """``/metrics`` tells what ``/status`` tells: it needs ``status_role`` (admin here), on
+    the node's port and on ``[server] metrics_port`` (HTTPS with the node's certificate and
+    mutual TLS where the node has them)."""
+    host = secured.leader0.rpartition(":")[0]
+    for address in (secured.leader0, f"{host}:{secured.metrics_port}"):
+        refused = ask(secured, address, "GET", "/metrics")
+        assert refused.status == 401, (address, refused)
+        assert refused.headers["www-authenticate"].startswith("Bearer")
+        assert ask(secured, address, "GET", "/metrics", "writer").status == 403
+        for token in ("boss", CLUSTER_TOKEN):
+            answered = ask(secured, address, "GET", "/metrics", token)
+            assert answered.status == 200, (address, answered)
+            assert b"distribkv_node_info{" in answered.body
+
+
 def test_data_and_logs_are_private(secured):
     data = secured.path.parent / "data"
     checked = 0
@@ -341,7 +361,9 @@ def test_check_accepts_an_exposed_node_only_with_a_token_auth_and_tls(
         ("waitress", auth + tls, "'waitress' cannot serve TLS"),
         ("granian", auth + tls, None),
     ):
-        path.write_text(f'[cluster]\nserver = "{server}"\n{base}{tables}')
+        # The memory backend: installed in every environment, and `check` opens nothing.
+        storage = '[storage]\nbackend = "memory"\n'
+        path.write_text(f'[cluster]\nserver = "{server}"\n{storage}{base}{tables}')
         status = main(["check", "--config", str(path)])
         out, err = capsys.readouterr()
         if refusal is None:

@@ -196,6 +196,28 @@ BAD = {
         '[cluster]\nreplication = "bogus"\n' + TWO,
         'replication transport "bogus" is not installed',
     ),
+    "metrics port of two nodes on one host": (
+        "[server]\nmetrics_port = 9100\n"
+        + shard("a", 0, "127.0.0.2:1", 'replicas = ["127.0.0.2:2"]')
+        + shard("b", 1, "127.0.0.3:1"),
+        "[server] key 'metrics_port': nodes a/leader and a/replica-0 share the host 127.0.0.2",
+    ),
+    "metrics port is a node's port": (
+        "[server]\nmetrics_port = 1\n" + TWO,
+        "[server] key 'metrics_port': 1 is the port of node a/leader (127.0.0.2:1)",
+    ),
+    "metrics port out of range": (
+        "[server]\nmetrics_port = 70000\n" + TWO,
+        "[server] key 'metrics_port': must be 1-65535, got 70000",
+    ),
+    "metrics port without metrics": (
+        "[server]\nmetrics = false\nmetrics_port = 9100\n" + TWO,
+        "[server] key 'metrics_port': is set while 'metrics' is false",
+    ),
+    "metrics as text": (
+        '[server]\nmetrics = "no"\n' + TWO,
+        "[server] key 'metrics': must be bool, got 'no'",
+    ),
     "unknown log format": (
         '[server]\nlog_format = "xml"\n' + TWO,
         "[server] key 'log_format': must be one of text, json, got 'xml'",

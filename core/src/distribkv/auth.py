@@ -53,7 +53,7 @@ class Authorizer:
         ]
         if cluster_token:
             self._known.append((cluster_token.encode(), ("cluster", ADMIN)))
-        #: The rank ``/status`` needs.
+        #: The rank ``/status`` and ``/metrics`` need.
         self.status_rank = RANKS[status_role]
 
     def identify(self, header: Callable[[str], str | None]) -> Identity | None:

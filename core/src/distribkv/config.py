@@ -28,7 +28,11 @@ The format is the Go original's (``[[shards]]`` with ``name``, ``idx``, ``addres
 
     [auth]                    # role tokens: read, write, admin (secrets never in this file)
     tokens = [{name = "app", role = "write", token_file = "tokens/app"}]
-    status_role = "admin"     # the role /status needs (none, read, write, admin)
+    status_role = "admin"     # the role /status and /metrics need (none, read, write, admin)
+
+    [server]
+    metrics = true            # GET /metrics, Prometheus text (false: no counting at all)
+    metrics_port = 9100       # also serve /metrics on this port of each node's host
 """
 
 from __future__ import annotations
@@ -167,6 +171,11 @@ class ServerConfig:
     forward_timeout: float = 5.0
     #: Largest /batch body in bytes.
     max_batch_bytes: int = 64 * 1024 * 1024
+    #: ``GET /metrics`` (Prometheus text) and the counting behind it; False: neither.
+    metrics: bool = True
+    #: Also serve ``/metrics`` on this port of the node's own host, apart from the client
+    #: port (None: only there).
+    metrics_port: int | None = None
     #: "text" (for people) or "json" (a JSON object per line; see distribkv.logformat).
     log_format: str = "text"
 
@@ -206,8 +215,8 @@ class AuthConfig:
     /batch), ``admin`` (everything, the internal endpoints included)."""
 
     tokens: tuple[TokenSpec, ...]
-    #: The role ``/status`` needs ("none": anyone may read it). ``/cluster``, which clients
-    #: route by, needs ``read``; ``/healthz`` needs nothing.
+    #: The role ``/status`` and ``/metrics`` need ("none": anyone may read them).
+    #: ``/cluster``, which clients route by, needs ``read``; ``/healthz`` needs nothing.
     status_role: str = "admin"
 
 
@@ -444,11 +453,20 @@ def parse_config(text: str, path: Path) -> Config:
             server_table.get("forward_timeout", (int, float), defaults.forward_timeout)
         ),
         max_batch_bytes=server_table.get("max_batch_bytes", int, defaults.max_batch_bytes),
+        metrics=server_table.get("metrics", bool, defaults.metrics),
+        metrics_port=server_table.get("metrics_port", int, None),
         log_format=server_table.choice("log_format", defaults.log_format, LOG_FORMATS),
     )
     for key in attrs.fields_dict(ServerConfig):
-        if key != "log_format" and not getattr(server, key) > 0:
+        if key not in ("metrics", "metrics_port", "log_format") and not getattr(server, key) > 0:
             raise server_table.error(key, "must be > 0")
+    if server.metrics_port is not None:
+        if not 0 < server.metrics_port < 65536:
+            raise server_table.error("metrics_port", f"must be 1-65535, got {server.metrics_port}")
+        if not server.metrics:
+            raise server_table.error(
+                "metrics_port", "is set while 'metrics' is false: remove one of the two"
+            )
     server_table.finish()
 
     coordination = dict(top.get("coordination", dict, {}))
@@ -460,6 +478,8 @@ def parse_config(text: str, path: Path) -> Config:
         raise ConfigError(f"{path}: no [[shards]] defined (at least one is needed)")
     shards = [_parse_shard(path, n, entry) for n, entry in enumerate(shard_list, start=1)]
     _check_layout(path, shards)
+    if server.metrics_port is not None:
+        _check_metrics_port(path, shards, server.metrics_port)
     if cluster.min_replicas > min(len(s.replicas) for s in shards):
         raise ConfigError(
             f"{path}: [cluster] key 'min_replicas': {cluster.min_replicas} is more than the"
@@ -647,6 +667,30 @@ def _check_layout(path: Path, shards: list[ShardConfig]) -> None:
             f"{path}: [[shards]] key 'idx': indexes must be 0..{len(shards) - 1} with no gap"
             f" ({detail})"
         )
+
+
+def _check_metrics_port(path: Path, shards: list[ShardConfig], port: int) -> None:
+    """Each node serves its metrics on its own host at ``port``: no two nodes may share a
+    host, and no node's client address may be a metrics address."""
+    hosts: dict[str, str] = {}
+    for shard in shards:
+        names = ["leader", *(f"replica-{i}" for i in range(len(shard.replicas)))]
+        for name, address in zip(names, (shard.address, *shard.replicas), strict=True):
+            node = f"{shard.name}/{name}"
+            where = f"{path}: [server] key 'metrics_port'"
+            if address.port == port:
+                raise ConfigError(
+                    f"{where}: {port} is the port of node {node} ({address}), which serves"
+                    " clients; choose another port"
+                )
+            if address.host in hosts:
+                raise ConfigError(
+                    f"{where}: nodes {hosts[address.host]} and {node} share the host"
+                    f" {address.host}, so both would serve their metrics on"
+                    f" {address.host}:{port}; give each node a host of its own, or leave"
+                    " metrics_port out (every node serves /metrics on its own port too)"
+                )
+            hosts[address.host] = node
 
 
 def check_plugins(config: Config, registry: PluginRegistry) -> None:

@@ -117,6 +117,16 @@ def serve(node: Node, registry: PluginRegistry, *, announce=print) -> int:
         threading.Thread(target=node.begin_stopping, name="distribkv-stopping", daemon=True).start()
         handle.stop()
 
+    try:
+        metrics_listener = _metrics_listener(node, app)
+    except OSError as exc:
+        app.close()
+        node.close()
+        port = server.metrics_port
+        raise ConfigError(
+            f"{config.path}: [server] key 'metrics_port': node {node.name} cannot serve its"
+            f" metrics on {node.address.host}:{port}: {exc.strerror or exc}"
+        ) from None
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     hooks = registry.manager.hook
     started = False
@@ -135,12 +145,35 @@ def serve(node: Node, registry: PluginRegistry, *, announce=print) -> int:
                 hooks.distribkv_node_stopping(node=node)
         finally:
             node.stop_replication(timeout=server.drain_timeout)
+            if metrics_listener is not None:
+                metrics_listener.stop()
             app.close()
             node.close()
             for sig, old in previous.items():
                 signal.signal(sig, old)
     log.info("node %s stopped", node.name)
     return 0
+
+
+def _metrics_listener(node: Node, app):
+    """The listener of ``[server] metrics_port`` on the node's host, started; None without
+    one. HTTPS with the node's ``[tls]``, and the ``/status`` role with ``[auth]``, as the
+    node's own port."""
+    port = node.config.server.metrics_port
+    if port is None or app.metrics is None:
+        return None
+    from distribkv.metrics.exposition import MetricsListener, server_context
+
+    tls = node.config.tls
+    listener = MetricsListener(
+        node.address.host,
+        port,
+        app.metrics,
+        authorizer=node.authorizer,
+        ssl_context=None if tls is None else server_context(tls),
+    )
+    log.info("node %s serves its metrics on %s:%d too", node.name, node.address.host, port)
+    return listener.start()
 
 
 def healthy(address: str, timeout: float = 1.0, ssl_context: ssl.SSLContext | None = None) -> bool:

@@ -30,6 +30,7 @@ from distribkv.config import (
 from distribkv.coordination import roles
 from distribkv.coordination.api import Coordinator, HandoverUnknown, Leadership, NotLeaderError
 from distribkv.hashing.shardmap import ShardInfo, ShardMap
+from distribkv.metrics.counts import NodeCounts
 from distribkv.plugins import PluginRegistry
 from distribkv.replication.api import NotReplicatedError, ReplicationRole
 from distribkv.replication.leader import LeaderLog
@@ -125,6 +126,8 @@ class Node:
         self.scheme = scheme(config.tls)
         #: What this node calls other nodes with over HTTPS (None without ``[tls]``).
         self.client_tls = node_context(config.tls)
+        #: What the node counts for ``/metrics`` (None with ``[server] metrics = false``).
+        self.metrics: NodeCounts | None = NodeCounts() if config.server.metrics else None
         self.store: Store | None = None
         self.leader_log: LeaderLog | None = None
         self.replication: ReplicationRole | None = None
@@ -165,6 +168,7 @@ class Node:
             replicas=[name for name in self.node_names() if name != mine],
             retention=self.config.cluster.log_retention,
             group_commit=self.config.storage.group_commit,
+            counts=self.metrics,
         )
 
     def node_names(self) -> list[str]:

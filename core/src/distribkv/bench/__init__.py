@@ -162,6 +162,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     bench.add_argument(
         "--work-dir", help="where nodes keep data and logs (default: a temporary directory)"
     )
+    bench.add_argument(
+        "--compare-metrics",
+        type=int,
+        metavar="ROUNDS",
+        help="instead of the workloads: GET throughput of a node with /metrics against the"
+        " same node with [server] metrics = false, per backend and server, both running, wrk"
+        " alternating between them ROUNDS times (medians; e.g. 5)",
+    )
     bench.set_defaults(func=run)
     return bench
 
@@ -259,8 +267,33 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             message = f"distribkv bench: --work-dir {args.work_dir}: {exc.strerror}"
             raise SystemExit(message) from None
+    if args.compare_metrics is not None:
+        if args.node:
+            raise SystemExit("distribkv bench: --compare-metrics starts its own nodes; no --node")
+        if args.compare_metrics < 1:
+            raise SystemExit("distribkv bench: --compare-metrics needs 1 round or more")
     with tempfile.TemporaryDirectory(prefix="distribkv-bench-", dir=args.work_dir) as tmp:
         work = Path(tmp)
+        if args.compare_metrics is not None:
+            results["metrics"] = [
+                runner.compare_metrics(
+                    backend,
+                    server,
+                    work / f"{backend}-{server}",
+                    profile=profile,
+                    durability=args.durability,
+                    host=args.host,
+                    threads=args.threads,
+                    connections=args.connections,
+                    wrk_threads=args.wrk_threads,
+                    value_size=args.value_size,
+                    rounds=args.compare_metrics,
+                    progress=progress,
+                )
+                for backend in backends
+                for server in servers
+            ]
+            backends = []  # the comparison only
         for backend in [] if args.node else backends:
             raw = runner.raw_backend(
                 backend,
@@ -294,7 +327,7 @@ def run(args: argparse.Namespace) -> int:
                 steps.step()
         if args.node:
             _against_node(args, results, runner, work, profile, selected, progress, steps)
-        elif profile.load_test_keys and backends and servers:
+        elif profile.load_test_keys and backends and servers and not results.get("metrics"):
             results["load_test"] = runner.cluster_load_test(
                 work / "load-test",
                 backend=backends[0],
@@ -316,7 +349,7 @@ def run(args: argparse.Namespace) -> int:
         f"\nwrote {out_dir / 'bench.json'}, {out_dir / 'bench.md'}, {out_dir / 'bench.png'}"
         f" in {results['meta']['duration_s']:.0f} s"
     )
-    failed = sum(row.get("errors") or 0 for row in results["rows"])
+    failed = sum(row.get("errors") or 0 for row in results["rows"] + results.get("metrics", []))
     load = results.get("load_test") or {}
     if failed or load.get("errors") or load.get("mismatches"):
         print("distribkv bench: some requests failed (see the errors column)", file=sys.stderr)

@@ -95,7 +95,43 @@ def _text_table(lines: list[list[str]], text_columns: int) -> str:
     return "\n".join(out)
 
 
+METRICS_COLUMNS = [
+    "backend",
+    "server",
+    "GET/s metrics on",
+    "GET/s off",
+    "on / off",
+    "GET/CPU-s on",
+    "GET/CPU-s off",
+    "on / off (CPU)",
+    "rounds",
+    "errors",
+]
+
+
+def metrics_rows(results: dict[str, Any]) -> list[list[str]]:
+    """``--compare-metrics``: GET throughput with ``/metrics`` on and off, medians of the
+    alternating rounds."""
+    return [
+        [
+            row["backend"],
+            row["server"],
+            _num(row["on_rps"]),
+            _num(row["off_rps"]),
+            _num(row["ratio"], 3),
+            _num(row["on_rps_per_cpu"]),
+            _num(row["off_rps_per_cpu"]),
+            _num(row["ratio_per_cpu"], 3),
+            str(row["rounds"]),
+            _num(row["errors"]),
+        ]
+        for row in results.get("metrics", [])
+    ]
+
+
 def table(results: dict[str, Any]) -> str:
+    if results.get("metrics"):
+        return _text_table([METRICS_COLUMNS, *metrics_rows(results)], 2)
     parts = [
         _text_table([COLUMNS, *rows_for_table(results)], 3),
         "",
@@ -135,6 +171,19 @@ def markdown(results: dict[str, Any]) -> str:
         f" {meta['value_size']} bytes, {meta['seconds']:g} s per figure, {meta['connections']}"
         f" connections, durability `{meta['durability']}`, {meta['threads']} server threads.",
         "",
+    ]
+    if results.get("metrics"):
+        lines += [
+            "## GET with metrics on and off",
+            "",
+            _md_table([METRICS_COLUMNS, *metrics_rows(results)]),
+            "",
+            "Two nodes side by side, one with `[server] metrics = false`; wrk alternates"
+            " between them (GET, uniform keys); medians of the rounds.",
+            "",
+        ]
+        return "\n".join(lines)
+    lines += [
         "## GET and SET per backend and server",
         "",
         _md_table(summary_rows(results)),
@@ -166,6 +215,8 @@ def png(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in results["rows"] if r.get("unit") == "req/s"]
+    if not rows:
+        return  # nothing to draw (--compare-metrics)
     configs = sorted({(r["backend"], r["server"]) for r in rows})
     workloads = [w for w in dict.fromkeys(r["workload"] for r in rows)]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(13, 8.5), constrained_layout=True)

@@ -148,6 +148,7 @@ def write_cluster(
     host: str,
     shards: int = 1,
     threads: int = 8,
+    metrics: bool = True,
 ) -> Path:
     lines = [
         "[cluster]",
@@ -159,6 +160,8 @@ def write_cluster(
         "[server]",
         f"threads = {threads}",
     ]
+    if not metrics:
+        lines.append("metrics = false")
     for idx in range(shards):
         lines += [
             "[[shards]]",
@@ -470,6 +473,104 @@ def measure_node(
     for row in rows:
         row.update(backend=backend, server=server)
     return rows
+
+
+# --- metrics on and off -------------------------------------------------------------------
+
+
+def compare_metrics(
+    backend: str,
+    server: str,
+    directory: Path,
+    *,
+    profile: Profile,
+    durability: str,
+    host: str,
+    threads: int,
+    connections: int,
+    wrk_threads: int,
+    value_size: int,
+    rounds: int,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """GET throughput (uniform keys) of a node with ``/metrics`` (the default) and of the
+    same node with ``[server] metrics = false``: both run side by side, loaded alike, and wrk
+    alternates between them ``rounds`` times (on-off, then off-on, ...), so that both see the
+    same machine. The ratio is of the medians, of GETs per second and of GETs per second of
+    the node's CPU."""
+    import statistics
+
+    nodes: dict[str, tuple[str, Child]] = {}
+    try:
+        for label, enabled in (("on", True), ("off", False)):
+            where = directory / f"metrics-{label}"
+            where.mkdir(parents=True, exist_ok=True)
+            config = write_cluster(
+                where,
+                backend=backend,
+                server=server,
+                durability=durability,
+                host=host,
+                threads=threads,
+                metrics=enabled,
+            )
+            nodes[label] = start_nodes(config)[0]
+        names = [key_name(i) for i in range(profile.keys)]
+        for label, (address, _) in nodes.items():
+            progress(f"{backend} + {server}: metrics {label}: batch load of {len(names):,} keys")
+            batch_load(address, names, value_size)
+        runs: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
+        for round_ in range(rounds):
+            order = ("on", "off") if round_ % 2 == 0 else ("off", "on")
+            for label in order:
+                address, child = nodes[label]
+                progress(
+                    f"{backend} + {server}: GET with metrics {label}, round {round_ + 1}/{rounds}"
+                    f" ({profile.seconds:g} s, wrk)"
+                )
+                result = run_wrk(
+                    f"http://{address}",
+                    lua_script(
+                        "get-uniform", keys=len(names), value_size=value_size, read_ratio=1.0
+                    ),
+                    seconds=profile.seconds,
+                    connections=connections,
+                    threads=wrk_threads,
+                    server_pid=child.pid,
+                    workdir=directory,
+                    name=f"metrics-{label}",
+                )
+                rps = result["requests"] / (result["duration_us"] / 1e6)
+                cpu = result["server_cpu"]
+                runs[label].append(
+                    {
+                        "rps": rps,
+                        "rps_per_cpu": rps / cpu if cpu else 0.0,
+                        "errors": sum(result["errors"].values()),
+                    }
+                )
+    finally:
+        for _, child in nodes.values():
+            child.stop()
+
+    def median(label: str, field: str) -> float:
+        return statistics.median(run[field] for run in runs[label])
+
+    on, off = median("on", "rps"), median("off", "rps")
+    on_cpu, off_cpu = median("on", "rps_per_cpu"), median("off", "rps_per_cpu")
+    return {
+        "backend": backend,
+        "server": server,
+        "rounds": rounds,
+        "runs": runs,
+        "on_rps": on,
+        "off_rps": off,
+        "ratio": on / off if off else None,
+        "on_rps_per_cpu": on_cpu,
+        "off_rps_per_cpu": off_cpu,
+        "ratio_per_cpu": on_cpu / off_cpu if off_cpu else None,
+        "errors": sum(run["errors"] for label in runs for run in runs[label]),
+    }
 
 
 # --- the seeds' load test ------------------------------------------------------------------

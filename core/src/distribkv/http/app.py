@@ -9,7 +9,7 @@ are added in one place, :func:`create_app`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import falcon
 
@@ -41,8 +41,12 @@ from distribkv.http.kv import (
 )
 from distribkv.http.limits import Limits
 from distribkv.http.routing import Forwarder, MapCheck, Router
+from distribkv.metrics.counts import RequestCounts
 from distribkv.protocol import MAP_HEADER
 from distribkv.replication.snapshot import SnapshotResource
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
 
 __all__ = ["NodeApp", "create_app", "environ_header"]
 
@@ -78,6 +82,8 @@ class NodeApp:
         kv: KeyValue,
         forwarder: Forwarder,
         auth: Authorizer | None = None,
+        metrics: CollectorRegistry | None = None,
+        request_counts: RequestCounts | None = None,
         closing: Iterable[Any] = (),
     ):
         self.app = app
@@ -85,6 +91,10 @@ class NodeApp:
         self.forwarder = forwarder
         #: With ``[auth]``: the key-value requests are checked here, before they are answered.
         self.auth = auth
+        #: The node's metrics (``/metrics``; None with ``[server] metrics = false``), and the
+        #: requests the serving wrapper counts for them as each ends.
+        self.metrics = metrics
+        self.request_counts = request_counts
         #: Resources that hold threads or connections of their own, closed with the app.
         self.closing = list(closing)
         #: Every path the node answers (the access log's ``route``).
@@ -205,6 +215,14 @@ def create_app(node) -> NodeApp:
     transport = node.registry.replication_transport(node.config.cluster.replication)
     if transport.routes is not None:
         routes += transport.routes(node)
+    counts = node.metrics
+    registry = None
+    if counts is not None:
+        from distribkv.metrics.collector import node_registry
+        from distribkv.metrics.exposition import MetricsResource
+
+        registry = node_registry(node, counts)
+        routes.append(("/metrics", MetricsResource(registry)))
     taken = {path for path, _ in routes}
     for extra in node.registry.manager.hook.distribkv_routes(node=node):
         for path, resource in extra or []:
@@ -214,7 +232,11 @@ def create_app(node) -> NodeApp:
             routes.append((path, resource))
     for path, resource in routes:
         app.add_route(path, resource)
+    if counts is not None:
+        # Every route is a label value of its own; any other path counts as "other".
+        counts.requests = RequestCounts(taken)
+    requests = None if counts is None else counts.requests
     closing = [resource for _, resource in routes if isinstance(resource, ui.DataResource)]
-    node_app = NodeApp(app, kv, forwarder, auth, closing)
+    node_app = NodeApp(app, kv, forwarder, auth, registry, requests, closing)
     node_app.routes = frozenset(taken)
     return node_app

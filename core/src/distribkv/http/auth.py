@@ -24,7 +24,7 @@ _NO_TOKEN = "this request needs a token (Authorization: Bearer <token>)"
 _UNKNOWN_TOKEN = "the token is not known"
 
 #: The rank each client path needs; any other path (the internal endpoints, a plugin's) needs
-#: ``admin``. ``/status`` and ``/ui/data`` need ``[auth] status_role``.
+#: ``admin``. ``/status``, ``/metrics`` and ``/ui/data`` need ``[auth] status_role``.
 PATH_RANKS = {
     "/healthz": NONE,
     "/get": READ,
@@ -39,8 +39,13 @@ PATH_RANKS = {
 }
 
 
+#: What tells how the node is doing (roles, seqs, lag, counts; no key, no value): the rank
+#: ``[auth] status_role`` names.
+STATUS_PATHS = frozenset(("/status", "/metrics", "/ui/data"))
+
+
 def needed_rank(auth: Authorizer, path: str) -> int:
-    if path in ("/status", "/ui/data"):
+    if path in STATUS_PATHS:
         return auth.status_rank
     return PATH_RANKS.get(path, ADMIN)
 

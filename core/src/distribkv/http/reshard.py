@@ -93,6 +93,12 @@ def _pack(resp: falcon.Response, doc) -> None:
     resp.data = msgpack.packb(doc, use_bin_type=True)
 
 
+def _sent(node, count: int) -> None:
+    """Count keys served to a reshard's copy (for ``distribkv_reshard_keys_sent_total``)."""
+    if count and node.metrics is not None:
+        node.metrics.bump("reshard_keys_sent", count)
+
+
 def _hold_name(transition: Transition) -> str:
     return f"reshard:{transition.id}"
 
@@ -257,6 +263,7 @@ class ScanResource(_Endpoint):
             old, new = transition.owners(key)
             if old == me and new != me:
                 pairs.append([key, value, new])
+        _sent(node, len(pairs))
         _pack(
             resp,
             {
@@ -297,6 +304,7 @@ class LogResource(_Endpoint):
             old, new = transition.owners(key)
             if old == me and new != me:
                 out.append([seq, op, key, value, new])
+        _sent(node, len(out))
         _pack(resp, {"entries": out, "last": last, "committed": committed})
 
 
@@ -316,6 +324,8 @@ class IngestResource(_Endpoint):
             raise ApiError(falcon.HTTP_400, "bad request", f"not an ingest batch: {exc}") from None
         if ops:
             node.write(ops, client=False)
+            if node.metrics is not None:
+                node.metrics.bump("reshard_keys_received", len(ops))
         resp.media = {"node": node.name, "applied": len(ops)}
 
 

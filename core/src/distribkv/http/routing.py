@@ -75,6 +75,7 @@ class Forwarder:
     def __init__(self, node):
         server = node.config.server
         self.me = node.name
+        self.counts = node.metrics
         self.client = HttpClient(
             server.forward_timeout,
             per_address=server.threads,
@@ -103,9 +104,15 @@ class Forwarder:
         authorization = header("authorization")
         if authorization:
             headers["Authorization"] = authorization
+        counts = self.counts
+        if counts is not None:
+            counts.add(counts.forwards, owner.name)
         try:
             response = self.client.request(address, method, target, body, headers)
         except RequestFailed as exc:
+            if counts is not None:
+                reason = "timeout" if exc.timed_out else "unreachable"
+                counts.add(counts.forward_failures, (owner.name, reason))
             if exc.timed_out:
                 raise ApiError(
                     falcon.HTTP_504, "owner timed out", f"shard {owner.name!r} at {address}: {exc}"
@@ -129,6 +136,7 @@ class Router:
         self.forwarder = forwarder
         self.redirects = node.config.cluster.routing == "redirect"
         self.scheme = node.scheme
+        self.counts = node.metrics
 
     def leads(self, key: bytes) -> bool:
         """True if this node is the leader of ``key``'s shard and no reshard is under way: the
@@ -179,11 +187,17 @@ class Router:
                     leader=leader,
                 )
         elif header(HOP) is not None:
+            if self.counts is not None:
+                self.counts.bump("misdirected")
             raise misdirected(owner, node.leader_of(owner) or "?", node.name)
         # Another shard's key, a write to a replica (redirect mode) or a leader-only read.
         target = f"{path}?{query}" if query else path
         leader = leader_or_503(node, owner)
         if self.redirects:
+            counts = self.counts
+            if counts is not None:
+                reason = "not_leader" if owner.name == me.name else "wrong_shard"
+                counts.add(counts.redirects, reason)
             if owner.name == me.name:  # a write to this replica, or a read for the leader
                 what = "a write" if write else f"a read with {READ_HEADER}: leader"
                 return redirect(

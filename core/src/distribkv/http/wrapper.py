@@ -6,7 +6,9 @@ answered (WSGI, ``Listen.direct``, or later through a completion):
 - it counts the requests in flight, so that ``stop()`` can wait for them, and once the node is
   closing it answers 503 without calling the application;
 - it writes one access-log line per request, when the request ends (for a deferred one: when
-  its answer is finished, from whichever thread finishes it);
+  its answer is finished, from whichever thread finishes it), and counts it for the node's
+  metrics (``app.request_counts``, a :class:`~distribkv.metrics.counts.RequestCounts`, when
+  the application has one);
 - a deferred request (``environ[DEFER]``, or ``defer`` of ``Listen.direct``) is finished once:
   a second finish is ignored, and a request that fails after deferring is answered 500 here.
 """
@@ -22,6 +24,7 @@ from typing import Any
 from distribkv.http.accesslog import AccessLog, query_key
 from distribkv.http.api import DEFER, DEFERRED, Completion, Direct, Header, as_wsgi, error_answer
 from distribkv.logformat import json_formatter
+from distribkv.metrics.counts import RequestCounts
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("distribkv.access")
@@ -53,6 +56,8 @@ class ServingWrapper:
             self.access = AccessLog(json=formatter, routes=getattr(app, "routes", ()))
             self.sized = formatter is not None
             self.keys = access_log.isEnabledFor(logging.DEBUG)
+        #: Requests by route, status and latency, counted when each ends (None: not counted).
+        self.requests: RequestCounts | None = getattr(app, "request_counts", None)
 
     def refuse(self) -> None:
         """From now on answer 503 without calling the application (the node is closing)."""
@@ -176,17 +181,22 @@ class ServingWrapper:
         size: int = -1,
         key: str | None = None,
     ) -> None:
-        """A request ends: it is counted out and gets its access-log line (``size``: its
-        answer's body, -1 when not counted; ``key`` only at debug level)."""
+        """A request ends: it is counted out (and counted for the metrics) and gets its
+        access-log line (``size``: its answer's body, -1 when not counted; ``key`` only at
+        debug level)."""
+        seconds = time.monotonic() - started
+        requests = self.requests
         with self._lock:
             self.in_flight -= 1
+            if requests is not None:  # under the lock: exact counts, and no lock of its own
+                requests.count(path, status, seconds)
         if self.access is not None:
             self.access.add(
                 remote,
                 method,
                 path,
                 status.split(" ", 1)[0],
-                (time.monotonic() - started) * 1000,
+                seconds * 1000,
                 size,
                 key,
             )

@@ -14,9 +14,11 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from distribkv.metrics.counts import NodeCounts
 from distribkv.replication.logstore import LogStore
 from distribkv.storage.api import Op
 from distribkv.storage.errors import BackendClosedError
@@ -50,9 +52,13 @@ class _Pending:
 class GroupCommitter:
     """The queue of writes of one leader's log, and who applies them when."""
 
-    def __init__(self, log_store: LogStore, *, group_commit: bool = True):
+    def __init__(
+        self, log_store: LogStore, *, group_commit: bool = True, counts: NodeCounts | None = None
+    ):
         self.log = log_store
         self.group_commit = group_commit
+        #: Where each group's size and apply time are counted (None: not counted).
+        self.counts = counts
         self._queue_lock = threading.Lock()
         self._flushed = threading.Condition(self._queue_lock)
         self._queue: list[_Pending] = []
@@ -167,8 +173,11 @@ class GroupCommitter:
                 group = [self._queue.pop(0)]
         successor = None
         lead_next = False
+        started = time.monotonic()
         try:
             self._flush(group)
+            if self.counts is not None:  # one group at a time: no lock needed
+                self.counts.committed(len(group), time.monotonic() - started)
         finally:
             try:
                 interrupted = [pending for pending in group if not pending.done]

@@ -362,6 +362,9 @@ class Follower(LoopRole):
         self.applied_check = None
         self.needs_resync = False
         self.resyncs += 1
+        counts = getattr(self.node, "metrics", None)
+        if counts is not None:
+            counts.bump("resyncs")
         return True
 
 

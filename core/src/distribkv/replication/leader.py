@@ -19,6 +19,7 @@ from distribkv.http.admin import require_token
 from distribkv.http.errors import ApiError
 from distribkv.http.params import query_params
 from distribkv.httpclient import Backoff
+from distribkv.metrics.counts import NodeCounts
 from distribkv.replication.api import LoopRole
 from distribkv.replication.committer import GroupCommitter
 from distribkv.replication.logstore import LogStore
@@ -42,11 +43,12 @@ class LeaderLog:
         replicas: Sequence[str],
         retention: int,
         group_commit: bool = True,
+        counts: NodeCounts | None = None,
     ):
         self.store = store
         self.retention = retention
         self.log = LogStore(store, sync=sync)
-        self.committer = GroupCommitter(self.log, group_commit=group_commit)
+        self.committer = GroupCommitter(self.log, group_commit=group_commit, counts=counts)
         self.progress = ProgressTracker(replicas)
 
     @property

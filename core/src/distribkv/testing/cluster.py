@@ -61,6 +61,7 @@ __all__ = [
     "allocate_hosts",
     "call",
     "free_port",
+    "free_port_on",
     "node_addresses",
     "q",
     "serving",
@@ -96,6 +97,22 @@ def free_port(host: str) -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def free_port_on(hosts: list[str]) -> int:
+    """A TCP port nothing listens on at any of ``hosts`` now (one port that several nodes
+    each bind on their own host, as ``[server] metrics_port``)."""
+    for _ in range(20):
+        port = free_port(hosts[0])
+        for host in hosts[1:]:
+            with socket.socket() as probe:
+                try:
+                    probe.bind((host, port))
+                except OSError:
+                    break
+        else:
+            return port
+    raise RuntimeError(f"no port is free on all of {', '.join(hosts)}")
 
 
 class HostRange:
