@@ -1,7 +1,8 @@
 """The cluster page (``GET /ui``) in a real browser: Debian's chromium, headless, driven by
 Selenium through chromium-driver, against a `distribkv launch` cluster of real nodes.
 
-What the page shows is checked against each node's own ``/status``; a node killed by its PID
+What the page shows is checked against each node's own ``/status``, and its throughput chart
+draws a line once requests were made between two of its polls; a node killed by its PID
 (the launcher runs with ``--max-restarts 0``, so it stays down) and a node that hangs (SIGSTOP:
 its kernel still accepts connections, nothing answers) are shown as down within a bounded
 wait, while the page keeps refreshing; when the node that serves the page goes, the page says
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from distribkv.hashing.modulo import fnv1_64
-from distribkv.testing.cluster import Cluster, call, q, wait_until, write_config
+from distribkv.testing.cluster import Cluster, Connection, call, q, wait_until, write_config
 
 #: How long the page may take to show a change: a poll every 2 s, a gathering's deadline of
 #: 1.5 s, and room for a busy machine.
@@ -95,6 +96,21 @@ def shown_at(driver) -> float:
     return float(driver.execute_script("return document.body.dataset.at || 0"))
 
 
+def line_pixels(driver) -> int:
+    """Pixels of the throughput chart in the requests/s colour: its legend, and its line once
+    it has one."""
+    return driver.execute_script(
+        """
+        const canvas = document.getElementById('throughput');
+        const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+        let n = 0;
+        for (let i = 0; i < data.length; i += 4)
+          if (data[i] === 0x2e && data[i + 1] === 0x6f && data[i + 2] === 0xdb) n += 1;
+        return n;
+        """
+    )
+
+
 def key_of(shard: int, n: int) -> bytes:
     """The ``n``-th key of ``page-*`` that shard ``shard`` of two owns (modulo hashing)."""
     found = 0
@@ -151,9 +167,24 @@ def test_the_page_shows_every_node_and_marks_dead_and_hung_nodes_down(
         assert shown["shard-0/replica-0"]["lag"].startswith("0 ")
         assert shard_health(browser) == {"shard-0": "ok", "shard-1": "ok"}
         assert browser.find_element("id", "fingerprint").text == status(page)["fingerprint"]
-        # No node serves /metrics yet: the charts say so instead of drawing nothing.
-        assert browser.find_element("id", "charts").get_attribute("data-metrics") == "no"
-        assert "no metrics" in browser.find_element("id", "metrics-note").text
+        # Requests between two polls make a rate: the chart draws its line.
+        legend_only = line_pixels(browser)
+        key = key_of(1, 0)
+        with Connection(addresses["shard-1/leader"]) as conn:
+            for _ in range(200):
+                assert conn.call("GET", f"/get?key={q(key)}").status == 200
+        wait_until(
+            lambda: float(rows(browser)["shard-1/leader"]["rps"] or 0) > 0,
+            SHOWN_WITHIN,
+            message="the page shows shard-1's requests per second",
+        )
+        assert browser.find_element("id", "charts").get_attribute("data-metrics") == "yes"
+        assert browser.find_element("id", "metrics-note").text.startswith("now: ")
+        wait_until(
+            lambda: line_pixels(browser) > legend_only + 20,
+            SHOWN_WITHIN,
+            message="the throughput chart draws a line",
+        )
 
         # A node killed by its PID: down, and its shard degraded.
         os.kill(pids["shard-0/replica-0"], signal.SIGKILL)
