@@ -5,6 +5,7 @@ serve``), :class:`Launcher` runs every node of a cluster file as a child process
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import resource
 import signal
@@ -138,6 +139,11 @@ def serve(node: Node, registry: PluginRegistry, *, announce=print) -> int:
             f"node {node.name} ({node.role}, {node.backend_name}) serving on"
             f" {node.scheme}://{node.address} with {spec.name}",
         )
+        # What start-up made (modules, the application, the plugins, prometheus-client's
+        # registry) lives as long as the node: out of the collector's sight, a full collection
+        # no longer walks it while requests wait.
+        gc.collect()
+        gc.freeze()
         handle.run()
     finally:
         try:

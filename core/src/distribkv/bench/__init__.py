@@ -170,6 +170,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
         " same node with [server] metrics = false, per backend and server, both running, wrk"
         " alternating between them ROUNDS times (medians; e.g. 5)",
     )
+    bench.add_argument(
+        "--pin",
+        action="store_true",
+        help="run every node on CPU 0 and wrk on CPU 1 (taskset): on a machine with other work,"
+        " figures that vary less from run to run, at the cost of the node's use of more cores",
+    )
     bench.set_defaults(func=run)
     return bench
 
@@ -206,12 +212,31 @@ def _check_tools() -> None:
         raise SystemExit(f"distribkv bench: {exc}") from None
 
 
+def _pin() -> None:
+    """Nodes on CPU 0, wrk on CPU 1, each started under taskset."""
+    import os
+    import shutil
+
+    from distribkv.bench import runner, wrk
+
+    taskset = shutil.which("taskset")
+    if taskset is None:
+        raise SystemExit("distribkv bench: --pin needs taskset (Debian: util-linux)")
+    cpus = os.sched_getaffinity(0)
+    if not {0, 1} <= cpus:
+        raise SystemExit(f"distribkv bench: --pin needs CPUs 0 and 1; this process may use {cpus}")
+    runner.NODE_PREFIX = [taskset, "-c", "0"]
+    wrk.WRK_PREFIX = [taskset, "-c", "1"]
+
+
 def run(args: argparse.Namespace) -> int:
     from distribkv.bench import report, runner
     from distribkv.client import BATCH_OPS
     from distribkv.plugins import load_plugins
 
     _check_tools()
+    if args.pin:
+        _pin()
     registry = load_plugins()
     installed = registry.names("storage")
     backends = (

@@ -174,6 +174,10 @@ def write_cluster(
     return path
 
 
+#: A command every node runs under (``--pin``: taskset to CPU 0); empty: none.
+NODE_PREFIX: list[str] = []
+
+
 def start_nodes(config_path: Path) -> list[tuple[str, Child]]:
     """Every leader of ``config_path`` as a ``distribkv serve`` process; (address, child)."""
     from distribkv.config import load_config
@@ -185,6 +189,7 @@ def start_nodes(config_path: Path) -> list[tuple[str, Child]]:
             address = str(shard.address)
             child = Child(
                 [
+                    *NODE_PREFIX,
                     sys.executable,
                     "-m",
                     "distribkv",

@@ -184,6 +184,10 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+#: A command wrk runs under (``--pin``: taskset to CPU 1); empty: none.
+WRK_PREFIX: list[str] = []
+
+
 def run_wrk(
     url: str,
     script: str,
@@ -213,7 +217,9 @@ def run_wrk(
     server_before = _cpu_seconds(server_pid) if server_pid else 0.0
     children_before = _children_cpu()
     started = time.monotonic()
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [*WRK_PREFIX, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         out, err = process.communicate(timeout=seconds + 60)
     except subprocess.TimeoutExpired:
