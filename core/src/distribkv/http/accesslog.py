@@ -1,4 +1,11 @@
-"""The access log: one line per request, written in batches by a thread of its own."""
+"""The access log: one line per request, written in batches by a thread of its own.
+
+The thread formats lines in Python, holding the GIL, while the serving thread waits for it to
+answer the next request: at 20,000 requests a second, a flush of one 0.1 s batch at once held
+it for 2 to 5 ms, ten times a second, and a GET's p99 was that wait. So a batch is formatted and
+written in chunks of :data:`CHUNK` lines (about 0.1 ms each), with a pause of :data:`PAUSE`
+seconds between two chunks in which the serving thread has the GIL to itself.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,15 @@ from collections.abc import Collection
 
 from distribkv.logformat import JsonFormatter
 
-__all__ = ["AccessLog", "query_key"]
+__all__ = ["CHUNK", "PAUSE", "AccessLog", "query_key"]
+
+#: Lines formatted and written at a time (about 0.1 ms of the GIL in text, 0.2 ms in JSON).
+CHUNK = 128
+#: Seconds the thread sleeps between two chunks of a batch, letting go of the GIL. A write of
+#: the stream lets go of it too, but on a busy core the thread takes it back before the
+#: serving thread runs; a sleep hands it over. 1,000 chunks a second still write well over
+#: 100,000 lines a second.
+PAUSE = 0.0005
 
 
 class AccessLog:
@@ -25,19 +40,28 @@ class AccessLog:
     the formatter's fields (node, shard) and ``method``, ``path``, ``route`` (the path if
     ``routes`` has it, else null: a low-cardinality name), ``status``, ``duration_ms``,
     ``bytes`` (of the answer's body) and ``remote``; ``key`` only when the caller passes it
-    (at debug level). Never a value."""
+    (at debug level). Never a value.
+
+    Every ``interval`` seconds the thread writes what is pending, ``chunk`` lines at a time
+    with a ``pause`` between two chunks (see the module's docstring)."""
 
     def __init__(
         self,
         stream=None,
         *,
         interval: float = 0.1,
+        chunk: int = CHUNK,
+        pause: float = PAUSE,
         max_pending: int = 100_000,
         json: JsonFormatter | None = None,
         routes: Collection[str] = (),
     ):
         self.stream = stream
+        if chunk < 1:
+            raise ValueError(f"chunk must be at least 1 line, not {chunk}")
         self.interval = interval
+        self.chunk = chunk
+        self.pause = pause
         self.max_pending = max_pending
         self.json = json
         self.routes = frozenset(routes)
@@ -73,9 +97,17 @@ class AccessLog:
                 self.pending.clear()
 
     def flush(self) -> None:
-        pending = self.pending
-        count = len(pending)  # what is there now: one bounded batch
-        lines = self._json_lines(count) if self.json is not None else self._text_lines(count)
+        """Write what is pending now (one bounded batch), ``chunk`` lines at a time. Between
+        two chunks the thread pauses, unless the log is closing (then the rest goes at once)."""
+        left = len(self.pending)
+        while left > 0:
+            count = min(left, self.chunk)
+            left -= count
+            self._write(
+                self._json_lines(count) if self.json is not None else self._text_lines(count)
+            )
+            if left and self.pause > 0 and not self._wake.is_set():
+                time.sleep(self.pause)
         if self.dropped:
             dropped, self.dropped = self.dropped, 0
             message = f"{dropped} access-log lines dropped"
@@ -83,9 +115,11 @@ class AccessLog:
                 line = self.json.line(
                     time.time(), "WARNING", "distribkv.access", {"message": message}
                 )
-                lines.append(line + "\n")
+                self._write([line + "\n"])
             else:
-                lines.append(f"WARNING distribkv.access: {message}\n")
+                self._write([f"WARNING distribkv.access: {message}\n"])
+
+    def _write(self, lines: list[str]) -> None:
         if lines:
             stream = self.stream or sys.stderr
             try:
