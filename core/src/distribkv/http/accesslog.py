@@ -15,7 +15,7 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from distribkv.logformat import JsonFormatter
 
@@ -52,6 +52,7 @@ class AccessLog:
         interval: float = 0.1,
         chunk: int = CHUNK,
         pause: float = PAUSE,
+        sleep: Callable[[float], object] = time.sleep,
         max_pending: int = 100_000,
         json: JsonFormatter | None = None,
         routes: Collection[str] = (),
@@ -62,6 +63,7 @@ class AccessLog:
         self.interval = interval
         self.chunk = chunk
         self.pause = pause
+        self._sleep = sleep
         self.max_pending = max_pending
         self.json = json
         self.routes = frozenset(routes)
@@ -107,7 +109,7 @@ class AccessLog:
                 self._json_lines(count) if self.json is not None else self._text_lines(count)
             )
             if left and self.pause > 0 and not self._wake.is_set():
-                time.sleep(self.pause)
+                self._sleep(self.pause)
         if self.dropped:
             dropped, self.dropped = self.dropped, 0
             message = f"{dropped} access-log lines dropped"
