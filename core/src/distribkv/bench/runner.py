@@ -198,7 +198,9 @@ def start_nodes(config_path: Path, *, replicas: bool = False) -> list[tuple[str,
     from distribkv.config import load_config
 
     config = load_config(config_path)
-    nodes = [(shard, None, shard.address) for shard in config.shards]
+    nodes: list[tuple[Any, int | None, Any]] = [
+        (shard, None, shard.address) for shard in config.shards
+    ]
     if replicas:
         nodes += [
             (shard, n, address)
@@ -209,7 +211,7 @@ def start_nodes(config_path: Path, *, replicas: bool = False) -> list[tuple[str,
     try:
         for shard, replica, where in nodes:
             address = str(where)
-            extra = [] if replica is None else ["--replica", str(replica)]
+            extra: list[str] = [] if replica is None else ["--replica", str(replica)]
             name = shard.name if replica is None else f"{shard.name}-replica-{replica}"
             child = Child(
                 [
