@@ -113,11 +113,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--workloads",
-        help="comma-separated workloads (default: all): "
+        help="comma-separated workloads (default: every one-node workload): "
         + ", ".join([*(w.name for w in WORKLOADS), *FORWARDED])
-        + "; get-forwarded and set-forwarded run on a cluster of two shards with a replica each"
-        ' and routing = "proxy": wrk sends every request to the node that does not own its key,'
-        " and the owner's direct GET or SET is measured beside it in the same run",
+        + "; get-forwarded and set-forwarded (only when named) run on a cluster of two shards"
+        ' with a replica each and routing = "proxy": wrk sends every request to the node that'
+        " does not own its key, and the owner's direct GET or SET is measured beside it in the"
+        " same run",
     )
     bench.add_argument(
         "--connections", type=int, default=16, help="wrk connections (default: %(default)s)"
@@ -257,8 +258,11 @@ def run(args: argparse.Namespace) -> int:
         raw_seconds=min(base.raw_seconds, args.seconds or base.raw_seconds),
         load_test_keys=base.load_test_keys if args.load_test_keys is None else args.load_test_keys,
     )
-    workloads = _names(
-        args.workloads, [*(w.name for w in runner.WORKLOADS), *runner.FORWARDED], "workloads"
+    one_node = [w.name for w in runner.WORKLOADS]
+    workloads = (
+        _names(args.workloads, [*one_node, *runner.FORWARDED], "workloads")
+        if args.workloads
+        else one_node
     )
     selected = [w for w in runner.WORKLOADS if w.name in workloads]
     forwarded = [name for name in runner.FORWARDED if name in workloads]
