@@ -149,7 +149,12 @@ def write_cluster(
     shards: int = 1,
     threads: int = 8,
     metrics: bool = True,
+    replicas: int = 0,
+    hashing: str | None = None,
+    file_name: str = "sharding.toml",
 ) -> Path:
+    """A cluster file on free ports of ``host``: ``shards`` leaders named s0, s1, ..., each
+    with ``replicas`` replicas (which :func:`start_nodes` does not start)."""
     lines = [
         "[cluster]",
         f'server = "{server}"',
@@ -160,6 +165,8 @@ def write_cluster(
         "[server]",
         f"threads = {threads}",
     ]
+    if hashing is not None:
+        lines.insert(1, f'hashing = "{hashing}"')
     if not metrics:
         lines.append("metrics = false")
     for idx in range(shards):
@@ -169,13 +176,44 @@ def write_cluster(
             f"idx = {idx}",
             f'address = "{host}:{free_port(host)}"',
         ]
-    path = directory / "sharding.toml"
+        if replicas:
+            addresses = ", ".join(f'"{host}:{free_port(host)}"' for _ in range(replicas))
+            lines.append(f"replicas = [{addresses}]")
+    path = directory / file_name
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 #: A command every node runs under (``--pin``: taskset to CPU 0); empty: none.
 NODE_PREFIX: list[str] = []
+
+
+def node_child(config_path: Path, shard: str, replica: int | None = None) -> Child:
+    """A ``distribkv serve`` process of one node of ``config_path``, not started yet."""
+    from distribkv.config import load_config
+
+    config = load_config(config_path)
+    node = config.node(shard, replica)
+    name = "leader" if replica is None else f"replica-{replica}"
+    cmd = [
+        *NODE_PREFIX,
+        sys.executable,
+        "-m",
+        "distribkv",
+        "serve",
+        "--config",
+        str(config_path),
+        "--shard",
+        shard,
+    ]
+    if replica is not None:
+        cmd += ["--replica", str(replica)]
+    return Child(
+        cmd,
+        config_path.parent / (f"{shard}.log" if replica is None else f"{shard}-{name}.log"),
+        f"http://{node.address}/healthz",
+        f"node {shard} {name} ({config.storage.backend}, {config.cluster.server})",
+    )
 
 
 def start_nodes(config_path: Path) -> list[tuple[str, Child]]:
@@ -186,24 +224,8 @@ def start_nodes(config_path: Path) -> list[tuple[str, Child]]:
     started: list[tuple[str, Child]] = []
     try:
         for shard in config.shards:
-            address = str(shard.address)
-            child = Child(
-                [
-                    *NODE_PREFIX,
-                    sys.executable,
-                    "-m",
-                    "distribkv",
-                    "serve",
-                    "--config",
-                    str(config_path),
-                    "--shard",
-                    shard.name,
-                ],
-                config_path.parent / f"{shard.name}.log",
-                f"http://{address}/healthz",
-                f"node {shard.name} ({config.storage.backend}, {config.cluster.server})",
-            )
-            started.append((address, child.start()))
+            child = node_child(config_path, shard.name)
+            started.append((str(shard.address), child.start()))
     except BaseException:
         for _, child in started:
             child.stop()
