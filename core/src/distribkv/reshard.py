@@ -356,10 +356,15 @@ class Reshard:
 
     def copy(self, plan: dict) -> dict[str, int]:
         """Clean the targets, copy every source, catch up; return each source's replayed seq."""
-        for shard in self.target.shards:
-            name, leader = shard.name, shard.leader
-            doc = self.call(leader, "POST", "/reshard/clean", {"id": self.id})[1]
+        # Each target leader scans all of its keys for stale copies: in parallel, so that the
+        # wait is the largest shard's scan, not the sum of them all.
+        leaders = {shard.leader: shard.name for shard in self.target.shards}
+        cleaned = self._for_nodes(
+            lambda a: self.call(a, "POST", "/reshard/clean", {"id": self.id})[1], list(leaders)
+        )
+        for leader, doc in cleaned.items():
             if doc["deleted"]:
+                name = leaders[leader]
                 self.say(f"  {name}: dropped {doc['deleted']:,} stale copies of arriving keys")
         progress = Progress(self.out, "  copy", plan["moved"])
         leaders = [s.leader for s in self.source.shards]

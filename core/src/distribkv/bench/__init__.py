@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -548,6 +549,8 @@ def _scale(args: argparse.Namespace) -> int:
                     reshard_max=reshard_max,
                     steps=steps,
                 )
+                # A backend's data goes before the next one's (10^8 keys take tens of GB).
+                shutil.rmtree(Path(tmp) / backend, ignore_errors=True)
                 # Each backend's figures are kept as soon as they exist.
                 results["meta"]["duration_s"] = time.monotonic() - started
                 runner.dump_json(out_dir / "scale.json", results)
