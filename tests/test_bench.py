@@ -236,6 +236,7 @@ def test_bench_scale_grows_one_node_and_measures_every_figure_at_each_size(
         assert step["resync_s"] > 0 and step["resync"]["replica_disk_bytes"] > 0
     reshard = steps[0]["reshard"]
     assert 0 < reshard["moved"] < 2000 and reshard["s_per_million"] > 0
+    assert any("purge" in line for line in reshard["output"])  # its lines, timed
     assert "reshard" not in steps[1]  # above --scale-reshard-max
     markdown = (out / "scale.md").read_text()
     assert "| backend | keys |" in markdown and f"| {backend_name} | 5k |" in markdown

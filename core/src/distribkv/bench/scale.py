@@ -202,6 +202,38 @@ def _resync(config: Path, keys: int, progress) -> dict[str, Any]:
         shutil.rmtree(node.data_dir, ignore_errors=True)
 
 
+def _timed_lines(cmd: list[str], timeout: float) -> tuple[list[str], int, str]:
+    """Run ``cmd``; its standard error as lines, each prefixed with the seconds since the
+    start at which it came, its exit status and its standard output."""
+    import threading
+
+    started = time.perf_counter()
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    chunks: list[str] = []
+
+    def read_out() -> None:
+        assert process.stdout is not None
+        chunks.append(process.stdout.read())
+
+    reader = threading.Thread(target=read_out, daemon=True)
+    reader.start()
+    # Bounded: a process that outlives the timeout is killed, which ends its output.
+    killer = threading.Timer(timeout, process.kill)
+    killer.start()
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.append(f"{time.perf_counter() - started:8.2f}  {line.rstrip()}")
+        code = process.wait(timeout=30)
+    finally:
+        killer.cancel()
+    if time.perf_counter() - started >= timeout:
+        raise runner.BenchError(f"{' '.join(cmd[3:5])} did not finish in {timeout:.0f}s")
+    reader.join(timeout=10)
+    return lines, code, "".join(chunks)
+
+
 def _reshard(
     directory: Path,
     *,
@@ -239,17 +271,10 @@ def _reshard(
         rate = load(seed, 0, keys, values, steps.counter(f"  reshard: load of {keys:,} keys", keys))
         steps.say(f"  reshard: {keys:,} keys loaded ({rate:,.0f} keys/s); 2 -> 3 shards")
         cmd = [sys.executable, "-m", "distribkv", "reshard", "--from", str(old), "--to", str(new)]
-        started = time.perf_counter()
-        done = subprocess.run(
-            [*cmd, "--json"],
-            capture_output=True,
-            text=True,
-            timeout=max(600.0, keys / 1_000),
-        )
-        wall = time.perf_counter() - started
-        if done.returncode != 0:
-            raise runner.BenchError(f"distribkv reshard failed: {done.stderr[-2000:]}")
-        result = json.loads(done.stdout)
+        output, code, stdout = _timed_lines([*cmd, "--json"], max(600.0, keys / 1_000))
+        if code != 0:
+            raise runner.BenchError("distribkv reshard failed:\n" + "\n".join(output[-30:]))
+        result = json.loads(stdout)
     finally:
         for child in children:
             child.stop()
@@ -261,7 +286,8 @@ def _reshard(
         "hashing": "ring",
         "moved": moved,
         "seconds": seconds,
-        "wall_s": wall,
+        # Its lines, each after the seconds at which it came: where the time went.
+        "output": output,
         "s_per_million": seconds / (keys / 1e6),
         "moved_per_s": moved / seconds if seconds else None,
     }
