@@ -75,6 +75,21 @@ def free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
+def free_ports(host: str, count: int) -> list[int]:
+    """``count`` distinct free ports: all bound at once, so the kernel cannot hand out one of
+    them twice (as :func:`free_port` called in a row may)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sockets.append(sock)
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def _tail(path: Path, size: int = 2000) -> str:
     try:
         return path.read_text(errors="replace")[-size:]
@@ -169,15 +184,16 @@ def write_cluster(
         lines.insert(1, f'hashing = "{hashing}"')
     if not metrics:
         lines.append("metrics = false")
+    ports = iter(free_ports(host, shards * (1 + replicas)))
     for idx in range(shards):
         lines += [
             "[[shards]]",
             f'name = "s{idx}"',
             f"idx = {idx}",
-            f'address = "{host}:{free_port(host)}"',
+            f'address = "{host}:{next(ports)}"',
         ]
         if replicas:
-            addresses = ", ".join(f'"{host}:{free_port(host)}"' for _ in range(replicas))
+            addresses = ", ".join(f'"{host}:{next(ports)}"' for _ in range(replicas))
             lines.append(f"replicas = [{addresses}]")
     path = directory / file_name
     path.write_text("\n".join(lines) + "\n")
