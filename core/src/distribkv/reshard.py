@@ -358,13 +358,13 @@ class Reshard:
         """Clean the targets, copy every source, catch up; return each source's replayed seq."""
         # Each target leader scans all of its keys for stale copies: in parallel, so that the
         # wait is the largest shard's scan, not the sum of them all.
-        leaders = {shard.leader: shard.name for shard in self.target.shards}
+        targets = {shard.leader: shard.name for shard in self.target.shards}
         cleaned = self._for_nodes(
-            lambda a: self.call(a, "POST", "/reshard/clean", {"id": self.id})[1], list(leaders)
+            lambda a: self.call(a, "POST", "/reshard/clean", {"id": self.id})[1], list(targets)
         )
         for leader, doc in cleaned.items():
             if doc["deleted"]:
-                name = leaders[leader]
+                name = targets[leader]
                 self.say(f"  {name}: dropped {doc['deleted']:,} stale copies of arriving keys")
         progress = Progress(self.out, "  copy", plan["moved"])
         leaders = [s.leader for s in self.source.shards]
