@@ -254,3 +254,28 @@ def test_scale_sizes_must_be_whole_and_increasing():
     for bad in ("1e5,1e4", "1e5,1e5", "1.5", "lots", "1"):
         with pytest.raises(ValueError, match="--scale-sizes"):
             parse_sizes(bad)
+
+
+@needs_wrk
+def test_bench_scale_refuses_sizes_the_disk_cannot_hold_before_it_starts(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distribkv",
+            "bench",
+            "--scale",
+            "--scale-sizes",
+            "1e5,1e13",
+            "--out",
+            str(tmp_path / "out"),
+            "--work-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "needs about" in result.stderr and "--work-dir" in result.stderr
+    assert not (tmp_path / "out" / "scale.json").exists()
