@@ -479,11 +479,9 @@ def _scale(args: argparse.Namespace) -> int:
         )
     registry = load_plugins()
     installed = registry.names("storage")
-    backends = (
-        _names(args.backends, installed, "backends")
-        if args.backends
-        else [b for b in installed if b != "memory"]
-    )
+    # Every figure after a restart needs the data to survive it: persistent engines only.
+    persistent = [b for b in installed if registry.storage_backend(b).capabilities.persistent]
+    backends = _names(args.backends, persistent, "persistent backends")
     servers = _names(args.servers, registry.names("server"), "servers")
     server = servers[0] if args.servers else "waitress"
     try:
