@@ -115,7 +115,7 @@ PANELS = [
         True,
     ),
     ("disk per key", "bytes", lambda s: s["disk_bytes_per_key"], False),
-    ("start-up to /healthz", "seconds", lambda s: s["startup_s"], True),
+    ("start-up to /healthz", "seconds", lambda s: s["startup_s"], False),
     ("resync of a new replica", "seconds", lambda s: s.get("resync_s"), True),
     (
         "reshard 2 -> 3 shards",
