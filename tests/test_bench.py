@@ -86,6 +86,55 @@ def test_bench_measures_every_workload_with_its_ratios_and_writes_its_files(
     assert "GET" in result.stdout and "load test: 300 random keys" in result.stdout
 
 
+@needs_wrk
+def test_bench_measures_forwarded_requests_beside_the_owners(tmp_path, hosts, backend_name):
+    if backend_name == "memory":
+        pytest.skip("the benchmark compares persistent backends")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distribkv",
+            "bench",
+            "--quick",
+            "--backends",
+            backend_name,
+            "--servers",
+            "waitress",
+            "--workloads",
+            "get-forwarded,set-forwarded",
+            "--seconds",
+            "1",
+            "--keys",
+            "200",
+            "--load-test-keys",
+            "0",
+            "--host",
+            hosts.host(),
+            "--out",
+            str(out),
+            "--work-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {r["workload"]: r for r in json.loads((out / "bench.json").read_text())["rows"]}
+    assert set(rows) == {"get-owner", "get-forwarded", "set-owner", "set-forwarded"}
+    for name, row in rows.items():
+        assert row["requests"] > 0 and row["errors"] == 0, (name, row)
+    for kind in ("get", "set"):
+        forwarded = rows[f"{kind}-forwarded"]
+        assert forwarded["ratio_owner"] == pytest.approx(
+            forwarded["rps"] / rows[f"{kind}-owner"]["rps"]
+        )
+    assert "forwarded / owner" in result.stdout
+    assert "## Forwarded requests" in (out / "bench.md").read_text()
+
+
 def test_the_zipfian_picker_favours_low_ranks_and_stays_in_range():
     import random
 

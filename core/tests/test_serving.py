@@ -283,10 +283,16 @@ OWN, OTHER = "key=USA", "key=Soviet"
         ({}, None, False, {"get": True, "get-other": True, "set": False, "set-other": False}),
         ({"min_replicas": 1}, None, True, {"get": True, "set": False}),
         ({}, 0, True, {"get": True, "get-other": True, "set": True, "set-other": True}),
-        # proxy mode: whatever is forwarded (another shard's key; any read on a replica) is not
-        ({"routing": "proxy"}, None, True, {"get": True, "get-other": False, "set": True}),
-        ({"routing": "proxy"}, None, True, {"set-other": False, "delete-other": False}),
-        ({"routing": "proxy"}, 0, True, {"get": False, "set": True, "set-other": False}),
+        # proxy mode on a deferring server: a forward goes to the forwarding engine and waits
+        # for nothing here (another shard's key; any read on a replica)
+        ({"routing": "proxy"}, None, True, {"get": True, "get-other": True, "set": True}),
+        ({"routing": "proxy"}, None, True, {"set-other": True, "delete-other": True}),
+        ({"routing": "proxy"}, 0, True, {"get": True, "set": True, "set-other": True}),
+        ({"routing": "proxy", "min_replicas": 1}, None, True, {"set": False, "set-other": True}),
+        # proxy mode on a server that cannot defer: whatever is forwarded waits for the owner
+        ({"routing": "proxy"}, None, False, {"get": True, "get-other": False, "set": False}),
+        ({"routing": "proxy"}, None, False, {"set-other": False, "delete-other": False}),
+        ({"routing": "proxy"}, 0, False, {"get": False, "set": False, "set-other": False}),
     ],
 )
 def test_only_requests_that_never_wait_are_inline(tmp_path, settings, replica, deferred, expected):

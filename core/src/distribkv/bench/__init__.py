@@ -126,7 +126,7 @@ DESCRIPTION = __doc__.split("\n\n", 1)[1]
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from distribkv.bench.runner import WORKLOADS
+    from distribkv.bench.runner import FORWARDED, WORKLOADS
     from distribkv.config import address_argument
 
     bench = sub.add_parser(
@@ -154,7 +154,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--workloads",
-        help="comma-separated workloads (default: all): " + ", ".join(w.name for w in WORKLOADS),
+        help="comma-separated workloads (default: every one-node workload): "
+        + ", ".join([*(w.name for w in WORKLOADS), *FORWARDED])
+        + "; get-forwarded and set-forwarded (only when named) run on a cluster of two shards"
+        ' with a replica each and routing = "proxy": wrk sends every request to the node that'
+        " does not own its key, and the owner's direct GET or SET is measured beside it in the"
+        " same run",
     )
     bench.add_argument(
         "--connections", type=int, default=16, help="wrk connections (default: %(default)s)"
@@ -329,8 +334,14 @@ def run(args: argparse.Namespace) -> int:
         raw_seconds=min(base.raw_seconds, args.seconds or base.raw_seconds),
         load_test_keys=base.load_test_keys if args.load_test_keys is None else args.load_test_keys,
     )
-    workloads = _names(args.workloads, [w.name for w in runner.WORKLOADS], "workloads")
+    one_node = [w.name for w in runner.WORKLOADS]
+    workloads = (
+        _names(args.workloads, [*one_node, *runner.FORWARDED], "workloads")
+        if args.workloads
+        else one_node
+    )
     selected = [w for w in runner.WORKLOADS if w.name in workloads]
+    forwarded = [name for name in runner.FORWARDED if name in workloads]
     if profile.keys < 2:
         raise SystemExit("distribkv bench: --keys must be at least 2")
     out_dir = Path(args.out)
@@ -395,7 +406,7 @@ def run(args: argparse.Namespace) -> int:
                 for server in servers
             ]
             backends = []  # the comparison only
-        for backend in [] if args.node else backends:
+        for backend in [] if args.node or not selected else backends:
             raw = runner.raw_backend(
                 backend,
                 work / f"raw-{backend}",
@@ -426,6 +437,26 @@ def run(args: argparse.Namespace) -> int:
                 )
                 results["rows"].extend(_with_raw(rows, raw, progress))
                 steps.step()
+        for backend in [] if args.node or not forwarded else backends:
+            for server in servers:
+                progress(f"{backend} + {server}: a two-shard proxy cluster, forwarded requests")
+                rows = runner.run_forwarded(
+                    backend,
+                    server,
+                    work / f"{backend}-{server}-proxy",
+                    durability=args.durability,
+                    host=args.host,
+                    threads=args.threads,
+                    names=forwarded,
+                    profile=profile,
+                    connections=args.connections,
+                    wrk_threads=args.wrk_threads,
+                    value_size=args.value_size,
+                    progress=progress,
+                )
+                results["rows"].extend(_with_raw(rows, {}, progress))
+                if not selected:
+                    steps.step()
         if args.node:
             _against_node(args, results, runner, work, profile, selected, progress, steps)
         elif profile.load_test_keys and backends and servers and not results.get("metrics"):
@@ -672,6 +703,8 @@ def _row_line(row: dict[str, Any]) -> str:
         text += f", {row['ratio_healthz']:.2f}x /healthz"
     if row.get("ratio_raw") is not None:
         text += f", {row['ratio_raw']:.3f}x in-process"
+    if row.get("ratio_owner") is not None:
+        text += f", {row['ratio_owner']:.2f}x the owner"
     if row.get("latency_ms"):
         text += f", p99 {row['latency_ms']['p99']:.2f} ms"
     if row.get("errors"):

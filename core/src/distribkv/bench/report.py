@@ -81,6 +81,32 @@ def summary_rows(results: dict[str, Any]) -> list[list[str]]:
     return lines
 
 
+FORWARDED_COLUMNS = ["backend", "server", "request", "owner/s", "forwarded/s", "forwarded / owner"]
+
+
+def forwarded_rows(results: dict[str, Any]) -> list[list[str]]:
+    """``get-forwarded``, ``set-forwarded``: the rate through the node that forwards, beside
+    the owner's own in the same run."""
+    by = {(r["backend"], r["server"], r["workload"]): r for r in results["rows"]}
+    lines = []
+    for row in results["rows"]:
+        if row.get("ratio_owner") is None:
+            continue
+        kind = row["workload"].split("-", 1)[0]
+        owner = by.get((row["backend"], row["server"], f"{kind}-owner"))
+        lines.append(
+            [
+                row["backend"],
+                row["server"],
+                kind.upper(),
+                _num(owner["rps"] if owner else None),
+                _num(row["rps"]),
+                _num(row["ratio_owner"], 2),
+            ]
+        )
+    return lines
+
+
 def _text_table(lines: list[list[str]], text_columns: int) -> str:
     """Left-aligned text columns, then right-aligned figures (the header too)."""
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
@@ -137,6 +163,9 @@ def table(results: dict[str, Any]) -> str:
         "",
         _text_table(summary_rows(results), 1),
     ]
+    forwarded = forwarded_rows(results)
+    if forwarded:
+        parts += ["", _text_table([FORWARDED_COLUMNS, *forwarded], 3)]
     load = results.get("load_test")
     if load:
         parts += ["", load_test_line(load)]
@@ -193,6 +222,18 @@ def markdown(results: dict[str, Any]) -> str:
         _md_table([COLUMNS, *rows_for_table(results)]),
         "",
     ]
+    forwarded = forwarded_rows(results)
+    if forwarded:
+        lines += [
+            "## Forwarded requests",
+            "",
+            _md_table([FORWARDED_COLUMNS, *forwarded]),
+            "",
+            'Two shards with a replica each, `routing = "proxy"`: wrk sends every request to'
+            " the node that does not own its key, which forwards it to the owner; the owner's"
+            " own rate is measured in the same run.",
+            "",
+        ]
     if results.get("load_test"):
         lines += ["## Load test", "", load_test_line(results["load_test"]), ""]
     lines += [

@@ -65,6 +65,14 @@ WORKLOADS = [
 ]
 
 
+#: Workloads of a two-shard cluster with ``routing = "proxy"``: wrk sends every request to the
+#: node that does not own its key, which forwards it to the owner (see :func:`run_forwarded`).
+FORWARDED = {
+    "get-forwarded": "reads forwarded to the key's owner (proxy)",
+    "set-forwarded": "writes forwarded to the key's owner (proxy)",
+}
+
+
 def key_name(i: int) -> bytes:
     return b"bench-%d" % i
 
@@ -165,14 +173,16 @@ def write_cluster(
     threads: int = 8,
     metrics: bool = True,
     replicas: int = 0,
+    routing: str = "redirect",
     hashing: str | None = None,
     file_name: str = "sharding.toml",
 ) -> Path:
     """A cluster file on free ports of ``host``: ``shards`` leaders named s0, s1, ..., each
-    with ``replicas`` replicas (which :func:`start_nodes` does not start)."""
+    with ``replicas`` replicas (which :func:`start_nodes` starts only when asked)."""
     lines = [
         "[cluster]",
         f'server = "{server}"',
+        f'routing = "{routing}"',
         "[storage]",
         f'backend = "{backend}"',
         f'data_dir = "{directory / "data"}"',
@@ -232,16 +242,26 @@ def node_child(config_path: Path, shard: str, replica: int | None = None) -> Chi
     )
 
 
-def start_nodes(config_path: Path) -> list[tuple[str, Child]]:
-    """Every leader of ``config_path`` as a ``distribkv serve`` process; (address, child)."""
+def start_nodes(config_path: Path, *, replicas: bool = False) -> list[tuple[str, Child]]:
+    """Every leader of ``config_path`` as a ``distribkv serve`` process (and, with
+    ``replicas``, every replica after them); (address, child), the leaders first."""
     from distribkv.config import load_config
 
     config = load_config(config_path)
+    nodes: list[tuple[Any, int | None, Any]] = [
+        (shard, None, shard.address) for shard in config.shards
+    ]
+    if replicas:
+        nodes += [
+            (shard, n, address)
+            for shard in config.shards
+            for n, address in enumerate(shard.replicas)
+        ]
     started: list[tuple[str, Child]] = []
     try:
-        for shard in config.shards:
-            child = node_child(config_path, shard.name)
-            started.append((str(shard.address), child.start()))
+        for shard, replica, where in nodes:
+            child = node_child(config_path, shard.name, replica)
+            started.append((str(where), child.start()))
     except BaseException:
         for _, child in started:
             child.stop()
@@ -410,6 +430,105 @@ def run_node(
             child.stop()
 
 
+def run_forwarded(
+    backend: str,
+    server: str,
+    directory: Path,
+    *,
+    durability: str,
+    host: str,
+    threads: int,
+    names: list[str],
+    profile: Profile,
+    connections: int,
+    wrk_threads: int,
+    value_size: int,
+    progress: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """``names`` (of :data:`FORWARDED`) on a cluster of two shards with a replica each and
+    ``routing = "proxy"``: the keys all belong to the second shard; each workload is measured
+    at their owner (``get-owner``, ``set-owner``: answered directly) and then at the first
+    shard's leader, which forwards every request to the owner (``get-forwarded``,
+    ``set-forwarded``), in the same run. A forwarded row's ``ratio_owner`` divides it by the
+    owner's."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = write_cluster(
+        directory,
+        backend=backend,
+        server=server,
+        durability=durability,
+        host=host,
+        shards=2,
+        threads=threads,
+        replicas=1,
+        routing="proxy",
+    )
+    nodes = start_nodes(config, replicas=True)
+    (front, front_node), (owner, owner_node) = nodes[0], nodes[1]
+    rows: list[dict[str, Any]] = []
+    try:
+        keys = owned_keys(owner, profile.keys)
+        keys_path = directory / "keys.txt"
+        keys_path.write_bytes(b"\n".join(keys) + b"\n")
+        progress(f"{backend} + {server}: proxy cluster: batch load of {len(keys):,} keys")
+        batch_load(owner, keys, value_size)
+        for name in names:
+            read_ratio = 1.0 if name.startswith("get-") else 0.0
+            kind = name.split("-", 1)[0]
+            measured = {}
+            for label, address, child in (
+                ("owner", owner, owner_node),
+                ("forwarded", front, front_node),
+            ):
+                workload = f"{kind}-{label}"
+                progress(f"{backend} + {server}: {workload} ({profile.seconds:g} s, wrk)")
+                result = run_wrk(
+                    f"http://{address}",
+                    lua_script(
+                        workload,
+                        keys=len(keys),
+                        value_size=value_size,
+                        read_ratio=read_ratio,
+                        keys_file=str(keys_path),
+                    ),
+                    seconds=profile.seconds,
+                    connections=connections,
+                    threads=wrk_threads,
+                    server_pid=child.pid,
+                    workdir=directory,
+                    name=workload,
+                )
+                row = _wrk_row(workload, result, connections)
+                measured[label] = row
+                rows.append(row)
+            owner_rps = measured["owner"]["rps"]
+            measured["forwarded"]["ratio_owner"] = (
+                measured["forwarded"]["rps"] / owner_rps if owner_rps else None
+            )
+    finally:
+        for _, child in nodes:
+            child.stop()
+    for row in rows:
+        row.update(backend=backend, server=server)
+    return rows
+
+
+def _wrk_row(name: str, result: dict[str, Any], connections: int) -> dict[str, Any]:
+    errors = result["errors"]
+    return {
+        "workload": name,
+        "unit": "req/s",
+        "requests": result["requests"],
+        "rps": result["requests"] / (result["duration_us"] / 1e6),
+        "latency_ms": corrected_percentiles(result, connections),
+        "latency_uncorrected_ms": raw_percentiles(result),
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+        "server_cpu": result["server_cpu"],
+        "wrk_cpu": result["wrk_cpu"],
+    }
+
+
 def owned_keys(address: str, count: int, *, timeout: float = 10.0) -> list[bytes]:
     """``count`` keys of the form bench-N that the shard of the leader at ``address`` owns."""
     from distribkv.client import Client
@@ -480,19 +599,7 @@ def measure_node(
                 workdir=directory,
                 name=name,
             )
-            errors = result["errors"]
-            return {
-                "workload": name,
-                "unit": "req/s",
-                "requests": result["requests"],
-                "rps": result["requests"] / (result["duration_us"] / 1e6),
-                "latency_ms": corrected_percentiles(result, connections),
-                "latency_uncorrected_ms": raw_percentiles(result),
-                "errors": sum(errors.values()),
-                "error_kinds": errors,
-                "server_cpu": result["server_cpu"],
-                "wrk_cpu": result["wrk_cpu"],
-            }
+            return _wrk_row(name, result, connections)
 
         noop_row = measure("noop", f"http://{noop_address}", noop.pid, path="/noop")
         rows.append(noop_row)

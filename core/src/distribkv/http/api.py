@@ -30,8 +30,9 @@ before it builds an environ, on the thread that parsed the request, with the who
 ``defer`` is None where the server cannot finish a response later; otherwise ``direct`` may
 call it once to get the request's :class:`Completion`, finish that later (from any thread),
 and give ``DEFERRED``. Building a WSGI environ costs as much as a read does; the node answers
-its key-value requests this way, and leaves to the application only those that wait (a
-forwarded request, a write that waits for replicas).
+its key-value requests this way (a forwarded one through ``defer``, when its owner answers),
+and leaves to the application only those that wait (a write that waits for replicas, a forward
+where the server cannot defer it).
 
 ``Listen.body_check(method, path, length)`` is asked, once a request's headers are in and before
 its body is read, about a request with a Content-Length that waits for a ``100 Continue``: it

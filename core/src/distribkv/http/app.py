@@ -111,7 +111,11 @@ class NodeApp:
                 if answer is not None:
                     return _send(answer, start_response)
             if path == "/get" and method == "GET":
-                answer = kv.get(environ.get("QUERY_STRING", ""), environ_header(environ))
+                answer = kv.get(
+                    environ.get("QUERY_STRING", ""),
+                    environ_header(environ),
+                    defer=environ.get(DEFER),
+                )
             elif path == "/set" and method in SET_METHODS:
                 answer = kv.set(
                     method,
@@ -157,7 +161,9 @@ class NodeApp:
                 return refused
         try:
             if path == "/get":
-                return kv.get(query, header, may_block=False) if method == "GET" else None
+                if method != "GET":
+                    return None
+                return kv.get(query, header, may_block=False, defer=defer)
             if path == "/set":
                 if method not in SET_METHODS:
                     return None

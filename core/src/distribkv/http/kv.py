@@ -9,7 +9,8 @@ reaches the node calls it with what that way has at hand:
   an environ (``may_block``: it runs where ``Listen.inline`` said it may wait or not);
 - the same application's ``Listen.direct``, for a request without one (``may_block=False``:
   it runs on the server's own thread, so a forward or a write that must wait is left to the
-  application, which the server then calls on a worker thread);
+  application, which the server then calls on a worker thread; where the server can answer
+  later, a forward is deferred instead, and answered when the owner answers);
 - the Falcon resources below, which stand behind the application for what it does not take.
 
 The answers are ``(status, headers, body)`` with an ``int`` status and no Content-Length (see
@@ -29,7 +30,7 @@ from distribkv.http.api import DEFER, DEFERRED, Answer, Completion, Header, as_w
 from distribkv.http.errors import ApiError, error_response
 from distribkv.http.limits import Limits
 from distribkv.http.params import parse_query, query_key, require_key
-from distribkv.http.routing import MAP, Blocks, Router, check_map
+from distribkv.http.routing import MAP, Blocks, Router, check_map, forwards_later
 from distribkv.protocol import JSON, LAG_ENTRIES_HEADER, LAG_SECONDS_HEADER, OCTET_STREAM
 from distribkv.storage.api import Delete, Namespace, Op, Put
 
@@ -107,7 +108,16 @@ class KeyValue:
         self.router = router
         self.limits = limits
 
-    def get(self, query: str, header: Header, *, may_block: bool = True) -> Answer | None:
+    def get(
+        self,
+        query: str,
+        header: Header,
+        *,
+        may_block: bool = True,
+        defer: Callable[[], Completion] | None = None,
+    ) -> Any:
+        """An answer, ``DEFERRED`` (forwarded to the owner, answered through ``defer()``'s
+        completion) or None (see the class's docstring)."""
         node = self.node
         theirs = header(MAP)
         if theirs is not None:
@@ -115,7 +125,9 @@ class KeyValue:
         key = query_key(query)
         router = self.router
         if not router.leads(key):
-            elsewhere = router.route(key, False, "GET", "/get", query, header, None, may_block)
+            elsewhere = router.route(
+                key, False, "GET", "/get", query, header, None, may_block, defer
+            )
             if elsewhere is not None:
                 return None if isinstance(elsewhere, Blocks) else elsewhere
             if not node.is_leader:
@@ -199,7 +211,7 @@ class KeyValue:
     ) -> Any:
         router = self.router
         if not router.leads(key):
-            elsewhere = router.route(key, True, method, path, query, header, body, may_block)
+            elsewhere = router.route(key, True, method, path, query, header, body, may_block, defer)
             if elsewhere is not None:
                 return None if isinstance(elsewhere, Blocks) else elsewhere
         node = self.node
@@ -268,7 +280,7 @@ def _query(req: falcon.Request) -> str:
 
 class GetResource(_KeyValueResource):
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        respond(resp, self.kv.get(_query(req), req.get_header))
+        respond(resp, self.kv.get(_query(req), req.get_header, defer=req.env.get(DEFER)))
 
 
 class SetResource(_KeyValueResource):
@@ -292,17 +304,21 @@ _WRITE_METHODS = {"/set": SET_METHODS, "/delete": DELETE_METHODS}
 
 def inline_requests(node, *, deferred_writes: bool = False) -> Callable[[str, str, str], bool]:
     """The node's requests that never wait, for ``Listen.inline``: health checks, the map,
-    reads, and (on a server that defers answers) writes.
+    reads, and (on a server that defers answers) writes and forwards.
 
-    A read waits for nothing in redirect mode (a key of another shard is a 307); in proxy mode
-    only a leader's read of its own key is inline (any other read is forwarded, and forwarding
-    waits on the network; a replica cannot tell from the request line whether the client asked
-    for a leader-only read). A write is inline where a leader defers it (it is queued, and the
-    thread that applies it answers it; a replica refuses or redirects it at once); in
-    proxy mode a write of another shard's key is forwarded, so it is not. Roles can change at
-    run time, so writes are inline only without ``min_replicas``."""
+    A read waits for nothing in redirect mode (a key of another shard is a 307). In proxy mode
+    a read or write of another shard's key is forwarded: on a server that defers answers, and
+    without ``[tls]``, the forwarding engine carries it and it waits for nothing here either
+    (:func:`~distribkv.http.routing.forwards_later`); otherwise forwarding waits on the
+    network, and only a leader's read of its own key is inline (a replica cannot tell from the
+    request line whether the client asked for a leader-only read). A write of the node's own
+    shard is inline where a leader defers it (it is queued, and the thread that applies it
+    answers it; a replica refuses or redirects it at once). Roles can change at run time, so
+    such writes are inline only without ``min_replicas``."""
     always = frozenset(("/healthz", "/cluster"))
     proxy = node.config.cluster.routing == "proxy"
+    # Forwards go to the engine: a proxy node's requests then all wait for nothing here.
+    later = deferred_writes and forwards_later(node)
     # A node's role can change while it runs (a failover, a switchover): a write is inline
     # only where any leader would defer it (no min_replicas wait); a replica answers it at once.
     writes = deferred_writes and not node.config.cluster.min_replicas
@@ -318,14 +334,18 @@ def inline_requests(node, *, deferred_writes: bool = False) -> Callable[[str, st
         if path == "/get":
             if method != "GET":
                 return False
-            if not proxy:
+            if not proxy or later:
                 return True
             return node.is_leader and owned(query)
         methods = _WRITE_METHODS.get(path)
         if methods is not None:
-            if not writes or method not in methods:
+            if method not in methods:
                 return False
-            return not proxy or owned(query)
+            if not proxy:
+                return writes
+            if owned(query):
+                return writes
+            return later
         return method == "GET" and path in always
 
     return inline

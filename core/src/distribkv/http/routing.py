@@ -7,7 +7,11 @@
   unless the client asked for the leader (``X-Distribkv-Read: leader``), and sends writes to
   its leader (307 with ``routing = "redirect"``, 403 naming it with ``"proxy"``);
 - another shard's key: 307 to its owner (``redirect``) or forwarded to it (``proxy``) over
-  pooled keep-alive connections with a timeout; the owner's status and body come back;
+  pooled keep-alive connections with a timeout; the owner's status and body come back. Where
+  the server lets the node answer later (``defer``), the request is handed to the forwarding
+  engine (:mod:`distribkv.http.forwarding`) and answered when the owner answers, holding no
+  thread meanwhile; else (a ``/batch``, a server without deferred answers, ``[tls]``) the
+  thread that serves it waits for the owner;
 - a forwarded request (``X-Distribkv-Hop``) for a key this node does not own: 421, never
   forwarded again, so two nodes with different maps cannot bounce a request between them.
 
@@ -19,13 +23,16 @@ map's fingerprint.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 import falcon
 
 from distribkv.hashing.shardmap import ShardInfo
-from distribkv.http.api import Answer, Header
-from distribkv.http.errors import ApiError
-from distribkv.httpclient import HttpClient, RequestFailed, source_host
+from distribkv.http.api import DEFERRED, Answer, Completion, Header, status_line
+from distribkv.http.errors import ApiError, error_response
+from distribkv.http.forwarding import ForwardingEngine, OwnerBusy
+from distribkv.httpclient import HttpClient, RequestFailed, Response, source_host
 from distribkv.protocol import (
     HOP_HEADER,
     JSON,
@@ -42,6 +49,7 @@ __all__ = [
     "MapCheck",
     "Router",
     "check_map",
+    "forwards_later",
     "misdirected",
     "moving",
 ]
@@ -69,19 +77,34 @@ class Blocks:
 BLOCKS = Blocks()
 
 
+def forwards_later(node) -> bool:
+    """True if ``node`` forwards through the engine (``routing = "proxy"``, no ``[tls]``):
+    a forwarded request then never waits on the thread that serves it, where the server can
+    answer it later."""
+    return node.config.cluster.routing == "proxy" and node.client_tls is None
+
+
 class Forwarder:
-    """Sends a request on to the key's owner and gives back the owner's answer."""
+    """Sends a request on to the key's owner and gives back the owner's answer: at once
+    (:meth:`forward`, on a thread that waits for it) or later (:meth:`forward_later`, through
+    the request's completion)."""
 
     def __init__(self, node):
         server = node.config.server
         self.me = node.name
         self.counts = node.metrics
+        self.timeout = server.forward_timeout
+        self.source = source_host(node.address.host)
         self.client = HttpClient(
             server.forward_timeout,
             per_address=server.threads,
-            source_host=source_host(node.address.host),
+            source_host=self.source,
             ssl_context=node.client_tls,
         )
+        #: The engine, started with the first request it carries.
+        self.engine: ForwardingEngine | None = None
+        self.defers = forwards_later(node)
+        self._closed = False
 
     def forward(
         self,
@@ -110,22 +133,123 @@ class Forwarder:
         try:
             response = self.client.request(address, method, target, body, headers)
         except RequestFailed as exc:
-            if counts is not None:
-                reason = "timeout" if exc.timed_out else "unreachable"
-                counts.add(counts.forward_failures, (owner.name, reason))
-            if exc.timed_out:
-                raise ApiError(
-                    falcon.HTTP_504, "owner timed out", f"shard {owner.name!r} at {address}: {exc}"
-                ) from exc
-            raise ApiError(
-                falcon.HTTP_502, "owner unreachable", f"shard {owner.name!r} at {address}: {exc}"
-            ) from exc
+            raise self._failed(owner, address, exc) from exc
         passed = [(name, value) for name, value in response.headers if name.lower() in _PASS_BACK]
         passed.append((SHARD_HEADER, owner.name))
         return response.status, passed, response.body
 
+    def forward_later(
+        self,
+        owner: ShardInfo,
+        address: str,
+        fingerprint: str,
+        method: str,
+        target: str,
+        body: bytes | None,
+        header: Header,
+        defer: Callable[[], Completion],
+        path: str,
+    ) -> None:
+        """:meth:`forward`, answered through ``defer()``'s completion when the owner answers
+        (or fails to: 502, 504, as :meth:`forward`), from the engine's thread. What it refuses
+        at once (a malformed header, a node that is stopping) it raises before it defers."""
+        data = _request_bytes(self.me, address, fingerprint, method, target, body, header)
+        engine = self.engine
+        if engine is None:
+            engine = self._start_engine()
+        counts = self.counts
+        if counts is not None:
+            counts.add(counts.forwards, owner.name)
+        name = owner.name
+        completion = defer()
+
+        def done(response: Response | None, error: RequestFailed | None) -> None:
+            if response is not None:
+                headers = [
+                    (key, value) for key, value in response.headers if key.lower() in _PASS_BACK
+                ]
+                headers.append((SHARD_HEADER, name))
+                data = response.body
+                headers.append(("Content-Length", str(len(data))))
+                status = response.status
+                completion.finish("200 OK" if status == 200 else status_line(status), headers, data)
+                return
+            assert error is not None
+            completion.finish(*error_response(self._failed(owner, address, error), method, path))
+
+        engine.submit(address, data, done, f"{method} {target[:80]}")
+
+    def _start_engine(self) -> ForwardingEngine:
+        if self._closed:
+            raise ApiError(falcon.HTTP_503, "stopping", "the node is stopping; try another node")
+        self.engine = ForwardingEngine(self.timeout, source_host=self.source)
+        return self.engine
+
+    def _failed(self, owner: ShardInfo, address: str, exc: RequestFailed) -> ApiError:
+        """The error answered for a forward that failed (counted for the metrics)."""
+        counts = self.counts
+        if isinstance(exc, OwnerBusy):
+            if counts is not None:
+                counts.add(counts.forward_failures, (owner.name, "busy"))
+            return ApiError(
+                falcon.HTTP_503,
+                "owner busy",
+                f"shard {owner.name!r} at {address}: {exc}; retry shortly",
+                headers={"Retry-After": "1"},
+            )
+        if counts is not None:
+            reason = "timeout" if exc.timed_out else "unreachable"
+            counts.add(counts.forward_failures, (owner.name, reason))
+        if exc.timed_out:
+            return ApiError(
+                falcon.HTTP_504, "owner timed out", f"shard {owner.name!r} at {address}: {exc}"
+            )
+        return ApiError(
+            falcon.HTTP_502, "owner unreachable", f"shard {owner.name!r} at {address}: {exc}"
+        )
+
     def close(self) -> None:
+        self._closed = True
         self.client.close()
+        if self.engine is not None:
+            self.engine.close()
+
+
+def _request_bytes(
+    me: str,
+    address: str,
+    fingerprint: str,
+    method: str,
+    target: str,
+    body: bytes | None,
+    header: Header,
+) -> bytes:
+    """The forwarded request as it goes out: the hop and map headers, and the client's
+    content type and credentials (the owner checks them as this node did)."""
+    lines = [
+        f"{method} {target} HTTP/1.1",
+        f"Host: {address}",
+        f"{HOP_HEADER}: {me}",
+        f"{MAP_HEADER}: {fingerprint}",
+    ]
+    for name, sent in (
+        ("content-type", "Content-Type"),
+        (TOKEN, TOKEN_HEADER),
+        ("authorization", "Authorization"),
+    ):
+        value = header(name)
+        if value:
+            if "\r" in value or "\n" in value:
+                raise ApiError(falcon.HTTP_400, "bad request", f"a line break in {sent}")
+            lines.append(f"{sent}: {value}")
+    if body or method != "GET":
+        lines.append(f"Content-Length: {len(body) if body else 0}")
+    text = "\r\n".join(lines) + "\r\n\r\n"
+    try:
+        head = text.encode("latin-1")
+    except UnicodeEncodeError:
+        head = text.encode("utf-8", "surrogateescape")
+    return head + body if body else head
 
 
 class Router:
@@ -162,10 +286,13 @@ class Router:
         header: Header,
         body: bytes | None,
         may_block: bool,
-    ) -> Answer | Blocks | None:
+        defer: Callable[[], Completion] | None = None,
+    ) -> Answer | Blocks | Any | None:
         """None if this node answers for ``key``; else the answer given for the owner (a
-        redirect, a forwarded answer), or :data:`BLOCKS` where forwarding would wait and
-        ``may_block`` is false. Raises the errors it answers (403, 421, 503 moving)."""
+        redirect, a forwarded answer), ``DEFERRED`` where the request is forwarded through
+        the engine and answered through ``defer()``'s completion, or :data:`BLOCKS` where
+        forwarding would wait and ``may_block`` is false. Raises the errors it answers (403,
+        421, 503 moving)."""
         node = self.node
         maps = node.maps
         if write and maps.transition is not None and maps.verdict(key) is not None:
@@ -217,9 +344,15 @@ class Router:
                 "wrong shard",
                 f"shard {owner.name!r} at {leader} owns it",
             )
+        forwarder = self.forwarder
+        if defer is not None and forwarder.defers:
+            forwarder.forward_later(
+                owner, leader, fingerprint, method, target, body, header, defer, path
+            )
+            return DEFERRED
         if not may_block:
             return BLOCKS
-        return self.forwarder.forward(owner, leader, fingerprint, method, target, body, header)
+        return forwarder.forward(owner, leader, fingerprint, method, target, body, header)
 
 
 def leader_or_503(node, owner: ShardInfo) -> str:

@@ -134,11 +134,11 @@ class ServingWrapper:
                 return None
             self.in_flight += 1
         started = time.monotonic()
-        # A read is never deferred: no object per GET.
+        # A read is deferred too where it is forwarded to its owner.
         call = (
             None
-            if defer is None or method == "GET"
-            else _DirectCall(self, client, method, path, started, defer, self._key(query))
+            if defer is None
+            else _DirectCall(self, client, method, path, started, defer, query)
         )
         try:
             result = answer(method, path, query, header, body, None if call is None else call.defer)
@@ -284,9 +284,9 @@ class _DirectCall:
         "client",
         "completion",
         "done",
-        "key",
         "method",
         "path",
+        "query",
         "server_defer",
         "started",
         "wrapper",
@@ -300,10 +300,10 @@ class _DirectCall:
         path: str,
         started: float,
         server_defer: Callable[[], Completion],
-        key: str | None,
+        query: str,
     ):
         self.wrapper = wrapper
-        self.key = key
+        self.query = query
         self.client = client
         self.method = method
         self.path = path
@@ -328,6 +328,13 @@ class _DirectCall:
         except Exception:  # the client may be gone; the request ends all the same
             log.exception("sending the answer to %s %s failed", self.method, self.path)
         finally:
-            self.wrapper._finished(
-                self.client, self.method, self.path, status, self.started, len(body), self.key
+            wrapper = self.wrapper
+            wrapper._finished(
+                self.client,
+                self.method,
+                self.path,
+                status,
+                self.started,
+                len(body),
+                wrapper._key(self.query),
             )

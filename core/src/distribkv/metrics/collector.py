@@ -175,7 +175,7 @@ class NodeCollector(Collector):
         family = CounterMetricFamily(
             "distribkv_forward_failures",
             "Forwarded requests that got no answer from the owner, by shard and reason"
-            " ('timeout': 504, 'unreachable': 502).",
+            " ('timeout': 504, 'unreachable': 502, 'busy': 503).",
             labels=["shard", "reason"],
         )
         for (shard, reason), count in sorted(failures.items()):

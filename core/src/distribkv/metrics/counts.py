@@ -143,7 +143,7 @@ class NodeCounts:
         #: or a leader-only read).
         self.redirects: dict[str, int] = {}
         #: Requests forwarded (``routing = "proxy"``) by target shard, and those that failed:
-        #: by (shard, reason), reason "timeout" or "unreachable".
+        #: by (shard, reason), reason "timeout", "unreachable" or "busy" (too many waiting).
         self.forwards: dict[str, int] = {}
         self.forward_failures: dict[tuple[str, str], int] = {}
         #: Forwarded requests this node refused with 421 (the maps disagree).

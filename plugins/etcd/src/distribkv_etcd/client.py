@@ -26,6 +26,9 @@ from distribkv.httpclient import HttpClient, RequestFailed
 
 __all__ = ["EtcdClient", "EtcdError", "EtcdUnavailable", "KeyValue", "prefix_end"]
 
+#: Seconds an authentication (user and password for a token) may take at least.
+AUTHENTICATE_TIMEOUT = 5.0
+
 
 class EtcdError(Exception):
     """etcd answered with an error."""
@@ -152,10 +155,13 @@ class EtcdClient:
     def _auth_token(self, address: str) -> str:
         with self._lock:
             if self._token is None:
+                # etcd checks the password with bcrypt, slow by design (and slower on a busy
+                # machine): a short timeout would give up on every try, each of which starts
+                # the check again.
                 answer = self._call_once(
                     "/v3/auth/authenticate",
                     {"name": self.username, "password": self.password or ""},
-                    None,
+                    max(AUTHENTICATE_TIMEOUT, self.timeout),
                 )
                 self._token = answer["token"]
             return self._token

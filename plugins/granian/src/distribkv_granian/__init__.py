@@ -11,11 +11,11 @@ node process, and bridges it to the WSGI application itself:
   health checks and deferred writes) right where it receives them (a request with a body once
   it is read), so a read never waits for a thread switch, and no other Python thread contends
   for the GIL while reads run; a request that ``Listen.direct`` answers or defers (a leader's
-  read of a key it holds, its SET of a key it owns) is served from granian's request object,
-  without a WSGI environ;
-- every other request (writes that wait, replication long-polls, forwarded requests) goes to
-  one of ``[server] threads`` worker threads once granian has read its body, so a slow one
-  never holds up the reads.
+  read of a key it holds, its SET of a key it owns, a request forwarded to its key's owner) is
+  served from granian's request object, without a WSGI environ;
+- every other request (writes that wait, replication long-polls, forwards under ``[tls]``)
+  goes to one of ``[server] threads`` worker threads once granian has read its body, so a slow
+  one never holds up the reads.
 
 It uses granian's RSGI worker: a WSGI worker hands every request to a pool of Python threads,
 and each storage call, which lets go of the GIL, then hands it to another of them, which halves
