@@ -231,3 +231,101 @@ def test_bench_measures_a_running_leader_with_keys_of_its_own_shard(tmp_path, ho
         assert (data["load_test"]["errors"], data["load_test"]["mismatches"]) == (0, 0)
         # The bench keys went to shard-1 only; shard-0 holds just load-test keys.
         assert other["keys"] <= 100
+
+
+@needs_wrk
+def test_bench_scale_grows_one_node_and_measures_every_figure_at_each_size(
+    tmp_path, hosts, backend_name
+):
+    if backend_name != "lmdb":
+        # The profile's plumbing is the same for every backend: CI pays for it once.
+        pytest.skip("bench --scale is tested on lmdb")
+    from distribkv.bench.scale import MEASURES
+
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distribkv",
+            "bench",
+            "--scale",
+            "--backends",
+            backend_name,
+            "--scale-sizes",
+            "2e3,5000",
+            "--scale-reshard-max",
+            "2000",
+            "--seconds",
+            "1",
+            "--host",
+            hosts.host(),
+            "--out",
+            str(out),
+            "--work-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads((out / "scale.json").read_text())
+    assert data["meta"]["sizes"] == [2000, 5000]
+    steps = data["runs"][backend_name]["steps"]
+    assert [s["keys"] for s in steps] == [2000, 5000]
+    for step in steps:
+        assert step["load_keys_per_s"] > 0 and step["startup_s"] > 0
+        # 100 random bytes a value cannot take less room than that on disk, nor 50 times it.
+        assert 100 < step["disk_bytes_per_key"] < 5000
+        for name in ("get-uniform", "get-zipfian", "set-uniform"):
+            row = step["workloads"][name]
+            assert row["rps"] > 0 and row["errors"] == 0 and row["latency_ms"]["p99"] > 0
+        # The new replica holds every key of the leader, in a data directory of its own.
+        assert step["resync"]["keys_copied"] == step["keys"]
+        assert step["resync_s"] > 0 and step["resync"]["replica_disk_bytes"] > 0
+    reshard = steps[0]["reshard"]
+    assert 0 < reshard["moved"] < 2000 and reshard["s_per_million"] > 0
+    assert any("purge" in line for line in reshard["output"])  # its lines, timed
+    assert "reshard" not in steps[1]  # above --scale-reshard-max
+    markdown = (out / "scale.md").read_text()
+    assert "| backend | keys |" in markdown and f"| {backend_name} | 5k |" in markdown
+    for column in ("GET zipfian /s", "disk B/key", "start-up s", "resync s", "reshard s/M keys"):
+        assert column in markdown
+    assert set(MEASURES) <= {k for s in steps[:1] for k in (*s, *s["workloads"])}
+    assert (out / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "load: 3,000 keys at" in result.stderr
+
+
+def test_scale_sizes_must_be_whole_and_increasing():
+    from distribkv.bench.scale import parse_sizes
+
+    assert parse_sizes("1e5, 1_000_000,1e7") == [100_000, 1_000_000, 10_000_000]
+    for bad in ("1e5,1e4", "1e5,1e5", "1.5", "lots", "1"):
+        with pytest.raises(ValueError, match="--scale-sizes"):
+            parse_sizes(bad)
+
+
+@needs_wrk
+def test_bench_scale_refuses_sizes_the_disk_cannot_hold_before_it_starts(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distribkv",
+            "bench",
+            "--scale",
+            "--scale-sizes",
+            "1e5,1e13",
+            "--out",
+            str(tmp_path / "out"),
+            "--work-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "needs about" in result.stderr and "--work-dir" in result.stderr
+    assert not (tmp_path / "out" / "scale.json").exists()

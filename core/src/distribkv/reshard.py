@@ -356,10 +356,15 @@ class Reshard:
 
     def copy(self, plan: dict) -> dict[str, int]:
         """Clean the targets, copy every source, catch up; return each source's replayed seq."""
-        for shard in self.target.shards:
-            name, leader = shard.name, shard.leader
-            doc = self.call(leader, "POST", "/reshard/clean", {"id": self.id})[1]
+        # Each target leader scans all of its keys for stale copies: in parallel, so that the
+        # wait is the largest shard's scan, not the sum of them all.
+        targets = {shard.leader: shard.name for shard in self.target.shards}
+        cleaned = self._for_nodes(
+            lambda a: self.call(a, "POST", "/reshard/clean", {"id": self.id})[1], list(targets)
+        )
+        for leader, doc in cleaned.items():
             if doc["deleted"]:
+                name = targets[leader]
                 self.say(f"  {name}: dropped {doc['deleted']:,} stale copies of arriving keys")
         progress = Progress(self.out, "  copy", plan["moved"])
         leaders = [s.leader for s in self.source.shards]
@@ -419,13 +424,17 @@ class Reshard:
         return any(s.name == name for s in self.source.shards)
 
     def purge(self) -> int:
-        deleted = 0
-        for shard in self.target.shards:
-            doc = self.call(shard.leader, "POST", "/purge")[1]
-            deleted += doc["deleted"]
-            self.say(f"  {shard.name}: purged {doc['deleted']:,} keys, kept {doc['kept']:,}")
-            _kill_point("purge")
-        return deleted
+        """Every leader scans all of its keys and deletes those it no longer owns: all at
+        once, so that the wait is the largest shard's, not the sum of them all."""
+        names = {shard.leader: shard.name for shard in self.target.shards}
+
+        def purge(address: str) -> dict:
+            doc = self.call(address, "POST", "/purge")[1]
+            self.say(f"  {names[address]}: purged {doc['deleted']:,} keys, kept {doc['kept']:,}")
+            _kill_point("purge")  # the first to finish: the others are still purging
+            return doc
+
+        return sum(doc["deleted"] for doc in self._for_nodes(purge, list(names)).values())
 
     # --- the whole move -------------------------------------------------------------------
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Steps", "add_parser", "run"]
+__all__ = ["Counter", "Steps", "add_parser", "run"]
 
 
 class Steps:
@@ -48,16 +49,16 @@ class Steps:
             )
 
             self.bar = Progress(
-                TextColumn("bench"),
+                TextColumn("{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("steps"),
+                TextColumn("{task.fields[unit]}"),
                 TimeElapsedColumn(),
                 TextColumn("left"),
                 TimeRemainingColumn(),
                 console=Console(file=self.out),
             )
-            self.task = self.bar.add_task("bench", total=max(total, 1))
+            self.task = self.bar.add_task("bench", total=max(total, 1), unit="steps")
             self.bar.start()
             # A run that fails still gives the terminal back as it was (cursor shown).
             import atexit
@@ -79,6 +80,46 @@ class Steps:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+
+    def counter(self, label: str, total: int) -> Counter:
+        """The progress of one long load (keys): a second bar on a terminal, else a line
+        every 5 seconds with the count, the rate and the time left."""
+        return Counter(self, label, total)
+
+
+class Counter:
+    """See :meth:`Steps.counter`."""
+
+    def __init__(self, steps: Steps, label: str, total: int):
+        self.steps, self.label, self.total = steps, label, max(total, 1)
+        self.done = 0
+        self.started = self.last_line = time.monotonic()
+        self.task = None
+        if steps.bar is not None:
+            self.task = steps.bar.add_task(label, total=self.total, unit="keys")
+
+    def rate(self) -> float:
+        return self.done / max(time.monotonic() - self.started, 1e-6)
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        if self.task is not None:
+            self.steps.bar.advance(self.task, count)
+            return
+        now = time.monotonic()
+        if now - self.last_line >= 5.0:
+            self.last_line = now
+            rate = self.rate()
+            left = (self.total - self.done) / rate if rate else 0.0
+            self.steps.say(
+                f"{self.label}: {self.done:,}/{self.total:,} keys ({rate:,.0f}/s,"
+                f" about {left:,.0f} s left)"
+            )
+
+    def close(self) -> None:
+        if self.task is not None and self.steps.bar is not None:
+            self.steps.bar.remove_task(self.task)
+            self.task = None
 
 
 DESCRIPTION = __doc__.split("\n\n", 1)[1]
@@ -181,6 +222,39 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="run every node on CPU 0 and wrk on CPU 1 (taskset): on a machine with other work,"
         " figures that vary less from run to run, at the cost of the node's use of more cores",
     )
+    scale = bench.add_argument_group(
+        "scale profile",
+        "--scale: one node per backend, loaded step by step to each size (10^5, 10^6, 10^7"
+        " keys of 100 random bytes); at each size GET (uniform, zipfian) and SET throughput"
+        " and p99, disk bytes per key, start-up time, the resync of a new replica and (up to"
+        " --scale-reshard-max keys) the time to reshard 2 -> 3 shards per million keys. Writes"
+        " scale.json, scale.md and scale.png to --out. --seconds sets the wrk time per figure"
+        " (default 5); --servers takes the first server named (default waitress).",
+    )
+    scale.add_argument("--scale", action="store_true", help="run the scale profile")
+    scale.add_argument(
+        "--scale-sizes",
+        metavar="N,N,...",
+        help="increasing key counts, e.g. 1e5,1e6,1e7 (the default)",
+    )
+    scale.add_argument(
+        "--scale-max",
+        action="store_true",
+        help="go on to 10^8 keys (about 25 GB of disk per backend, hours)",
+    )
+    scale.add_argument(
+        "--scale-reshard-max",
+        metavar="N",
+        default="1e6",
+        help="measure the reshard at sizes up to N keys (default %(default)s; 0: never): each"
+        " needs a cluster loaded from scratch",
+    )
+    scale.add_argument(
+        "--scale-resync-max",
+        metavar="N",
+        help="measure the resync of a new replica at sizes up to N keys (default: every"
+        " size; 0: never)",
+    )
     bench.set_defaults(func=run)
     return bench
 
@@ -242,6 +316,8 @@ def run(args: argparse.Namespace) -> int:
     _check_tools()
     if args.pin:
         _pin()
+    if args.scale:
+        return _scale(args)
     registry = load_plugins()
     installed = registry.names("storage")
     backends = (
@@ -409,6 +485,134 @@ def run(args: argparse.Namespace) -> int:
     load = results.get("load_test") or {}
     if failed or load.get("errors") or load.get("mismatches"):
         print("distribkv bench: some requests failed (see the errors column)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _count(text: str, option: str) -> int:
+    try:
+        value = float(text)
+    except ValueError:
+        raise SystemExit(f"distribkv bench: {option}: {text!r} is not a number of keys") from None
+    if value < 0 or value != int(value):
+        raise SystemExit(f"distribkv bench: {option}: {text!r} is not a whole number >= 0")
+    return int(value)
+
+
+def _scale(args: argparse.Namespace) -> int:
+    """``--scale``: see :mod:`distribkv.bench.scale`."""
+    from distribkv.bench import runner, scale, scalereport
+    from distribkv.plugins import load_plugins
+
+    if args.node or args.compare_metrics is not None:
+        raise SystemExit(
+            "distribkv bench: --scale starts its own nodes (no --node, no --compare-metrics)"
+        )
+    registry = load_plugins()
+    installed = registry.names("storage")
+    # Every figure after a restart needs the data to survive it: persistent engines only.
+    persistent = [b for b in installed if registry.storage_backend(b).capabilities.persistent]
+    backends = _names(args.backends, persistent, "persistent backends")
+    servers = _names(args.servers, registry.names("server"), "servers")
+    server = servers[0] if args.servers else "waitress"
+    try:
+        sizes = (
+            scale.parse_sizes(args.scale_sizes) if args.scale_sizes else list(scale.DEFAULT_SIZES)
+        )
+    except ValueError as exc:
+        raise SystemExit(f"distribkv bench: {exc}") from None
+    if args.scale_max and scale.MAX_SIZE not in sizes:
+        if sizes[-1] > scale.MAX_SIZE:
+            raise SystemExit(
+                "distribkv bench: --scale-max adds 10^8 keys; --scale-sizes goes past it"
+            )
+        sizes.append(scale.MAX_SIZE)
+    reshard_max = _count(args.scale_reshard_max, "--scale-reshard-max")
+    resync_max = (
+        None
+        if args.scale_resync_max is None
+        else _count(args.scale_resync_max, "--scale-resync-max")
+    )
+    settings = {
+        "seconds": args.seconds or 5.0,
+        "connections": args.connections,
+        "wrk_threads": args.wrk_threads,
+        "threads": args.threads,
+        "value_size": args.value_size,
+        "durability": args.durability,
+        "host": args.host,
+    }
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.work_dir is not None:
+        Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+    # The leader and a replica each hold the largest size, at up to about 2.5 times the raw
+    # bytes (measured: 250 to 360 bytes a key of 100-byte values on LMDB): fail now, not at
+    # the last and longest step.
+    need = 2 * sizes[-1] * (args.value_size + 20) * 2.5
+    free = shutil.disk_usage(args.work_dir or tempfile.gettempdir()).free
+    if need > free:
+        raise SystemExit(
+            f"distribkv bench: --scale up to {sizes[-1]:,} keys needs about {need / 1e9:,.0f} GB"
+            f" of disk, and {args.work_dir or tempfile.gettempdir()} has {free / 1e9:,.0f} GB"
+            " free: choose another --work-dir or smaller --scale-sizes"
+        )
+    results: dict[str, Any] = {
+        "meta": {
+            "command": "distribkv bench " + shlex.join(sys.argv[2:] if len(sys.argv) > 1 else []),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "profile": "scale",
+            "sizes": sizes,
+            "server": server,
+            "backends": backends,
+            "pin": args.pin,
+            "reshard_max": reshard_max,
+            "resync_max": resync_max,
+            "measures": list(scale.MEASURES),
+            "machine": runner.machine(),
+            **settings,
+        },
+        "runs": {},
+    }
+    started = time.monotonic()
+    steps = Steps(len(backends) * len(sizes))
+    try:
+        with tempfile.TemporaryDirectory(prefix="distribkv-scale-", dir=args.work_dir) as tmp:
+            for backend in backends:
+                results["runs"][backend] = scale.run_backend(
+                    backend,
+                    server,
+                    Path(tmp) / backend,
+                    sizes=sizes,
+                    settings=settings,
+                    resync_max=resync_max,
+                    reshard_max=reshard_max,
+                    steps=steps,
+                )
+                # A backend's data goes before the next one's (10^8 keys take tens of GB).
+                shutil.rmtree(Path(tmp) / backend, ignore_errors=True)
+                # Each backend's figures are kept as soon as they exist.
+                results["meta"]["duration_s"] = time.monotonic() - started
+                runner.dump_json(out_dir / "scale.json", results)
+    finally:
+        steps.close()
+    results["meta"]["duration_s"] = time.monotonic() - started
+    runner.dump_json(out_dir / "scale.json", results)
+    (out_dir / "scale.md").write_text(scalereport.markdown(results))
+    scalereport.png(results, out_dir / "scale.png")
+    print(scalereport.table(results))
+    print(
+        f"\nwrote {out_dir / 'scale.json'}, {out_dir / 'scale.md'}, {out_dir / 'scale.png'}"
+        f" in {results['meta']['duration_s']:.0f} s"
+    )
+    errors = sum(
+        row["errors"]
+        for run in results["runs"].values()
+        for step in run["steps"]
+        for row in step["workloads"].values()
+    )
+    if errors:
+        print("distribkv bench: some requests failed (see scale.json)", file=sys.stderr)
         return 1
     return 0
 

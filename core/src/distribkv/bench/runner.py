@@ -83,6 +83,21 @@ def free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
+def free_ports(host: str, count: int) -> list[int]:
+    """``count`` distinct free ports: all bound at once, so the kernel cannot hand out one of
+    them twice (as :func:`free_port` called in a row may)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sockets.append(sock)
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def _tail(path: Path, size: int = 2000) -> str:
     try:
         return path.read_text(errors="replace")[-size:]
@@ -159,7 +174,11 @@ def write_cluster(
     metrics: bool = True,
     replicas: int = 0,
     routing: str = "redirect",
+    hashing: str | None = None,
+    file_name: str = "sharding.toml",
 ) -> Path:
+    """A cluster file on free ports of ``host``: ``shards`` leaders named s0, s1, ..., each
+    with ``replicas`` replicas (which :func:`start_nodes` starts only when asked)."""
     lines = [
         "[cluster]",
         f'server = "{server}"',
@@ -171,25 +190,56 @@ def write_cluster(
         "[server]",
         f"threads = {threads}",
     ]
+    if hashing is not None:
+        lines.insert(1, f'hashing = "{hashing}"')
     if not metrics:
         lines.append("metrics = false")
+    ports = iter(free_ports(host, shards * (1 + replicas)))
     for idx in range(shards):
         lines += [
             "[[shards]]",
             f'name = "s{idx}"',
             f"idx = {idx}",
-            f'address = "{host}:{free_port(host)}"',
+            f'address = "{host}:{next(ports)}"',
         ]
         if replicas:
-            addresses = ", ".join(f'"{host}:{free_port(host)}"' for _ in range(replicas))
+            addresses = ", ".join(f'"{host}:{next(ports)}"' for _ in range(replicas))
             lines.append(f"replicas = [{addresses}]")
-    path = directory / "sharding.toml"
+    path = directory / file_name
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 #: A command every node runs under (``--pin``: taskset to CPU 0); empty: none.
 NODE_PREFIX: list[str] = []
+
+
+def node_child(config_path: Path, shard: str, replica: int | None = None) -> Child:
+    """A ``distribkv serve`` process of one node of ``config_path``, not started yet."""
+    from distribkv.config import load_config
+
+    config = load_config(config_path)
+    node = config.node(shard, replica)
+    name = "leader" if replica is None else f"replica-{replica}"
+    cmd = [
+        *NODE_PREFIX,
+        sys.executable,
+        "-m",
+        "distribkv",
+        "serve",
+        "--config",
+        str(config_path),
+        "--shard",
+        shard,
+    ]
+    if replica is not None:
+        cmd += ["--replica", str(replica)]
+    return Child(
+        cmd,
+        config_path.parent / (f"{shard}.log" if replica is None else f"{shard}-{name}.log"),
+        f"http://{node.address}/healthz",
+        f"node {shard} {name} ({config.storage.backend}, {config.cluster.server})",
+    )
 
 
 def start_nodes(config_path: Path, *, replicas: bool = False) -> list[tuple[str, Child]]:
@@ -210,27 +260,8 @@ def start_nodes(config_path: Path, *, replicas: bool = False) -> list[tuple[str,
     started: list[tuple[str, Child]] = []
     try:
         for shard, replica, where in nodes:
-            address = str(where)
-            extra: list[str] = [] if replica is None else ["--replica", str(replica)]
-            name = shard.name if replica is None else f"{shard.name}-replica-{replica}"
-            child = Child(
-                [
-                    *NODE_PREFIX,
-                    sys.executable,
-                    "-m",
-                    "distribkv",
-                    "serve",
-                    "--config",
-                    str(config_path),
-                    "--shard",
-                    shard.name,
-                    *extra,
-                ],
-                config_path.parent / f"{name}.log",
-                f"http://{address}/healthz",
-                f"node {name} ({config.storage.backend}, {config.cluster.server})",
-            )
-            started.append((address, child.start()))
+            child = node_child(config_path, shard.name, replica)
+            started.append((str(where), child.start()))
     except BaseException:
         for _, child in started:
             child.stop()
