@@ -168,9 +168,11 @@ def test_replication_storage_and_the_node_are_shown(running):
             and on_leader.get(("distribkv_replica_lag_entries", labels)) == 0
             and on_replica.get(("distribkv_replication_applied_seq", ())) == last
             and on_replica.get(("distribkv_replication_lag_entries", ())) == 0
+            # A replica that has just resynced says so until its next pull returns.
+            and on_replica.get(("distribkv_replication_state", (("state", "following"),))) == 1
         )
 
-    wait_until(caught_up, 15, message="the replica's applied seq did not reach the leader's")
+    wait_until(caught_up, 15, message="the replica did not catch up and follow its leader")
     on_leader, on_replica = scrape(leader), scrape(replica)
     assert on_replica["distribkv_replication_state", (("state", "following"),)] == 1
     assert on_replica["distribkv_replication_state", (("state", "resyncing"),)] == 0

@@ -296,6 +296,9 @@ class Follower(LoopRole):
         finally:
             progress.end(outcome)
         if outcome == "done":
+            # Caught up to the snapshot: following from here, also while the next pull waits
+            # for new entries (a long-poll that would otherwise leave "resyncing" shown).
+            self.state = "following"
             status = progress.status()
             log.info(
                 "%s: resync done: %d keys (%d bytes) in %.1fs from the leader (history %s,"
