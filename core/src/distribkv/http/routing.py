@@ -134,9 +134,7 @@ class Forwarder:
             response = self.client.request(address, method, target, body, headers)
         except RequestFailed as exc:
             raise self._failed(owner, address, exc) from exc
-        passed = [(name, value) for name, value in response.headers if name.lower() in _PASS_BACK]
-        passed.append((SHARD_HEADER, owner.name))
-        return response.status, passed, response.body
+        return response.status, _passed_back(response, owner.name), response.body
 
     def forward_later(
         self,
@@ -165,10 +163,7 @@ class Forwarder:
 
         def done(response: Response | None, error: RequestFailed | None) -> None:
             if response is not None:
-                headers = [
-                    (key, value) for key, value in response.headers if key.lower() in _PASS_BACK
-                ]
-                headers.append((SHARD_HEADER, name))
+                headers = _passed_back(response, name)
                 data = response.body
                 headers.append(("Content-Length", str(len(data))))
                 status = response.status
@@ -443,3 +438,10 @@ class MapCheck:
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         check_map(self.node.maps, req.get_header(MAP_HEADER))
+
+
+def _passed_back(response: Response, shard: str) -> list[tuple[str, str]]:
+    """The owner's headers a forwarded answer keeps, and the shard that answered it."""
+    passed = [(name, value) for name, value in response.headers if name.lower() in _PASS_BACK]
+    passed.append((SHARD_HEADER, shard))
+    return passed
