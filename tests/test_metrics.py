@@ -264,6 +264,16 @@ class Prometheus:
             return None  # not up yet
         return float(result[0]["value"][1]) if len(result) == 1 else None
 
+    def targets(self) -> list[tuple[str, str, str]]:
+        """Each scrape target's address, health and last error, for a failing test's message."""
+        url = f"http://{self.listen}/api/v1/targets"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                active = json.loads(answer.read())["data"]["activeTargets"]
+        except OSError as exc:
+            return [("?", "?", str(exc))]
+        return [(t["scrapeUrl"], t["health"], t.get("lastError", "")) for t in active]
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -339,12 +349,24 @@ def test_prometheus_scrapes_the_cluster_and_answers_promql(waitress_cluster, tmp
         for n in range(25):
             written = call(leader, "PUT", f"/set?key={q(key_of(0, 'lagging', n))}", b"v")
             assert written.status == 200
-        wait_until(
-            lambda: (prometheus.value(lag) or 0) >= 25,
-            20,
-            interval=0.2,
-            message=f"the lag Prometheus sees: {prometheus.value(lag)}",
+        # What the leader itself says first, then what Prometheus scraped of it.
+        own_lag = (
+            "distribkv_replica_lag_entries",
+            (("address", replica), ("replica", "replica-0")),
         )
+        wait_until(
+            lambda: scrape(leader).get(own_lag, 0) >= 25,
+            10,
+            interval=0.2,
+            message="the leader's /metrics does not show the stopped replica's lag",
+        )
+        try:
+            wait_until(lambda: (prometheus.value(lag) or 0) >= 25, 20, interval=0.2)
+        except AssertionError:
+            raise AssertionError(
+                f"the lag Prometheus sees: {prometheus.value(lag)}, the leader's own:"
+                f" {scrape(leader).get(own_lag)}; targets: {prometheus.targets()}"
+            ) from None
         os.kill(replica_pid, signal.SIGCONT)
         stopped = False
         wait_until(lambda: prometheus.value(lag) == 0, 20, message="the replica did not catch up")

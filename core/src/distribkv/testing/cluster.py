@@ -504,6 +504,13 @@ class NodeProcess:
             time.sleep(0.05)
         raise RuntimeError(f"node did not answer /healthz: {self.log_path.read_text()[-3000:]}")
 
+    def log_tail(self, size: int = 3000) -> str:
+        """The last ``size`` characters of the node's log, for a failing test's message."""
+        try:
+            return self.log_path.read_text(errors="replace")[-size:]
+        except FileNotFoundError:
+            return "(no log)"
+
     def kill9(self) -> None:
         assert self.process is not None, "the node was never started"
         self.process.send_signal(signal.SIGKILL)
