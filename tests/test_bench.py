@@ -180,6 +180,54 @@ def test_the_load_test_reports_a_node_that_loses_writes(tmp_path, hosts):
 
 
 @needs_wrk
+def test_bench_compares_metrics_on_and_off_in_both_start_orders(tmp_path, hosts, backend_name):
+    if backend_name != "lmdb":
+        pytest.skip("a comparison of the node's own routes: one backend is enough")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distribkv",
+            "bench",
+            "--backends",
+            backend_name,
+            "--servers",
+            "waitress",
+            "--compare-metrics",
+            "1",
+            "--seconds",
+            "1",
+            "--keys",
+            "200",
+            "--host",
+            hosts.host(),
+            "--out",
+            str(out),
+            "--work-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads((out / "bench.json").read_text())
+    [row] = data["metrics"]
+    assert (row["backend"], row["server"], row["rounds"]) == (backend_name, "waitress", 1)
+    assert [s["first"] for s in row["sessions"]] == ["on", "off"]
+    for session in row["sessions"]:
+        for label in ("on", "off"):
+            [run] = session["runs"][label]
+            assert run["rps"] > 0 and run["rps_per_cpu"] > 0 and run["errors"] == 0
+    first, second = (s["ratio"] for s in row["sessions"])
+    assert row["ratio"] == pytest.approx((first * second) ** 0.5)
+    assert row["start_bias"] == pytest.approx((first / second) ** 0.5)
+    assert row["errors"] == 0
+    assert "## GET with metrics on and off" in (out / "bench.md").read_text()
+
+
+@needs_wrk
 def test_bench_measures_a_running_leader_with_keys_of_its_own_shard(tmp_path, hosts, backend_name):
     path = write_config(tmp_path, hosts=hosts, shards=2, backend=backend_name, hashing="ring")
     with Cluster(path) as cluster:

@@ -214,7 +214,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         metavar="ROUNDS",
         help="instead of the workloads: GET throughput of a node with /metrics against the"
         " same node with [server] metrics = false, per backend and server, both running, wrk"
-        " alternating between them ROUNDS times (medians; e.g. 5)",
+        " alternating between them ROUNDS times (medians; e.g. 5); run twice, with either node"
+        " started first, and the start order's own effect reported beside the ratio",
     )
     bench.add_argument(
         "--pin",

@@ -127,9 +127,11 @@ METRICS_COLUMNS = [
     "GET/s metrics on",
     "GET/s off",
     "on / off",
+    "start order",
     "GET/CPU-s on",
     "GET/CPU-s off",
     "on / off (CPU)",
+    "start order (CPU)",
     "rounds",
     "errors",
 ]
@@ -145,10 +147,12 @@ def metrics_rows(results: dict[str, Any]) -> list[list[str]]:
             _num(row["on_rps"]),
             _num(row["off_rps"]),
             _num(row["ratio"], 3),
+            _num(row.get("start_bias"), 3),
             _num(row["on_rps_per_cpu"]),
             _num(row["off_rps_per_cpu"]),
             _num(row["ratio_per_cpu"], 3),
-            str(row["rounds"]),
+            _num(row.get("start_bias_per_cpu"), 3),
+            f"2 x {row['rounds']}",
             _num(row["errors"]),
         ]
         for row in results.get("metrics", [])
@@ -208,7 +212,10 @@ def markdown(results: dict[str, Any]) -> str:
             _md_table([METRICS_COLUMNS, *metrics_rows(results)]),
             "",
             "Two nodes side by side, one with `[server] metrics = false`; wrk alternates"
-            " between them (GET, uniform keys); medians of the rounds.",
+            " between them (GET, uniform keys). Twice: once with the metrics node started"
+            " first, once second; *on / off* is the geometric mean of the two sessions' ratios"
+            " of medians, *start order* how much faster the node started first was (the"
+            " control: what two nodes differ by for another reason than metrics).",
             "",
         ]
         return "\n".join(lines)

@@ -646,80 +646,116 @@ def compare_metrics(
     """GET throughput (uniform keys) of a node with ``/metrics`` (the default) and of the
     same node with ``[server] metrics = false``: both run side by side, loaded alike, and wrk
     alternates between them ``rounds`` times (on-off, then off-on, ...), so that both see the
-    same machine. The ratio is of the medians, of GETs per second and of GETs per second of
-    the node's CPU."""
+    same machine.
+
+    Two identical nodes started one after the other do not serve alike: the first one started
+    was measured a few percent faster (on granian, with metrics on in both). So this runs two
+    sessions of ``rounds`` rounds, one with the metrics-on node started first and one with it
+    started second; ``ratio`` is the geometric mean of the two sessions' ratios of medians
+    (which cancels the start-order effect), and ``start_bias`` is that effect itself (> 1: the
+    node started first was faster), the control the figure comes with. Both for GETs per second
+    and for GETs per second of the node's CPU."""
+    import math
     import statistics
 
-    nodes: dict[str, tuple[str, Child]] = {}
-    try:
-        for label, enabled in (("on", True), ("off", False)):
-            where = directory / f"metrics-{label}"
-            where.mkdir(parents=True, exist_ok=True)
-            config = write_cluster(
-                where,
-                backend=backend,
-                server=server,
-                durability=durability,
-                host=host,
-                threads=threads,
-                metrics=enabled,
-            )
-            nodes[label] = start_nodes(config)[0]
-        names = [key_name(i) for i in range(profile.keys)]
-        for label, (address, _) in nodes.items():
-            progress(f"{backend} + {server}: metrics {label}: batch load of {len(names):,} keys")
-            batch_load(address, names, value_size)
+    def median(runs: list[dict[str, float]], field: str) -> float:
+        return statistics.median(run[field] for run in runs)
+
+    def ratio_of(on: float, off: float) -> float | None:
+        return on / off if off else None
+
+    sessions: list[dict[str, Any]] = []
+    for first in ("on", "off"):
+        started = (first, "off" if first == "on" else "on")
+        nodes: dict[str, tuple[str, Child]] = {}
         runs: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
-        for round_ in range(rounds):
-            order = ("on", "off") if round_ % 2 == 0 else ("off", "on")
-            for label in order:
-                address, child = nodes[label]
+        try:
+            for label in started:
+                where = directory / f"{first}-first" / f"metrics-{label}"
+                where.mkdir(parents=True, exist_ok=True)
+                config = write_cluster(
+                    where,
+                    backend=backend,
+                    server=server,
+                    durability=durability,
+                    host=host,
+                    threads=threads,
+                    metrics=label == "on",
+                )
+                nodes[label] = start_nodes(config)[0]
+            names = [key_name(i) for i in range(profile.keys)]
+            for label in started:
                 progress(
-                    f"{backend} + {server}: GET with metrics {label}, round {round_ + 1}/{rounds}"
-                    f" ({profile.seconds:g} s, wrk)"
+                    f"{backend} + {server}: metrics {label} ({first} started first): batch load"
+                    f" of {len(names):,} keys"
                 )
-                result = run_wrk(
-                    f"http://{address}",
-                    lua_script(
-                        "get-uniform", keys=len(names), value_size=value_size, read_ratio=1.0
-                    ),
-                    seconds=profile.seconds,
-                    connections=connections,
-                    threads=wrk_threads,
-                    server_pid=child.pid,
-                    workdir=directory,
-                    name=f"metrics-{label}",
-                )
-                rps = result["requests"] / (result["duration_us"] / 1e6)
-                cpu = result["server_cpu"]
-                runs[label].append(
-                    {
-                        "rps": rps,
-                        "rps_per_cpu": rps / cpu if cpu else 0.0,
-                        "errors": sum(result["errors"].values()),
-                    }
-                )
-    finally:
-        for _, child in nodes.values():
-            child.stop()
+                batch_load(nodes[label][0], names, value_size)
+            for round_ in range(rounds):
+                order = ("on", "off") if round_ % 2 == 0 else ("off", "on")
+                for label in order:
+                    address, child = nodes[label]
+                    progress(
+                        f"{backend} + {server}: GET with metrics {label} ({first} started"
+                        f" first), round {round_ + 1}/{rounds} ({profile.seconds:g} s, wrk)"
+                    )
+                    result = run_wrk(
+                        f"http://{address}",
+                        lua_script(
+                            "get-uniform", keys=len(names), value_size=value_size, read_ratio=1.0
+                        ),
+                        seconds=profile.seconds,
+                        connections=connections,
+                        threads=wrk_threads,
+                        server_pid=child.pid,
+                        workdir=directory,
+                        name=f"metrics-{label}",
+                    )
+                    rps = result["requests"] / (result["duration_us"] / 1e6)
+                    cpu = result["server_cpu"]
+                    runs[label].append(
+                        {
+                            "rps": rps,
+                            "rps_per_cpu": rps / cpu if cpu else 0.0,
+                            "errors": sum(result["errors"].values()),
+                        }
+                    )
+        finally:
+            for _, child in nodes.values():
+                child.stop()
+        sessions.append(
+            {
+                "first": first,
+                "runs": runs,
+                "ratio": ratio_of(median(runs["on"], "rps"), median(runs["off"], "rps")),
+                "ratio_per_cpu": ratio_of(
+                    median(runs["on"], "rps_per_cpu"), median(runs["off"], "rps_per_cpu")
+                ),
+            }
+        )
 
-    def median(label: str, field: str) -> float:
-        return statistics.median(run[field] for run in runs[label])
+    def combined(field: str) -> tuple[float | None, float | None]:
+        on_first, off_first = (session[field] for session in sessions)
+        if not on_first or not off_first:
+            return None, None
+        return math.sqrt(on_first * off_first), math.sqrt(on_first / off_first)
 
-    on, off = median("on", "rps"), median("off", "rps")
-    on_cpu, off_cpu = median("on", "rps_per_cpu"), median("off", "rps_per_cpu")
+    ratio, bias = combined("ratio")
+    ratio_cpu, bias_cpu = combined("ratio_per_cpu")
+    every = {label: [run for s in sessions for run in s["runs"][label]] for label in ("on", "off")}
     return {
         "backend": backend,
         "server": server,
         "rounds": rounds,
-        "runs": runs,
-        "on_rps": on,
-        "off_rps": off,
-        "ratio": on / off if off else None,
-        "on_rps_per_cpu": on_cpu,
-        "off_rps_per_cpu": off_cpu,
-        "ratio_per_cpu": on_cpu / off_cpu if off_cpu else None,
-        "errors": sum(run["errors"] for label in runs for run in runs[label]),
+        "sessions": sessions,
+        "on_rps": median(every["on"], "rps"),
+        "off_rps": median(every["off"], "rps"),
+        "ratio": ratio,
+        "start_bias": bias,
+        "on_rps_per_cpu": median(every["on"], "rps_per_cpu"),
+        "off_rps_per_cpu": median(every["off"], "rps_per_cpu"),
+        "ratio_per_cpu": ratio_cpu,
+        "start_bias_per_cpu": bias_cpu,
+        "errors": sum(run["errors"] for label in every for run in every[label]),
     }
 
 
