@@ -392,6 +392,19 @@ def batch_load(address: str, keys: list[bytes], value_size: int, *, timeout: flo
         client.close()
 
 
+def compact(address: str, *, timeout: float = 900.0) -> float | None:
+    """``POST /compact`` on the node after its bulk load, so that LevelDB and RocksDB serve the
+    measured reads from settled files, not beside the compactions that a load (and, on LevelDB,
+    the first reads of fresh keys) set off on the node's core. The node's seconds, or None for
+    a backend with nothing to compact (LMDB: 501)."""
+    status, body = _request(address, "POST", "/compact", None, timeout)
+    if status == 501:
+        return None
+    if status != 200:
+        raise RuntimeError(f"POST /compact on {address}: {status} {body[:300]!r}")
+    return float(json.loads(body)["seconds"])
+
+
 def run_node(
     backend: str,
     server: str,
@@ -418,6 +431,7 @@ def run_node(
         return measure_node(
             address,
             node.pid,
+            compact_after_load=True,
             backend=backend,
             server=server,
             directory=directory,
@@ -472,6 +486,7 @@ def run_forwarded(
         keys_path.write_bytes(b"\n".join(keys) + b"\n")
         progress(f"{backend} + {server}: proxy cluster: batch load of {len(keys):,} keys")
         batch_load(owner, keys, value_size)
+        compact(owner)
         for name in names:
             read_ratio = 1.0 if name.startswith("get-") else 0.0
             kind = name.split("-", 1)[0]
@@ -567,10 +582,13 @@ def measure_node(
     workloads: list[Workload],
     progress: Callable[[str], None],
     keys: list[bytes] | None = None,
+    compact_after_load: bool = False,
 ) -> list[dict[str, Any]]:
     """Batch load, no-op, /healthz and every workload against the node at ``address``, with a
     no-op endpoint on the same server plugin started beside it. ``keys``: the node's own keys
-    (a running cluster of several shards); by default bench-0 .. bench-N-1."""
+    (a running cluster of several shards); by default bench-0 .. bench-N-1.
+    ``compact_after_load``: compact the node's files after the load (a node the bench started;
+    never a user's running node)."""
     directory.mkdir(parents=True, exist_ok=True)
     names = keys or [key_name(i) for i in range(profile.keys)]
     keys_file = ""
@@ -584,6 +602,9 @@ def measure_node(
         progress(f"{backend} + {server}: batch load of {len(names):,} keys (set_many)")
         rate = batch_load(address, names, value_size)
         rows.append({"workload": "batch-load", "rps": rate, "unit": "keys/s"})
+        seconds = compact(address) if compact_after_load else None
+        if seconds is not None:
+            progress(f"{backend} + {server}: compacted after the load in {seconds:.2f} s")
 
         def measure(name: str, url: str, pid: int | None, **script: Any) -> dict[str, Any]:
             progress(f"{backend} + {server}: {name} ({profile.seconds:g} s, wrk)")
@@ -690,6 +711,7 @@ def compare_metrics(
                     f" of {len(names):,} keys"
                 )
                 batch_load(nodes[label][0], names, value_size)
+                compact(nodes[label][0])
             for round_ in range(rounds):
                 order = ("on", "off") if round_ % 2 == 0 else ("off", "on")
                 for label in order:

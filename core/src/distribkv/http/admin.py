@@ -12,6 +12,7 @@ from distribkv.coordination.api import CoordinationError, Leadership
 from distribkv.http.auth import require
 from distribkv.http.errors import ApiError
 from distribkv.protocol import TOKEN_HEADER
+from distribkv.storage.errors import UnsupportedOperationError
 
 
 def require_token(node, req: falcon.Request) -> None:
@@ -92,6 +93,21 @@ class PurgeResource:
         resp.media = {**self.node.purge(), "fingerprint": self.node.shard_map.fingerprint}
 
     on_post = on_get
+
+
+class CompactResource:
+    """``POST /compact``: the engine compacts its files now (admin; LevelDB and RocksDB);
+    501 on a backend without compaction."""
+
+    def __init__(self, node):
+        self.node = node
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        require_token(self.node, req)
+        try:
+            resp.media = {**self.node.compact(), "node": self.node.name}
+        except UnsupportedOperationError as exc:
+            raise ApiError(falcon.HTTP_501, "not supported", str(exc)) from None
 
 
 class DigestResource:

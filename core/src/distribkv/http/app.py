@@ -17,6 +17,7 @@ from distribkv.auth import Authorizer
 from distribkv.http import errors, reshard, ui
 from distribkv.http.admin import (
     ClusterResource,
+    CompactResource,
     DigestResource,
     HandoverResource,
     HealthResource,
@@ -207,6 +208,7 @@ def create_app(node) -> NodeApp:
         ("/delete", DeleteResource(kv)),
         ("/batch", BatchResource(node, router, limits)),
         ("/purge", PurgeResource(node)),
+        ("/compact", CompactResource(node)),
         ("/healthz", HealthResource()),
         ("/status", StatusResource(node)),
         ("/cluster", ClusterResource(node)),
