@@ -106,7 +106,8 @@ class RequestCounts:
         self.other = RouteCounts()
 
     def count(self, path: str, status: str, seconds: float) -> None:
-        """One request ended (the caller holds the lock that orders these calls)."""
+        """One request ended (the caller holds the lock that orders these calls). The serving
+        wrapper does the same inline (``ServingWrapper._finished``): keep both alike."""
         route = self.routes.get(path) or self.other
         codes = route.codes
         codes[status] = codes.get(status, 0) + 1
