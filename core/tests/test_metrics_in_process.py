@@ -6,6 +6,7 @@ tests/test_metrics.py."""
 from __future__ import annotations
 
 import http.client
+import random
 from pathlib import Path
 
 import falcon.testing
@@ -16,7 +17,7 @@ from distribkv import __version__
 from distribkv.config import parse_config
 from distribkv.http.app import create_app
 from distribkv.http.wrapper import ServingWrapper
-from distribkv.metrics.counts import LATENCY_BUCKETS, OTHER, Buckets, RequestCounts
+from distribkv.metrics.counts import FOLD_AT, LATENCY_BUCKETS, OTHER, Buckets, RequestCounts
 from distribkv.metrics.exposition import MetricsListener
 from distribkv.node import Node
 from distribkv.plugins import load_plugins
@@ -68,6 +69,36 @@ def test_buckets_are_cumulative_and_end_with_inf():
     cumulative, count, total = buckets.snapshot()
     assert cumulative == [("0.1", 2), ("1.0", 3), ("+Inf", 4)]
     assert count == 4 and total == pytest.approx(5.65)
+
+
+def test_folded_latencies_fall_in_the_buckets_observe_puts_them_in():
+    rng = random.Random(5)
+    bounds = (0.1, 0.5, 1.0)
+    values = [
+        rng.choice((0.1, 0.5, 1.0, 0.0, 3.0)) + rng.choice((0.0, 1e-9, -1e-9)) for _ in range(500)
+    ]
+    one, bulk = Buckets(bounds), Buckets(bounds)
+    for value in values:
+        one.observe(value)
+    bulk.observe_many(list(values))
+    assert bulk.counts == one.counts and sum(bulk.counts) == len(values)
+    assert bulk.sum == pytest.approx(one.sum)
+
+
+def test_request_counts_fold_in_runs_and_at_each_read():
+    counts = RequestCounts(["/get"])
+    total = 3 * FOLD_AT + 7  # three folds as requests end, and the rest when read
+    for i in range(total):
+        counts.count("/get", "200" if i % 3 else "404 Not Found", 0.0001 if i % 2 else 0.3)
+    route = counts.routes["/get"]
+    assert len(route.statuses) == 7 == len(route.seconds)
+    routes = dict(counts.each())
+    assert route.statuses == [] and route.seconds == []
+    assert RequestCounts.by_code(routes["/get"]) == {"200": 2 * total // 3, "404": total // 3 + 1}
+    latency = routes["/get"].latency
+    assert sum(latency.counts) == total
+    assert latency.counts[0] == total // 2  # 0.1 ms: the first bucket
+    assert latency.counts[LATENCY_BUCKETS.index(0.5)] == total - total // 2  # 0.3 s
 
 
 def test_request_counts_put_unknown_paths_under_other_and_codes_by_three_digits():

@@ -223,6 +223,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="run every node on CPU 0 and wrk on CPU 1 (taskset): on a machine with other work,"
         " figures that vary less from run to run, at the cost of the node's use of more cores",
     )
+    bench.add_argument(
+        "--no-compact",
+        action="store_true",
+        help="do not compact the nodes after their bulk load (POST /compact): LevelDB and RocksDB"
+        " then serve the workloads beside the compactions the load set off",
+    )
     scale = bench.add_argument_group(
         "scale profile",
         "--scale: one node per backend, loaded step by step to each size (10^5, 10^6, 10^7"
@@ -317,6 +323,7 @@ def run(args: argparse.Namespace) -> int:
     _check_tools()
     if args.pin:
         _pin()
+    runner.COMPACT_AFTER_LOAD = not args.no_compact
     if args.scale:
         return _scale(args)
     registry = load_plugins()
@@ -367,6 +374,7 @@ def run(args: argparse.Namespace) -> int:
             "threads": args.threads,
             "value_size": args.value_size,
             "durability": args.durability,
+            "compacted_after_load": not args.no_compact,
             "backends": backends,
             "servers": servers,
             "machine": runner.machine(),

@@ -202,7 +202,12 @@ def markdown(results: dict[str, Any]) -> str:
         f"Machine: {m.get('cpus')} CPUs ({m.get('cpu', '?')}), Python {m.get('python')},"
         f" {m.get('wrk', 'wrk')}. Profile `{meta['profile']}`: {meta['keys']:,} keys of"
         f" {meta['value_size']} bytes, {meta['seconds']:g} s per figure, {meta['connections']}"
-        f" connections, durability `{meta['durability']}`, {meta['threads']} server threads.",
+        f" connections, durability `{meta['durability']}`, {meta['threads']} server threads;"
+        + (
+            " LevelDB and RocksDB compacted after the load (`POST /compact`)."
+            if meta.get("compacted_after_load", False)
+            else " no compaction after the load."
+        ),
         "",
     ]
     if results.get("metrics"):

@@ -18,14 +18,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from distribkv.http.accesslog import AccessLog, query_key
 from distribkv.http.api import DEFER, DEFERRED, Completion, Direct, Header, as_wsgi, error_answer
 from distribkv.logformat import json_formatter
-from distribkv.metrics.counts import LATENCY_BUCKETS, RequestCounts
+from distribkv.metrics.counts import FOLD_AT, RequestCounts
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("distribkv.access")
@@ -44,7 +43,10 @@ class ServingWrapper:
 
     def __init__(self, app: Callable[..., Iterable[bytes]]):
         self.app = app
-        self._lock = threading.Lock()
+        #: Requests by route, status and latency, counted when each ends (None: not counted).
+        self.requests: RequestCounts | None = getattr(app, "request_counts", None)
+        # One lock for the in-flight count and the request counts, taken once as a request ends.
+        self._lock = threading.Lock() if self.requests is None else self.requests.lock
         self.in_flight = 0
         self.refusing = False
         self.access: AccessLog | None = None
@@ -57,8 +59,6 @@ class ServingWrapper:
             self.access = AccessLog(json=formatter, routes=getattr(app, "routes", ()))
             self.sized = formatter is not None
             self.keys = access_log.isEnabledFor(logging.DEBUG)
-        #: Requests by route, status and latency, counted when each ends (None: not counted).
-        self.requests: RequestCounts | None = getattr(app, "request_counts", None)
 
     def refuse(self) -> None:
         """From now on answer 503 without calling the application (the node is closing)."""
@@ -193,11 +193,11 @@ class ServingWrapper:
                 # RequestCounts.count, inline: this runs for every request, and a call costs
                 # as much as the counting.
                 route = requests.routes.get(path) or requests.other
-                codes = route.codes
-                codes[status] = codes.get(status, 0) + 1
-                latency = route.latency
-                latency.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-                latency.sum += seconds
+                statuses = route.statuses
+                statuses.append(status)
+                route.seconds.append(seconds)
+                if len(statuses) >= FOLD_AT:
+                    route.fold()
         if self.access is not None:
             self.access.add(
                 remote,

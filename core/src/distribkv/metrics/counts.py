@@ -1,20 +1,26 @@
 """What a node counts while it serves: plain ints and lists, read when ``/metrics`` is scraped.
 
 Counting happens on the hot path (every request ends in
-:meth:`distribkv.http.wrapper.ServingWrapper._finished`), so it is a dict lookup, a
-``bisect`` and a few additions, done under the lock the wrapper takes anyway for its in-flight
-count: no object per request, no lock of its own, and nothing of ``prometheus_client`` (whose
-``Histogram.observe`` takes a lock and costs several times more). :mod:`distribkv.metrics.collector`
-turns these counts into metric families at scrape time.
+:meth:`distribkv.http.wrapper.ServingWrapper._finished`), so a request that ends only appends
+its status and its latency to two lists of its route, under the lock the wrapper takes anyway
+for its in-flight count; every :data:`FOLD_AT` requests of a route, and at each scrape, the
+lists are folded into the counts in bulk (a ``Counter`` of the statuses, the latencies sorted
+and cut at the bucket bounds). Per request that is about 40% of the instructions of counting
+each one into a dict and a ``bisect`` (callgrind), with no object per request, no lock of its
+own, and nothing of ``prometheus_client`` (whose ``Histogram.observe`` takes a lock and costs
+several times more). :mod:`distribkv.metrics.collector` turns these counts into metric
+families at scrape time.
 """
 
 from __future__ import annotations
 
 import threading
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
+from collections import Counter
 from collections.abc import Iterable
 
 __all__ = [
+    "FOLD_AT",
     "GROUP_SIZE_BUCKETS",
     "LATENCY_BUCKETS",
     "OTHER",
@@ -44,6 +50,9 @@ LATENCY_BUCKETS = (
 )
 #: Upper bounds of the group-commit group size (writes per storage apply).
 GROUP_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+#: Requests a route keeps unfolded at most: the request that makes this many folds them (some
+#: tens of microseconds), and a scrape folds the rest.
+FOLD_AT = 256
 #: The route label of every path that is not one of the node's routes.
 OTHER = "other"
 
@@ -63,6 +72,18 @@ class Buckets:
     def observe(self, value: float) -> None:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
+
+    def observe_many(self, values: list[float]) -> None:
+        """:meth:`observe` each of ``values`` (sorted here, in place)."""
+        values.sort()
+        counts = self.counts
+        below = 0
+        for i, bound in enumerate(self.bounds):
+            upto = bisect_right(values, bound)  # the values <= bound, as observe() counts
+            counts[i] += upto - below
+            below = upto
+        counts[-1] += len(values) - below
+        self.sum += sum(values)
 
     def snapshot(self) -> tuple[list[tuple[str, int]], int, float]:
         """Cumulative ``(le, count)`` pairs ending with +Inf, the total count and the sum,
@@ -86,13 +107,28 @@ def _le(bound: float) -> str:
 class RouteCounts:
     """One route's requests: how many ended with each status, and their latency."""
 
-    __slots__ = ("codes", "latency")
+    __slots__ = ("codes", "latency", "seconds", "statuses")
 
     def __init__(self):
         #: By status as the server gave it: ``"200"`` or a WSGI status line ``"200 OK"``;
         #: the first three characters are the code (see :meth:`RequestCounts.by_code`).
         self.codes: dict[str, int] = {}
         self.latency = Buckets(LATENCY_BUCKETS)
+        #: The statuses and latencies of the requests that ended since the last :meth:`fold`.
+        self.statuses: list[str] = []
+        self.seconds: list[float] = []
+
+    def fold(self) -> None:
+        """Count the requests that ended since the last fold into :attr:`codes` and
+        :attr:`latency` (under the lock of the lists' writers)."""
+        statuses, seconds = self.statuses, self.seconds
+        if not statuses:
+            return
+        self.statuses, self.seconds = [], []
+        codes = self.codes
+        for status, count in Counter(statuses).items():
+            codes[status] = codes.get(status, 0) + count
+        self.latency.observe_many(seconds)
 
 
 class RequestCounts:
@@ -104,20 +140,26 @@ class RequestCounts:
     def __init__(self, routes: Iterable[str]):
         self.routes: dict[str, RouteCounts] = {path: RouteCounts() for path in routes}
         self.other = RouteCounts()
+        #: The lock of every writer (the serving wrapper takes it as its own) and of a fold.
+        self.lock = threading.Lock()
 
     def count(self, path: str, status: str, seconds: float) -> None:
-        """One request ended (the caller holds the lock that orders these calls). The serving
-        wrapper does the same inline (``ServingWrapper._finished``): keep both alike."""
+        """One request ended (the caller holds :attr:`lock`). The serving wrapper does the
+        same inline (``ServingWrapper._finished``): keep both alike."""
         route = self.routes.get(path) or self.other
-        codes = route.codes
-        codes[status] = codes.get(status, 0) + 1
-        latency = route.latency
-        latency.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        latency.sum += seconds
+        statuses = route.statuses
+        statuses.append(status)
+        route.seconds.append(seconds)
+        if len(statuses) >= FOLD_AT:
+            route.fold()
 
     def each(self) -> Iterable[tuple[str, RouteCounts]]:
-        yield from self.routes.items()
-        yield OTHER, self.other
+        """Every route's counts, folded first (takes :attr:`lock`)."""
+        everything = [*self.routes.items(), (OTHER, self.other)]
+        with self.lock:
+            for _, route in everything:
+                route.fold()
+        yield from everything
 
     @staticmethod
     def by_code(route: RouteCounts) -> dict[str, int]:
