@@ -399,8 +399,8 @@ COMPACT_AFTER_LOAD = True
 
 def compact(address: str, *, timeout: float = 900.0) -> float | None:
     """``POST /compact`` on the node after its bulk load, so that LevelDB and RocksDB serve the
-    measured reads from settled files, not beside the compactions that a load (and, on LevelDB,
-    the first reads of fresh keys) set off on the node's core. The node's seconds, or None for
+    measured requests from compacted files, not beside the compactions that a large load sets
+    off on the node's core. The node's seconds, or None for
     a backend with nothing to compact (LMDB: 501), or with ``--no-compact``."""
     if not COMPACT_AFTER_LOAD:
         return None
