@@ -24,7 +24,9 @@ One thread runs every forwarded exchange with non-blocking sockets (:mod:`select
   does.
 
 An exchange ends with ``done(response, None)`` or ``done(None, error)`` (a
-:class:`~distribkv.httpclient.RequestFailed`), called in the engine's thread exactly once.
+:class:`~distribkv.httpclient.RequestFailed`), called exactly once: in the engine's thread,
+after it let go of its lock (or in the submitting thread, for a request submitted once the
+engine is closed).
 TLS is not spoken here: a node with ``[tls]`` forwards through the blocking client.
 """
 
@@ -177,6 +179,10 @@ class ForwardingEngine:
         self._woken = False
         #: Connections whose request a submitting thread could not send whole.
         self._unsent: list[_Connection] = []
+        #: Exchanges that ended, to be told once the lock is released: telling one hands the
+        #: answer to the server, which takes long enough that submitting threads would queue
+        #: on the lock meanwhile (and on one core, each such wait is a context switch).
+        self._ended: list[tuple[Done, Response | None, RequestFailed | None]] = []
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -221,8 +227,9 @@ class ForwardingEngine:
                         os.write(self._wake_write, b"x")
                     except BlockingIOError:  # the pipe is full: the engine is being woken
                         pass
-        if closed:
-            self._end(exchange, None, self._failure(exchange, "the node is stopping", sent=False))
+        if closed:  # never seen by the engine: told here, in the submitting thread
+            exchange.ended = True
+            done(None, self._failure(exchange, "the node is stopping", sent=False))
 
     def close(self) -> None:
         """Stop the thread; exchanges not answered yet fail (the node is stopping)."""
@@ -249,6 +256,7 @@ class ForwardingEngine:
         finally:
             with self._lock:
                 self._shut()
+            self._tell()
 
     def _loop_once(self) -> None:
         with self._lock:
@@ -264,6 +272,7 @@ class ForwardingEngine:
         with self._lock:
             self._sleeping = False
             self._handle(events)
+        self._tell()
 
     def _handle(self, events) -> None:
         for key, mask in events:
@@ -584,10 +593,17 @@ class ForwardingEngine:
         exchange.ended = True
         exchange.data = b""
         exchange.connection = None
-        try:
-            exchange.done(response, error)
-        except Exception:  # one request's failure must not stop the others
-            log.exception("answering a forwarded request failed")
+        self._ended.append((exchange.done, response, error))
+
+    def _tell(self) -> None:
+        """Tell every exchange that ended, in the engine's thread, without holding the lock."""
+        with self._lock:
+            ended, self._ended = self._ended, []
+        for done, response, error in ended:
+            try:
+                done(response, error)
+            except Exception:  # one request's failure must not stop the others
+                log.exception("answering a forwarded request failed")
 
     def _shut(self) -> None:
         """Fail whatever is left, and close every socket (in the engine's thread)."""
