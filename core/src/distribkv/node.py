@@ -686,10 +686,10 @@ class Node:
         return {"deleted": deleted, "kept": kept}
 
     def compact(self) -> dict:
-        """Compact the engine's table files (LevelDB, RocksDB): after a bulk load or a large
-        purge, reads look into one file per key again and deleted data leaves the disk. The
-        engine keeps serving meanwhile. Raises UnsupportedOperationError on an engine without
-        compaction (LMDB's B+tree needs none)."""
+        """Compact the engine's table files now (LevelDB, RocksDB), after a bulk load or a large
+        purge; which files it rewrites (and so how much deleted data leaves the disk) is the
+        engine's choice. The node keeps serving meanwhile. Raises UnsupportedOperationError on
+        an engine without compaction (LMDB's B+tree needs none)."""
         store = self._opened()
         if not store.capabilities.compaction:
             raise UnsupportedOperationError(
