@@ -158,7 +158,7 @@ def test_an_invalid_cluster_file_stops_the_command_with_its_message(
     assert message in result.stderr and str(path) in result.stderr
 
 
-def test_compact_frees_the_disk_of_deleted_keys_and_the_node_serves_on(
+def test_compact_reports_the_disk_and_the_node_serves_on_with_its_data(
     tmp_path, hosts, backend_name
 ):
     path = write_config(tmp_path, hosts=hosts, shards=1, backend=backend_name)
