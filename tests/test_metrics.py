@@ -284,6 +284,15 @@ class Prometheus:
                 self.process.wait(timeout=10)
 
 
+def _state(pid: int) -> str:
+    """A process's state letter from /proc (T: stopped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0]
+    except OSError as exc:
+        return f"unknown ({exc})"
+
+
 def test_prometheus_scrapes_the_cluster_and_answers_promql(waitress_cluster, tmp_path):
     binary = shutil.which("prometheus")
     if binary is None:
@@ -296,7 +305,8 @@ def test_prometheus_scrapes_the_cluster_and_answers_promql(waitress_cluster, tmp
         running.hosts.address(),
         [leader, replica, running.leader1],
     )
-    replica_pid = int(running.cluster.nodes["shard-0/replica-0"]["PID"])
+    # The replica's own word for its process (a table made at start would miss a restart).
+    replica_pid = json.loads(call(replica, "GET", "/status").body)["pid"]
     stopped = False
     try:
         wait_until(
@@ -346,6 +356,7 @@ def test_prometheus_scrapes_the_cluster_and_answers_promql(waitress_cluster, tmp
         wait_until(lambda: prometheus.value(lag) == 0, 20, message="the replica is behind")
         os.kill(replica_pid, signal.SIGSTOP)
         stopped = True
+        wait_until(lambda: _state(replica_pid) == "T", 5, message="the replica did not stop")
         for n in range(25):
             written = call(leader, "PUT", f"/set?key={q(key_of(0, 'lagging', n))}", b"v")
             assert written.status == 200
@@ -354,12 +365,18 @@ def test_prometheus_scrapes_the_cluster_and_answers_promql(waitress_cluster, tmp
             "distribkv_replica_lag_entries",
             (("address", replica), ("replica", "replica-0")),
         )
-        wait_until(
-            lambda: scrape(leader).get(own_lag, 0) >= 25,
-            10,
-            interval=0.2,
-            message="the leader's /metrics does not show the stopped replica's lag",
-        )
+        try:
+            wait_until(lambda: scrape(leader).get(own_lag, 0) >= 25, 10, interval=0.2)
+        except AssertionError:
+            replicas = {
+                name: value
+                for (name, labels), value in scrape(leader).items()
+                if name.startswith("distribkv_replica") or name == "distribkv_replication_last_seq"
+            }
+            raise AssertionError(
+                f"the leader's /metrics does not show the stopped replica's lag: {replicas};"
+                f" the replica's process is in state {_state(replica_pid)!r}"
+            ) from None
         try:
             wait_until(lambda: (prometheus.value(lag) or 0) >= 25, 20, interval=0.2)
         except AssertionError:
