@@ -23,6 +23,19 @@ needs_wrk = pytest.mark.skipif(
 )
 
 
+def run_bench(*args: str, timeout: float, expect: int = 0) -> subprocess.CompletedProcess:
+    """``distribkv bench`` with ``args``; the test fails with its output unless it exits
+    with ``expect``."""
+    result = subprocess.run(
+        [sys.executable, "-m", "distribkv", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
 @needs_wrk
 def test_bench_measures_every_workload_with_its_ratios_and_writes_its_files(
     tmp_path, hosts, backend_name
@@ -30,33 +43,24 @@ def test_bench_measures_every_workload_with_its_ratios_and_writes_its_files(
     if backend_name == "memory":
         pytest.skip("the benchmark compares persistent backends")
     out = tmp_path / "out"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distribkv",
-            "bench",
-            "--quick",
-            "--backends",
-            backend_name,
-            "--seconds",
-            "1",
-            "--keys",
-            "500",
-            "--load-test-keys",
-            "300",
-            "--host",
-            hosts.host(),
-            "--out",
-            str(out),
-            "--work-dir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
+    result = run_bench(
+        "--quick",
+        "--backends",
+        backend_name,
+        "--seconds",
+        "1",
+        "--keys",
+        "500",
+        "--load-test-keys",
+        "300",
+        "--host",
+        hosts.host(),
+        "--out",
+        str(out),
+        "--work-dir",
+        str(tmp_path),
         timeout=600,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads((out / "bench.json").read_text())
     servers = data["meta"]["servers"]
     assert "waitress" in servers
@@ -91,37 +95,28 @@ def test_bench_measures_forwarded_requests_beside_the_owners(tmp_path, hosts, ba
     if backend_name == "memory":
         pytest.skip("the benchmark compares persistent backends")
     out = tmp_path / "out"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distribkv",
-            "bench",
-            "--quick",
-            "--backends",
-            backend_name,
-            "--servers",
-            "waitress",
-            "--workloads",
-            "get-forwarded,set-forwarded",
-            "--seconds",
-            "1",
-            "--keys",
-            "200",
-            "--load-test-keys",
-            "0",
-            "--host",
-            hosts.host(),
-            "--out",
-            str(out),
-            "--work-dir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
+    result = run_bench(
+        "--quick",
+        "--backends",
+        backend_name,
+        "--servers",
+        "waitress",
+        "--workloads",
+        "get-forwarded,set-forwarded",
+        "--seconds",
+        "1",
+        "--keys",
+        "200",
+        "--load-test-keys",
+        "0",
+        "--host",
+        hosts.host(),
+        "--out",
+        str(out),
+        "--work-dir",
+        str(tmp_path),
         timeout=600,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = {r["workload"]: r for r in json.loads((out / "bench.json").read_text())["rows"]}
     assert set(rows) == {"get-owner", "get-forwarded", "set-owner", "set-forwarded"}
     for name, row in rows.items():
@@ -184,34 +179,25 @@ def test_bench_compares_metrics_on_and_off_in_both_start_orders(tmp_path, hosts,
     if backend_name != "lmdb":
         pytest.skip("a comparison of the node's own routes: one backend is enough")
     out = tmp_path / "out"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distribkv",
-            "bench",
-            "--backends",
-            backend_name,
-            "--servers",
-            "waitress",
-            "--compare-metrics",
-            "1",
-            "--seconds",
-            "1",
-            "--keys",
-            "200",
-            "--host",
-            hosts.host(),
-            "--out",
-            str(out),
-            "--work-dir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
+    run_bench(
+        "--backends",
+        backend_name,
+        "--servers",
+        "waitress",
+        "--compare-metrics",
+        "1",
+        "--seconds",
+        "1",
+        "--keys",
+        "200",
+        "--host",
+        hosts.host(),
+        "--out",
+        str(out),
+        "--work-dir",
+        str(tmp_path),
         timeout=300,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads((out / "bench.json").read_text())
     [row] = data["metrics"]
     assert (row["backend"], row["server"], row["rounds"]) == (backend_name, "waitress", 1)
@@ -234,36 +220,27 @@ def test_bench_measures_a_running_leader_with_keys_of_its_own_shard(tmp_path, ho
         leader = cluster.address("shard-1")
         pid = int(cluster.nodes["shard-1/leader"]["PID"])
         out = tmp_path / "out"
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "distribkv",
-                "bench",
-                "--node",
-                leader,
-                "--node-pid",
-                str(pid),
-                "--workloads",
-                "get-uniform,set-zipfian",
-                "--seconds",
-                "1",
-                "--keys",
-                "300",
-                "--load-test-keys",
-                "100",
-                "--host",
-                hosts.host(),
-                "--out",
-                str(out),
-                "--work-dir",
-                str(tmp_path),
-            ],
-            capture_output=True,
-            text=True,
+        run_bench(
+            "--node",
+            leader,
+            "--node-pid",
+            str(pid),
+            "--workloads",
+            "get-uniform,set-zipfian",
+            "--seconds",
+            "1",
+            "--keys",
+            "300",
+            "--load-test-keys",
+            "100",
+            "--host",
+            hosts.host(),
+            "--out",
+            str(out),
+            "--work-dir",
+            str(tmp_path),
             timeout=300,
         )
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         data = json.loads((out / "bench.json").read_text())
         assert data["meta"]["node"] == leader and data["meta"]["backends"] == [backend_name]
         rows = {r["workload"]: r for r in data["rows"]}
@@ -291,33 +268,24 @@ def test_bench_scale_grows_one_node_and_measures_every_figure_at_each_size(
     from distribkv.bench.scale import MEASURES
 
     out = tmp_path / "out"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distribkv",
-            "bench",
-            "--scale",
-            "--backends",
-            backend_name,
-            "--scale-sizes",
-            "2e3,5000",
-            "--scale-reshard-max",
-            "2000",
-            "--seconds",
-            "1",
-            "--host",
-            hosts.host(),
-            "--out",
-            str(out),
-            "--work-dir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
+    result = run_bench(
+        "--scale",
+        "--backends",
+        backend_name,
+        "--scale-sizes",
+        "2e3,5000",
+        "--scale-reshard-max",
+        "2000",
+        "--seconds",
+        "1",
+        "--host",
+        hosts.host(),
+        "--out",
+        str(out),
+        "--work-dir",
+        str(tmp_path),
         timeout=300,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads((out / "scale.json").read_text())
     assert data["meta"]["sizes"] == [2000, 5000]
     steps = data["runs"][backend_name]["steps"]
@@ -356,24 +324,16 @@ def test_scale_sizes_must_be_whole_and_increasing():
 
 @needs_wrk
 def test_bench_scale_refuses_sizes_the_disk_cannot_hold_before_it_starts(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distribkv",
-            "bench",
-            "--scale",
-            "--scale-sizes",
-            "1e5,1e13",
-            "--out",
-            str(tmp_path / "out"),
-            "--work-dir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
+    result = run_bench(
+        "--scale",
+        "--scale-sizes",
+        "1e5,1e13",
+        "--out",
+        str(tmp_path / "out"),
+        "--work-dir",
+        str(tmp_path),
         timeout=60,
+        expect=1,
     )
-    assert result.returncode == 1
     assert "needs about" in result.stderr and "--work-dir" in result.stderr
     assert not (tmp_path / "out" / "scale.json").exists()

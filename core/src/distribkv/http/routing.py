@@ -23,7 +23,7 @@ map's fingerprint.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import falcon
@@ -116,17 +116,7 @@ class Forwarder:
         body: bytes | None,
         header: Header,
     ) -> Answer:
-        headers = {HOP_HEADER: self.me, MAP_HEADER: fingerprint}
-        content_type = header("content-type")
-        if content_type:
-            headers["Content-Type"] = content_type
-        # The client's credentials go along: the owner checks them as this node did.
-        token = header(TOKEN)
-        if token:
-            headers[TOKEN_HEADER] = token
-        authorization = header("authorization")
-        if authorization:
-            headers["Authorization"] = authorization
+        headers = {HOP_HEADER: self.me, MAP_HEADER: fingerprint, **dict(_carried(header))}
         counts = self.counts
         if counts is not None:
             counts.add(counts.forwards, owner.name)
@@ -210,6 +200,23 @@ class Forwarder:
             self.engine.close()
 
 
+#: The client's headers a forwarded request carries, as asked of the request and as sent:
+#: its content type, and its credentials (the owner checks them as this node did).
+_CARRIED = (
+    ("content-type", "Content-Type"),
+    (TOKEN, TOKEN_HEADER),
+    ("authorization", "Authorization"),
+)
+
+
+def _carried(header: Header) -> Iterator[tuple[str, str]]:
+    """The client's headers that go along with a forwarded request, as (name, value)."""
+    for name, sent in _CARRIED:
+        value = header(name)
+        if value:
+            yield sent, value
+
+
 def _request_bytes(
     me: str,
     address: str,
@@ -227,16 +234,10 @@ def _request_bytes(
         f"{HOP_HEADER}: {me}",
         f"{MAP_HEADER}: {fingerprint}",
     ]
-    for name, sent in (
-        ("content-type", "Content-Type"),
-        (TOKEN, TOKEN_HEADER),
-        ("authorization", "Authorization"),
-    ):
-        value = header(name)
-        if value:
-            if "\r" in value or "\n" in value:
-                raise ApiError(falcon.HTTP_400, "bad request", f"a line break in {sent}")
-            lines.append(f"{sent}: {value}")
+    for sent, value in _carried(header):
+        if "\r" in value or "\n" in value:
+            raise ApiError(falcon.HTTP_400, "bad request", f"a line break in {sent}")
+        lines.append(f"{sent}: {value}")
     if body or method != "GET":
         lines.append(f"Content-Length: {len(body) if body else 0}")
     text = "\r\n".join(lines) + "\r\n\r\n"
