@@ -218,6 +218,60 @@ def test_hung_owner_answers_504_and_the_front_serves_its_own_keys_meanwhile(prox
     assert call(front, "GET", f"/get?key={q(key)}").body == b"back"
 
 
+def _requests(address: str, route: str) -> float:
+    """The requests ``address`` answered 200 on ``route`` (its /metrics)."""
+    text = call(address, "GET", "/metrics").body.decode()
+    pattern = (
+        r'distribkv_http_requests_total\{(?=[^}]*code="200")(?=[^}]*route="'
+        + re.escape(route)
+        + r'")[^}]*\} (\S+)'
+    )
+    found = re.search(pattern, text)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_reads_that_wait_for_the_owner_reach_it_together_and_get_their_own_answers(proxied):
+    front, owner, pid = proxied.front, proxied.owner, proxied.owner_node.process.pid
+    stored = {key_of(1, b"together-%d" % n): b"\x00v&/ %d\xff" % n for n in range(10)}
+    missing = [key_of(1, b"never-%d" % n) for n in range(10)]
+    for key, value in stored.items():
+        assert call(owner, "PUT", f"/set?key={q(key)}", value).status == 200
+    keys = [*stored, *missing]
+    forwards_before = _forwards(front)
+    together_before = _requests(owner, "/forwarding/get")
+    alone_before = _requests(owner, "/get")
+
+    def read(key: bytes):
+        return call(front, "GET", f"/get?key={q(key)}", timeout=4 * FORWARD_TIMEOUT)
+
+    os.kill(pid, signal.SIGSTOP)  # the first read waits in flight; the others wait behind it
+    try:
+        with ThreadPoolExecutor(max_workers=len(keys)) as pool:
+            futures = [pool.submit(read, key) for key in keys]
+            wait_until(
+                lambda: _forwards(front) >= forwards_before + len(keys),
+                FORWARD_TIMEOUT,
+                message="every read forwarded to the stopped owner",
+            )
+            os.kill(pid, signal.SIGCONT)
+            answers = [future.result() for future in futures]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    for key, answer in zip(keys, answers, strict=True):
+        assert answer.headers["x-distribkv-shard"] == "shard-1", (key, answer)
+        if key in stored:
+            assert (answer.status, answer.body) == (200, stored[key]), key
+            assert answer.headers["content-type"] == "application/octet-stream"
+        else:
+            assert answer.status == 404 and b'"not found"' in answer.body, (key, answer)
+            assert answer.headers["content-type"].startswith("application/json")
+    # The owner got the 20 reads in two requests: the first alone, then the 19 that waited
+    # (three if the last read was counted but not yet queued when the owner answered).
+    together = _requests(owner, "/forwarding/get") - together_before
+    assert 2 <= together <= 3, together
+    assert _requests(owner, "/get") == alone_before
+
+
 def test_many_forwarded_requests_in_flight(proxied):
     front = proxied.front
     keys = [key_of(1, b"many-%d" % n) for n in range(240)]

@@ -7,10 +7,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from urllib.parse import quote_from_bytes, unquote_to_bytes
 
+import msgpack
 import pytest
 
-from distribkv.http.forwarding import ForwardingEngine
+from distribkv.http.forwarding import MAX_BATCH_READS, ForwardingEngine, burst
 from distribkv.httpclient import RequestFailed, Response
 
 REQUEST = b"GET /get?key=k HTTP/1.1\r\nHost: owner\r\n\r\n"
@@ -55,14 +57,18 @@ class ScriptedOwner:
                     if not data:
                         return
                     buffer += data
-                buffer = buffer.split(b"\r\n\r\n", 1)[1]
-                reply = self.answer(n)
+                head, buffer = buffer.split(b"\r\n\r\n", 1)
+                reply = self.reply(head, n)
                 n += 1
                 if reply is None:
                     return
                 conn.sendall(reply)
                 if reply.startswith(b"HTTP/1.0"):
                     return  # its body ends where the connection does
+
+    def reply(self, head: bytes, n: int) -> bytes | None:
+        """The answer to request ``n`` of a connection, whose head is ``head``."""
+        return self.answer(n)
 
     def close(self) -> None:
         self.sock.close()
@@ -152,4 +158,214 @@ def test_a_closed_engine_fails_what_it_is_given():
     engine = ForwardingEngine(1.0)
     engine.close()
     response, error = exchange(engine, "127.0.0.1:9")
+    assert response is None and "stopping" in str(error)
+
+
+# --- reads sent together ------------------------------------------------------------------
+
+READ_HEAD = b"Host: owner\r\nX-Distribkv-Hop: front\r\n\r\n"
+
+
+def read_answer(value: bytes | None) -> Response:
+    if value is None:
+        return Response(404, [("Content-Type", "application/json")], b'{"error": "not found"}')
+    return Response(200, [("Content-Type", "application/octet-stream")], value)
+
+
+class ReadsOwner(ScriptedOwner):
+    """An owner of ``values`` that answers ``/forwarding/get`` with their msgpack list and
+    ``/get`` alone with the value, records every request line it gets, and holds each answer
+    until ``gate`` is set (set from the start unless ``held``). ``many`` replaces the answer
+    to a request of reads (to answer it wrongly)."""
+
+    def __init__(self, values: dict[bytes, bytes], *, held: bool = False, many=None):
+        self.values = values
+        self.many = many
+        self.lines: list[bytes] = []
+        self.received = threading.Semaphore(0)  # released for each request line
+        self.gate = threading.Event()
+        if not held:
+            self.gate.set()
+        super().__init__(lambda n: None)
+
+    def reply(self, head: bytes, n: int) -> bytes | None:
+        line = head.split(b"\r\n", 1)[0]
+        self.lines.append(line)
+        self.received.release()
+        if not self.gate.wait(10):
+            return None
+        target = line.split(b" ")[1]
+        path, _, query = target.partition(b"?")
+        keys = [unquote_to_bytes(part[4:]) for part in query.split(b"&")]
+        if path == b"/forwarding/get":
+            if self.many is not None:
+                return self.many
+            body = msgpack.packb([self.values.get(key) for key in keys], use_bin_type=True)
+            return _http(200, body, "application/msgpack")
+        value = self.values.get(keys[0])
+        if value is None:
+            return _http(404, b'{"error": "not found"}', "application/json")
+        return _http(200, value, "application/octet-stream")
+
+    def wait_lines(self, count: int) -> list[bytes]:
+        for _ in range(count):
+            assert self.received.acquire(timeout=10), f"only {len(self.lines)} requests came"
+        return list(self.lines)
+
+    def close(self) -> None:
+        self.gate.set()
+        super().close()
+
+
+def _http(status: int, body: bytes, kind: str) -> bytes:
+    return (
+        f"HTTP/1.1 {status} X\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+class Reads:
+    """Reads submitted to an engine, and their answers as they come."""
+
+    def __init__(self, engine: ForwardingEngine, address: str):
+        self.engine = engine
+        self.address = address
+        self.answers: dict[bytes, tuple] = {}
+        self.lock = threading.Lock()
+        self.all_in = threading.Condition(self.lock)
+
+    def submit(self, key: bytes) -> None:
+        def done(response, error, key=key):
+            with self.lock:
+                self.answers[key] = (response, error)
+                self.all_in.notify_all()
+
+        query = b"key=" + quote_from_bytes(key, safe="").encode()
+        self.engine.submit_read(self.address, READ_HEAD, query, done, f"GET /get?{query!r}")
+
+    def wait(self, count: int) -> dict[bytes, tuple]:
+        with self.lock:
+            assert self.all_in.wait_for(lambda: len(self.answers) >= count, timeout=10), (
+                f"{len(self.answers)} of {count} reads were answered"
+            )
+            return dict(self.answers)
+
+
+@pytest.fixture
+def read_engine():
+    running = ForwardingEngine(2.0, source_host="127.0.0.1", read_answer=read_answer)
+    yield running
+    running.close()
+
+
+def _keys_of(line: bytes) -> list[bytes]:
+    query = line.split(b" ")[1].partition(b"?")[2]
+    return [unquote_to_bytes(part[4:]) for part in query.split(b"&")]
+
+
+VALUES = {b"k%d" % i: b"\x00value \xff&/ %d" % i for i in range(0, 200, 2)}  # odd keys: none
+
+
+def _check(answers: dict[bytes, tuple]) -> None:
+    for key, (response, error) in answers.items():
+        assert error is None, (key, error)
+        if key in VALUES:
+            assert (response.status, response.body) == (200, VALUES[key]), key
+        else:
+            assert response.status == 404, key
+
+
+def test_reads_that_arrive_while_one_is_in_flight_go_out_together(read_engine):
+    owner = ReadsOwner(VALUES, held=True)
+    reads = Reads(read_engine, owner.address)
+    try:
+        reads.submit(b"k0")  # nothing in flight: it goes out at once, alone
+        assert _keys_of(owner.wait_lines(1)[0]) == [b"k0"]
+        later = [b"k%d" % i for i in range(1, 9)]
+        for key in later:
+            reads.submit(key)
+        owner.gate.set()
+        lines = owner.wait_lines(1)
+        _check(reads.wait(9))
+        assert len(lines) == 2 and lines[1].startswith(b"GET /forwarding/get?")
+        assert _keys_of(lines[1]) == later  # the eight that waited, in one request, in order
+    finally:
+        owner.close()
+
+
+def test_reads_submitted_in_a_burst_go_out_at_its_end_in_requests_of_at_most_128(read_engine):
+    owner = ReadsOwner(VALUES)
+    reads = Reads(read_engine, owner.address)
+    keys = [b"k%d" % i for i in range(150)]
+    try:
+        with burst:
+            for key in keys:
+                reads.submit(key)
+            time.sleep(0.2)  # held: nothing may go out before the end of the pass
+            assert owner.lines == []
+        _check(reads.wait(len(keys)))
+        lines = owner.wait_lines(2)
+        assert [len(_keys_of(line)) for line in lines] == [MAX_BATCH_READS, 150 - MAX_BATCH_READS]
+        assert [key for line in lines for key in _keys_of(line)] == keys
+    finally:
+        owner.close()
+
+
+@pytest.mark.parametrize(
+    "many",
+    [
+        _http(421, b'{"error": "misdirected request"}', "application/json"),
+        _http(200, msgpack.packb([b"one value for three reads"]), "application/msgpack"),
+        _http(200, b"\xc1 not msgpack", "application/msgpack"),
+    ],
+    ids=["an error", "too few values", "not msgpack"],
+)
+def test_reads_whose_request_is_not_answered_with_their_values_are_sent_again_alone(
+    read_engine, many
+):
+    owner = ReadsOwner(VALUES, many=many)
+    reads = Reads(read_engine, owner.address)
+    keys = [b"k2", b"k3", b"k\x00/&%"]
+    try:
+        with burst:
+            for key in keys:
+                reads.submit(key)
+        answers = reads.wait(3)
+        _check(answers)
+        lines = owner.wait_lines(4)
+        assert _keys_of(lines[0]) == keys
+        assert sorted(lines[1:]) == sorted(
+            b"GET /get?key=" + quote_from_bytes(key, safe="").encode() + b" HTTP/1.1"
+            for key in keys
+        )
+    finally:
+        owner.close()
+
+
+def test_a_request_of_reads_that_times_out_fails_each_read_and_those_waiting_behind_it():
+    engine = ForwardingEngine(0.5, source_host="127.0.0.1", read_answer=read_answer)
+    owner = ReadsOwner(VALUES, held=True)  # never answers while the reads wait
+    reads = Reads(engine, owner.address)
+    try:
+        started = time.monotonic()
+        reads.submit(b"k0")
+        owner.wait_lines(1)
+        for key in (b"k1", b"k2"):
+            reads.submit(key)
+        answers = reads.wait(3)
+        took = time.monotonic() - started
+        assert 0.45 <= took < 3, took
+        for key, (response, error) in answers.items():
+            assert response is None and error.timed_out, key
+            assert key.decode() in str(error)  # named by its own request, not the batch's
+    finally:
+        owner.close()
+        engine.close()
+
+
+def test_reads_given_to_a_stopping_engine_fail_as_stopping():
+    engine = ForwardingEngine(1.0, read_answer=read_answer)
+    engine.close()
+    reads = Reads(engine, "127.0.0.1:9")
+    reads.submit(b"k1")
+    response, error = reads.wait(1)[b"k1"]
     assert response is None and "stopping" in str(error)

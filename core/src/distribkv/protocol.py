@@ -21,11 +21,17 @@ READ_HEADER = "X-Distribkv-Read"
 LAG_ENTRIES_HEADER = "X-Distribkv-Lag-Entries"
 LAG_SECONDS_HEADER = "X-Distribkv-Lag-Seconds"
 
+#: A forwarding node's reads of many keys of one owner at once, ``GET
+#: /forwarding/get?key=a&key=b``: the owner answers a msgpack list of their values (nil for a
+#: key it does not hold), or an error for all of them.
+FORWARDED_READS_PATH = "/forwarding/get"
+
 MSGPACK = "application/msgpack"
 JSON = "application/json"
 OCTET_STREAM = "application/octet-stream"
 
 __all__ = [
+    "FORWARDED_READS_PATH",
     "HOP_HEADER",
     "JSON",
     "LAG_ENTRIES_HEADER",

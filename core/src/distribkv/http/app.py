@@ -35,6 +35,7 @@ from distribkv.http.kv import (
     HEALTHY_ANSWER,
     SET_METHODS,
     DeleteResource,
+    ForwardedReadsResource,
     GetResource,
     KeyValue,
     SetResource,
@@ -43,7 +44,7 @@ from distribkv.http.kv import (
 from distribkv.http.limits import Limits
 from distribkv.http.routing import Forwarder, MapCheck, Router
 from distribkv.metrics.counts import RequestCounts
-from distribkv.protocol import MAP_HEADER
+from distribkv.protocol import FORWARDED_READS_PATH, MAP_HEADER
 from distribkv.replication.snapshot import SnapshotResource
 
 if TYPE_CHECKING:
@@ -55,7 +56,11 @@ __all__ = ["NodeApp", "create_app", "environ_header"]
 MAP_ENVIRON = "HTTP_" + MAP_HEADER.upper().replace("-", "_")
 
 #: The rank each key-value path needs with ``[auth]`` (checked before it is answered).
-KV_RANKS = {path: rank for path in ("/get", "/set", "/delete") if (rank := PATH_RANKS[path])}
+KV_RANKS = {
+    path: rank
+    for path in ("/get", "/set", "/delete", FORWARDED_READS_PATH)
+    if (rank := PATH_RANKS[path])
+}
 
 _ENVIRON_KEYS = {"content-type": "CONTENT_TYPE", "content-length": "CONTENT_LENGTH"}
 
@@ -134,6 +139,8 @@ class NodeApp:
                 )
             elif path == "/healthz" and method == "GET" and MAP_ENVIRON not in environ:
                 answer = HEALTHY_ANSWER
+            elif path == FORWARDED_READS_PATH and method == "GET":
+                answer = kv.get_forwarded(environ.get("QUERY_STRING", ""), environ_header(environ))
             else:
                 return self.app(environ, start_response)
         except Exception as exc:  # noqa: BLE001 - answered by the one error mapping
@@ -175,6 +182,8 @@ class NodeApp:
                 return kv.delete(method, query, header, defer, may_block=False)
             if path == "/healthz" and method == "GET" and header(MAP_HEADER.lower()) is None:
                 return HEALTHY_ANSWER
+            if path == FORWARDED_READS_PATH and method == "GET":
+                return kv.get_forwarded(query, header)
         except Exception as exc:  # noqa: BLE001 - answered by the one error mapping
             return error_answer_for(exc, method, path)
         return None
@@ -204,6 +213,7 @@ def create_app(node) -> NodeApp:
     errors.install(app)
     routes = [
         ("/get", GetResource(kv)),
+        (FORWARDED_READS_PATH, ForwardedReadsResource(kv)),
         ("/set", SetResource(kv)),
         ("/delete", DeleteResource(kv)),
         ("/batch", BatchResource(node, router, limits)),

@@ -14,6 +14,7 @@ import falcon
 from distribkv.auth import ADMIN, NONE, READ, ROLE_OF_RANK, WRITE, Authorizer
 from distribkv.http.api import Answer, Header, error_answer
 from distribkv.http.errors import ApiError
+from distribkv.protocol import FORWARDED_READS_PATH
 
 __all__ = ["AuthCheck", "deny", "needed_rank", "require"]
 
@@ -28,6 +29,7 @@ _UNKNOWN_TOKEN = "the token is not known"
 PATH_RANKS = {
     "/healthz": NONE,
     "/get": READ,
+    FORWARDED_READS_PATH: READ,  # a forwarding node's reads, with its client's token
     "/cluster": READ,
     "/batch": READ,  # and WRITE once the batch is seen to write
     "/set": WRITE,

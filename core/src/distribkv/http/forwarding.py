@@ -23,6 +23,21 @@ One thread runs every forwarded exchange with non-blocking sockets (:mod:`select
   answer is tried once more on a new connection, as :class:`distribkv.httpclient.HttpClient`
   does.
 
+Reads of a single key (:meth:`ForwardingEngine.submit_read`) are sent together: per owner (and
+per set of carried headers) at most :data:`READ_BATCHES_PER_OWNER` requests of reads are in
+flight, and the reads that arrive meanwhile wait and then go out in one request
+(``GET /forwarding/get?key=a&key=b``, at most :data:`MAX_BATCH_READS` of them), which the
+owner answers with one msgpack list of values. A read that arrives when fewer are in flight
+goes out at once, alone, so a lightly loaded node adds no delay; under load the owner parses,
+routes, logs and answers one request for many reads, and the forwarding node reads one answer.
+A server that serves many requests in one pass of its loop (waitress's I/O thread) wraps the
+pass in :data:`burst`: the reads its thread submits meanwhile go out together at the end of it.
+Each read keeps its own deadline; a request of reads that times out fails all of them. An
+answer other than a 200 with a value for every read (the owner is not the leader of every key
+any more, the maps disagree, a token is refused, an owner without the endpoint) sends each of
+its reads again on its own, as a plain ``GET /get``, so that every read gets exactly the answer
+the owner gives it.
+
 An exchange ends with ``done(response, None)`` or ``done(None, error)`` (a
 :class:`~distribkv.httpclient.RequestFailed`), called exactly once: in the engine's thread,
 after it let go of its lock (or in the submitting thread, for a request submitted once the
@@ -43,16 +58,22 @@ import threading
 import time
 from collections.abc import Callable
 
+import msgpack
+
 from distribkv.httpclient import RequestFailed, Response, split_address
+from distribkv.protocol import FORWARDED_READS_PATH
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "CONNECTIONS_PER_OWNER",
+    "MAX_BATCH_READS",
+    "READ_BATCHES_PER_OWNER",
     "WAITING_PER_OWNER",
     "Done",
     "ForwardingEngine",
     "OwnerBusy",
+    "burst",
 ]
 
 #: Connections open to one owner at most (each carries one exchange at a time).
@@ -63,11 +84,41 @@ WAITING_PER_OWNER = 4096
 MAX_HEAD = 64 * 1024
 #: Bytes asked of a socket per read.
 READ_SIZE = 256 * 1024
+#: Requests of reads in flight to one owner at most (per set of carried headers).
+READ_BATCHES_PER_OWNER = 1
+#: Reads in one request at most, and the most bytes of their keys' query parameters in it.
+MAX_BATCH_READS = 128
+MAX_BATCH_QUERY = 8 * 1024
+#: The owner's endpoint for many reads at once (see :meth:`ForwardingEngine.submit_read`).
+READS_PATH = FORWARDED_READS_PATH.encode()
 
 #: ``done(response, error)``: exactly one of them is None.
 Done = Callable[[Response | None, RequestFailed | None], None]
+#: The answer to a read, from the value the owner gave for it (None: not found).
+ReadAnswer = Callable[[bytes | None], Response]
 
 _IN_PROGRESS = frozenset((errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, errno.EAGAIN))
+
+
+class _Burst(threading.local):
+    """``with burst:`` around one pass of a server's loop (see the module's docstring): the
+    reads this thread submits during it wait for its end, and go out together then."""
+
+    engines: list[ForwardingEngine] | None = None  # with reads held, while in a pass
+
+    def __enter__(self) -> None:
+        if self.engines is None:
+            self.engines = []
+
+    def __exit__(self, *exc_info) -> None:
+        engines, self.engines = self.engines, None
+        if engines:
+            for engine in engines:
+                engine._release()
+
+
+#: One pass of a server's loop, in which forwarded reads are held (see :class:`_Burst`).
+burst = _Burst()
 
 
 class OwnerBusy(RequestFailed):
@@ -75,11 +126,28 @@ class OwnerBusy(RequestFailed):
 
 
 class _Exchange:
-    """One forwarded request: its bytes, where it goes, when it is late, who is told."""
+    """One forwarded request: its bytes, where it goes, when it is late, who is told.
 
-    __slots__ = ("address", "connection", "data", "deadline", "done", "ended", "retried", "what")
+    A read sent with others (:meth:`ForwardingEngine.submit_read`) is an exchange whose
+    ``data`` is its query (``key=...``) and ``group`` the rest of its head, carried by the
+    ``batch`` exchange of the request of reads it went out in (whose ``members`` they are)."""
 
-    def __init__(self, address: str, data: bytes, deadline: float, done: Done, what: str):
+    __slots__ = (
+        "address",
+        "batch",
+        "connection",
+        "data",
+        "deadline",
+        "done",
+        "ended",
+        "group",
+        "members",
+        "reads",
+        "retried",
+        "what",
+    )
+
+    def __init__(self, address: str, data: bytes, deadline: float, done: Done | None, what: str):
         self.connection: _Connection | None = None  # the one carrying it now
         self.address = address
         self.data = data
@@ -88,6 +156,22 @@ class _Exchange:
         self.what = what
         self.ended = False
         self.retried = False
+        self.group: bytes | None = None  # a read not sent yet: its head after the request line
+        self.batch: _Exchange | None = None  # a read: the request of reads carrying it
+        self.members: list[_Exchange] | None = None  # a request of reads: its reads
+        self.reads: _Reads | None = None  # a request of reads: whose
+
+
+class _Reads:
+    """The reads for one owner with one head: those waiting, and the requests in flight."""
+
+    __slots__ = ("address", "group", "in_flight", "queued")
+
+    def __init__(self, address: str, group: bytes):
+        self.address = address
+        self.group = group
+        self.in_flight = 0
+        self.queued: collections.deque[_Exchange] = collections.deque()
 
 
 class _Owner:
@@ -157,13 +241,19 @@ class ForwardingEngine:
         per_owner: int = CONNECTIONS_PER_OWNER,
         waiting: int = WAITING_PER_OWNER,
         name: str = "distribkv-forwarding",
+        read_answer: ReadAnswer | None = None,
     ):
         self.timeout = timeout
+        #: How a read's value becomes its answer (needed for :meth:`submit_read`).
+        self.read_answer = read_answer
         self.source = source_host
         self.per_owner = max(1, per_owner)
         self.waiting_limit = max(0, waiting)
         self._selector = selectors.DefaultSelector()
         self._owners: dict[str, _Owner] = {}
+        self._reads: dict[tuple[str, bytes], _Reads] = {}
+        #: Reads held for the end of a :data:`burst`.
+        self._held: set[_Reads] = set()
         self._incoming: collections.deque[_Exchange] = collections.deque()
         # Every exchange in the order it was submitted, which is the order of its deadline.
         self._deadlines: collections.deque[_Exchange] = collections.deque()
@@ -175,7 +265,7 @@ class ForwardingEngine:
         # an idle connection themselves: the engine holds the lock except while it waits.
         self._lock = threading.Lock()
         self._sleeping = False
-        self._sleep_until = math.inf  # when a sleeping engine wakes by itself
+        self._sleep_until = math.inf  # when a sleeping engine wakes by itself (at the latest)
         self._woken = False
         #: Connections whose request a submitting thread could not send whole.
         self._unsent: list[_Connection] = []
@@ -202,34 +292,136 @@ class ForwardingEngine:
             else:
                 closed = False
                 self._deadlines.append(exchange)
-                owner = self._owners.get(address)
-                if owner is not None and owner.idle:
-                    connection = owner.idle.pop()
-                    connection.exchange = exchange
-                    exchange.connection = connection
-                    try:
-                        sent = connection.sock.send(data)
-                    except OSError:  # the engine sends it, and sees what went wrong
-                        sent = 0
-                    if sent < len(data):
-                        connection.pending = memoryview(data)[sent:]
-                        self._unsent.append(connection)
-                        wake = self._sleeping
-                    else:
-                        # A sleeping engine with no earlier deadline must wake at this one.
-                        wake = self._sleeping and exchange.deadline < self._sleep_until
-                else:
-                    self._incoming.append(exchange)
-                    wake = self._sleeping
-                if wake and not self._woken:
-                    self._woken = True
-                    try:
-                        os.write(self._wake_write, b"x")
-                    except BlockingIOError:  # the pipe is full: the engine is being woken
-                        pass
+                self._go(exchange, exchange.deadline)
         if closed:  # never seen by the engine: told here, in the submitting thread
             exchange.ended = True
             done(None, self._failure(exchange, "the node is stopping", sent=False))
+
+    def submit_read(self, address: str, group: bytes, query: bytes, done: Done, what: str) -> None:
+        """:meth:`submit` for a read of one key, ``GET /get?{query}`` with the head ``group``
+        after its request line (its Host, its headers and the blank line; reads with the same
+        head may go out together): sent with the other reads of the same owner and head that
+        wait when it arrives, in one request (see the module's docstring). ``done`` gets the
+        owner's answer for this read alone, as :meth:`submit` would (:attr:`read_answer` of
+        its value)."""
+        exchange = _Exchange(address, query, time.monotonic() + self.timeout, done, what)
+        exchange.group = group
+        refused: RequestFailed | None = None
+        with self._lock:
+            if self._closed:
+                refused = self._failure(exchange, "the node is stopping", sent=False)
+            else:
+                reads = self._reads.get((address, group))
+                if reads is None:
+                    reads = self._reads[address, group] = _Reads(address, group)
+                if len(reads.queued) >= self.waiting_limit:
+                    refused = OwnerBusy(
+                        f"{what}: {len(reads.queued)} reads wait for the owner already",
+                        address=address,
+                        sent=False,
+                    )
+                else:
+                    self._deadlines.append(exchange)
+                    reads.queued.append(exchange)
+                    held = burst.engines
+                    if held is not None:  # held for the end of this thread's pass
+                        if self not in held:
+                            held.append(self)
+                        self._held.add(reads)
+                    else:
+                        batch = self._next_batch(reads)
+                        if batch is not None:
+                            self._go(batch, exchange.deadline)
+                        elif self._sleeping and exchange.deadline < self._sleep_until:
+                            self._wake()
+        if refused is not None:  # never seen by the engine: told here, in this thread
+            exchange.ended = True
+            done(None, refused)
+
+    def _release(self) -> None:
+        """Send the reads held for the end of a :data:`burst` (in the thread that held them)."""
+        with self._lock:
+            held, self._held = self._held, set()
+            for reads in held:
+                while (batch := self._next_batch(reads)) is not None:
+                    self._go(batch, batch.deadline)
+
+    def _go(self, exchange: _Exchange, deadline: float) -> None:
+        """Send ``exchange`` from the submitting thread if an idle connection to its owner is
+        there, else leave it to the engine; wake the engine if it must see it (under the
+        lock). ``deadline``: the earliest at which the engine must look at it."""
+        owner = self._owners.get(exchange.address)
+        if owner is not None and owner.idle:
+            connection = owner.idle.pop()
+            connection.exchange = exchange
+            exchange.connection = connection
+            data = exchange.data
+            try:
+                sent = connection.sock.send(data)
+            except OSError:  # the engine sends it, and sees what went wrong
+                sent = 0
+            if sent < len(data):
+                connection.pending = memoryview(data)[sent:]
+                self._unsent.append(connection)
+                wake = self._sleeping
+            else:
+                # A sleeping engine with no earlier deadline must wake at this one.
+                wake = self._sleeping and deadline < self._sleep_until
+        else:
+            self._incoming.append(exchange)
+            wake = self._sleeping
+        if wake:
+            self._wake()
+
+    def _wake(self) -> None:
+        if not self._woken:
+            self._woken = True
+            try:
+                os.write(self._wake_write, b"x")
+            except BlockingIOError:  # the pipe is full: the engine is being woken
+                pass
+
+    def _next_batch(self, reads: _Reads) -> _Exchange | None:
+        """A request of the reads that wait in ``reads``, if one may go out now (under the
+        lock); it counts as in flight from here on."""
+        if reads.in_flight >= READ_BATCHES_PER_OWNER or self._closed:
+            return None
+        queued = reads.queued
+        members: list[_Exchange] = []
+        size = 0
+        while queued and len(members) < MAX_BATCH_READS:
+            read = queued[0]
+            if read.ended:
+                queued.popleft()
+                continue
+            if members and size + len(read.data) >= MAX_BATCH_QUERY:
+                break
+            queued.popleft()
+            members.append(read)
+            size += len(read.data) + 1
+        if not members:
+            if not reads.in_flight:
+                self._reads.pop((reads.address, reads.group), None)
+            return None
+        data = b"".join(
+            (
+                b"GET ",
+                READS_PATH,
+                b"?",
+                b"&".join([read.data for read in members]),
+                b" HTTP/1.1\r\n",
+                reads.group,
+            )
+        )
+        what = f"GET {READS_PATH.decode()} ({len(members)} reads)"
+        # Its reads were queued in the order of their deadlines: the first is the earliest.
+        batch = _Exchange(reads.address, data, members[0].deadline, None, what)
+        batch.members = members
+        batch.reads = reads
+        for read in members:
+            read.batch = batch
+        reads.in_flight += 1
+        return batch
 
     def close(self) -> None:
         """Stop the thread; exchanges not answered yet fail (the node is stopping)."""
@@ -260,13 +452,17 @@ class ForwardingEngine:
 
     def _loop_once(self) -> None:
         with self._lock:
-            timeout: float | None = None
-            self._sleep_until = math.inf
             if self._incoming or self._unsent:
                 timeout = 0.0
-            elif self._deadlines:
-                self._sleep_until = self._deadlines[0].deadline
-                timeout = max(0.0, self._sleep_until - time.monotonic())
+                self._sleep_until = -math.inf
+            else:
+                # With nothing in flight the engine still wakes within ``timeout``: an exchange
+                # submitted meanwhile is due later than that, so sending it needs no wake-up.
+                now = time.monotonic()
+                self._sleep_until = (
+                    self._deadlines[0].deadline if self._deadlines else now + self.timeout
+                )
+                timeout = max(0.0, self._sleep_until - now)
             self._sleeping = True
         events = self._selector.select(timeout)
         with self._lock:
@@ -310,15 +506,8 @@ class ForwardingEngine:
         elif len(owner.waiting) < self.waiting_limit:
             owner.waiting.append(exchange)
         else:
-            self._end(
-                exchange,
-                None,
-                OwnerBusy(
-                    f"{exchange.what}: {len(owner.waiting)} requests wait for the owner already",
-                    address=owner.address,
-                    sent=False,
-                ),
-            )
+            reason = f"{len(owner.waiting)} requests wait for the owner already"
+            self._end(exchange, None, self._failure(exchange, reason, sent=False, kind=OwnerBusy))
 
     def _connect(self, owner: _Owner, exchange: _Exchange) -> None:
         host, port = split_address(owner.address)
@@ -561,6 +750,10 @@ class ForwardingEngine:
             exchange = deadlines.popleft()
             if exchange.ended:
                 continue
+            if exchange.batch is not None:
+                # A read in a request of reads: the request is as late as its first read,
+                # and fails with all its reads (this one among them).
+                exchange = exchange.batch
             owner = self._owners.get(exchange.address)
             # Its connection, if it has one, is closed: a late answer would be taken for the
             # next exchange's.
@@ -579,11 +772,19 @@ class ForwardingEngine:
                 self._next_waiting(owner)
 
     def _failure(
-        self, exchange: _Exchange, reason: str, *, sent: bool = True, timed_out: bool = False
+        self,
+        exchange: _Exchange,
+        reason: str,
+        *,
+        sent: bool = True,
+        timed_out: bool = False,
+        kind: type[RequestFailed] = RequestFailed,
     ) -> RequestFailed:
-        return RequestFailed(
+        failure = kind(
             f"{exchange.what}: {reason}", address=exchange.address, sent=sent, timed_out=timed_out
         )
+        failure.reason = reason  # type: ignore[attr-defined]  # a request of reads passes it on
+        return failure
 
     def _end(
         self, exchange: _Exchange, response: Response | None, error: RequestFailed | None
@@ -593,7 +794,47 @@ class ForwardingEngine:
         exchange.ended = True
         exchange.data = b""
         exchange.connection = None
+        if exchange.members is not None:
+            self._end_batch(exchange, response, error)
+            return
+        assert exchange.done is not None
         self._ended.append((exchange.done, response, error))
+
+    def _end_batch(
+        self, batch: _Exchange, response: Response | None, error: RequestFailed | None
+    ) -> None:
+        """A request of reads ended: each of its reads is answered with its value, fails as
+        it failed, or (an answer that is not a value for each) is sent again on its own."""
+        members = batch.members
+        reads = batch.reads
+        assert members is not None and reads is not None
+        batch.members = None
+        reads.in_flight -= 1
+        values = None
+        if response is not None and response.status == 200:
+            values = _values(response.body, len(members))
+        answer = self.read_answer
+        for i, read in enumerate(members):
+            read.batch = None
+            if read.ended:
+                continue
+            if error is not None:
+                reason = getattr(error, "reason", None) or str(error)
+                failure = self._failure(
+                    read, reason, sent=error.sent, timed_out=error.timed_out, kind=type(error)
+                )
+                self._end(read, None, failure)
+            elif values is not None and answer is not None:
+                self._end(read, answer(values[i]), None)
+            else:
+                # Sent again on its own, with its own deadline (it is in _deadlines already).
+                group = read.group
+                assert group is not None
+                read.data = b"".join((b"GET /get?", read.data, b" HTTP/1.1\r\n", group))
+                read.group = None
+                self._start(read)
+        while (following := self._next_batch(reads)) is not None:
+            self._start(following)
 
     def _tell(self) -> None:
         """Tell every exchange that ended, in the engine's thread, without holding the lock."""
@@ -623,6 +864,21 @@ class ForwardingEngine:
         self._selector.close()
         os.close(self._wake_read)
         os.close(self._wake_write)
+
+
+def _values(body: bytes, count: int) -> list[bytes | None] | None:
+    """The values of an answer to a request of ``count`` reads (a msgpack list of binary
+    values and nils), or None if it is anything else."""
+    try:
+        values = msgpack.unpackb(body, raw=False, use_list=True)
+    except (ValueError, msgpack.UnpackException):
+        return None
+    if type(values) is not list or len(values) != count:
+        return None
+    for value in values:
+        if value is not None and type(value) is not bytes:
+            return None
+    return values
 
 
 def _dechunk(buffer: bytearray) -> bytes | None:

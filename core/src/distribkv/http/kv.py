@@ -24,20 +24,29 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import falcon
+import msgpack
 
 from distribkv.http.admin import HEALTHY, HEALTHY_TYPE
-from distribkv.http.api import DEFER, DEFERRED, Answer, Completion, Header, as_wsgi, error_answer
+from distribkv.http.answers import NOT_FOUND, VALUE_HEADERS, read_answer
+from distribkv.http.api import DEFER, DEFERRED, Answer, Completion, Header, as_wsgi
 from distribkv.http.errors import ApiError, error_response
 from distribkv.http.limits import Limits
 from distribkv.http.params import parse_query, query_key, require_key
 from distribkv.http.routing import MAP, Blocks, Router, check_map, forwards_later
-from distribkv.protocol import JSON, LAG_ENTRIES_HEADER, LAG_SECONDS_HEADER, OCTET_STREAM
+from distribkv.protocol import (
+    FORWARDED_READS_PATH,
+    JSON,
+    LAG_ENTRIES_HEADER,
+    LAG_SECONDS_HEADER,
+    MSGPACK,
+)
 from distribkv.storage.api import Delete, Namespace, Op, Put
 
 __all__ = [
     "DELETE_METHODS",
     "SET_METHODS",
     "DeleteResource",
+    "ForwardedReadsResource",
     "GetResource",
     "KeyValue",
     "SetResource",
@@ -50,13 +59,12 @@ __all__ = [
 SET_METHODS = frozenset(("GET", "PUT", "POST"))
 DELETE_METHODS = frozenset(("GET", "POST", "DELETE"))
 
-_VALUE_HEADERS = [("Content-Type", OCTET_STREAM)]
-NOT_FOUND = error_answer(404, "not found", "no value is stored under this key")
 #: A write's answer: 200 with an empty body (unlike 204, it carries a Content-Length of 0, so
 #: every server keeps the connection alive for the next request).
 WRITTEN: Answer = (200, [("Content-Type", JSON)], b"")
 _WRITTEN_WSGI = as_wsgi(WRITTEN)
 HEALTHY_ANSWER: Answer = (200, [("Content-Type", HEALTHY_TYPE)], HEALTHY)
+_MSGPACK_HEADERS = [("Content-Type", MSGPACK)]
 
 
 class Body(Protocol):
@@ -133,13 +141,36 @@ class KeyValue:
             if not node.is_leader:
                 return self._replica_read(key)
         value = node.get(key)
-        return NOT_FOUND if value is None else (200, _VALUE_HEADERS, value)
+        return NOT_FOUND if value is None else (200, VALUE_HEADERS, value)
+
+    def get_forwarded(self, query: str, header: Header) -> Answer:
+        """``GET /forwarding/get?key=a&key=b``: a forwarding node's reads of many keys at once
+        (:mod:`distribkv.http.forwarding`), answered with a msgpack list of their values (nil
+        where none is stored). Only a leader of every key, with no reshard under way, answers
+        it: anything else (a replica, a key of another shard, a map in transition) is a 421
+        for all of them, and the forwarding node sends each read again on its own, which gets
+        each the answer the full rules give it."""
+        node = self.node
+        theirs = header(MAP)
+        if theirs is not None:
+            check_map(node.maps, theirs)
+        keys = [query_key(part) for part in query.split("&")]
+        leads = self.router.leads
+        for key in keys:
+            if not leads(key):
+                raise ApiError(
+                    falcon.HTTP_421,
+                    "misdirected request",
+                    f"{node.name} does not lead the shard of every key now; ask for each alone",
+                )
+        values = node.get_many(keys)
+        return 200, _MSGPACK_HEADERS, msgpack.packb(values, use_bin_type=True)
 
     def _replica_read(self, key: bytes) -> Answer:
         """A replica's read of its own shard's key: with its lag, or 503 while it resyncs."""
         lag = check_readable(self.node)
         value = self.node.get(key)
-        status, headers, body = NOT_FOUND if value is None else (200, _VALUE_HEADERS, value)
+        status, headers, body = read_answer(value)
         return status, [*headers, *lag], body
 
     def set(
@@ -283,6 +314,11 @@ class GetResource(_KeyValueResource):
         respond(resp, self.kv.get(_query(req), req.get_header, defer=req.env.get(DEFER)))
 
 
+class ForwardedReadsResource(_KeyValueResource):
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        respond(resp, self.kv.get_forwarded(_query(req), req.get_header))
+
+
 class SetResource(_KeyValueResource):
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         body, defer = WsgiBody(req.env), req.env.get(DEFER)
@@ -337,6 +373,8 @@ def inline_requests(node, *, deferred_writes: bool = False) -> Callable[[str, st
             if not proxy or later:
                 return True
             return node.is_leader and owned(query)
+        if path == FORWARDED_READS_PATH:
+            return method == "GET"  # answered from this node's storage, or refused at once
         methods = _WRITE_METHODS.get(path)
         if methods is not None:
             if method not in methods:

@@ -29,6 +29,7 @@ from typing import Any
 import falcon
 
 from distribkv.hashing.shardmap import ShardInfo
+from distribkv.http.answers import NOT_FOUND, VALUE_HEADERS
 from distribkv.http.api import DEFERRED, Answer, Completion, Header, status_line
 from distribkv.http.errors import ApiError, error_response
 from distribkv.http.forwarding import ForwardingEngine, OwnerBusy
@@ -104,6 +105,8 @@ class Forwarder:
         #: The engine, started with the first request it carries.
         self.engine: ForwardingEngine | None = None
         self.defers = forwards_later(node)
+        #: The head of forwarded reads, by owner, map and credentials (see :meth:`_group`).
+        self._groups: dict[tuple[str, str, tuple[str | None, ...]], bytes] = {}
         self._closed = False
 
     def forward(
@@ -141,10 +144,16 @@ class Forwarder:
         """:meth:`forward`, answered through ``defer()``'s completion when the owner answers
         (or fails to: 502, 504, as :meth:`forward`), from the engine's thread. What it refuses
         at once (a malformed header, a node that is stopping) it raises before it defers."""
-        data = _request_bytes(self.me, address, fingerprint, method, target, body, header)
         engine = self.engine
         if engine is None:
             engine = self._start_engine()
+        read = None
+        if method == "GET" and not body and target.startswith("/get?key=") and "&" not in target:
+            # A read of one key alone: it may go to the owner with others (forwarding.py).
+            read = _encoded(target[5:])
+            group = self._group(address, fingerprint, header)
+        else:
+            data = _request_bytes(self.me, address, fingerprint, method, target, body, header)
         counts = self.counts
         if counts is not None:
             counts.add(counts.forwards, owner.name)
@@ -162,12 +171,30 @@ class Forwarder:
             assert error is not None
             completion.finish(*error_response(self._failed(owner, address, error), method, path))
 
-        engine.submit(address, data, done, f"{method} {target[:80]}")
+        if read is not None:
+            engine.submit_read(address, group, read, done, f"{method} {target[:80]}")
+        else:
+            engine.submit(address, data, done, f"{method} {target[:80]}")
+
+    def _group(self, address: str, fingerprint: str, header: Header) -> bytes:
+        """The head of a forwarded read after its request line (the same for every read to
+        one owner with the same map and credentials, so kept)."""
+        carried = tuple(header(name) for name, _ in _CARRIED)
+        key = (address, fingerprint, carried)
+        group = self._groups.get(key)
+        if group is None:
+            if len(self._groups) >= 256:  # one per owner and token in use: a bound for many
+                self._groups.clear()
+            lines = _head_lines(self.me, address, fingerprint, header)
+            group = self._groups[key] = _encoded("\r\n".join(lines) + "\r\n\r\n")
+        return group
 
     def _start_engine(self) -> ForwardingEngine:
         if self._closed:
             raise ApiError(falcon.HTTP_503, "stopping", "the node is stopping; try another node")
-        self.engine = ForwardingEngine(self.timeout, source_host=self.source)
+        self.engine = ForwardingEngine(
+            self.timeout, source_host=self.source, read_answer=_response_of_read
+        )
         return self.engine
 
     def _failed(self, owner: ShardInfo, address: str, exc: RequestFailed) -> ApiError:
@@ -217,6 +244,25 @@ def _carried(header: Header) -> Iterator[tuple[str, str]]:
             yield sent, value
 
 
+def _head_lines(me: str, address: str, fingerprint: str, header: Header) -> list[str]:
+    """The header lines of a forwarded request: the hop and map headers, and the client's
+    content type and credentials (the owner checks them as this node did)."""
+    lines = [f"Host: {address}", f"{HOP_HEADER}: {me}", f"{MAP_HEADER}: {fingerprint}"]
+    for sent, value in _carried(header):
+        if "\r" in value or "\n" in value:
+            raise ApiError(falcon.HTTP_400, "bad request", f"a line break in {sent}")
+        lines.append(f"{sent}: {value}")
+    return lines
+
+
+def _encoded(text: str) -> bytes:
+    """Request text as bytes: latin-1 is how a server hands over the bytes it received."""
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape")
+
+
 def _request_bytes(
     me: str,
     address: str,
@@ -226,26 +272,21 @@ def _request_bytes(
     body: bytes | None,
     header: Header,
 ) -> bytes:
-    """The forwarded request as it goes out: the hop and map headers, and the client's
-    content type and credentials (the owner checks them as this node did)."""
-    lines = [
-        f"{method} {target} HTTP/1.1",
-        f"Host: {address}",
-        f"{HOP_HEADER}: {me}",
-        f"{MAP_HEADER}: {fingerprint}",
-    ]
-    for sent, value in _carried(header):
-        if "\r" in value or "\n" in value:
-            raise ApiError(falcon.HTTP_400, "bad request", f"a line break in {sent}")
-        lines.append(f"{sent}: {value}")
+    """The forwarded request as it goes out (see :func:`_head_lines`)."""
+    lines = [f"{method} {target} HTTP/1.1", *_head_lines(me, address, fingerprint, header)]
     if body or method != "GET":
         lines.append(f"Content-Length: {len(body) if body else 0}")
-    text = "\r\n".join(lines) + "\r\n\r\n"
-    try:
-        head = text.encode("latin-1")
-    except UnicodeEncodeError:
-        head = text.encode("utf-8", "surrogateescape")
+    head = _encoded("\r\n".join(lines) + "\r\n\r\n")
     return head + body if body else head
+
+
+#: A read the owner does not hold, answered from a request of many reads.
+_NOT_FOUND_RESPONSE = Response(*NOT_FOUND)
+
+
+def _response_of_read(value: bytes | None) -> Response:
+    """The owner's answer to one read, from its value among many (as it answers it alone)."""
+    return _NOT_FOUND_RESPONSE if value is None else Response(200, VALUE_HEADERS, value)
 
 
 class Router:

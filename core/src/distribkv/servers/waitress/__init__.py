@@ -21,6 +21,7 @@ from typing import Any
 
 from distribkv import hookimpl
 from distribkv.http.api import Listen, ServerHandle, ServerSpec
+from distribkv.http.forwarding import burst
 from distribkv.http.wrapper import ServingWrapper
 from distribkv.servers.waitress.channel import InlineDispatcher, answer_pipe_class, channel_class
 from distribkv.servers.waitress.slow import SlowClients
@@ -98,11 +99,27 @@ class WaitressHandle(ServerHandle):
         log.info("serving on %s:%s", self.listen.host, self.port)
         self.dispatcher.io_thread = threading.get_ident()
         try:
-            self.server.run()
+            self._serve()
             self.server.task_dispatcher.shutdown(cancel_pending=False, timeout=self.drain_timeout)
         finally:
             self.wrapper.close()
         log.info("stopped serving on %s:%s", self.listen.host, self.port)
+
+    def _serve(self) -> None:
+        """waitress's loop (``BaseWSGIServer.run``), each pass of it a forwarding
+        :data:`~distribkv.http.forwarding.burst`: the reads forwarded while the I/O thread
+        serves the requests that one poll found go to their owners together after it."""
+        from waitress.wasyncore import poll2
+
+        server = self.server
+        connections = server._map
+        timeout = server.adj.asyncore_loop_timeout
+        try:
+            while connections:
+                with burst:
+                    poll2(timeout, connections)
+        except (SystemExit, KeyboardInterrupt):
+            server.task_dispatcher.shutdown()
 
     def stop(self) -> None:
         """Stop accepting and drain; safe from a signal handler in the serving thread."""
