@@ -34,6 +34,10 @@ its key-value requests this way (a forwarded one through ``defer``, when its own
 and leaves to the application only those that wait (a write that waits for replicas, a forward
 where the server cannot defer it).
 
+A server whose thread serves several requests in one pass of its loop may run each pass inside
+``with distribkv.http.forwarding.burst:``: the reads the thread forwards during it go to their
+owners together at its end (see :mod:`distribkv.http.forwarding`).
+
 ``Listen.body_check(method, path, length)`` is asked, once a request's headers are in and before
 its body is read, about a request with a Content-Length that waits for a ``100 Continue``: it
 gives ``(status, error, detail)`` for a body the application would refuse (a value over
