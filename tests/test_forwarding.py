@@ -18,9 +18,11 @@ import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from distribkv.hashing.modulo import fnv1_64
+from distribkv.http.forwarding import MAX_BATCH_READS, READ_BATCHES_PER_OWNER
 from distribkv.testing import cluster_fixture
 from distribkv.testing.cluster import (
     Connection,
@@ -265,11 +267,40 @@ def test_reads_that_wait_for_the_owner_reach_it_together_and_get_their_own_answe
         else:
             assert answer.status == 404 and b'"not found"' in answer.body, (key, answer)
             assert answer.headers["content-type"].startswith("application/json")
-    # The owner got the 20 reads in two requests: the first alone, then the 19 that waited
-    # (three if the last read was counted but not yet queued when the owner answered).
+    # The owner got the 20 reads in a few requests: the first alone, those that waited
+    # behind it together (another request each time the newest has waited READS_PATIENCE,
+    # up to READ_BATCHES_PER_OWNER in flight), the rest once it ran again.
     together = _requests(owner, "/forwarding/get") - together_before
-    assert 2 <= together <= 3, together
+    assert 2 <= together <= READ_BATCHES_PER_OWNER + 1, together
     assert _requests(owner, "/get") == alone_before
+
+
+def test_the_owner_answers_many_reads_at_once_or_refuses_them_whole(proxied):
+    owner = proxied.owner
+    stored = {key_of(1, prefix): prefix + b"\x00value\xff" for prefix in HOSTILE}
+    for key, value in stored.items():
+        assert call(owner, "PUT", f"/set?key={q(key)}", value).status == 200
+    absent = key_of(1, b"absent")
+    keys = [*stored, absent]
+
+    def reads(keys: list[bytes]):
+        return call(owner, "GET", "/forwarding/get?" + "&".join(f"key={q(k)}" for k in keys))
+
+    answer = reads(keys)
+    assert answer.status == 200 and answer.headers["content-type"] == "application/msgpack"
+    assert msgpack.unpackb(answer.body) == [*stored.values(), None]
+    # A key this node does not lead: the whole request is refused, to be asked read by read.
+    assert reads([*keys, key_of(0, b"elsewhere")]).status == 421
+    assert reads([absent] * (MAX_BATCH_READS + 1)).status == 400
+    big = key_of(1, b"big")
+    assert call(owner, "PUT", f"/set?key={q(big)}", b"x" * (5 << 20)).status == 200
+    too_large = reads([big])
+    assert too_large.status == 413 and b"answer too large" in too_large.body
+    # Through the front such a read is asked for again alone, as a plain /get.
+    alone_before = _requests(owner, "/get")
+    got = call(proxied.front, "GET", f"/get?key={q(big)}")
+    assert (got.status, got.body) == (200, b"x" * (5 << 20))
+    assert _requests(owner, "/get") == alone_before + 1
 
 
 def test_many_forwarded_requests_in_flight(proxied):

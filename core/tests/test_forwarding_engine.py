@@ -12,7 +12,7 @@ from urllib.parse import quote_from_bytes, unquote_to_bytes
 import msgpack
 import pytest
 
-from distribkv.http.forwarding import MAX_BATCH_READS, ForwardingEngine, burst
+from distribkv.http.forwarding import MAX_BATCH_READS, READS_PATIENCE, ForwardingEngine, burst
 from distribkv.httpclient import RequestFailed, Response
 
 REQUEST = b"GET /get?key=k HTTP/1.1\r\nHost: owner\r\n\r\n"
@@ -341,7 +341,7 @@ def test_reads_whose_request_is_not_answered_with_their_values_are_sent_again_al
         owner.close()
 
 
-def test_a_request_of_reads_that_times_out_fails_each_read_and_those_waiting_behind_it():
+def test_reads_whose_owner_never_answers_each_time_out():
     engine = ForwardingEngine(0.5, source_host="127.0.0.1", read_answer=read_answer)
     owner = ReadsOwner(VALUES, held=True)  # never answers while the reads wait
     reads = Reads(engine, owner.address)
@@ -369,3 +369,65 @@ def test_reads_given_to_a_stopping_engine_fail_as_stopping():
     reads.submit(b"k1")
     response, error = reads.wait(1)[b"k1"]
     assert response is None and "stopping" in str(error)
+
+
+def test_a_read_past_its_own_deadline_fails_alone_and_its_request_goes_on_for_the_others():
+    engine = ForwardingEngine(1.0, source_host="127.0.0.1", read_answer=read_answer)
+    owner = ReadsOwner(VALUES, held=True)
+    reads = Reads(engine, owner.address)
+    try:
+        with burst:  # the two reads go out in one request, when the second is submitted
+            reads.submit(b"k2")
+            time.sleep(0.6)
+            reads.submit(b"k4")
+        owner.wait_lines(1)
+        early = reads.wait(1)
+        assert list(early) == [b"k2"]  # at its own deadline, while the request is held
+        response, error = early[b"k2"]
+        assert response is None and error.timed_out and "k2" in str(error)
+        owner.gate.set()  # before k4's deadline
+        response, error = reads.wait(2)[b"k4"]
+        assert error is None and (response.status, response.body) == (200, VALUES[b"k4"])
+        assert len(owner.lines) == 1
+    finally:
+        owner.close()
+        engine.close()
+
+
+def test_reads_behind_a_request_the_owner_is_slow_to_answer_go_out_beside_it(read_engine):
+    owner = ReadsOwner(VALUES, held=True)
+    reads = Reads(read_engine, owner.address)
+    try:
+        reads.submit(b"k0")
+        owner.wait_lines(1)
+        for key in (b"k1", b"k2", b"k3"):
+            reads.submit(key)
+        # The first request is held; once its patience is over, those waiting go out beside it.
+        started = time.monotonic()
+        lines = owner.wait_lines(1)
+        assert time.monotonic() - started >= READS_PATIENCE * 0.5
+        assert _keys_of(lines[1]) == [b"k1", b"k2", b"k3"]
+        owner.gate.set()
+        _check(reads.wait(4))
+    finally:
+        owner.close()
+
+
+def test_an_owner_without_the_endpoint_gets_plain_reads_from_then_on(read_engine):
+    unknown = _http(404, b'{"error": "not found", "detail": "no such route"}', "application/json")
+    owner = ReadsOwner(VALUES, many=unknown)
+    reads = Reads(read_engine, owner.address)
+    try:
+        reads.submit(b"k0")
+        _check(reads.wait(1))
+        assert [line.split(b"?")[0] for line in owner.wait_lines(2)] == [
+            b"GET /forwarding/get",
+            b"GET /get",
+        ]
+        with burst:
+            for key in (b"k1", b"k2"):
+                reads.submit(key)
+        _check(reads.wait(3))
+        assert [line.split(b"?")[0] for line in owner.wait_lines(2)[2:]] == [b"GET /get"] * 2
+    finally:
+        owner.close()

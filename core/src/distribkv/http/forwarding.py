@@ -24,19 +24,24 @@ One thread runs every forwarded exchange with non-blocking sockets (:mod:`select
   does.
 
 Reads of a single key (:meth:`ForwardingEngine.submit_read`) are sent together: per owner (and
-per set of carried headers) at most :data:`READ_BATCHES_PER_OWNER` requests of reads are in
-flight, and the reads that arrive meanwhile wait and then go out in one request
-(``GET /forwarding/get?key=a&key=b``, at most :data:`MAX_BATCH_READS` of them), which the
-owner answers with one msgpack list of values. A read that arrives when fewer are in flight
-goes out at once, alone, so a lightly loaded node adds no delay; under load the owner parses,
-routes, logs and answers one request for many reads, and the forwarding node reads one answer.
-A server that serves many requests in one pass of its loop (waitress's I/O thread) wraps the
-pass in :data:`burst`: the reads its thread submits meanwhile go out together at the end of it.
-Each read keeps its own deadline; a request of reads that times out fails all of them. An
-answer other than a 200 with a value for every read (the owner is not the leader of every key
-any more, the maps disagree, a token is refused, an owner without the endpoint) sends each of
-its reads again on its own, as a plain ``GET /get``, so that every read gets exactly the answer
-the owner gives it.
+per set of carried headers) one request of reads is in flight, and the reads that arrive
+meanwhile wait and then go out in one request (``GET /forwarding/get?key=a&key=b``, at most
+:data:`MAX_BATCH_READS` of them), which the owner answers with one msgpack list of values. A
+read that arrives when none is in flight goes out at once, alone, so a lightly loaded node adds
+no delay; under load the owner parses, routes, logs and answers one request for many reads, and
+the forwarding node reads one answer. An owner slow to answer does not hold the others back
+for long: once the newest request of reads has waited :data:`READS_PATIENCE` seconds, the reads
+waiting behind it go out in another, up to :data:`READ_BATCHES_PER_OWNER` in flight. A server
+that serves many requests in one pass of its loop (waitress's I/O thread) wraps the pass in
+:data:`burst`: the reads its thread submits meanwhile go out together at the end of it.
+
+Each read keeps its own deadline: past it, it fails alone, and its request goes on for the
+others (its connection is closed once none of them waits for it). An answer other than a 200
+with a value for every read (the owner is not the leader of every key any more, the maps
+disagree, a token is refused, the values are too large for one answer) sends each of its reads
+again on its own, as a plain ``GET /get``, so that every read gets exactly the answer the owner
+gives it; an owner without the endpoint (404, 405: an older version) gets plain reads for the
+next :data:`PLAIN_FOR` seconds.
 
 An exchange ends with ``done(response, None)`` or ``done(None, error)`` (a
 :class:`~distribkv.httpclient.RequestFailed`), called exactly once: in the engine's thread,
@@ -61,13 +66,15 @@ from collections.abc import Callable
 import msgpack
 
 from distribkv.httpclient import RequestFailed, Response, split_address
-from distribkv.protocol import FORWARDED_READS_PATH
+from distribkv.protocol import FORWARDED_READS_PATH, MSGPACK
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "CONNECTIONS_PER_OWNER",
     "MAX_BATCH_READS",
+    "PLAIN_FOR",
+    "READS_PATIENCE",
     "READ_BATCHES_PER_OWNER",
     "WAITING_PER_OWNER",
     "Done",
@@ -84,8 +91,12 @@ WAITING_PER_OWNER = 4096
 MAX_HEAD = 64 * 1024
 #: Bytes asked of a socket per read.
 READ_SIZE = 256 * 1024
-#: Requests of reads in flight to one owner at most (per set of carried headers).
-READ_BATCHES_PER_OWNER = 1
+#: Requests of reads in flight to one owner at most (per set of carried headers), and how
+#: long the newest must have waited before another goes out beside it.
+READ_BATCHES_PER_OWNER = 8
+READS_PATIENCE = 0.02
+#: Seconds an owner that does not know the endpoint for many reads gets plain ones.
+PLAIN_FOR = 60.0
 #: Reads in one request at most, and the most bytes of their keys' query parameters in it.
 MAX_BATCH_READS = 128
 MAX_BATCH_QUERY = 8 * 1024
@@ -144,6 +155,7 @@ class _Exchange:
         "members",
         "reads",
         "retried",
+        "sent_at",
         "what",
     )
 
@@ -160,18 +172,28 @@ class _Exchange:
         self.batch: _Exchange | None = None  # a read: the request of reads carrying it
         self.members: list[_Exchange] | None = None  # a request of reads: its reads
         self.reads: _Reads | None = None  # a request of reads: whose
+        self.sent_at = 0.0  # a request of reads: when it went out (monotonic)
 
 
 class _Reads:
-    """The reads for one owner with one head: those waiting, and the requests in flight."""
+    """The reads for one owner with one head: those waiting, and the requests in flight (in
+    the order they went out)."""
 
     __slots__ = ("address", "group", "in_flight", "queued")
 
     def __init__(self, address: str, group: bytes):
         self.address = address
         self.group = group
-        self.in_flight = 0
+        self.in_flight: list[_Exchange] = []
         self.queued: collections.deque[_Exchange] = collections.deque()
+
+    def patience_ends(self) -> float:
+        """When reads that wait may go out beside the requests in flight (inf: they may not
+        before one of those ends, or there is nothing to send)."""
+        in_flight = self.in_flight
+        if not self.queued or not in_flight or len(in_flight) >= READ_BATCHES_PER_OWNER:
+            return math.inf
+        return in_flight[-1].sent_at + READS_PATIENCE
 
 
 class _Owner:
@@ -252,6 +274,9 @@ class ForwardingEngine:
         self._selector = selectors.DefaultSelector()
         self._owners: dict[str, _Owner] = {}
         self._reads: dict[tuple[str, bytes], _Reads] = {}
+        #: Owners that answered a request of reads as if they did not know it: until when
+        #: their reads go out plain.
+        self._plain: dict[str, float] = {}
         #: Reads held for the end of a :data:`burst`.
         self._held: set[_Reads] = set()
         self._incoming: collections.deque[_Exchange] = collections.deque()
@@ -304,12 +329,17 @@ class ForwardingEngine:
         wait when it arrives, in one request (see the module's docstring). ``done`` gets the
         owner's answer for this read alone, as :meth:`submit` would (:attr:`read_answer` of
         its value)."""
-        exchange = _Exchange(address, query, time.monotonic() + self.timeout, done, what)
+        now = time.monotonic()
+        exchange = _Exchange(address, query, now + self.timeout, done, what)
         exchange.group = group
         refused: RequestFailed | None = None
         with self._lock:
             if self._closed:
                 refused = self._failure(exchange, "the node is stopping", sent=False)
+            elif self._plain.get(address, 0.0) > now:  # the owner knows only plain reads
+                self._plain_read(exchange)
+                self._deadlines.append(exchange)
+                self._go(exchange, exchange.deadline)
             else:
                 reads = self._reads.get((address, group))
                 if reads is None:
@@ -329,11 +359,11 @@ class ForwardingEngine:
                             held.append(self)
                         self._held.add(reads)
                     else:
-                        batch = self._next_batch(reads)
+                        batch = self._next_batch(reads, now)
                         if batch is not None:
                             self._go(batch, exchange.deadline)
-                        elif self._sleeping and exchange.deadline < self._sleep_until:
-                            self._wake()
+                        elif self._sleeping and reads.patience_ends() < self._sleep_until:
+                            self._wake()  # to send it when the newest request's patience ends
         if refused is not None:  # never seen by the engine: told here, in this thread
             exchange.ended = True
             done(None, refused)
@@ -342,9 +372,12 @@ class ForwardingEngine:
         """Send the reads held for the end of a :data:`burst` (in the thread that held them)."""
         with self._lock:
             held, self._held = self._held, set()
+            now = time.monotonic()
             for reads in held:
-                while (batch := self._next_batch(reads)) is not None:
+                while (batch := self._next_batch(reads, now)) is not None:
                     self._go(batch, batch.deadline)
+                if self._sleeping and reads.patience_ends() < self._sleep_until:
+                    self._wake()
 
     def _go(self, exchange: _Exchange, deadline: float) -> None:
         """Send ``exchange`` from the submitting thread if an idle connection to its owner is
@@ -381,10 +414,11 @@ class ForwardingEngine:
             except BlockingIOError:  # the pipe is full: the engine is being woken
                 pass
 
-    def _next_batch(self, reads: _Reads) -> _Exchange | None:
+    def _next_batch(self, reads: _Reads, now: float) -> _Exchange | None:
         """A request of the reads that wait in ``reads``, if one may go out now (under the
         lock); it counts as in flight from here on."""
-        if reads.in_flight >= READ_BATCHES_PER_OWNER or self._closed:
+        in_flight = reads.in_flight
+        if self._closed or (in_flight and reads.patience_ends() > now):
             return None
         queued = reads.queued
         members: list[_Exchange] = []
@@ -400,8 +434,9 @@ class ForwardingEngine:
             members.append(read)
             size += len(read.data) + 1
         if not members:
-            if not reads.in_flight:
-                self._reads.pop((reads.address, reads.group), None)
+            key = (reads.address, reads.group)
+            if not in_flight and self._reads.get(key) is reads:
+                del self._reads[key]
             return None
         data = b"".join(
             (
@@ -418,10 +453,19 @@ class ForwardingEngine:
         batch = _Exchange(reads.address, data, members[0].deadline, None, what)
         batch.members = members
         batch.reads = reads
+        batch.sent_at = now
         for read in members:
             read.batch = batch
-        reads.in_flight += 1
+        in_flight.append(batch)
         return batch
+
+    @staticmethod
+    def _plain_read(read: _Exchange) -> None:
+        """Make ``read`` a plain ``GET /get`` request of its own."""
+        group = read.group
+        assert group is not None
+        read.data = b"".join((b"GET /get?", read.data, b" HTTP/1.1\r\n", group))
+        read.group = None
 
     def close(self) -> None:
         """Stop the thread; exchanges not answered yet fail (the node is stopping)."""
@@ -459,10 +503,11 @@ class ForwardingEngine:
                 # With nothing in flight the engine still wakes within ``timeout``: an exchange
                 # submitted meanwhile is due later than that, so sending it needs no wake-up.
                 now = time.monotonic()
-                self._sleep_until = (
-                    self._deadlines[0].deadline if self._deadlines else now + self.timeout
-                )
-                timeout = max(0.0, self._sleep_until - now)
+                until = self._deadlines[0].deadline if self._deadlines else now + self.timeout
+                for reads in self._reads.values():  # reads that may go out once patience ends
+                    until = min(until, reads.patience_ends())
+                self._sleep_until = until
+                timeout = max(0.0, until - now)
             self._sleeping = True
         events = self._selector.select(timeout)
         with self._lock:
@@ -493,6 +538,12 @@ class ForwardingEngine:
         incoming = self._incoming
         while incoming:
             self._start(incoming.popleft())
+        if self._reads:
+            now = time.monotonic()
+            for reads in list(self._reads.values()):
+                if reads.queued:
+                    while (batch := self._next_batch(reads, now)) is not None:
+                        self._start(batch)
         self._expire()
 
     def _start(self, exchange: _Exchange) -> None:
@@ -750,10 +801,15 @@ class ForwardingEngine:
             exchange = deadlines.popleft()
             if exchange.ended:
                 continue
-            if exchange.batch is not None:
-                # A read in a request of reads: the request is as late as its first read,
-                # and fails with all its reads (this one among them).
-                exchange = exchange.batch
+            batch = exchange.batch
+            if batch is not None:
+                # A read in a request of reads fails alone; the request goes on for the others
+                # until none of them waits for it.
+                self._end(exchange, None, self._late(batch, exchange))
+                assert batch.members is not None
+                if not all(read.ended for read in batch.members):
+                    continue
+                exchange = batch
             owner = self._owners.get(exchange.address)
             # Its connection, if it has one, is closed: a late answer would be taken for the
             # next exchange's.
@@ -770,6 +826,17 @@ class ForwardingEngine:
             self._end(exchange, None, failure)
             if owner is not None:
                 self._next_waiting(owner)
+
+    def _late(self, carrier: _Exchange, read: _Exchange) -> RequestFailed:
+        """The failure of ``read``, past its deadline while ``carrier`` carries it."""
+        connection = carrier.connection
+        if connection is None:
+            return self._failure(
+                read, "timed out waiting for a connection", sent=False, timed_out=True
+            )
+        if connection.connecting:
+            return self._failure(read, "timed out connecting", sent=False, timed_out=True)
+        return self._failure(read, "timed out", timed_out=True)
 
     def _failure(
         self,
@@ -809,10 +876,15 @@ class ForwardingEngine:
         reads = batch.reads
         assert members is not None and reads is not None
         batch.members = None
-        reads.in_flight -= 1
+        reads.in_flight.remove(batch)
         values = None
-        if response is not None and response.status == 200:
-            values = _values(response.body, len(members))
+        if response is not None:
+            if response.status == 200:
+                values = _values(response, len(members))
+            elif response.status in (404, 405):  # an owner that does not know the endpoint
+                self._plain[reads.address] = time.monotonic() + PLAIN_FOR
+                if len(self._plain) > 1024:  # one per owner address: a bound for many
+                    self._plain.clear()
         answer = self.read_answer
         for i, read in enumerate(members):
             read.batch = None
@@ -828,12 +900,10 @@ class ForwardingEngine:
                 self._end(read, answer(values[i]), None)
             else:
                 # Sent again on its own, with its own deadline (it is in _deadlines already).
-                group = read.group
-                assert group is not None
-                read.data = b"".join((b"GET /get?", read.data, b" HTTP/1.1\r\n", group))
-                read.group = None
+                self._plain_read(read)
                 self._start(read)
-        while (following := self._next_batch(reads)) is not None:
+        now = time.monotonic()
+        while (following := self._next_batch(reads, now)) is not None:
             self._start(following)
 
     def _tell(self) -> None:
@@ -866,11 +936,13 @@ class ForwardingEngine:
         os.close(self._wake_write)
 
 
-def _values(body: bytes, count: int) -> list[bytes | None] | None:
+def _values(response: Response, count: int) -> list[bytes | None] | None:
     """The values of an answer to a request of ``count`` reads (a msgpack list of binary
     values and nils), or None if it is anything else."""
+    if response.content_type != MSGPACK:
+        return None
     try:
-        values = msgpack.unpackb(body, raw=False, use_list=True)
+        values = msgpack.unpackb(response.body, raw=False, use_list=True)
     except (ValueError, msgpack.UnpackException):
         return None
     if type(values) is not list or len(values) != count:

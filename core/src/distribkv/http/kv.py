@@ -30,6 +30,7 @@ from distribkv.http.admin import HEALTHY, HEALTHY_TYPE
 from distribkv.http.answers import NOT_FOUND, VALUE_HEADERS, read_answer
 from distribkv.http.api import DEFER, DEFERRED, Answer, Completion, Header, as_wsgi
 from distribkv.http.errors import ApiError, error_response
+from distribkv.http.forwarding import MAX_BATCH_READS
 from distribkv.http.limits import Limits
 from distribkv.http.params import parse_query, query_key, require_key
 from distribkv.http.routing import MAP, Blocks, Router, check_map, forwards_later
@@ -65,6 +66,9 @@ WRITTEN: Answer = (200, [("Content-Type", JSON)], b"")
 _WRITTEN_WSGI = as_wsgi(WRITTEN)
 HEALTHY_ANSWER: Answer = (200, [("Content-Type", HEALTHY_TYPE)], HEALTHY)
 _MSGPACK_HEADERS = [("Content-Type", MSGPACK)]
+#: The most bytes of values one answer to ``/forwarding/get`` carries (more: 413, and the
+#: forwarding node asks for each value alone).
+MAX_READS_ANSWER = 4 * 1024 * 1024
 
 
 class Body(Protocol):
@@ -149,12 +153,21 @@ class KeyValue:
         where none is stored). Only a leader of every key, with no reshard under way, answers
         it: anything else (a replica, a key of another shard, a map in transition) is a 421
         for all of them, and the forwarding node sends each read again on its own, which gets
-        each the answer the full rules give it."""
+        each the answer the full rules give it; so do a 400 for more than
+        :data:`~distribkv.http.forwarding.MAX_BATCH_READS` keys and a 413 for values over
+        :data:`MAX_READS_ANSWER` bytes in all (the answer is built in memory)."""
         node = self.node
         theirs = header(MAP)
         if theirs is not None:
             check_map(node.maps, theirs)
-        keys = [query_key(part) for part in query.split("&")]
+        parts = query.split("&")
+        if len(parts) > MAX_BATCH_READS:
+            raise ApiError(
+                falcon.HTTP_400,
+                "too many reads",
+                f"{len(parts)} keys; the limit is {MAX_BATCH_READS} (ask for the rest apart)",
+            )
+        keys = [query_key(part) for part in parts]
         leads = self.router.leads
         for key in keys:
             if not leads(key):
@@ -164,6 +177,14 @@ class KeyValue:
                     f"{node.name} does not lead the shard of every key now; ask for each alone",
                 )
         values = node.get_many(keys)
+        size = sum(len(value) for value in values if value is not None)
+        if size > MAX_READS_ANSWER:
+            raise ApiError(
+                falcon.HTTP_413,
+                "answer too large",
+                f"the values come to {size} bytes, over {MAX_READS_ANSWER} for one answer; ask"
+                " for each alone",
+            )
         return 200, _MSGPACK_HEADERS, msgpack.packb(values, use_bin_type=True)
 
     def _replica_read(self, key: bytes) -> Answer:
