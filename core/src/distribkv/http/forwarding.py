@@ -29,9 +29,11 @@ meanwhile wait and then go out in one request (``GET /forwarding/get?key=a&key=b
 :data:`MAX_BATCH_READS` of them), which the owner answers with one msgpack list of values. A
 read that arrives when none is in flight goes out at once, alone, so a lightly loaded node adds
 no delay; under load the owner parses, routes, logs and answers one request for many reads, and
-the forwarding node reads one answer. An owner slow to answer does not hold the others back
-for long: once the newest request of reads has waited :data:`READS_PATIENCE` seconds, the reads
-waiting behind it go out in another, up to :data:`READ_BATCHES_PER_OWNER` in flight. A server
+the forwarding node reads one answer. An owner slow to answer does not hold the reads for it
+back for long: a read that comes once the newest request of reads has waited
+:data:`READS_PATIENCE` seconds goes out at once in another, with those waiting, up to
+:data:`READ_BATCHES_PER_OWNER` in flight (and the engine sends them too whenever it wakes). A
+server
 that serves many requests in one pass of its loop (waitress's I/O thread) wraps the pass in
 :data:`burst`: the reads its thread submits meanwhile go out together at the end of it.
 
@@ -359,11 +361,12 @@ class ForwardingEngine:
                             held.append(self)
                         self._held.add(reads)
                     else:
+                        # Else it waits for an answer to the reads in flight (the engine
+                        # wakes for that), or for a read that comes once their patience ended
+                        # (it takes it along), or for the engine's own wake-up.
                         batch = self._next_batch(reads, now)
                         if batch is not None:
                             self._go(batch, exchange.deadline)
-                        elif self._sleeping and reads.patience_ends() < self._sleep_until:
-                            self._wake()  # to send it when the newest request's patience ends
         if refused is not None:  # never seen by the engine: told here, in this thread
             exchange.ended = True
             done(None, refused)
@@ -376,8 +379,6 @@ class ForwardingEngine:
             for reads in held:
                 while (batch := self._next_batch(reads, now)) is not None:
                     self._go(batch, batch.deadline)
-                if self._sleeping and reads.patience_ends() < self._sleep_until:
-                    self._wake()
 
     def _go(self, exchange: _Exchange, deadline: float) -> None:
         """Send ``exchange`` from the submitting thread if an idle connection to its owner is
