@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from distribkv.storage.api import Namespace, Put
@@ -28,3 +30,30 @@ def test_unknown_and_mistyped_settings_are_refused(tmp_path):
         open_store(SPEC, tmp_path, settings={"bloom_filter_bits": "10"})
     with pytest.raises(InvalidSettingError, match="must be int"):
         open_store(SPEC, tmp_path, settings={"bloom_filter_bits": True})
+
+
+@pytest.mark.parametrize("namespace", [None, Namespace.DATA], ids=["every namespace", "data"])
+def test_a_compaction_leaves_the_keys_in_one_level(tmp_path, namespace):
+    # A small memtable and keys in no order, so that the load leaves overlapping files in
+    # more than one level.
+    store = open_store(SPEC, tmp_path, settings={"write_buffer_size": 64 * 1024})
+    value = bytes(range(100))
+    order = list(range(20_000))
+    random.Random(5).shuffle(order)
+    for first in range(0, len(order), 1000):
+        ops = [Put(Namespace.DATA, b"key-%06d" % i, value) for i in order[first : first + 1000]]
+        store.apply(ops, sync=False)
+    raw = store.engine._db  # type: ignore[attr-defined]
+
+    def levels_with_files() -> list[int]:
+        return [
+            level
+            for level in range(7)
+            if int(raw.get_property(b"leveldb.num-files-at-level%d" % level))
+        ]
+
+    assert len(levels_with_files()) > 1, "the load left every file in one level already"
+    store.compact(namespace)
+    assert len(levels_with_files()) == 1  # a read looks in one file, and starts no compaction
+    assert store.get(b"key-012345") == value
+    store.close()

@@ -28,6 +28,9 @@ from distribkv_leveldb import CAPABILITIES
 PREFIX = {Namespace.DATA: b"d", Namespace.LOG: b"l", Namespace.META: b"m"}
 # The first key past each namespace: the exclusive upper bound of an unbounded scan.
 PREFIX_END = {ns: bytes([p[0] + 1]) for ns, p in PREFIX.items()}
+#: Every key of every namespace is in [_FIRST, _PAST_LAST).
+_FIRST = min(PREFIX.values())
+_PAST_LAST = max(PREFIX_END.values())
 
 
 class LevelDBEngine(StorageEngine):
@@ -175,12 +178,12 @@ class LevelDBEngine(StorageEngine):
         )
 
     def compact(self, ns: Namespace | None = None) -> None:
+        # Bounds always: plyvel's compact_range() without them compacts an empty range, which
+        # only writes the memtable out and leaves the levels as they are.
+        start, stop = (_FIRST, _PAST_LAST) if ns is None else (PREFIX[ns], PREFIX_END[ns])
         with self._gate:
             try:
-                if ns is None:
-                    self._db.compact_range()
-                else:
-                    self._db.compact_range(start=PREFIX[ns], stop=PREFIX_END[ns])
+                self._db.compact_range(start=start, stop=stop)
             except (plyvel.Error, RuntimeError) as exc:
                 raise self._error(exc, "compaction") from exc
 
