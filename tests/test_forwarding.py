@@ -267,11 +267,12 @@ def test_reads_that_wait_for_the_owner_reach_it_together_and_get_their_own_answe
         else:
             assert answer.status == 404 and b'"not found"' in answer.body, (key, answer)
             assert answer.headers["content-type"].startswith("application/json")
-    # The owner got the 20 reads in a few requests: the first alone, those that waited
-    # behind it together (another request each time the newest has waited READS_PATIENCE,
-    # up to READ_BATCHES_PER_OWNER in flight), the rest once it ran again.
+    # The owner got the 20 reads in a few requests: the first (alone, or with those waitress
+    # read in the same pass), those that waited behind it together (another request each time
+    # the newest had waited READS_PATIENCE, up to READ_BATCHES_PER_OWNER in flight), the rest
+    # once it ran again.
     together = _requests(owner, "/forwarding/get") - together_before
-    assert 2 <= together <= READ_BATCHES_PER_OWNER + 1, together
+    assert 1 <= together <= READ_BATCHES_PER_OWNER + 1, together
     assert _requests(owner, "/get") == alone_before
 
 
