@@ -647,6 +647,16 @@ class TestCorruption:
         assert errors > 0, "no read reported the damage"
 
 
+def _takes(store, key: bytes, value: bytes) -> bool:
+    """True if ``store`` takes a durable write of ``value`` under ``key``, False if it refuses it
+    as StorageFullError (any other error is raised)."""
+    try:
+        store.put(key, value, sync=True)
+    except StorageFullError:
+        return False
+    return True
+
+
 class TestDiskFull:
     """A real full disk: a tmpfs of the test's own (root only; skipped elsewhere).
 
@@ -712,11 +722,7 @@ class TestDiskFull:
         filler.unlink()
 
         def resumed() -> bool:
-            try:
-                store.put(b"after", b"space", sync=True)
-            except StorageFullError:
-                return False
-            return True
+            return _takes(store, b"after", b"space")
 
         wait_until(resumed, timeout=5, message="writes did not resume after space was freed")
         acked[b"after"] = b"space"
@@ -733,11 +739,7 @@ class TestDiskFull:
         take_space(filler, self.RESERVE // 2)
 
         def refused() -> bool:
-            try:
-                again.put(b"probe", b"x", sync=True)
-            except StorageFullError:
-                return True
-            return False
+            return not _takes(again, b"probe", b"x")
 
         wait_until(refused, timeout=5, message="writes below the reserve were not refused")
         with pytest.raises(StorageFullError):
@@ -764,11 +766,7 @@ class TestDiskFull:
         filler.unlink()
 
         def resumed() -> bool:
-            try:
-                store.put(b"after", b"space", sync=True)
-            except StorageFullError:
-                return False
-            return True
+            return _takes(store, b"after", b"space")
 
         wait_until(resumed, timeout=5, message="writes did not resume after space was freed")
         acked[b"after"] = b"space"
