@@ -197,7 +197,10 @@ def test_hung_owner_answers_504_and_the_front_serves_its_own_keys_meanwhile(prox
                 FORWARD_TIMEOUT,
                 message="every request forwarded to the hung owner",
             )
-            assert not any(future.done() for future in futures)
+            # None answered yet, unless a loaded machine made the wait outlast the timeout.
+            if time.monotonic() - submitted < 0.9 * FORWARD_TIMEOUT:
+                done = [f.result() for f in futures if f.done()]
+                assert done == [], f"answered while the owner hung: {done}"
             # The front answers its own keys while every forwarded request waits.
             for _ in range(5):
                 mine = call(front, "GET", f"/get?key={q(own)}", timeout=FORWARD_TIMEOUT / 2)
